@@ -1,0 +1,594 @@
+"""The steerable model: one wrapper around a Hugging Face causal LM and its tokenizer.
+
+:class:`SteeredModel` owns no weights: it holds the user's ``hf_model`` and ``tokenizer`` (never
+modified), an :class:`~steerlab.adapter.ModelAdapter` that knows where the sites are, and the
+bookkeeping of the interventions currently installed. Every batch it builds is padded by steerlab
+itself with explicit ``position_ids``, so left padding, right padding and one prompt at a time give
+the same numbers.
+
+>>> import steerlab as sl
+>>> from steerlab.testing import tiny_model
+>>> model = tiny_model("llama")
+>>> model.n_layers, model.d_model
+(2, 32)
+>>> model.logits(["the cat sat"]).shape[-1] == model.hf_model.config.vocab_size
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, overload
+
+import torch
+from torch import nn
+
+from steerlab.adapter import ModelAdapter
+from steerlab.errors import InvalidInputError
+from steerlab.interventions import (
+    HookHandle,
+    Intervention,
+    RowSteering,
+    install,
+    normalize_steering,
+    output_hidden,
+)
+from steerlab.positions import PositionSpec
+
+__all__ = ["Batch", "LayerActivations", "SteeredModel", "wrap"]
+
+_REDUCTIONS = ("last", "mean", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A padded batch built by steerlab: ``prompt_lengths[i]`` real tokens in row ``i``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    padding_side: str
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` (same padded length)."""
+        return Batch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.position_ids[start:stop],
+            self.prompt_lengths[start:stop],
+            self.padding_side,
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.prompt_lengths,
+            self.padding_side,
+        )
+
+
+class LayerActivations(dict[int, Any]):
+    """``{layer: activations}`` that also accepts negative layer keys (``acts[-1]``)."""
+
+    def __init__(self, data: Mapping[int, Any], n_layers: int) -> None:
+        super().__init__(data)
+        self.n_layers = n_layers
+
+    def __getitem__(self, layer: int) -> Any:
+        if isinstance(layer, int) and layer < 0:
+            layer += self.n_layers
+        return super().__getitem__(layer)
+
+    def __contains__(self, layer: object) -> bool:
+        if isinstance(layer, int) and layer < 0:
+            layer += self.n_layers
+        return super().__contains__(layer)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the deepest requested layer has run."""
+
+
+def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence):
+        raise InvalidInputError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    items = list(prompts)
+    if not items:
+        raise InvalidInputError("the prompt list is empty")
+    for i, prompt in enumerate(items):
+        if not isinstance(prompt, str):
+            raise InvalidInputError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+    return items
+
+
+def _progress(total: int, desc: str, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    show = total > 4 if enabled is None else enabled
+    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+
+
+class SteeredModel:
+    """A Hugging Face causal LM with steering, activation reads and steered generation.
+
+    Build one with :func:`steerlab.load_model` or :func:`steerlab.wrap`. The underlying objects
+    stay available as ``hf_model`` and ``tokenizer``; steerlab never mutates either.
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        tokenizer: Any,
+        *,
+        layers_path: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(hf_model, nn.Module):
+            raise InvalidInputError(f"hf_model must be a torch.nn.Module, got {type(hf_model)}")
+        if tokenizer is None or not callable(tokenizer):
+            raise InvalidInputError("a tokenizer is required (the model's AutoTokenizer)")
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.adapter = ModelAdapter(hf_model, layers_path=layers_path)
+        config = getattr(hf_model, "config", None)
+        self.name: str = name or str(
+            getattr(config, "_name_or_path", "") or type(hf_model).__name__
+        )
+        self._handles: list[HookHandle] = []
+
+    # --- shape ------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks."""
+        return self.adapter.n_layers
+
+    @property
+    def d_model(self) -> int:
+        """Hidden size of the residual stream."""
+        return self.adapter.d_model
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the token embedding (where inputs go)."""
+        for param in self.adapter.embed.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the token embedding."""
+        for param in self.adapter.embed.parameters():
+            return param.dtype
+        return torch.float32
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeredModel({self.name!r}, type={self.adapter.model_type}, "
+            f"n_layers={self.n_layers}, d_model={self.d_model})"
+        )
+
+    # --- tokenization -----------------------------------------------------------------------
+    @property
+    def pad_token_id(self) -> int:
+        """The pad id steerlab uses: the tokenizer's pad token, else its EOS token."""
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, attr, None)
+            if isinstance(value, int):
+                return value
+        raise InvalidInputError(
+            "the tokenizer has neither a pad token nor an EOS token, so batches cannot be padded; "
+            "give it one (e.g. tokenizer.pad_token = tokenizer.unk_token) before wrapping"
+        )
+
+    def format_chat(self, prompt: str) -> str:
+        """``prompt`` as a single user turn through the tokenizer's chat template."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise InvalidInputError("this tokenizer has no chat template; call with chat=False")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return str(text)
+
+    def encode(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        padding_side: str = "left",
+        chat: bool = False,
+    ) -> Batch:
+        """Tokenize and pad ``prompts`` without touching the tokenizer's own settings.
+
+        >>> from steerlab.testing import tiny_model
+        >>> b = tiny_model("gpt2").encode(["a", "the cat sat"])
+        >>> b.attention_mask.tolist()
+        [[0, 0, 1], [1, 1, 1]]
+        """
+        items = _check_prompts(prompts)
+        if padding_side not in ("left", "right"):
+            raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        if chat:
+            items = [self.format_chat(p) for p in items]
+        encoded = self.tokenizer(items, add_special_tokens=not chat)["input_ids"]
+        lengths = [len(ids) for ids in encoded]
+        for i, length in enumerate(lengths):
+            if length == 0:
+                raise InvalidInputError(f"prompt {i} ({items[i]!r}) has no tokens")
+        width = max(lengths)
+        pad = self.pad_token_id
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            span = (
+                slice(width - len(tokens), width)
+                if padding_side == "left"
+                else slice(0, len(tokens))
+            )
+            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, span] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return Batch(ids, mask, position_ids, torch.tensor(lengths), padding_side)
+
+    # --- installing interventions -----------------------------------------------------------
+    def add_steering(
+        self,
+        steering: Any,
+        *,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> HookHandle:
+        """Install steering until ``handle.remove()``; see :meth:`steer` for the arguments."""
+        interventions = normalize_steering(
+            steering, strength=strength, positions=positions, layers=layers
+        )
+        return self.add_interventions(interventions)
+
+    def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
+        """Install any interventions; returns the handle that removes exactly them."""
+        handle = install(self.adapter, list(interventions))
+        self._handles.append(handle)
+        original_remove = handle.remove
+
+        def remove() -> None:
+            original_remove()
+            if handle in self._handles:
+                self._handles.remove(handle)
+
+        handle.remove = remove  # type: ignore[method-assign]
+        return handle
+
+    @contextlib.contextmanager
+    def steer(
+        self,
+        steering: Any,
+        *,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Iterator[HookHandle]:
+        """Steer every call inside the ``with`` block; hooks are removed on exit, even on error.
+
+        ``steering`` is a :class:`~steerlab.vectors.SteeringVector`, a
+        :class:`~steerlab.interventions.Steering`, any intervention, or a list with one entry
+        per prompt row. ``strength`` is a number or ``{layer: strength}``; ``positions`` one of
+        ``"all"`` (default), ``"last"``, ``"prompt"``, ``"generated"``, indices or a slice.
+
+        >>> import torch, steerlab as sl
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+        >>> with model.steer(vec, strength=2.0, positions="last"):
+        ...     steered = model.logits(["the cat"])
+        >>> bool((steered != model.logits(["the cat"])).any())
+        True
+        """
+        handle = self.add_steering(steering, strength=strength, positions=positions, layers=layers)
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _call_scope(
+        self,
+        steering: Any,
+        batch: Batch,
+        *,
+        strength: float | Mapping[int, float] | None,
+        positions: PositionSpec | None,
+        row_offset: int = 0,
+    ) -> Iterator[None]:
+        """Per-call steering plus pinned prompt lengths for every installed tracker."""
+        interventions = normalize_steering(steering, strength=strength, positions=positions)
+        rows = batch.input_ids.shape[0]
+        interventions = [
+            i.slice(row_offset, row_offset + rows) if isinstance(i, RowSteering) else i
+            for i in interventions
+        ]
+        handle = self.add_interventions(interventions) if interventions else None
+        trackers = [h.tracker for h in self._handles if h.tracker is not None]
+        for tracker in trackers:
+            tracker.prompt_lengths_override = batch.prompt_lengths
+        try:
+            yield
+        finally:
+            for tracker in trackers:
+                tracker.prompt_lengths_override = None
+            if handle is not None:
+                handle.remove()
+
+    # --- forward passes ------------------------------------------------------------------------
+    def _forward(self, batch: Batch, **kwargs: Any) -> Any:
+        batch = batch.to(self.device)
+        return self.hf_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **kwargs,
+        )
+
+    def _check_steering_rows(self, steering: Any, n_rows: int) -> None:
+        if isinstance(steering, (list, tuple)) and len(steering) != n_rows:
+            raise InvalidInputError(
+                f"per-row steering has {len(steering)} entries but there are {n_rows} prompts"
+            )
+
+    @torch.no_grad()
+    def logits(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        batch_size: int | None = None,
+        padding_side: str = "left",
+        chat: bool = False,
+    ) -> torch.Tensor:
+        """Next-token logits ``[batch, seq, vocab]`` (float32, CPU), left-padded by default.
+
+        With left padding ``[:, -1]`` is each prompt's last token. ``steering`` may be a list
+        with one vector (or ``None``) per prompt: every row runs in the same batch.
+
+        >>> from steerlab.testing import tiny_model
+        >>> tiny_model("qwen2").logits(["a b", "the cat sat"]).shape[:2]
+        torch.Size([2, 3])
+        """
+        items = _check_prompts(prompts)
+        self._check_steering_rows(steering, len(items))
+        batch = self.encode(items, padding_side=padding_side, chat=chat)
+        size = batch_size or len(items)
+        outputs = []
+        for start in range(0, len(items), size):
+            chunk = batch.rows(start, start + size)
+            with self._call_scope(
+                steering, chunk, strength=strength, positions=positions, row_offset=start
+            ):
+                outputs.append(self._forward(chunk).logits.float().cpu())
+        return torch.cat(outputs, dim=0)
+
+    @torch.no_grad()
+    def activations(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        layers: int | Sequence[int] | None = None,
+        positions: str = "last",
+        batch_size: int = 16,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        padding_side: str = "left",
+        chat: bool = False,
+        progress: bool | None = None,
+    ) -> LayerActivations:
+        """Residual-stream activations at the output of ``layers`` (default: all).
+
+        ``positions``: ``"last"`` → ``Tensor[n, d_model]`` of each prompt's last token,
+        ``"mean"`` → the mean over each prompt's tokens, ``"all"`` → a list of
+        ``Tensor[len_i, d_model]``. Results are float32 on the CPU; memory grows with the
+        reduced results, not with full sequences. The forward pass stops after the deepest
+        requested layer.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> acts = model.activations(["the cat", "a dog ran"], layers=[0, -1])
+        >>> sorted(acts), tuple(acts[-1].shape)
+        ([0, 1], (2, 32))
+        """
+        items = _check_prompts(prompts)
+        if positions not in _REDUCTIONS:
+            raise InvalidInputError(
+                f"positions for activations must be one of {_REDUCTIONS}, not {positions!r}"
+            )
+        if batch_size < 1:
+            raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
+        self._check_steering_rows(steering, len(items))
+        wanted = self.adapter.resolve_layers(layers)
+        deepest = max(wanted)
+        results: dict[int, list[Any]] = {layer: [] for layer in wanted}
+        bar = _progress(len(items), "activations", progress)
+        try:
+            for start in range(0, len(items), batch_size):
+                chunk_prompts = items[start : start + batch_size]
+                batch = self.encode(chunk_prompts, padding_side=padding_side, chat=chat)
+                mask = batch.attention_mask.to(self.device).bool()
+                captured: dict[int, torch.Tensor] = {}
+
+                def make_hook(
+                    layer: int,
+                    mask: torch.Tensor = mask,
+                    captured: dict[int, torch.Tensor] = captured,
+                ) -> Any:
+                    def hook(module: nn.Module, args: Any, output: Any) -> None:
+                        captured[layer] = _reduce(output_hidden(output), mask, positions)
+                        if layer == deepest:
+                            raise _StopForward
+
+                    return hook
+
+                with self._call_scope(
+                    steering, batch, strength=strength, positions=None, row_offset=start
+                ):
+                    handles = []
+                    try:
+                        for layer in wanted:
+                            handles.append(
+                                self.adapter.block(layer).register_forward_hook(make_hook(layer))
+                            )
+                        try:
+                            self._forward(batch)
+                        except _StopForward:
+                            pass
+                    finally:
+                        for handle in handles:
+                            handle.remove()
+                for layer in wanted:
+                    value = captured[layer]
+                    if positions == "all":
+                        results[layer].extend(
+                            value[row][mask[row]].float().cpu() for row in range(value.shape[0])
+                        )
+                    else:
+                        results[layer].append(value.float().cpu())
+                bar.update(len(chunk_prompts))
+        finally:
+            bar.close()
+        final: dict[int, Any] = {
+            layer: (chunks if positions == "all" else torch.cat(chunks, dim=0))
+            for layer, chunks in results.items()
+        }
+        return LayerActivations(final, self.n_layers)
+
+    # --- generation ------------------------------------------------------------------------------
+    @overload
+    def generate(self, prompts: str, **kwargs: Any) -> str: ...
+
+    @overload
+    def generate(self, prompts: Sequence[str], **kwargs: Any) -> list[str]: ...
+
+    def generate(self, prompts: Sequence[str] | str, **kwargs: Any) -> str | list[str]:
+        """Generate continuations (new text only), steering at every step.
+
+        Keyword options: ``max_new_tokens`` (32), ``steering``/``strength``/``positions`` as in
+        :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``, ``top_p``, ``top_k``,
+        ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply the chat template),
+        ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
+
+        >>> from steerlab.testing import tiny_model
+        >>> text = tiny_model("mistral").generate("the cat", max_new_tokens=3)
+        >>> isinstance(text, str)
+        True
+        """
+        single = isinstance(prompts, str)
+        texts = [
+            self.tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in self.generate_ids(prompts, **kwargs)
+        ]
+        return texts[0] if single else texts
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        max_new_tokens: int = 32,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        chat: bool = False,
+        batch_size: int | None = None,
+        use_cache: bool = True,
+    ) -> list[torch.Tensor]:
+        """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
+        items = _check_prompts(prompts)
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self._check_steering_rows(steering, len(items))
+        batch = self.encode(items, chat=chat)
+        size = batch_size or len(items)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        options: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": use_cache,
+        }
+        if eos is not None:
+            options["eos_token_id"] = eos
+        if do_sample:
+            options["temperature"] = temperature
+            options["top_p"] = 1.0 if top_p is None else top_p
+            options["top_k"] = 0 if top_k is None else top_k
+        else:
+            options.update(temperature=None, top_p=None, top_k=None)
+        outputs: list[torch.Tensor] = []
+        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(items), size):
+                chunk = batch.rows(start, start + size).to(self.device)
+                with self._call_scope(
+                    steering, chunk, strength=strength, positions=positions, row_offset=start
+                ):
+                    out = self.hf_model.generate(  # type: ignore[operator]
+                        input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, **options
+                    )
+                width = chunk.input_ids.shape[1]
+                for row in out[:, width:].cpu():
+                    outputs.append(_strip_after_eos(row, eos))
+        return outputs
+
+
+def _strip_after_eos(ids: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    if eos is None:
+        return ids
+    stops = torch.tensor([eos] if isinstance(eos, int) else list(eos))
+    hits = torch.isin(ids, stops).nonzero()
+    return ids[: int(hits[0, 0])] if len(hits) else ids
+
+
+def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str) -> torch.Tensor:
+    if positions == "all":
+        return hidden.detach()
+    if positions == "mean":
+        # where(), not multiply: padded positions may hold NaN from fully masked attention rows
+        kept = torch.where(mask[..., None], hidden, torch.zeros_like(hidden))
+        return kept.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+    # last real token of each row, for either padding side
+    index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, index, torch.full_like(index, -1)).max(dim=1).values
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def wrap(
+    hf_model: nn.Module, tokenizer: Any, *, layers_path: str | None = None, name: str | None = None
+) -> SteeredModel:
+    """Steer a model the user already built or loaded.
+
+    ``layers_path`` overrides block detection for unknown architectures
+    (``"model.layers.{i}"``).
+
+    >>> import transformers, steerlab as sl
+    >>> from steerlab.testing import tiny_tokenizer
+    >>> tok = tiny_tokenizer()
+    >>> hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    ...     n_layer=2, n_embd=16, n_head=2, vocab_size=len(tok)))
+    >>> sl.wrap(hf, tok).n_layers
+    2
+    """
+    return SteeredModel(hf_model, tokenizer, layers_path=layers_path, name=name)

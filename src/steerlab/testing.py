@@ -1,0 +1,207 @@
+"""Tiny random-weight models and an offline tokenizer, for tests, doctests and examples.
+
+Nothing here downloads anything: the tokenizer is a word-level vocabulary built in memory and
+the models are built from small configs with a fixed seed. One config per supported architecture
+lives in :data:`TINY_CONFIGS`.
+
+>>> from steerlab.testing import tiny_model, TINY_ARCHITECTURES
+>>> len(TINY_ARCHITECTURES) >= 8
+True
+>>> tiny_model("gpt_neox").n_layers
+3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "hook_count",
+    "TINY_ARCHITECTURES",
+    "TINY_CONFIGS",
+    "tiny_hf_model",
+    "tiny_model",
+    "tiny_tokenizer",
+]
+
+_WORDS = (
+    "the a an and or but of to in on at for with is was are were be been it this that these "
+    "those i you he she we they my your his her our their me him us them cat dog bird fish man "
+    "woman child people movie film book food song weather day night today tomorrow yesterday "
+    "city house car road tree sky sun rain snow wind water fire time year week life world work "
+    "love hate like think feel felt know want see saw went go going came come said say make made "
+    "good bad great terrible happy sad wonderful awful amazing horrible fantastic nice kind "
+    "cruel beautiful ugly best worst joy pain calm angry fun boring excellent poor delightful "
+    "dreadful loved hated enjoyed disliked so very really quite not no yes all some many much "
+    "more most little big small old new young hot cold warm long short high low fast slow "
+    "sat ran walked ate drank slept read wrote played paris france berlin germany tokyo japan "
+    "capital is , . ! ? : ' \" ( ) one two three four five six seven eight nine ten question "
+    "answer choices"
+).split()
+_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+
+
+def tiny_tokenizer(*, with_pad: bool = True) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over a fixed vocabulary (about 240 entries).
+
+    >>> tok = tiny_tokenizer()
+    >>> tok.decode(tok("the cat sat")["input_ids"])
+    'the cat sat'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*_SPECIALS, *dict.fromkeys(_WORDS)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    specials: dict[str, str] = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    if with_pad:
+        specials["pad_token"] = "<pad>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **specials)
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> answer : {% endif %}"
+    )
+    return tok
+
+
+def _configs(vocab: int) -> dict[str, Callable[[], Any]]:
+    import transformers as tf
+
+    common: dict[str, Any] = {"vocab_size": vocab, "initializer_range": 0.2}
+    llama_like: dict[str, Any] = {
+        "num_hidden_layers": 3,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        **common,
+    }
+    return {
+        "gpt2": lambda: tf.GPT2Config(
+            n_layer=3,
+            n_embd=32,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        ),
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "mistral": lambda: tf.MistralConfig(**llama_like),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "gemma2": lambda: tf.Gemma2Config(head_dim=8, **llama_like),
+        "gemma3_text": lambda: tf.Gemma3TextConfig(head_dim=8, **llama_like),
+        "phi3": lambda: tf.Phi3Config(**llama_like),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        ),
+        "opt": lambda: tf.OPTConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        ),
+        "gptj": lambda: tf.GPTJConfig(
+            n_layer=3,
+            n_embd=32,
+            n_head=4,
+            rotary_dim=4,
+            n_positions=128,
+            bos_token_id=2,
+            eos_token_id=3,
+            **common,
+        ),
+    }
+
+
+TINY_ARCHITECTURES: tuple[str, ...] = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt_neox",
+    "opt",
+    "gptj",
+)
+TINY_CONFIGS = _configs
+
+
+def tiny_hf_model(architecture: str, *, seed: int = 0, vocab_size: int | None = None) -> Any:
+    """A random-weight ``transformers`` causal LM of ``architecture`` in eval mode.
+
+    >>> type(tiny_hf_model("opt")).__name__
+    'OPTForCausalLM'
+    """
+    from transformers import AutoModelForCausalLM
+
+    vocab = vocab_size or len(tiny_tokenizer())
+    configs = _configs(vocab)
+    if architecture not in configs:
+        raise KeyError(f"no tiny config for {architecture!r}; known: {sorted(configs)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(configs[architecture]())
+    return model.eval()
+
+
+def tiny_model(architecture: str = "llama", *, seed: int = 0) -> Any:
+    """A :class:`~steerlab.model.SteeredModel` over :func:`tiny_hf_model` and the tiny tokenizer.
+
+    >>> tiny_model("gpt2").d_model
+    32
+    """
+    from steerlab.model import wrap
+
+    return wrap(
+        tiny_hf_model(architecture, seed=seed), tiny_tokenizer(), name=f"tiny-{architecture}"
+    )
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    """Number of hooks of every kind on ``module`` and all its submodules.
+
+    >>> m = tiny_model("gpt2")
+    >>> hook_count(m.hf_model)
+    0
+    """
+    total = 0
+    for sub in module.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_pre_hooks_with_kwargs",
+        ):
+            if name.endswith("with_kwargs"):
+                continue
+            total += len(getattr(sub, name, {}))
+    return total

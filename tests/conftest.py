@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny random models for every architecture, the real default model (slow)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab.testing import TINY_ARCHITECTURES, tiny_model
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def arch_model(request: pytest.FixtureRequest) -> sl.SteeredModel:
+    """A tiny random-weight model, once per supported architecture."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def llama() -> sl.SteeredModel:
+    """One tiny Llama-style model for tests that need only one architecture."""
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Iterator[Any]:
+    """The real embedded default model (SmolLM2-135M-Instruct); slow tier only."""
+    yield sl.load_model()
