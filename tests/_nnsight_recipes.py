@@ -6,7 +6,9 @@ tensors, so tests can compare steerlab against the seed's recipes. Adaptations t
 * Block outputs: transformers 5's ``GPT2Block`` returns a Tensor, not a tuple, so the seed's
   ``h[L].output[0]`` would index the batch row, not the hidden states. `_hidden` takes
   ``output[0]`` only when the output is a tuple. Edits stay in place, so they reach the model.
-* Saved values: ``.save()`` returns the tensor itself; the seed's ``.value`` no longer exists.
+* Saved values: a saved value is the tensor itself; the seed's ``.value`` no longer exists.
+  ``nnsight.save(x)`` is used over ``x.save()``: the method is mounted on every object by an
+  optional C extension (absent -> AttributeError) and is invisible to type checkers.
 * Module inputs: ``.input`` is now the first positional input (``.inputs`` is ``(args,
   kwargs)``), so the seed's ``c_proj.input[0][0]`` is ``c_proj.input``.
 * Generation: ``with tracer.all():`` is deprecated, and the seed's form silently skips the
@@ -27,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from nnsight import TransformersModel
+from nnsight import TransformersModel, save
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -48,7 +50,7 @@ def basic_intervention(
 ) -> torch.Tensor:
     with nn_model.trace(prompt):
         _hidden(nn_model.transformer.h[layer].output)[:, -1, :] += vector
-        logits = nn_model.lm_head.output.save()
+        logits = save(nn_model.lm_head.output)
     return _out(logits)
 
 
@@ -60,11 +62,11 @@ def mean_diff_vector(
     with nn_model.trace() as tracer:
         for prompt in positive:
             with tracer.invoke(prompt):
-                act = _hidden(nn_model.transformer.h[layer].output)[:, -1, :].save()
+                act = save(_hidden(nn_model.transformer.h[layer].output)[:, -1, :])
                 positive_acts.append(act)
         for prompt in negative:
             with tracer.invoke(prompt):
-                act = _hidden(nn_model.transformer.h[layer].output)[:, -1, :].save()
+                act = save(_hidden(nn_model.transformer.h[layer].output)[:, -1, :])
                 negative_acts.append(act)
     pos_mean = torch.cat(positive_acts).mean(dim=0)
     neg_mean = torch.cat(negative_acts).mean(dim=0)
@@ -76,7 +78,7 @@ def apply_all_positions(
 ) -> torch.Tensor:
     with nn_model.trace(prompt):
         _hidden(nn_model.transformer.h[layer].output)[:, :, :] += strength * vector
-        logits = nn_model.lm_head.output.save()
+        logits = save(nn_model.lm_head.output)
     return _out(logits)
 
 
@@ -93,13 +95,13 @@ def generate_steered_last(
                 for layer, strength in layer_strengths.items():
                     _hidden(nn_model.transformer.h[layer].output)[:, -1, :] += strength * vector
         with tracer.invoke():
-            generated = tracer.result.save()
+            generated = save(tracer.result)
     return _out(generated)
 
 
 def layer_output_activation(nn_model: TransformersModel, prompt: str, layer: int) -> torch.Tensor:
     with nn_model.trace(prompt):
-        hidden = _hidden(nn_model.transformer.h[layer].output).save()
+        hidden = save(_hidden(nn_model.transformer.h[layer].output))
     return _out(hidden)
 
 
@@ -111,7 +113,7 @@ def zero_ablate_head(
     with nn_model.trace(prompt):
         attn_out = nn_model.transformer.h[layer].attn.c_proj.input
         attn_out[:, :, start:end] = 0
-        logits = nn_model.lm_head.output.save()
+        logits = save(nn_model.lm_head.output)
     return _out(logits)
 
 
@@ -120,7 +122,7 @@ def mean_ablate_layer(
 ) -> torch.Tensor:
     with nn_model.trace(prompt):
         _hidden(nn_model.transformer.h[layer].output)[:] = mean_activation
-        logits = nn_model.lm_head.output.save()
+        logits = save(nn_model.lm_head.output)
     return _out(logits)
 
 

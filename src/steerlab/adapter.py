@@ -320,6 +320,31 @@ class ModelAdapter:
         """The norm applied before the unembedding, or ``None`` if the model has none."""
         return _get_path(self.model, self.spec.final_norm) if self.spec.final_norm else None
 
+    def logits_from_final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the output of the last block: final norm, projection, unembedding.
+
+        Mirrors what the causal-LM head does after the blocks, including OPT's ``project_out``
+        and Gemma-2's final logit soft-capping.
+        """
+        norm = self.final_norm
+        if norm is not None:
+            hidden = norm(hidden)
+        project_out = getattr(self.backbone, "project_out", None)
+        if isinstance(project_out, nn.Module):
+            hidden = project_out(hidden)
+        logits = self.unembed(hidden)
+        config = getattr(self.model, "config", None)
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, (int, float)) and self.model_type == "cohere":
+            logits = logits * scale
+        divisor = getattr(config, "logits_scaling", None)
+        if isinstance(divisor, (int, float)) and divisor != 1:
+            logits = logits / divisor
+        return logits
+
     def layer_device_dtype(self, layer: int) -> tuple[torch.device, torch.dtype]:
         """Device and dtype of block ``layer``'s parameters (where its interventions live)."""
         for param in self.block(layer).parameters():

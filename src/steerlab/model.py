@@ -30,6 +30,7 @@ from steerlab.errors import InvalidInputError
 from steerlab.interventions import (
     HookHandle,
     Intervention,
+    PositionTracker,
     RowSteering,
     install,
     normalize_steering,
@@ -37,7 +38,7 @@ from steerlab.interventions import (
 )
 from steerlab.positions import PositionSpec
 
-__all__ = ["Batch", "LayerActivations", "SteeredModel", "wrap"]
+__all__ = ["Batch", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
 
 _REDUCTIONS = ("last", "mean", "all")
 
@@ -89,6 +90,40 @@ class LayerActivations(dict[int, Any]):
         if isinstance(layer, int) and layer < 0:
             layer += self.n_layers
         return super().__contains__(layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCache:
+    """What :meth:`SteeredModel.run_from` needs to re-run blocks ``layer..`` alone.
+
+    ``hidden`` is the input of block ``layer``; ``block_inputs`` the other arguments each later
+    block received; ``logits`` the unsteered next-token logits; ``exact`` whether a replay of
+    the tail reproduced them.
+    """
+
+    batch: Batch
+    layer: int
+    hidden: torch.Tensor
+    block_inputs: Mapping[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    logits: torch.Tensor
+    exact: bool
+
+
+def _expand_rows(value: Any, n: int, repeat: int) -> Any:
+    """Tile batch-leading tensors (also inside tuples) ``repeat`` times along dim 0."""
+    if repeat == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= 1 and value.shape[0] == n:
+            return value.repeat(repeat, *([1] * (value.ndim - 1)))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_expand_rows(v, n, repeat) for v in value)
+    if isinstance(value, list):
+        return [_expand_rows(v, n, repeat) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_rows(v, n, repeat) for k, v in value.items()}
+    return value
 
 
 class _StopForward(Exception):
@@ -306,7 +341,7 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None,
         positions: PositionSpec | None,
         row_offset: int = 0,
-    ) -> Iterator[None]:
+    ) -> Iterator[list[PositionTracker]]:
         """Per-call steering plus pinned prompt lengths for every installed tracker."""
         interventions = normalize_steering(steering, strength=strength, positions=positions)
         rows = batch.input_ids.shape[0]
@@ -319,7 +354,7 @@ class SteeredModel:
         for tracker in trackers:
             tracker.prompt_lengths_override = batch.prompt_lengths
         try:
-            yield
+            yield trackers
         finally:
             for tracker in trackers:
                 tracker.prompt_lengths_override = None
@@ -378,12 +413,155 @@ class SteeredModel:
         return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
+    def next_token_logits(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        batch_size: int | None = None,
+        chat: bool = False,
+    ) -> torch.Tensor:
+        """Logits of the next token after each prompt, ``[batch, vocab]`` (float32, CPU).
+
+        Cheaper than ``logits(...)[:, -1]``: the unembedding runs on the last position only.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> full = model.logits(["a b", "the cat sat"])[:, -1]
+        >>> bool(torch.allclose(model.next_token_logits(["a b", "the cat sat"]), full, atol=1e-5))
+        True
+        """
+        items = _check_prompts(prompts)
+        self._check_steering_rows(steering, len(items))
+        batch = self.encode(items, chat=chat)
+        size = batch_size or len(items)
+        outputs = []
+        for start in range(0, len(items), size):
+            chunk = batch.rows(start, start + size)
+            with self._call_scope(
+                steering, chunk, strength=strength, positions=positions, row_offset=start
+            ):
+                outputs.append(self._last_logits(chunk))
+        return torch.cat(outputs, dim=0)
+
+    def _last_logits(self, batch: Batch) -> torch.Tensor:
+        try:
+            out = self._forward(batch, logits_to_keep=1)
+        except TypeError:  # older or custom models without logits_to_keep
+            out = self._forward(batch)
+        return out.logits[:, -1].float().cpu()
+
+    # --- prefix reuse ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefix_cache(
+        self, prompts: Sequence[str] | str, *, layer: int, chat: bool = False
+    ) -> PrefixCache:
+        """Run the prompts once and keep what blocks ``layer..`` need to be re-run alone.
+
+        Sweeps and scans that only change blocks ``>= layer`` reuse this prefix through
+        :meth:`run_from` instead of recomputing the blocks below for every configuration.
+        ``cache.exact`` is False when the replayed tail did not reproduce the full forward
+        pass (an unusual architecture); callers then fall back to full passes.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> cache = model.prefix_cache(["the cat", "a dog ran"], layer=1)
+        >>> cache.exact, tuple(cache.hidden.shape)
+        (True, (2, 3, 32))
+        """
+        items = _check_prompts(prompts)
+        start_layer = self.adapter.resolve_layer(layer)
+        batch = self.encode(items, chat=chat).to(self.device)
+        inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+        def make_capture(index: int) -> Any:
+            def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                inputs[index] = (args, dict(kwargs))
+
+            return capture
+
+        handles = []
+        try:
+            for index in range(start_layer, self.n_layers):
+                handles.append(
+                    self.adapter.block(index).register_forward_pre_hook(
+                        make_capture(index), with_kwargs=True
+                    )
+                )
+            with self._call_scope(None, batch, strength=None, positions=None):
+                logits = self._last_logits(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        args, kwargs = inputs[start_layer]
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = PrefixCache(
+            batch=batch,
+            layer=start_layer,
+            hidden=hidden,
+            block_inputs=inputs,
+            logits=logits,
+            exact=True,
+        )
+        replayed = self.run_from(cache)
+        exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
+        return dataclasses.replace(cache, exact=exact)
+
+    @torch.no_grad()
+    def run_from(
+        self,
+        cache: PrefixCache,
+        *,
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``.
+
+        Row ``c * n + i`` is prompt ``i`` under configuration ``c``: pass per-row ``steering``
+        (a list of ``repeat * n`` entries) to evaluate many strengths or vectors in one batch.
+        Interventions below ``cache.layer`` have no effect here (that part was computed once).
+        """
+        if repeat < 1:
+            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        n = cache.batch.input_ids.shape[0]
+        expanded = Batch(
+            cache.batch.input_ids.repeat(repeat, 1),
+            cache.batch.attention_mask.repeat(repeat, 1),
+            cache.batch.position_ids.repeat(repeat, 1),
+            cache.batch.prompt_lengths.repeat(repeat),
+            cache.batch.padding_side,
+        )
+        self._check_steering_rows(steering, n * repeat)
+        hidden = _expand_rows(cache.hidden, n, repeat)
+        with self._call_scope(steering, expanded, strength=strength, positions=positions) as trk:
+            for tracker in trk:
+                tracker.pre_hook(
+                    self.adapter.backbone,
+                    (),
+                    {"input_ids": expanded.input_ids, "attention_mask": expanded.attention_mask},
+                )
+            for index in range(cache.layer, self.n_layers):
+                args, kwargs = cache.block_inputs[index]
+                args = tuple(_expand_rows(a, n, repeat) for a in args)
+                kwargs = {k: _expand_rows(v, n, repeat) for k, v in kwargs.items()}
+                if "hidden_states" in kwargs:
+                    kwargs["hidden_states"] = hidden
+                else:
+                    args = (hidden, *args[1:])
+                hidden = output_hidden(self.adapter.block(index)(*args, **kwargs))
+            return self.adapter.logits_from_final_hidden(hidden[:, -1:]).squeeze(1).float().cpu()
+
+    @torch.no_grad()
     def activations(
         self,
         prompts: Sequence[str] | str,
         *,
         layers: int | Sequence[int] | None = None,
-        positions: str = "last",
+        positions: str | int = "last",
         batch_size: int = 16,
         steering: Any = None,
         strength: float | Mapping[int, float] | None = None,
@@ -395,7 +573,8 @@ class SteeredModel:
 
         ``positions``: ``"last"`` → ``Tensor[n, d_model]`` of each prompt's last token,
         ``"mean"`` → the mean over each prompt's tokens, ``"all"`` → a list of
-        ``Tensor[len_i, d_model]``. Results are float32 on the CPU; memory grows with the
+        ``Tensor[len_i, d_model]``, an int ``i`` → the token at index ``i`` of each prompt
+        (negative counts from the end: ``-2`` is the answer letter of a CAA ``"(A)"`` prompt). Results are float32 on the CPU; memory grows with the
         reduced results, not with full sequences. The forward pass stops after the deepest
         requested layer.
 
@@ -406,9 +585,12 @@ class SteeredModel:
         ([0, 1], (2, 32))
         """
         items = _check_prompts(prompts)
-        if positions not in _REDUCTIONS:
+        if isinstance(positions, bool) or not (
+            positions in _REDUCTIONS or isinstance(positions, int)
+        ):
             raise InvalidInputError(
-                f"positions for activations must be one of {_REDUCTIONS}, not {positions!r}"
+                f"positions for activations must be one of {_REDUCTIONS} or an int token index, "
+                f"not {positions!r}"
             )
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
@@ -562,7 +744,17 @@ def _strip_after_eos(ids: torch.Tensor, eos: int | list[int] | None) -> torch.Te
     return ids[: int(hits[0, 0])] if len(hits) else ids
 
 
-def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str) -> torch.Tensor:
+def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str | int) -> torch.Tensor:
+    if isinstance(positions, int):
+        lengths = mask.sum(dim=1)
+        if bool((positions >= lengths).any()) or bool((-positions > lengths).any()):
+            raise InvalidInputError(
+                f"token index {positions} is outside a prompt of {int(lengths.min())} tokens"
+            )
+        index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        first = torch.where(mask, index, torch.full_like(index, mask.shape[1])).min(dim=1).values
+        target = first + positions if positions >= 0 else first + lengths + positions
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), target]
     if positions == "all":
         return hidden.detach()
     if positions == "mean":
