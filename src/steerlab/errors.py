@@ -18,6 +18,7 @@ __all__ = [
     "SteerlabError",
     "UnsupportedModelError",
     "VectorFileError",
+    "VectorFileNotFoundError",
     "VectorMismatchError",
     "InvalidInputError",
 ]
@@ -53,3 +54,7 @@ class UnsupportedModelError(SteerlabError, ValueError):
 
 class ModelNotAvailableError(SteerlabError, FileNotFoundError):
     """The requested model cannot be found locally and there is no way to fetch it."""
+
+
+class VectorFileNotFoundError(VectorFileError, FileNotFoundError):
+    """A vector file does not exist (or is a folder)."""

@@ -574,9 +574,9 @@ class SteeredModel:
         ``positions``: ``"last"`` → ``Tensor[n, d_model]`` of each prompt's last token,
         ``"mean"`` → the mean over each prompt's tokens, ``"all"`` → a list of
         ``Tensor[len_i, d_model]``, an int ``i`` → the token at index ``i`` of each prompt
-        (negative counts from the end: ``-2`` is the answer letter of a CAA ``"(A)"`` prompt). Results are float32 on the CPU; memory grows with the
-        reduced results, not with full sequences. The forward pass stops after the deepest
-        requested layer.
+        (negative counts from the end: ``-2`` is the answer letter of a CAA ``"(A)"`` prompt).
+        Results are float32 on the CPU; memory grows with the reduced results, not with full
+        sequences. The forward pass stops after the deepest requested layer.
 
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("llama")

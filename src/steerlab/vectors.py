@@ -1,7 +1,7 @@
 """Steering vectors: per-layer directions in the residual stream, as immutable values.
 
 A :class:`SteeringVector` maps layer indices (0-based, "output of block L") to one direction of
-size ``d_model`` each, plus string-able metadata describing where it came from. Every transform
+size ``d_model`` each, plus JSON-able metadata describing where it came from. Every transform
 returns a new vector; the original and the caller's tensors are never modified.
 
 >>> import torch
@@ -12,20 +12,103 @@ returns a new vector; the original and the caller's tensors are never modified.
 ([6.0, 8.0], [3.0, 4.0])
 >>> (v - v.scaled(0.5)).normalized()[2].tolist()
 [0.6000000238418579, 0.800000011920929]
+
+Metadata schema
+---------------
+Vectors made by steerlab carry these keys (all optional for hand-made vectors; unknown keys are
+kept as they are):
+
+=======================  ===================================================================
+key                      meaning
+=======================  ===================================================================
+``model_name``           the model's name or path when the vector was made
+``model_type``           ``config.model_type`` (``"llama"``, ``"gpt2"`` ...)
+``d_model``              hidden size of the model (= size of every direction)
+``n_layers``             number of decoder blocks of the model
+``vocab_size``           rows of the unembedding
+``unembed_fingerprint``  :func:`model_fingerprint` of the model
+``operation``            what the direction is meant for: ``"add"`` (steering) or
+                         ``"project_out"`` (directional ablation)
+``site``                 ``"block_output"``: the residual stream after a decoder block
+``layer_convention``     ``"output of block L, 0-based"`` (llama.cpp counts from 1)
+``method``               how the direction was computed (``"mean_diff"``, ``"pca"`` ...)
+``positions``            token positions activations were read at (``"last"``, ``"mean"``, -2)
+``normalization``        ``None`` (raw), ``"unit"``, or ``"residual"`` (see below)
+``recommended_strength`` a strength found by tuning, when there is one
+``dataset``              ``{"name", "description", "source", "n_positive", "n_negative",
+                         "paired"}``
+``library_version``      ``steerlab.__version__`` that made it
+``created``              creation time, ISO 8601 in UTC
+=======================  ===================================================================
+
+Strength conventions
+--------------------
+A strength is always a plain multiplier: steering adds ``strength * vec[L]`` to the residual
+stream at layer ``L``. What "strength 1.0" means therefore depends on the vector's norm:
+
+* **raw** (the default of every method): ``mean_diff`` at strength 1.0 moves the mean
+  activation of the negative examples onto that of the positive ones; ``pca`` and ``probe`` are
+  scaled the same way (the mean difference's component along their axis).
+* **relative to the residual stream**: :meth:`SteeringVector.scaled_to_residual` rescales each
+  layer to ``fraction`` times the typical residual norm at that layer (measure it with
+  :func:`steerlab.analysis.residual_norms`), so strength 1.0 with ``fraction=0.5`` adds a vector
+  half as long as a typical activation, at any layer and in any model.
+
+Files
+-----
+:meth:`SteeringVector.save` writes safetensors: one tensor per layer keyed ``"layer.<L>"``, and
+in the header's string metadata ``format = "steerlab.vector"``, ``schema_version`` and every
+metadata key with a JSON-encoded value. The file is written to a temporary file in the same
+folder and moved into place, so a crash never leaves half a file. :meth:`SteeringVector.load`
+validates everything and raises :class:`~steerlab.errors.VectorFileError` for anything else. No
+pickle is involved anywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import math
-from collections.abc import Iterable, Mapping
+import os
+import re
+import struct
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from steerlab.errors import VectorMismatchError
+from steerlab.errors import VectorFileError, VectorFileNotFoundError, VectorMismatchError
 
-__all__ = ["SteeringVector"]
+__all__ = [
+    "FILE_FORMAT",
+    "LAYER_CONVENTION",
+    "SCHEMA_VERSION",
+    "SteeringVector",
+    "fingerprints_match",
+    "model_fingerprint",
+    "model_identity",
+    "vector_metadata",
+]
+
+FILE_FORMAT = "steerlab.vector"
+"""Value of the ``format`` key in the header of every steerlab vector file."""
+
+SCHEMA_VERSION = 1
+"""Version of the vector file layout and metadata schema this steerlab writes and reads."""
+
+LAYER_CONVENTION = "output of block L, 0-based"
+"""How layer keys are counted: layer ``L`` is the residual stream after decoder block ``L``."""
+
+_SITE = "block_output"
+_OPERATIONS = ("add", "project_out")
+_RESERVED_KEYS = ("format", "schema_version")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYER_KEY = re.compile(r"layer\.(0|[1-9][0-9]*)")
+_MAX_HEADER = 64 * 1024 * 1024
 
 
 def _check_direction(layer: int, tensor: torch.Tensor, d_model: int | None) -> None:
@@ -231,6 +314,295 @@ class SteeringVector:
     def __neg__(self) -> SteeringVector:
         return self.scaled(-1.0)
 
+    # --- geometry -------------------------------------------------------------------------------
+    def orthogonalized(
+        self, against: SteeringVector | torch.Tensor | Sequence[SteeringVector | torch.Tensor]
+    ) -> SteeringVector:
+        """A new vector with the overlap with other directions removed (Gram–Schmidt, per layer).
+
+        ``against`` is one vector or a list; a :class:`SteeringVector` acts on the layers it has
+        (layers it lacks are left alone by it), a raw ``Tensor[d_model]`` on every layer. At each
+        layer the ``against`` directions are orthonormalised (modified Gram–Schmidt in float64,
+        twice, skipping zero and linearly dependent ones) and their span is projected out, so the
+        result has dot product ~0 with each of them while the component of this vector outside
+        their span is unchanged. This is the seed's "remove overlap with other behaviours".
+
+        >>> import torch
+        >>> v = SteeringVector({0: torch.tensor([1.0, 1.0, 1.0])})
+        >>> v.orthogonalized([torch.tensor([2.0, 0.0, 0.0])])[0].tolist()
+        [0.0, 1.0, 1.0]
+        """
+        items = [against] if isinstance(against, (SteeringVector, torch.Tensor)) else against
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise VectorMismatchError(
+                "against must be a SteeringVector, a Tensor, or a list of them, got "
+                f"{type(against).__name__}"
+            )
+        labels: list[str] = []
+        for i, item in enumerate(items):
+            if isinstance(item, SteeringVector):
+                if item.d_model != self.d_model:
+                    raise VectorMismatchError(
+                        f"against[{i}] has size {item.d_model}, this vector {self.d_model}"
+                    )
+                labels.append(_describe(item))
+            elif isinstance(item, torch.Tensor):
+                _check_direction(-1, item, self.d_model)
+                labels.append("tensor")
+            else:
+                raise VectorMismatchError(
+                    f"against[{i}] must be a SteeringVector or a Tensor, got {type(item).__name__}"
+                )
+
+        def remove_span(layer: int, v: torch.Tensor) -> torch.Tensor:
+            basis = [
+                (item[layer] if isinstance(item, SteeringVector) else item).double().cpu()
+                for item in items
+                if not isinstance(item, SteeringVector) or layer in item
+            ]
+            q = _orthonormal_basis(basis)
+            x = v.double().cpu()
+            for _ in range(2):  # second pass removes what rounding left of the span
+                for u in q:
+                    x = x - (u @ x) * u
+            return x.to(device=v.device, dtype=v.dtype)
+
+        previous = list(self.metadata.get("orthogonalized_against", []))
+        return self._map(remove_span, orthogonalized_against=previous + labels)
+
+    def project_out_mean(self, mean: SteeringVector | None = None) -> SteeringVector:
+        """A new vector without its component along a "mean" direction, per layer.
+
+        Without ``mean``: the component along the all-ones direction (each direction minus the
+        mean of its entries). A LayerNorm subtracts exactly that component from its input, so
+        for LayerNorm models (GPT-2, GPT-NeoX, OPT, GPT-J) it never reaches any later block or
+        the unembedding, and removing it changes nothing downstream of the next norm while
+        making norms and cosines meaningful. RMSNorm models (Llama and most recent ones) do see
+        it. With ``mean`` (e.g. the mean activation per layer, as a vector): the component along
+        ``mean[L]`` at each layer, the common "remove the dominant mean direction".
+
+        >>> import torch
+        >>> SteeringVector({0: torch.tensor([3.0, 1.0])}).project_out_mean()[0].tolist()
+        [1.0, -1.0]
+        """
+        if mean is not None:
+            if not isinstance(mean, SteeringVector):
+                raise VectorMismatchError(
+                    f"mean must be a SteeringVector, got {type(mean).__name__}"
+                )
+            missing = [layer for layer in self.layers if layer not in mean]
+            if missing:
+                raise VectorMismatchError(f"mean has no direction for layers {missing}")
+            return self.orthogonalized(mean).with_metadata(
+                orthogonalized_against=list(self.metadata.get("orthogonalized_against", []))
+                + ["mean direction"]
+            )
+
+        def centre(_layer: int, v: torch.Tensor) -> torch.Tensor:
+            x = v.double()
+            return (x - x.mean()).to(v.dtype)
+
+        return self._map(centre, mean_removed=True)
+
+    def scaled_to_residual(
+        self, norms: Mapping[int, float], fraction: float = 1.0
+    ) -> SteeringVector:
+        """Each layer rescaled to ``fraction`` × the typical residual norm at that layer.
+
+        ``norms`` is ``{layer: typical norm}``, as returned by
+        :func:`steerlab.analysis.residual_norms`. Afterwards a steering strength ``s`` adds a
+        vector of length ``s * fraction * norms[L]`` at layer ``L``: the same relative push at
+        every layer and in every model, whereas a raw multiplier means more in a model or layer
+        with a small residual stream.
+
+        >>> import torch
+        >>> v = SteeringVector({0: torch.tensor([3.0, 4.0]), 1: torch.tensor([0.0, 2.0])})
+        >>> v.scaled_to_residual({0: 10.0, 1: 4.0}, fraction=0.5).norms()
+        {0: 5.0, 1: 2.0}
+        """
+        value = _finite_number(fraction, "fraction")
+        missing = [layer for layer in self.layers if layer not in norms]
+        if missing:
+            raise VectorMismatchError(f"no residual norm given for layers {missing}")
+        targets = {
+            layer: _finite_number(norms[layer], f"norm of layer {layer}") for layer in self.layers
+        }
+
+        def rescale(layer: int, v: torch.Tensor) -> torch.Tensor:
+            norm = float(v.double().norm())
+            if norm == 0.0:
+                raise VectorMismatchError(f"cannot rescale the zero direction at layer {layer}")
+            return (v.double() * (value * targets[layer] / norm)).to(v.dtype)
+
+        return self._map(
+            rescale,
+            normalization="residual",
+            residual_fraction=value,
+            residual_norms={str(k): targets[k] for k in self.layers},
+        )
+
+    # --- compatibility ----------------------------------------------------------------------------
+    def compatibility_problems(self, model: Any) -> tuple[list[str], list[str]]:
+        """Why this vector may not fit ``model``: ``(fatal, overridable)`` lists of messages.
+
+        Fatal problems make steering impossible (hidden size, a layer the model does not have);
+        overridable ones mean the vector was made for another model (layer count, unembedding
+        fingerprint, site) and :meth:`check_compatible` refuses them unless forced.
+
+        >>> import torch
+        >>> from steerlab.testing import tiny_model
+        >>> SteeringVector({0: torch.ones(32)}).compatibility_problems(tiny_model("gpt2"))
+        ([], [])
+        """
+        fatal: list[str] = []
+        soft: list[str] = []
+        made_for = self.metadata.get("model_name", "another model")
+        if self.d_model != model.d_model:
+            fatal.append(
+                f"the vector's directions have size {self.d_model} but the residual stream of "
+                f"{model.name!r} has size {model.d_model}"
+            )
+        beyond = [layer for layer in self.layers if layer >= model.n_layers]
+        if beyond:
+            fatal.append(
+                f"the vector has layers {beyond} but {model.name!r} has only {model.n_layers} "
+                f"layers (0..{model.n_layers - 1})"
+            )
+        n_layers = self.metadata.get("n_layers")
+        if isinstance(n_layers, int) and n_layers != model.n_layers:
+            soft.append(
+                f"the vector was made for {made_for!r} with {n_layers} layers; {model.name!r} has "
+                f"{model.n_layers}"
+            )
+        site = self.metadata.get("site", _SITE)
+        if site != _SITE:
+            soft.append(f"the vector is for site {site!r}; steering adds at {_SITE!r}")
+        expected = self.metadata.get("unembed_fingerprint")
+        if isinstance(expected, str) and expected and not fatal:
+            actual = model_fingerprint(model)
+            if actual and not fingerprints_match(expected, actual):
+                soft.append(
+                    f"the vector was made for {made_for!r}, whose unembedding differs from that "
+                    f"of {model.name!r} (fingerprints do not match): a direction means nothing in "
+                    f"another model's residual stream"
+                )
+        return fatal, soft
+
+    def check_compatible(self, model: Any, *, force: bool = False) -> None:
+        """Raise :class:`~steerlab.errors.VectorMismatchError` if this vector is not for ``model``.
+
+        Compares the hidden size and the layer indices (always fatal), and, when the metadata
+        records them, the layer count, the site and the unembedding fingerprint (made for another
+        model). ``force=True`` turns the latter into a warning, for deliberate transfer between
+        related models.
+
+        >>> import torch
+        >>> from steerlab.testing import tiny_model
+        >>> vec = SteeringVector({0: torch.ones(32)}, metadata={"n_layers": 30})
+        >>> vec.check_compatible(tiny_model("gpt2"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        steerlab.errors.VectorMismatchError: vector not compatible with 'tiny-gpt2': ...
+        """
+        fatal, soft = self.compatibility_problems(model)
+        if fatal:
+            raise VectorMismatchError(
+                f"vector cannot be used with {model.name!r}: " + "; ".join(fatal)
+            )
+        if soft and not force:
+            raise VectorMismatchError(
+                f"vector not compatible with {model.name!r}: "
+                + "; ".join(soft)
+                + " (pass force=True to use it anyway)"
+            )
+        if soft:
+            warnings.warn("using a vector made for another model: " + "; ".join(soft), stacklevel=2)
+
+    # --- files ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write this vector to a safetensors file, atomically; returns the path.
+
+        Tensors are stored as they are (dtype and bits exact) under ``"layer.<L>"``; metadata
+        values must be JSON-serialisable (numbers must be finite). The file appears complete
+        or not at all: it is written to a temporary file in the same folder, flushed to disk,
+        and renamed over ``path``.
+
+        >>> import tempfile, torch, pathlib
+        >>> d = tempfile.TemporaryDirectory()
+        >>> v = SteeringVector({2: torch.tensor([1.5, -2.0])}, metadata={"method": "manual"})
+        >>> p = v.save(pathlib.Path(d.name, "v.safetensors"))
+        >>> w = SteeringVector.load(p)
+        >>> w.layers, w[2].tolist(), w.metadata
+        ((2,), [1.5, -2.0], {'method': 'manual'})
+        >>> d.cleanup()
+        """
+        from safetensors.torch import save as safetensors_save
+
+        target = Path(path)
+        header: dict[str, str] = {"format": FILE_FORMAT, "schema_version": str(SCHEMA_VERSION)}
+        for key, value in self.metadata.items():
+            if not isinstance(key, str):
+                raise VectorFileError(f"metadata keys must be strings, got {key!r}")
+            if key in _RESERVED_KEYS:
+                raise VectorFileError(f"metadata key {key!r} is reserved for the file header")
+            try:
+                header[key] = json.dumps(value, allow_nan=False, sort_keys=True)
+            except (TypeError, ValueError) as err:
+                raise VectorFileError(
+                    f"metadata {key!r} cannot be saved as JSON ({err}): {value!r}"
+                ) from None
+        tensors = {
+            f"layer.{layer}": t.detach().to("cpu").contiguous()
+            for layer, t in self.directions.items()
+        }
+        data = safetensors_save(tensors, metadata=header)
+        folder = target.parent if str(target.parent) else Path(".")
+        if not folder.is_dir():
+            raise VectorFileNotFoundError(f"cannot save {target}: folder {folder} does not exist")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with _suppress_os_error():
+                os.unlink(tmp)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
+        """Read a vector written by :meth:`save`, validating everything.
+
+        Refused with :class:`~steerlab.errors.VectorFileError` (and a message saying what is
+        wrong): a file that is not safetensors, truncated or with trailing bytes, a corrupt
+        header, a safetensors file that is not a steerlab vector, an unknown schema version,
+        metadata that is not JSON, tensor names other than ``layer.<L>``, tensors that are not
+        1-D floating point, of different sizes or of a size other than the recorded
+        ``d_model``, and NaN or infinite values. Compatibility with a model is checked
+        separately (:meth:`check_compatible`).
+        """
+        file = Path(path)
+        if not file.is_file():
+            raise VectorFileNotFoundError(f"no vector file at {file}")
+        data = file.read_bytes()
+        header = _read_header(data, file)
+        metadata = _decode_metadata(header.get("__metadata__"), file)
+        from safetensors import SafetensorError
+        from safetensors.torch import load as safetensors_load
+
+        try:
+            tensors = safetensors_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as err:
+            raise VectorFileError(f"{file}: corrupt safetensors data ({err})") from None
+        directions = _decode_tensors(tensors, metadata, file)
+        try:
+            return cls(directions, metadata=metadata)
+        except VectorMismatchError as err:
+            raise VectorFileError(f"{file}: {err}") from None
+
 
 def _finite_number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -242,3 +614,278 @@ def _finite_number(value: object, what: str) -> float:
     if not math.isfinite(number):
         raise VectorMismatchError(f"{what} must be finite, got {number}")
     return number
+
+
+# --- helpers of the transforms ------------------------------------------------------------------
+def _orthonormal_basis(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    basis: list[torch.Tensor] = []
+    for v in vectors:
+        scale = float(v.norm())
+        if scale == 0.0:
+            continue
+        x = v / scale
+        for _ in range(2):
+            for u in basis:
+                x = x - (u @ x) * u
+        norm = float(x.norm())
+        if norm > 1e-10:  # otherwise linearly dependent on the earlier ones
+            basis.append(x / norm)
+    return basis
+
+
+def _describe(vec: SteeringVector) -> str:
+    dataset = vec.metadata.get("dataset")
+    if isinstance(dataset, Mapping) and dataset.get("name"):
+        return f"{dataset['name']} ({vec.metadata.get('method', '?')})"
+    return str(vec.metadata.get("method", "vector"))
+
+
+class _suppress_os_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, OSError)
+
+
+# --- file decoding ------------------------------------------------------------------------------
+def _read_header(data: bytes, file: Path) -> dict[str, Any]:
+    if len(data) < 8:
+        raise VectorFileError(
+            f"{file}: not a steerlab vector file (only {len(data)} bytes: truncated or empty)"
+        )
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > _MAX_HEADER or size < 2:
+        raise VectorFileError(f"{file}: not a safetensors file (header length field reads {size})")
+    if 8 + size > len(data):
+        raise VectorFileError(
+            f"{file}: truncated (the header claims {size} bytes, the file has {len(data) - 8} "
+            f"after the length field)"
+        )
+    try:
+        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VectorFileError(f"{file}: corrupt header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise VectorFileError(f"{file}: corrupt header (not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(x, int) for x in offsets)
+        ):
+            raise VectorFileError(f"{file}: corrupt header entry for tensor {name!r}")
+        end = max(end, offsets[1])
+    body = len(data) - 8 - size
+    if end > body:
+        raise VectorFileError(
+            f"{file}: truncated (tensor data needs {end} bytes, the file holds {body})"
+        )
+    if end < body:
+        raise VectorFileError(f"{file}: corrupt ({body - end} unexpected bytes after the tensors)")
+    return header
+
+
+def _decode_metadata(raw: object, file: Path) -> dict[str, Any]:
+    if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
+        raise VectorFileError(
+            f"{file}: a safetensors file, but not a steerlab vector (no format={FILE_FORMAT!r} "
+            "in its metadata)"
+        )
+    version = raw.get("schema_version")
+    if version != str(SCHEMA_VERSION):
+        if isinstance(version, str) and version.isdigit() and int(version) > SCHEMA_VERSION:
+            raise VectorFileError(
+                f"{file}: written with vector schema version {version}, newer than the version "
+                f"this steerlab reads ({SCHEMA_VERSION}); upgrade steerlab"
+            )
+        raise VectorFileError(
+            f"{file}: unknown vector schema version {version!r} (this steerlab reads "
+            f"{SCHEMA_VERSION})"
+        )
+    metadata: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key in _RESERVED_KEYS:
+            continue
+        if not isinstance(text, str):
+            raise VectorFileError(f"{file}: metadata {key!r} is not a string")
+        try:
+            metadata[key] = json.loads(text)
+        except json.JSONDecodeError:
+            raise VectorFileError(f"{file}: metadata {key!r} is not valid JSON: {text!r}") from None
+    return metadata
+
+
+def _decode_tensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], file: Path
+) -> dict[int, torch.Tensor]:
+    if not tensors:
+        raise VectorFileError(f"{file}: the file holds no layer directions")
+    directions: dict[int, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        match = _LAYER_KEY.fullmatch(name)
+        if match is None:
+            raise VectorFileError(f"{file}: unexpected tensor {name!r} (expected 'layer.<L>')")
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise VectorFileError(
+                f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
+            )
+        if tensor.ndim != 1:
+            raise VectorFileError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, expected [d_model]"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise VectorFileError(f"{file}: tensor {name!r} contains NaN or infinite values")
+        directions[int(match.group(1))] = tensor
+    sizes = {t.shape[0] for t in directions.values()}
+    if len(sizes) != 1:
+        raise VectorFileError(f"{file}: layer directions have different sizes {sorted(sizes)}")
+    d_model = metadata.get("d_model")
+    if d_model is not None and (not isinstance(d_model, int) or d_model not in sizes):
+        raise VectorFileError(
+            f"{file}: shape mismatch: the metadata says d_model={d_model!r} but the directions "
+            f"have size {sizes.pop()}"
+        )
+    n_layers = metadata.get("n_layers")
+    if isinstance(n_layers, int) and max(directions) >= n_layers:
+        raise VectorFileError(
+            f"{file}: layer {max(directions)} is out of range for the recorded n_layers={n_layers}"
+        )
+    return directions
+
+
+# --- model identity -----------------------------------------------------------------------------
+_FINGERPRINT_PREFIX = "unembed-v1"
+_FINGERPRINT_ROWS = 8
+_FINGERPRINT_PROBES = 4
+_FINGERPRINT_RTOL = 0.05
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short signature of the model's unembedding, to tell models of the same shape apart.
+
+    Eight rows of ``lm_head.weight`` (spread over the vocabulary) are projected onto four fixed
+    pseudo-random directions, giving 32 numbers, written with four significant digits after the
+    matrix shape: ``"unembed-v1:<vocab>x<d_model>:<n1>,<n2>,..."``. Unlike a hash of the bits,
+    the numbers survive loading the same weights in another dtype or on another device;
+    :func:`fingerprints_match` compares two signatures with a 5 % tolerance, while an unrelated
+    model gives an unrelated signature. Returns ``""`` when the weights are not materialised
+    (meta device).
+
+    >>> from steerlab.testing import tiny_model
+    >>> fp = model_fingerprint(tiny_model("llama"))
+    >>> fp.split(":")[1].endswith("x32"), len(fp.split(":")[2].split(","))
+    (True, 32)
+    >>> fingerprints_match(fp, model_fingerprint(tiny_model("llama", seed=1)))
+    False
+    """
+    weight = getattr(model.adapter.unembed, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.is_meta:
+        return ""
+    vocab, width = weight.shape
+    rows = sorted({int((i + 0.5) * vocab / _FINGERPRINT_ROWS) for i in range(_FINGERPRINT_ROWS)})
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.randn(width, _FINGERPRINT_PROBES, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        picked = weight.detach()[rows].to("cpu", torch.float64)
+    values = (picked @ probes).flatten().tolist()
+    numbers = ",".join(f"{x:.4g}" for x in values)
+    return f"{_FINGERPRINT_PREFIX}:{vocab}x{width}:{numbers}"
+
+
+def _parse_fingerprint(text: str) -> tuple[str, torch.Tensor] | None:
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] != _FINGERPRINT_PREFIX:
+        return None
+    try:
+        values = torch.tensor([float(x) for x in parts[2].split(",")], dtype=torch.float64)
+    except ValueError:
+        return None
+    return parts[1], values
+
+
+def fingerprints_match(a: str, b: str, *, rtol: float = _FINGERPRINT_RTOL) -> bool:
+    """Whether two :func:`model_fingerprint` strings describe the same unembedding.
+
+    Shapes must be equal and the signatures within ``rtol`` (relative, in norm). Fingerprints of
+    an unknown format are compared as plain strings.
+
+    >>> fingerprints_match("unembed-v1:4x2:1.0,2.0", "unembed-v1:4x2:1.001,2.0")
+    True
+    >>> fingerprints_match("unembed-v1:4x2:1.0,2.0", "unembed-v1:4x2:-1.0,2.0")
+    False
+    """
+    pa, pb = _parse_fingerprint(a), _parse_fingerprint(b)
+    if pa is None or pb is None:
+        return a == b
+    if pa[0] != pb[0] or pa[1].shape != pb[1].shape:
+        return False
+    scale = max(float(pa[1].norm()), float(pb[1].norm()))
+    return float((pa[1] - pb[1]).norm()) <= rtol * scale
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """The model-identity part of the vector metadata (name, type, sizes, fingerprint).
+
+    >>> from steerlab.testing import tiny_model
+    >>> ident = model_identity(tiny_model("gpt2"))
+    >>> ident["model_name"], ident["d_model"], ident["n_layers"]
+    ('tiny-gpt2', 32, 3)
+    """
+    weight = getattr(model.adapter.unembed, "weight", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
+    return {
+        "model_name": str(model.name),
+        "model_type": str(model.adapter.model_type),
+        "d_model": int(model.d_model),
+        "n_layers": int(model.n_layers),
+        "vocab_size": vocab,
+        "unembed_fingerprint": model_fingerprint(model),
+    }
+
+
+def vector_metadata(
+    model: Any,
+    *,
+    method: str,
+    positions: str | int = "last",
+    operation: str = "add",
+    normalization: str | None = None,
+    dataset: Mapping[str, Any] | None = None,
+    recommended_strength: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The full self-describing metadata for a vector made from ``model``.
+
+    Fills the schema of this module (model identity, site, layer convention, library version,
+    UTC creation time) and adds ``extra`` keys as they are.
+
+    >>> from steerlab.testing import tiny_model
+    >>> meta = vector_metadata(tiny_model("gpt2"), method="mean_diff")
+    >>> meta["site"], meta["layer_convention"], meta["operation"]
+    ('block_output', 'output of block L, 0-based', 'add')
+    """
+    import steerlab  # lazily: steerlab/__init__ imports this module
+
+    if operation not in _OPERATIONS:
+        raise VectorMismatchError(f"operation must be one of {_OPERATIONS}, not {operation!r}")
+    meta: dict[str, Any] = {
+        **model_identity(model),
+        "operation": operation,
+        "site": _SITE,
+        "layer_convention": LAYER_CONVENTION,
+        "method": method,
+        "positions": positions,
+        "normalization": normalization,
+        "dataset": dict(dataset) if dataset is not None else None,
+        "library_version": str(getattr(steerlab, "__version__", "unknown")),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if recommended_strength is not None:
+        meta["recommended_strength"] = _finite_number(recommended_strength, "recommended_strength")
+    meta.update(extra)
+    return meta
