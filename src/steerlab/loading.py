@@ -82,8 +82,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF weights are de-quantised to plain float32 on load; drop the quantizer bookkeeping
+    # so transformers saves them as an ordinary checkpoint.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights we save are plain float32
+        del model.config.quantization_config
     model.config._name_or_path = DEFAULT_MODEL_ID
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))

@@ -1,0 +1,142 @@
+"""Core commands: ``steerlab demo`` (the main job) and ``steerlab generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["register"]
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Model folder or cached hub id (default: embedded SmolLM2-135M)."
+    ),
+]
+
+
+def _load(model: str | None) -> Any:
+    import steerlab as sl
+
+    return sl.load_model(model)
+
+
+def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    if text is None or text.strip() == "":
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def _parse_positions(text: str) -> Any:
+    if text in ("all", "last", "prompt", "generated"):
+        return text
+    if ":" in text:
+        parts = [int(p) if p.strip() else None for p in text.split(":")]
+        return slice(*parts)
+    return [int(p) for p in text.split(",")]
+
+
+def demo(
+    model: ModelOption = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Layer to steer (default: chosen by a quick sweep).")
+    ] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="Strength (default: chosen by a quick sweep).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 24,
+    n_prompts: Annotated[int, typer.Option(help="How many held-out prompts to show.")] = 3,
+    out: Annotated[Path, typer.Option(help="Where to save the sentiment vector.")] = Path(
+        "steerlab-sentiment.safetensors"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the train/held-out split.")] = 0,
+) -> None:
+    """Build a sentiment vector on the default model, show steered text, measure the shift."""
+    from steerlab.demo import run_demo
+
+    run_demo(
+        model_name=model,
+        layer=layer,
+        strength=strength,
+        max_new_tokens=max_new_tokens,
+        n_prompts=n_prompts,
+        out=out,
+        seed=seed,
+    )
+
+
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    vector: Annotated[
+        Path | None, typer.Option("--vector", "-v", help="Steering vector file (.safetensors).")
+    ] = None,
+    model: ModelOption = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="Layers to apply it at, e.g. '12' or '6,8,10' (default: the file's)."),
+    ] = None,
+    strength: Annotated[float, typer.Option("--strength", "-s", help="Multiplier.")] = 1.0,
+    positions: Annotated[
+        str, typer.Option(help="all | last | prompt | generated | 0,3 | 2:")
+    ] = "all",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = False,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    compare: Annotated[
+        bool, typer.Option(help="Also print the unsteered continuation side by side.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option(help="Apply a vector made for another model anyway.")
+    ] = False,
+) -> None:
+    """Generate text, optionally steered by a vector file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import steerlab as sl
+
+    steered_model = _load(model)
+    steering = None
+    if vector is not None:
+        vec = sl.SteeringVector.load(vector)
+        vec.check_compatible(steered_model, force=force)
+        chosen = _parse_layers(layers, steered_model.n_layers)
+        steering = sl.Steering(
+            vec, strength=strength, positions=_parse_positions(positions), layers=chosen
+        )
+    options: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        do_sample=sample,
+        temperature=temperature,
+        seed=seed,
+    )
+    texts = steered_model.generate(list(prompt), steering=steering, **options)
+    console = Console()
+    if compare and steering is not None:
+        baseline = steered_model.generate(list(prompt), **options)
+        table = Table("prompt", "unsteered", f"steered (x{strength:g})", show_lines=True)
+        for p, b, t in zip(prompt, baseline, texts):
+            table.add_row(p, b, t)
+        console.print(table)
+        return
+    for p, t in zip(prompt, texts):
+        console.print(f"[bold]{p}[/bold]{t}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` and ``generate`` to ``app``."""
+    app.command("demo")(demo)
+    app.command("generate")(generate)
