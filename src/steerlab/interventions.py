@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -50,6 +51,7 @@ __all__ = [
     "RowSteering",
     "Steering",
     "SteeringLike",
+    "active_trackers",
     "install",
     "normalize_steering",
     "output_hidden",
@@ -170,15 +172,35 @@ class Intervention:
         raise NotImplementedError
 
 
+# Trackers currently installed per backbone, so steerlab's own calls can pin prompt lengths on
+# every one of them, whichever wrapper (steered, edited, ...) installed it.
+_ACTIVE_TRACKERS: weakref.WeakKeyDictionary[nn.Module, list[PositionTracker]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def active_trackers(backbone: nn.Module) -> list[PositionTracker]:
+    """The position trackers currently installed on ``backbone`` (installation order)."""
+    return list(_ACTIVE_TRACKERS.get(backbone, []))
+
+
 class HookHandle:
     """Removes exactly the hooks one installation added. Idempotent; usable as a context manager.
 
     >>> HookHandle([]).remove()
     """
 
-    def __init__(self, handles: list[RemovableHandle], tracker: PositionTracker | None = None):
+    def __init__(
+        self,
+        handles: list[RemovableHandle],
+        tracker: PositionTracker | None = None,
+        backbone: nn.Module | None = None,
+    ):
         self._handles = handles
         self.tracker = tracker
+        self._backbone = backbone
+        if tracker is not None and backbone is not None:
+            _ACTIVE_TRACKERS.setdefault(backbone, []).append(tracker)
 
     @property
     def active(self) -> bool:
@@ -189,6 +211,11 @@ class HookHandle:
         """Remove this installation's hooks (in reverse order); later calls do nothing."""
         while self._handles:
             self._handles.pop().remove()
+        if self._backbone is not None and self.tracker is not None:
+            trackers = _ACTIVE_TRACKERS.get(self._backbone, [])
+            if self.tracker in trackers:
+                trackers.remove(self.tracker)
+            self._backbone = None
 
     def __enter__(self) -> HookHandle:
         return self
@@ -225,7 +252,7 @@ def install(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> Hoo
         for handle in reversed(handles):
             handle.remove()
         raise
-    return HookHandle(handles, tracker)
+    return HookHandle(handles, tracker, adapter.backbone)
 
 
 # --- additive steering ---------------------------------------------------------------------------
@@ -408,6 +435,11 @@ def normalize_steering(
                 layers=layers,
             )
         if isinstance(item, Intervention):
+            if strength is not None or layers is not None:
+                raise InvalidInputError(
+                    "strength=/layers= apply to bare SteeringVectors; a Steering or other "
+                    "intervention carries its own (use Steering(vec, strength=..., layers=...))"
+                )
             if isinstance(item, Steering) and positions is not None and item.positions == "all":
                 return dataclasses.replace(item, positions=positions)
             return item

@@ -32,6 +32,7 @@ from steerlab.interventions import (
     Intervention,
     PositionTracker,
     RowSteering,
+    active_trackers,
     install,
     normalize_steering,
     output_hidden,
@@ -350,7 +351,7 @@ class SteeredModel:
             for i in interventions
         ]
         handle = self.add_interventions(interventions) if interventions else None
-        trackers = [h.tracker for h in self._handles if h.tracker is not None]
+        trackers = active_trackers(self.adapter.backbone)
         for tracker in trackers:
             tracker.prompt_lengths_override = batch.prompt_lengths
         try:
