@@ -30,18 +30,32 @@ def test_help_everywhere() -> None:
 
 
 def test_generate_steered_matches_library(patched: sl.SteeredModel, tmp_path: Path) -> None:
-    vec = sl.SteeringVector({1: torch.randn(patched.d_model,
-                                            generator=torch.Generator().manual_seed(0))})
+    vec = sl.SteeringVector(
+        {1: torch.randn(patched.d_model, generator=torch.Generator().manual_seed(0))}
+    )
     file = tmp_path / "v.safetensors"
     vec.save(file)
     runner = CliRunner()
     result = runner.invoke(
-        app, ["generate", "the cat sat", "--vector", str(file), "--strength", "3",
-              "--positions", "last", "--max-new-tokens", "5", "--force"],
+        app,
+        [
+            "generate",
+            "the cat sat",
+            "--vector",
+            str(file),
+            "--strength",
+            "3",
+            "--positions",
+            "last",
+            "--max-new-tokens",
+            "5",
+            "--force",
+        ],
     )
     assert result.exit_code == 0, result.output
-    expected = patched.generate("the cat sat", max_new_tokens=5, steering=vec.scaled(3.0),
-                                positions="last")
+    expected = patched.generate(
+        "the cat sat", max_new_tokens=5, steering=vec.scaled(3.0), positions="last"
+    )
     assert ("the cat sat" + expected).split() == result.output.split()
 
 

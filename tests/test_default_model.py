@@ -46,8 +46,9 @@ def test_steered_generation_is_more_positive(default_model: Any) -> None:
 
     dataset = data.load_builtin("sentiment")
     layer = default_model.n_layers // 2
-    vec = sl.mean_diff(default_model, list(dataset.positive), list(dataset.negative),
-                       layers=[layer])
+    vec = sl.mean_diff(
+        default_model, list(dataset.positive), list(dataset.negative), layers=[layer]
+    )
     prompts = data.neutral_prompts("sentiment")[-12:]
     analyzer = SentimentIntensityAnalyzer()
 

@@ -160,3 +160,20 @@ def test_errors_are_steerlab_errors() -> None:
     ):
         assert issubclass(cls, sl.SteerlabError)
     assert issubclass(sl.ModelNotAvailableError, FileNotFoundError)
+
+
+def test_vector_for_another_model_is_refused_unless_forced(llama: sl.SteeredModel) -> None:
+    from steerlab.testing import tiny_model
+
+    other = tiny_model("llama", seed=1)  # same shapes, different weights
+    vec = sl.mean_diff(other, ["i love it"], ["i hate it"], layers=[1])
+    with pytest.raises(sl.VectorMismatchError, match="force=True"):
+        llama.logits(["the cat"], steering=vec)
+    with pytest.raises(sl.VectorMismatchError):
+        llama.steer(vec).__enter__()
+    assert hook_count(llama.hf_model) == 0
+    with pytest.warns(UserWarning, match="another model"):
+        with llama.steer(vec, force=True):
+            llama.logits(["the cat"])
+    own = sl.mean_diff(llama, ["i love it"], ["i hate it"], layers=[1])
+    llama.logits(["the cat"], steering=own)  # its own vectors are fine

@@ -10,53 +10,123 @@
 1
 """
 
+from steerlab import ablation, analysis, data, editing, evaluation, methods, sweeps, vectors
+from steerlab.ablation import (
+    AblationScan,
+    ActivationMeans,
+    DirectionalAblation,
+    MeanAblation,
+    ReplaceActivation,
+    ZeroAblation,
+    ablation_scan,
+    compute_means,
+)
 from steerlab.adapter import ArchitectureSpec, ModelAdapter, register_architecture
+from steerlab.analysis import (
+    CosineMatrix,
+    LayerScan,
+    LogitLens,
+    cosine_matrix,
+    logit_lens,
+    residual_norms,
+    scan_layers,
+)
+from steerlab.data import ContrastDataset, ContrastPair, load_builtin, load_dataset
+from steerlab.editing import EditedModel, bake, export_gguf, read_gguf
 from steerlab.errors import (
+    BakeError,
     DataError,
+    EditRemovedError,
     InvalidInputError,
     LayerIndexError,
     ModelNotAvailableError,
     SteerlabError,
     UnsupportedModelError,
     VectorFileError,
+    VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.evaluation import METRICS as EVAL_METRICS
+from steerlab.evaluation import kl_divergence, logprob_diff
 from steerlab.interventions import HookHandle, Intervention, RowSteering, Steering
 from steerlab.loading import DEFAULT_MODEL_ID, load_model
 from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
-from steerlab.model import Batch, LayerActivations, SteeredModel, wrap
+from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
 from steerlab.positions import Positions
+from steerlab.sweeps import SweepResult, TuneResult, sweep, tune
 from steerlab.vectors import SteeringVector
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "EVAL_METRICS",
     "METHODS",
+    "AblationScan",
+    "ActivationMeans",
     "ArchitectureSpec",
+    "BakeError",
     "Batch",
+    "ContrastDataset",
+    "ContrastPair",
+    "CosineMatrix",
     "DataError",
+    "DirectionalAblation",
+    "EditRemovedError",
+    "EditedModel",
     "HookHandle",
     "Intervention",
     "InvalidInputError",
     "LayerActivations",
     "LayerIndexError",
+    "LayerScan",
+    "LogitLens",
+    "MeanAblation",
     "ModelAdapter",
     "ModelNotAvailableError",
     "Positions",
+    "PrefixCache",
+    "ReplaceActivation",
     "RowSteering",
     "SteeredModel",
     "Steering",
     "SteeringVector",
     "SteerlabError",
+    "SweepResult",
+    "TuneResult",
     "UnsupportedModelError",
     "VectorFileError",
+    "VectorFileNotFoundError",
     "VectorMismatchError",
+    "ZeroAblation",
     "__version__",
+    "ablation",
+    "ablation_scan",
+    "analysis",
+    "bake",
+    "compute_means",
     "compute_vector",
+    "cosine_matrix",
+    "data",
+    "editing",
+    "evaluation",
+    "export_gguf",
+    "kl_divergence",
+    "load_builtin",
+    "load_dataset",
     "load_model",
+    "logit_lens",
+    "logprob_diff",
     "mean_diff",
+    "methods",
+    "read_gguf",
     "register_architecture",
     "register_method",
+    "residual_norms",
+    "scan_layers",
+    "sweep",
+    "sweeps",
+    "tune",
+    "vectors",
     "wrap",
 ]

@@ -12,6 +12,8 @@ True
 from __future__ import annotations
 
 __all__ = [
+    "BakeError",
+    "EditRemovedError",
     "DataError",
     "LayerIndexError",
     "ModelNotAvailableError",
@@ -58,3 +60,11 @@ class ModelNotAvailableError(SteerlabError, FileNotFoundError):
 
 class VectorFileNotFoundError(VectorFileError, FileNotFoundError):
     """A vector file does not exist (or is a folder)."""
+
+
+class BakeError(SteerlabError, ValueError):
+    """An edit cannot be written into this model's weights (or the result would not load)."""
+
+
+class EditRemovedError(SteerlabError, RuntimeError):
+    """An edited model was used after ``remove()`` (or after its ``with`` block)."""

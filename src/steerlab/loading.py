@@ -85,7 +85,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     # The GGUF weights are de-quantised to plain float32 on load; drop the quantizer bookkeeping
     # so transformers saves them as an ordinary checkpoint.
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     for attr in ("is_quantized", "quantization_method"):
         if attr in vars(model):
             delattr(model, attr)

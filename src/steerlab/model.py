@@ -10,7 +10,7 @@ the same numbers.
 >>> from steerlab.testing import tiny_model
 >>> model = tiny_model("llama")
 >>> model.n_layers, model.d_model
-(2, 32)
+(3, 32)
 >>> model.logits(["the cat sat"]).shape[-1] == model.hf_model.config.vocab_size
 True
 """
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -32,12 +33,17 @@ from steerlab.interventions import (
     Intervention,
     PositionTracker,
     RowSteering,
+    Steering,
     active_trackers,
     install,
     normalize_steering,
     output_hidden,
 )
 from steerlab.positions import PositionSpec
+from steerlab.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from steerlab.editing import EditedModel
 
 __all__ = ["Batch", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
 
@@ -179,6 +185,7 @@ class SteeredModel:
             getattr(config, "_name_or_path", "") or type(hf_model).__name__
         )
         self._handles: list[HookHandle] = []
+        self._checked_vectors: weakref.WeakSet[SteeringVector] = weakref.WeakSet()
 
     # --- shape ------------------------------------------------------------------------------
     @property
@@ -281,12 +288,33 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None = None,
         positions: PositionSpec | None = None,
         layers: Sequence[int] | None = None,
+        force: bool = False,
     ) -> HookHandle:
         """Install steering until ``handle.remove()``; see :meth:`steer` for the arguments."""
         interventions = normalize_steering(
             steering, strength=strength, positions=positions, layers=layers
         )
+        self.check_vectors(interventions, force=force)
         return self.add_interventions(interventions)
+
+    def check_vectors(self, interventions: Sequence[Intervention], *, force: bool = False) -> None:
+        """Refuse steering vectors whose metadata says they were made for another model.
+
+        Vectors record the model they came from (layer count, an unembedding fingerprint);
+        ``force=True`` applies them anyway with a warning. Each vector is checked once.
+        """
+        vectors: list[SteeringVector] = []
+        for item in interventions:
+            if isinstance(item, Steering):
+                vectors.append(item.vector)
+            elif isinstance(item, RowSteering):
+                vectors.extend(row.vector for row in item.rows if row is not None)
+        for vector in vectors:
+            if vector in self._checked_vectors:
+                continue
+            vector.check_compatible(self, force=force)
+            if not force:  # a forced vector is checked (and warned about) again next time
+                self._checked_vectors.add(vector)
 
     def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
         """Install any interventions; returns the handle that removes exactly them."""
@@ -302,6 +330,29 @@ class SteeredModel:
         handle.remove = remove  # type: ignore[method-assign]
         return handle
 
+    def edit(
+        self,
+        steering: Any = None,
+        *,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> EditedModel:
+        """A view of this model that stays edited on every call (the seed's ``model.edit()``).
+
+        The original stays untouched and un-hooked; see :func:`steerlab.editing.edit`.
+
+        >>> import torch, steerlab as sl
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> edited = model.edit(sl.SteeringVector({1: torch.ones(model.d_model)}), strength=2.0)
+        >>> bool((edited.logits(["the cat"]) != model.logits(["the cat"])).any())
+        True
+        """
+        from steerlab.editing import edit
+
+        return edit(self, steering, strength=strength, positions=positions, layers=layers)
+
     @contextlib.contextmanager
     def steer(
         self,
@@ -310,6 +361,7 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None = None,
         positions: PositionSpec | None = None,
         layers: Sequence[int] | None = None,
+        force: bool = False,
     ) -> Iterator[HookHandle]:
         """Steer every call inside the ``with`` block; hooks are removed on exit, even on error.
 
@@ -317,6 +369,8 @@ class SteeredModel:
         :class:`~steerlab.interventions.Steering`, any intervention, or a list with one entry
         per prompt row. ``strength`` is a number or ``{layer: strength}``; ``positions`` one of
         ``"all"`` (default), ``"last"``, ``"prompt"``, ``"generated"``, indices or a slice.
+        A vector whose metadata says it was made for another model is refused unless
+        ``force=True``.
 
         >>> import torch, steerlab as sl
         >>> from steerlab.testing import tiny_model
@@ -327,7 +381,9 @@ class SteeredModel:
         >>> bool((steered != model.logits(["the cat"])).any())
         True
         """
-        handle = self.add_steering(steering, strength=strength, positions=positions, layers=layers)
+        handle = self.add_steering(
+            steering, strength=strength, positions=positions, layers=layers, force=force
+        )
         try:
             yield handle
         finally:
@@ -345,6 +401,7 @@ class SteeredModel:
     ) -> Iterator[list[PositionTracker]]:
         """Per-call steering plus pinned prompt lengths for every installed tracker."""
         interventions = normalize_steering(steering, strength=strength, positions=positions)
+        self.check_vectors(interventions)
         rows = batch.input_ids.shape[0]
         interventions = [
             i.slice(row_offset, row_offset + rows) if isinstance(i, RowSteering) else i
@@ -583,7 +640,7 @@ class SteeredModel:
         >>> model = tiny_model("llama")
         >>> acts = model.activations(["the cat", "a dog ran"], layers=[0, -1])
         >>> sorted(acts), tuple(acts[-1].shape)
-        ([0, 1], (2, 32))
+        ([0, 2], (2, 32))
         """
         items = _check_prompts(prompts)
         if isinstance(positions, bool) or not (

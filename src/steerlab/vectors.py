@@ -30,7 +30,7 @@ key                      meaning
 ``operation``            what the direction is meant for: ``"add"`` (steering) or
                          ``"project_out"`` (directional ablation)
 ``site``                 ``"block_output"``: the residual stream after a decoder block
-``layer_convention``     ``"output of block L, 0-based"`` (llama.cpp counts from 1)
+``layer_convention``     ``"output of block L, 0-based"`` (llama.cpp's ``direction.L``)
 ``method``               how the direction was computed (``"mean_diff"``, ``"pca"`` ...)
 ``positions``            token positions activations were read at (``"last"``, ``"mean"``, -2)
 ``normalization``        ``None`` (raw), ``"unit"``, or ``"residual"`` (see below)
@@ -66,6 +66,7 @@ pickle is involved anywhere.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -160,7 +161,8 @@ class SteeringVector:
             d_model = tensor.shape[0]
             copied[layer] = tensor.detach().clone()
         object.__setattr__(self, "directions", copied)
-        object.__setattr__(self, "metadata", dict(self.metadata))
+        # deep: nested metadata (dataset, layer_info) must not be shared with the caller
+        object.__setattr__(self, "metadata", copy.deepcopy(dict(self.metadata)))
 
     # --- construction ----------------------------------------------------------------------
     @classmethod

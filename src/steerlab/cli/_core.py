@@ -26,7 +26,7 @@ def _load(model: str | None) -> Any:
 def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     if text is None or text.strip() == "":
         return None
-    out = []
+    out: list[int] = []
     for part in text.split(","):
         part = part.strip()
         if "-" in part[1:]:
@@ -48,12 +48,18 @@ def _parse_positions(text: str) -> Any:
 
 def demo(
     model: ModelOption = None,
-    layer: Annotated[
-        int | None, typer.Option(help="Layer to steer (default: chosen by a quick sweep).")
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Candidate layers, e.g. '10,15,20' or '8-20' (default: 8 spread over the middle)."
+        ),
     ] = None,
-    strength: Annotated[
-        float | None, typer.Option(help="Strength (default: chosen by a quick sweep).")
-    ] = None,
+    strengths: Annotated[
+        str, typer.Option(help="Candidate strengths (multipliers of the raw vector).")
+    ] = "0,1,2,4,8",
+    max_kl: Annotated[
+        float, typer.Option(help="Damage budget: mean KL(unsteered || steered), nats.")
+    ] = 0.5,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 24,
     n_prompts: Annotated[int, typer.Option(help="How many held-out prompts to show.")] = 3,
     out: Annotated[Path, typer.Option(help="Where to save the sentiment vector.")] = Path(
@@ -61,13 +67,16 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the train/held-out split.")] = 0,
 ) -> None:
-    """Build a sentiment vector on the default model, show steered text, measure the shift."""
+    """Build a sentiment vector, pick layer and strength, show steered text, measure the shift."""
+    import steerlab as sl
     from steerlab.demo import run_demo
 
+    loaded = sl.load_model(model)
     run_demo(
-        model_name=model,
-        layer=layer,
-        strength=strength,
+        model=loaded,
+        layers=_parse_layers(layers, loaded.n_layers),
+        strengths=[float(x) for x in strengths.split(",") if x.strip()],
+        max_kl=max_kl,
         max_new_tokens=max_new_tokens,
         n_prompts=n_prompts,
         out=out,

@@ -1,9 +1,233 @@
-"""CLI commands of this group (registered on the main app)."""
+"""CLI command ``steerlab sweep``: pick the layer and strength, validate on held-out prompts.
+
+A thin shell over :func:`steerlab.sweeps.tune`: prints the layer × strength table, the
+recommendation and the held-out numbers, and writes ``sweep.json``, ``sweep.csv``,
+``curves.png``, ``heatmap.png``, ``vector.safetensors`` and ``report.html`` into ``--out``.
+
+>>> import typer
+>>> from typer.testing import CliRunner
+>>> app = typer.Typer()
+>>> register(app)
+>>> "--max-kl" in CliRunner().invoke(app, ["sweep", "--help"]).output
+True
+"""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from steerlab.errors import SteerlabError
+
+__all__ = ["register"]
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{what}: {part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{what}: {part!r} is not finite")
+        values.append(value)
+    if not values:
+        raise typer.BadParameter(f"{what}: give at least one number")
+    return values
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if text is None or not text.strip() or text.strip() == "auto":
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        head, sep, tail = part[1:].partition("-")
+        try:
+            if sep:
+                low, high = int(part[0] + head), int(tail)
+                if high < low:
+                    raise typer.BadParameter(f"layers: empty range {part!r}")
+                layers.extend(range(low, high + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise typer.BadParameter(
+                f"layers: {part!r} is not a layer or a range like 8-20"
+            ) from None
+    return layers
+
+
+def _positions(text: str) -> Any:
+    if text in ("all", "last", "prompt", "generated"):
+        return text
+    try:
+        if ":" in text:
+            bounds = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(bounds) != 2:
+                raise ValueError
+            return slice(bounds[0], bounds[1])
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"positions: {text!r} is not all, last, prompt, generated, indices or a:b"
+        ) from None
+
+
+def _words(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise typer.BadParameter("give at least one word")
+    # the token a BPE vocabulary uses for a word inside a sentence carries its leading space
+    return [" " + w for w in words]
+
+
+def _prompt_file(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read {path}: {err.strerror}") from None
+    if len(lines) < 2:
+        raise typer.BadParameter(f"{path}: need at least 2 prompts (one a line)")
+    return lines
+
+
+def sweep(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Paired dataset: built-in name (sentiment, formality), a data file, or a CAA "
+            "A/B .json file.",
+        ),
+    ] = "sentiment",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model name or path (default: the embedded default model)."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Candidate layers, e.g. '6,12,18' or '8-20' (default: 8 spread over the middle)."
+        ),
+    ] = None,
+    strengths: Annotated[
+        str,
+        typer.Option(help="Comma-separated multipliers of the raw vector; 0 is always added."),
+    ] = "0,0.5,1,2,4,8",
+    max_kl: Annotated[
+        float,
+        typer.Option(help="Damage budget: mean KL(unsteered || steered) per next token, nats."),
+    ] = 0.5,
+    test_fraction: Annotated[
+        float, typer.Option(help="Fraction of pairs and prompts held out for validation.")
+    ] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed of the train/held-out splits.")] = 0,
+    method: Annotated[
+        str, typer.Option(help="Direction method (mean_diff, pca, probe, ...).")
+    ] = "mean_diff",
+    positions: Annotated[
+        str, typer.Option(help="Where to steer: all | last | prompt | generated | 0,3 | 2:")
+    ] = "all",
+    eval_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Text file of evaluation prompts, one a line (default: the built-in set's "
+            "neutral prompts, else the pairs' texts)."
+        ),
+    ] = None,
+    target_words: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated words the steering should make likely, e.g. happy,great."
+        ),
+    ] = None,
+    contrast_words: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated words it should make unlikely, e.g. sad,awful."),
+    ] = None,
+    examples: Annotated[
+        int, typer.Option(help="Held-out prompts to generate from, unsteered and steered.")
+    ] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per example generation.")] = 32,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="prefix (batched rows + prefix reuse, fastest), batched, or naive (one "
+            "configuration per forward pass); all give the same numbers."
+        ),
+    ] = "prefix",
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = False,
+    out: Annotated[
+        Path, typer.Option(help="Folder for sweep.json/.csv, plots, vector and report.html.")
+    ] = Path("steerlab-sweep"),
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
+    ] = True,
+) -> None:
+    """Sweep layer × strength on a train split, recommend a point, validate it on held-out data."""
+    from steerlab.sweeps import MODES, tune
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if max_kl < 0 or not math.isfinite(max_kl):
+        raise typer.BadParameter("--max-kl must be a non-negative number")
+    values = _numbers(strengths, "strengths")
+    chosen = _layers(layers)
+    where = _positions(positions)
+    targets, contrasts = _words(target_words), _words(contrast_words)
+    prompts = _prompt_file(eval_prompts)
+    try:
+        import steerlab as sl
+
+        steered_model = sl.load_model(model)
+        result = tune(
+            steered_model,
+            data,
+            layers=chosen,
+            strengths=values,
+            max_kl=max_kl,
+            test_fraction=test_fraction,
+            seed=seed,
+            method=method,
+            positions=where,
+            eval_prompts=prompts,
+            target_words=targets,
+            contrast_words=contrasts,
+            n_examples=examples,
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            chat=chat,
+            progress=progress,
+        )
+        paths = result.save(out)
+    except SteerlabError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(result.summary())
+    for example in result.examples:
+        typer.echo(f"\n> {example.prompt}")
+        typer.echo(f"  unsteered: {example.baseline.strip()}")
+        typer.echo(f"  steered:   {example.steered.strip()}")
+    typer.echo("")
+    for name, path in paths.items():
+        typer.echo(f"wrote {name}: {path}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``sweep`` to ``app``."""
+    app.command("sweep")(sweep)

@@ -1,0 +1,867 @@
+"""Persistent edits: edited models, edits baked into weights, llama.cpp control vectors.
+
+Three ways to make steering outlast a single call, from lightest to most permanent:
+
+* :func:`edit` returns an :class:`EditedModel`: the same interface as the original
+  (``logits``, ``generate``, ``activations``, ``steer``, ``edit``) with the edits applied to every
+  call, like the seed's ``model.edit()``. It shares the original's ``hf_model`` and tokenizer and
+  installs its hooks only for the duration of each call, so the original object stays
+  bit-identical and hook-free between calls; edits stack (``edited.edit(more)``).
+* :func:`bake` writes the edits into the weights of a copy and saves a standard Hugging Face
+  folder that plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with no hooks
+  and no steerlab at run time:
+
+  - additive steering at all positions becomes a bias on the block's last residual-writing
+    projection (MLP ``down_proj``/``fc2``/``c_proj``/``fc_out``/``dense_4h_to_h``; created, with
+    the config flag that makes ``from_pretrained`` expect it, when the layer had none);
+  - a directional ablation of the residual writers becomes weight orthogonalization
+    ``W <- (I - u u^T) W`` (and ``b <- (I - u u^T) b``) of every attention and MLP output
+    projection, and ``E <- E (I - u u^T)`` of the token (and position) embeddings;
+  - zero or (position-averaged) mean ablation of a head, an attention or an MLP output zeroes
+    the output projection's columns or weights and moves the mean into its bias.
+
+  Before anything is written the baked copy is run against the hooked original on a probe
+  prompt and the saved config is checked to describe exactly the saved tensors; an architecture
+  where either fails raises :class:`~steerlab.errors.BakeError` (for example Gemma 2/3, whose
+  post-feed-forward norm turns a ``down_proj`` bias into something other than a residual shift).
+* :func:`export_gguf` writes additive vectors as a llama.cpp control vector.
+
+Layer numbering in llama.cpp control vectors
+--------------------------------------------
+llama.cpp adds tensor ``direction.N`` to the output of (0-based) block ``N``: each model graph
+ends block ``il`` with ``build_cvec(cur, il)``, and ``llama_adapter_cvec`` keeps ``tensors[il]``
+filled from ``direction.il`` (its packed buffer starts at ``N = 1``, hence the ``(il - 1)``
+offsets in the source; ``direction.0`` is rejected and block 0's output cannot be steered).
+That is exactly steerlab's "layer L = output of block L", so steerlab layer ``L`` is written as
+``direction.L`` (as repeng does). The off-by-one people meet lives elsewhere: llama.cpp's own
+``cvector-generator`` reads a difference at block ``i``'s output and names it
+``direction.{i+1}`` (so its vectors act one block later than they were read), and Hugging Face's
+``output_hidden_states[L + 1]`` is steerlab layer ``L``.
+
+>>> import torch, steerlab as sl
+>>> from steerlab.testing import tiny_model, hook_count
+>>> model = tiny_model("llama")
+>>> edited = edit(model, sl.SteeringVector({1: torch.ones(model.d_model)}), strength=2.0)
+>>> steered = edited.logits(["the cat"])
+>>> hook_count(model.hf_model), bool((steered != model.logits(["the cat"])).any())
+(0, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.ablation import (
+    DirectionalAblation,
+    MeanAblation,
+    ReplaceActivation,
+    ZeroAblation,
+)
+from steerlab.adapter import ModelAdapter
+from steerlab.errors import BakeError, EditRemovedError, InvalidInputError, VectorMismatchError
+from steerlab.interventions import (
+    HookHandle,
+    Intervention,
+    PositionTracker,
+    RowSteering,
+    Steering,
+    install,
+    normalize_steering,
+)
+from steerlab.model import Batch, SteeredModel
+from steerlab.positions import Positions, PositionSpec
+from steerlab.vectors import SteeringVector
+
+__all__ = [
+    "BAKE_TOLERANCE",
+    "EditedModel",
+    "ReplaceActivation",
+    "bake",
+    "edit",
+    "export_gguf",
+    "read_gguf",
+]
+
+
+# --- edited models --------------------------------------------------------------------------------
+class _RecordedHandle(HookHandle):
+    """Handle of steering recorded on an :class:`EditedModel` (installed per call)."""
+
+    def __init__(self, owner: EditedModel, entry: list[Intervention]) -> None:
+        super().__init__([])
+        self._owner = owner
+        self._entry = entry
+
+    @property
+    def active(self) -> bool:
+        return any(item is self._entry for item in self._owner._steering)
+
+    def remove(self) -> None:
+        self._owner._steering = [item for item in self._owner._steering if item is not self._entry]
+
+
+class EditedModel(SteeredModel):
+    """A model that stays edited: every call runs with the edits' hooks installed.
+
+    Built by :func:`edit` (or ``model.edit(...)``). Shares ``hf_model``, ``tokenizer`` and
+    ``adapter`` with the original; nothing is copied and nothing stays installed between calls.
+    Steering installed on the original (``model.steer``) still applies, before the edits; steering
+    of this object (``edited.steer``, ``steering=``) applies after them. After :meth:`remove`
+    (or leaving its ``with`` block) using it raises :class:`~steerlab.errors.EditRemovedError`.
+
+    >>> import torch, steerlab as sl
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> with edit(model, sl.SteeringVector({0: torch.ones(model.d_model)})) as edited:
+    ...     text = edited.generate("the cat", max_new_tokens=3)
+    >>> edited.removed
+    True
+    """
+
+    def __init__(self, original: SteeredModel, edits: Sequence[Intervention]) -> None:
+        # Deliberately not calling SteeredModel.__init__: everything is shared, nothing rebuilt
+        # (attributes SteeredModel may grow later come along with the copy of its __dict__).
+        self.__dict__.update(vars(original))
+        self.hf_model = original.hf_model
+        self.tokenizer = original.tokenizer
+        self.adapter = original.adapter
+        self.name = original.name
+        self._handles: list[HookHandle] = []
+        self._original = original
+        self._edits: tuple[Intervention, ...] = tuple(edits)
+        self._steering: list[list[Intervention]] = []
+        self._removed = False
+
+    @property
+    def original(self) -> SteeredModel:
+        """The unedited model this one was made from."""
+        return self._original
+
+    @property
+    def edits(self) -> tuple[Intervention, ...]:
+        """The interventions applied to every call, in order."""
+        return self._edits
+
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`remove` was called."""
+        return self._removed
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(e).__name__ for e in self._edits)
+        state = ", removed" if self._removed else ""
+        return f"EditedModel({self.name!r}, edits=[{names}]{state})"
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise EditRemovedError(
+                "this edited model was removed; use the original model or make a new edit"
+            )
+
+    def remove(self) -> None:
+        """Drop the edits: later calls on this object raise. Idempotent."""
+        self._removed = True
+        self._steering = []
+
+    def __enter__(self) -> EditedModel:
+        self._check_alive()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def edit(
+        self,
+        steering: Any = None,
+        *,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> EditedModel:
+        """A new edited model with ``steering`` stacked after this one's edits (this one is
+        left as it is)."""
+        return edit(self, steering, strength=strength, positions=positions, layers=layers)
+
+    def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
+        """Record interventions applied to every call after the edits, until the handle is
+        removed (used by :meth:`steer` and :meth:`add_steering`)."""
+        self._check_alive()
+        for item in interventions:
+            if not isinstance(item, Intervention):
+                raise InvalidInputError(f"not an intervention: {item!r}")
+        entry = list(interventions)
+        self._steering.append(entry)
+        return _RecordedHandle(self, entry)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[HookHandle]:
+        """Install the edits on the shared ``hf_model`` for a ``with`` block, for code that
+        calls ``hf_model`` directly (a ``transformers`` pipeline, nnsight...)."""
+        self._check_alive()
+        handle = install(self.adapter, [*self._edits, *(i for e in self._steering for i in e)])
+        try:
+            yield handle
+        finally:
+            handle.remove()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run ``hf_model(*args, **kwargs)`` with the edits installed."""
+        with self.applied():
+            return self.hf_model(*args, **kwargs)
+
+    forward = __call__
+
+    @contextlib.contextmanager
+    def _call_scope(
+        self,
+        steering: Any,
+        batch: Batch,
+        *,
+        strength: float | Mapping[int, float] | None,
+        positions: PositionSpec | None,
+        row_offset: int = 0,
+    ) -> Iterator[list[PositionTracker]]:
+        self._check_alive()
+        per_call = normalize_steering(steering, strength=strength, positions=positions)
+        rows = batch.input_ids.shape[0]
+        per_call = [
+            i.slice(row_offset, row_offset + rows) if isinstance(i, RowSteering) else i
+            for i in per_call
+        ]
+        recorded = [i for entry in self._steering for i in entry]
+        handle = install(self.adapter, [*self._edits, *recorded, *per_call])
+        trackers = [
+            t
+            for t in (handle.tracker, *(h.tracker for h in self._original._handles))
+            if t is not None
+        ]
+        for tracker in trackers:
+            tracker.prompt_lengths_override = batch.prompt_lengths
+        try:
+            yield trackers
+        finally:
+            for tracker in trackers:
+                tracker.prompt_lengths_override = None
+            handle.remove()
+
+
+def edit(
+    model: SteeredModel,
+    steering: Any = None,
+    *,
+    strength: float | Mapping[int, float] | None = None,
+    positions: PositionSpec | None = None,
+    layers: Sequence[int] | None = None,
+) -> EditedModel:
+    """A persistently edited view of ``model`` (``model.edit(...)`` calls this).
+
+    ``steering`` is anything ``steering=`` accepts except a per-row list: a vector (with
+    ``strength``/``positions``/``layers``), a :class:`~steerlab.interventions.Steering`, an
+    ablation, a :class:`~steerlab.ablation.ReplaceActivation`, ... or a tuple of those. Editing an
+    :class:`EditedModel` stacks the new edits after its own.
+
+    The seed's example, replacing the last layer's output with the hidden states of a source
+    prompt for every later call:
+
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> paris = model.activations(["the capital of france is paris"], layers=[-1],
+    ...                           positions="all")[-1][0]
+    >>> edited = edit(model, ReplaceActivation(-1, paris))
+    >>> a = edited.logits(["the capital of germany is"])[0, -1]
+    >>> b = edited.logits(["the capital of japan is"])[0, -1]
+    >>> bool(torch.allclose(a, b))   # both read Paris' hidden state at position 4
+    True
+    """
+    if not isinstance(model, SteeredModel):
+        raise InvalidInputError(f"edit() needs a SteeredModel, got {type(model).__name__}")
+    if isinstance(steering, list):
+        raise InvalidInputError(
+            "a per-row list cannot be a persistent edit (rows change from call to call); pass "
+            "one intervention or a tuple of interventions"
+        )
+    items = list(steering) if isinstance(steering, tuple) else [steering]
+    new: list[Intervention] = []
+    for item in items:
+        new.extend(normalize_steering(item, strength=strength, positions=positions, layers=layers))
+    if isinstance(model, EditedModel):
+        model._check_alive()
+        return EditedModel(model.original, [*model.edits, *new])
+    return EditedModel(model, new)
+
+
+# --- baking into weights ------------------------------------------------------------------------
+BAKE_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-4,
+    torch.bfloat16: 5e-2,
+    torch.float16: 2e-2,
+}
+"""Largest accepted ``|baked - hooked|`` logit difference, relative to ``1 + max |logit|``."""
+
+_PROBE = "The quick brown fox jumps over the lazy dog, and then it runs home."
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What to write into which weights (resolved against the original model)."""
+
+    additive: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    orthogonal: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
+    embedding_units: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    # (layer, "head"|"attn"|"mlp", heads or None, mean or None)
+    ablations: list[tuple[int, str, tuple[int, ...] | None, torch.Tensor | None]] = (
+        dataclasses.field(default_factory=list)
+    )
+    summary: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan:
+    plan = _Plan()
+    for item in interventions:
+        name = type(item).__name__
+        if isinstance(item, Steering):
+            if not Positions.parse(item.positions).covers_everything:
+                raise BakeError(
+                    f"only steering at every position can become a bias; this one acts on "
+                    f"positions={item.positions!r}"
+                )
+            for layer, delta in item.layer_deltas(adapter).items():
+                plan.additive[layer] = plan.additive.get(layer, 0) + delta
+            plan.summary.append(
+                {"kind": "add", "layers": sorted(item.layer_deltas(adapter)), "method": "bias"}
+            )
+        elif isinstance(item, DirectionalAblation):
+            if not item.writers:
+                raise BakeError(
+                    "a directional ablation of the residual stream at a layer's output "
+                    "(writers=False) is not a weight edit; bake DirectionalAblation(..., "
+                    "writers=True) or DirectionalAblation.everywhere(direction)"
+                )
+            if item.rows is not None:
+                raise BakeError("a per-row ablation cannot be baked")
+            units = item.unit_directions(adapter)
+            plan.orthogonal.extend(units.items())
+            if item.embeddings:
+                plan.embedding_units.append(item.embedding_direction(adapter))
+            plan.summary.append(
+                {
+                    "kind": "project_out",
+                    "layers": sorted(units),
+                    "embeddings": item.embeddings,
+                    "method": "weight orthogonalization",
+                }
+            )
+        elif isinstance(item, (ZeroAblation, MeanAblation)):
+            plan.ablations.append(_plan_ablation(adapter, item))
+            plan.summary.append(
+                {
+                    "kind": "zero_ablation" if isinstance(item, ZeroAblation) else "mean_ablation",
+                    "layer": adapter.resolve_layer(item.layer),
+                    "component": item.component,
+                    "head": item.head
+                    if isinstance(item.head, (int, type(None)))
+                    else list(item.head),
+                }
+            )
+        elif isinstance(item, RowSteering):
+            raise BakeError("per-row steering cannot be baked into one set of weights")
+        else:
+            raise BakeError(
+                f"{name} cannot be baked into weights; bakeable: additive steering at all "
+                f"positions, DirectionalAblation(writers=True), zero/mean ablation of heads, "
+                f"attention or MLP outputs"
+            )
+    return plan
+
+
+def _plan_ablation(
+    adapter: ModelAdapter, item: ZeroAblation | MeanAblation
+) -> tuple[int, str, tuple[int, ...] | None, torch.Tensor | None]:
+    from steerlab.ablation import ActivationMeans, _check_heads, _site_width
+
+    if item.component not in ("head", "attn", "mlp"):
+        raise BakeError(
+            f"ablating a whole block's output is not a weight edit (component "
+            f"{item.component!r}); ablate 'attn', 'mlp' or 'head'"
+        )
+    if item.rows is not None or not Positions.parse(item.positions).covers_everything:
+        raise BakeError("only ablations of every row and position can be baked")
+    layer = adapter.resolve_layer(item.layer)
+    heads = _check_heads(adapter, item.head) if item.component == "head" else None
+    mean: torch.Tensor | None = None
+    if isinstance(item, MeanAblation):
+        if isinstance(item.means, ActivationMeans):
+            if item.per_position and (item.component, layer) in item.means.per_position:
+                raise BakeError(
+                    "per-position means depend on the token position and cannot be a bias; use "
+                    "MeanAblation(..., per_position=False) to bake the position-averaged mean"
+                )
+            mean = item.means.mean(item.component, layer)
+        else:
+            if item.means.ndim != 1:
+                raise BakeError("only a position-independent mean ([width]) can be baked")
+            mean = item.means
+        if mean.shape[0] != _site_width(adapter, item.component):
+            raise VectorMismatchError("the mean does not fit this component's width")
+    return layer, item.component, heads, mean
+
+
+def _conv1d_like(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _out_major(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view: GPT-2's Conv1D stores ``[in, out]``)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise BakeError(f"{type(module).__name__} has no 2-D weight to edit")
+    return weight.data.t() if _conv1d_like(module) else weight.data
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _conv1d_like(module)
+
+
+_MLP_OUT_NAMES = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2")
+
+
+def _mlp_out(adapter: ModelAdapter, layer: int) -> nn.Module:
+    """The projection whose output is block ``layer``'s MLP contribution."""
+    mlp = adapter.mlp(layer)
+    if _is_projection(mlp):
+        return mlp
+    for name in _MLP_OUT_NAMES:
+        module = getattr(mlp, name, None)
+        if isinstance(module, nn.Module) and _is_projection(module):
+            return module
+    raise BakeError(
+        f"cannot find the output projection of {adapter.model_type!r}'s MLP "
+        f"({type(mlp).__name__}); mixture-of-experts MLPs are not supported for baking"
+    )
+
+
+def _embedding_writers(model: nn.Module, adapter: ModelAdapter) -> list[nn.Module]:
+    """Embedding tables (and input projections) whose rows enter the residual stream."""
+    blocks = {id(m) for m in adapter.blocks.modules()}
+    out: list[nn.Module] = []
+    token = adapter.embed
+    for module in model.modules():
+        if id(module) in blocks or module is adapter.unembed:
+            continue
+        if isinstance(module, nn.Embedding) and module.embedding_dim == adapter.d_model:
+            out.append(module)
+    if not isinstance(token, nn.Embedding) or token.embedding_dim != adapter.d_model:
+        project_in = getattr(adapter.backbone, "project_in", None)
+        if not isinstance(project_in, nn.Linear) or project_in.out_features != adapter.d_model:
+            raise BakeError(
+                "cannot find the projection that writes token embeddings into the residual stream"
+            )
+        out.append(project_in)
+    return out
+
+
+def _bias_recipe(model: Any, adapter: ModelAdapter, module: nn.Module) -> None:
+    """Give ``module`` a (zero) bias the saved config can express, or raise ``BakeError``."""
+    config = model.config
+    mlp_modules = {id(m) for layer in range(adapter.n_layers) for m in adapter.mlp(layer).modules()}
+    attn_modules = {
+        id(m) for layer in range(adapter.n_layers) for m in adapter.attention(layer).modules()
+    }
+    if id(module) in mlp_modules and isinstance(getattr(config, "mlp_bias", None), bool):
+        flag, scope = "mlp_bias", [adapter.mlp(layer) for layer in range(adapter.n_layers)]
+    elif id(module) in attn_modules and isinstance(getattr(config, "attention_bias", None), bool):
+        flag, scope = (
+            "attention_bias",
+            [adapter.attention(layer) for layer in range(adapter.n_layers)],
+        )
+    elif isinstance(getattr(config, "enable_bias", None), bool):
+        flag, scope = "enable_bias", [adapter.block(layer) for layer in range(adapter.n_layers)]
+    else:
+        where = next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+        raise BakeError(
+            f"{adapter.model_type!r} has no bias on {where} and its config cannot declare one "
+            f"(no mlp_bias/attention_bias/enable_bias flag), so a baked bias would not load; "
+            f"this edit cannot be baked for this architecture"
+        )
+    setattr(config, flag, True)
+    for root in scope:
+        for sub in root.modules():
+            if isinstance(sub, nn.Linear) and sub.bias is None:
+                weight = sub.weight
+                sub.bias = nn.Parameter(
+                    torch.zeros(sub.out_features, dtype=weight.dtype, device=weight.device),
+                    requires_grad=weight.requires_grad,
+                )
+
+
+def _bias(model: nn.Module, adapter: ModelAdapter, module: nn.Module) -> torch.Tensor:
+    if getattr(module, "bias", None) is None:
+        _bias_recipe(model, adapter, module)
+    bias = module.bias
+    assert isinstance(bias, torch.Tensor)
+    return bias.data
+
+
+def _untie_embeddings(model: Any) -> None:
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        return
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=out.weight.requires_grad)
+    config = model.config
+    config.tie_word_embeddings = False
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        text_config = text()
+        if text_config is not config and hasattr(text_config, "tie_word_embeddings"):
+            text_config.tie_word_embeddings = False
+
+
+def _apply_plan(model: nn.Module, adapter: ModelAdapter, plan: _Plan) -> None:
+    post_norm = isinstance(getattr(adapter.block(0), "post_feedforward_layernorm", None), nn.Module)
+    config = getattr(model, "config", None)
+    multiplier = getattr(config, "residual_multiplier", None)
+    with torch.no_grad():
+        # 1. ablations: the hooks replace an output before anything else touches it
+        for layer, component, heads, mean in plan.ablations:
+            module = (
+                adapter.attn_out(layer)
+                if component in ("head", "attn")
+                else _mlp_out(adapter, layer)
+            )
+            weight = _out_major(module)
+            if component == "head":
+                assert heads is not None
+                for head in heads:
+                    cols = slice(head * adapter.head_dim, (head + 1) * adapter.head_dim)
+                    if mean is not None:
+                        shift = weight[:, cols].double() @ mean[cols].double().to(weight.device)
+                        bias = _bias(model, adapter, module)
+                        bias += shift.to(bias.dtype)
+                    weight[:, cols] = 0
+            else:
+                weight.zero_()
+                if mean is not None:
+                    bias = _bias(model, adapter, module)
+                    bias.copy_(mean.to(bias.dtype))
+                else:
+                    existing = getattr(module, "bias", None)
+                    if isinstance(existing, torch.Tensor):
+                        existing.data.zero_()
+        # 2. directional ablation: every writer (and embedding) loses its u component
+        if plan.orthogonal and post_norm:
+            raise BakeError(
+                f"{adapter.model_type!r} normalises each sub-layer's output "
+                f"(post_feedforward_layernorm) before adding it to the residual stream, so "
+                f"orthogonalizing the projections does not remove the direction; a directional "
+                f"ablation cannot be baked for this architecture"
+            )
+        for layer, unit in plan.orthogonal:
+            for module in (adapter.attn_out(layer), _mlp_out(adapter, layer)):
+                _orthogonalize_output(module, unit)
+        if plan.embedding_units:
+            _untie_embeddings(model)
+            for unit in plan.embedding_units:
+                for module in _embedding_writers(model, adapter):
+                    if isinstance(module, nn.Embedding):
+                        table = module.weight.data
+                        u = unit.to(table.device, torch.float64)
+                        table -= ((table.double() @ u)[:, None] * u).to(table.dtype)
+                    else:
+                        _orthogonalize_output(module, unit)
+        # 3. additive steering: a bias on the last projection that writes to the residual
+        if plan.additive and post_norm:
+            raise BakeError(
+                f"{adapter.model_type!r} normalises the MLP output (post_feedforward_layernorm) "
+                f"before adding it to the residual stream, so a bias on its down projection is "
+                f"not an additive shift of the residual stream; additive steering cannot be "
+                f"baked for this architecture"
+            )
+        for layer, delta in plan.additive.items():
+            module = _mlp_out(adapter, layer)
+            bias = _bias(model, adapter, module)
+            shift = delta.double()
+            if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
+                shift = shift / float(multiplier)  # Granite scales each sub-layer's output
+            bias += shift.to(device=bias.device, dtype=bias.dtype)
+
+
+def _orthogonalize_output(module: nn.Module, unit: torch.Tensor) -> None:
+    weight = _out_major(module)
+    u = unit.to(weight.device, torch.float64)
+    w64 = weight.double()
+    weight.copy_((w64 - u[:, None] * (u @ w64)[None, :]).to(weight.dtype))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        b64 = bias.data.double()
+        bias.data.copy_((b64 - (u @ b64) * u).to(bias.dtype))
+
+
+def _check_config_matches(model: Any) -> None:
+    """The saved config must build a model with exactly the tensors we save."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(model.config)
+    except Exception as err:
+        raise BakeError(f"cannot rebuild the model from its edited config: {err}") from err
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if ours != theirs:
+        missing = sorted(set(ours) - set(theirs))[:5]
+        extra = sorted(set(theirs) - set(ours))[:5]
+        shapes = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])[:5]
+        raise BakeError(
+            "the saved config would not load the edited weights (tensors it does not expect: "
+            f"{missing}; tensors it expects but are not saved: {extra}; shape mismatches: "
+            f"{shapes}); this edit cannot be baked for this architecture"
+        )
+
+
+def bake(
+    model: SteeredModel,
+    steering: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    strength: float | Mapping[int, float] | None = None,
+    layers: Sequence[int] | None = None,
+    overwrite: bool = False,
+    save_tokenizer: bool = True,
+    verify: bool = True,
+) -> Path:
+    """Write ``model`` with ``steering`` baked into its weights as a Hugging Face folder.
+
+    ``steering`` is a vector (with ``strength``/``layers``), a
+    :class:`~steerlab.interventions.Steering` at all positions, a writer-mode
+    :class:`~steerlab.ablation.DirectionalAblation`, a zero/mean ablation of a head, ``attn`` or
+    ``mlp``, or a tuple of these (an :class:`EditedModel`'s own edits are baked first). The
+    original is never touched: a deep copy is edited (memory for a second model), compared with
+    the hooked original on a probe prompt (``verify``; tolerance :data:`BAKE_TOLERANCE` relative
+    to ``1 + max |logit|``), checked against its own config, and saved into a temporary folder
+    that is renamed to ``out_dir`` at the end. Architectures where the edit cannot be expressed
+    raise :class:`~steerlab.errors.BakeError` before anything is written.
+
+    >>> import tempfile, pathlib, torch, transformers, steerlab as sl
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> vec = sl.SteeringVector({1: torch.randn(model.d_model)})
+    >>> d = tempfile.TemporaryDirectory()
+    >>> out = bake(model, vec, pathlib.Path(d.name, "baked"), strength=2.0)
+    >>> plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+    >>> ids = model.encode(["the cat sat"]).input_ids
+    >>> hooked = model.logits(["the cat sat"], steering=vec, strength=2.0)
+    >>> bool(torch.allclose(plain(ids).logits, hooked, atol=1e-4))
+    True
+    >>> d.cleanup()
+    """
+    from steerlab.testing import hook_count
+
+    if not isinstance(model, SteeredModel):
+        raise InvalidInputError(f"bake() needs a SteeredModel, got {type(model).__name__}")
+    target = Path(out_dir)
+    if target.exists() and not overwrite:
+        raise InvalidInputError(f"{target} already exists; pass overwrite=True to replace it")
+    if isinstance(model, EditedModel):
+        model._check_alive()
+        base = model.original
+        interventions = list(model.edits)
+    else:
+        base = model
+        interventions = []
+    if steering is not None:
+        items = list(steering) if isinstance(steering, tuple) else [steering]
+        for item in items:
+            interventions.extend(normalize_steering(item, strength=strength, layers=layers))
+    if not interventions:
+        raise InvalidInputError("nothing to bake: pass a vector or an intervention")
+    if hook_count(base.hf_model) or base._handles:
+        raise BakeError(
+            "the model has hooks installed (active steering?); remove them before baking so the "
+            "copy and the verification see only the edits being baked"
+        )
+    adapter = base.adapter
+    plan = _plan(adapter, interventions)
+
+    baked = copy.deepcopy(base.hf_model)
+    baked_adapter = ModelAdapter(baked, layers_path=adapter.spec.layers)
+    _apply_plan(baked, baked_adapter, plan)
+    _check_config_matches(baked)
+    max_diff = None
+    if verify:
+        max_diff = _verify(base, interventions, baked)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.bake-", dir=target.parent))
+    try:
+        baked.save_pretrained(staging)  # type: ignore[operator]
+        if save_tokenizer and callable(getattr(base.tokenizer, "save_pretrained", None)):
+            base.tokenizer.save_pretrained(staging)
+        import steerlab
+
+        provenance = {
+            "source_model": base.name,
+            "model_type": adapter.model_type,
+            "edits": plan.summary,
+            "verified_max_abs_logit_diff": max_diff,
+            "library": f"steerlab {getattr(steerlab, '__version__', '?')}",
+        }
+        (staging / "steerlab_edit.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        _replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    trash.rmdir()
+    target.rename(trash)
+    try:
+        staging.rename(target)
+    except BaseException:
+        trash.rename(target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _verify(base: SteeredModel, interventions: list[Intervention], baked: nn.Module) -> float:
+    from steerlab.model import wrap
+
+    handle = base.add_interventions(interventions)
+    try:
+        hooked = base.logits([_PROBE])
+    finally:
+        handle.remove()
+    plain = wrap(baked, base.tokenizer, layers_path=base.adapter.spec.layers).logits([_PROBE])
+    diff = float((plain - hooked).abs().max())
+    dtype = next(iter(baked.parameters())).dtype
+    tolerance = BAKE_TOLERANCE.get(dtype, 1e-4) * (1.0 + float(hooked.abs().max()))
+    if not diff <= tolerance:
+        raise BakeError(
+            f"the baked {base.adapter.model_type!r} model does not reproduce the hooked one "
+            f"(max |logit difference| {diff:.3g} > {tolerance:.3g}); this edit cannot be baked "
+            f"for this architecture"
+        )
+    return diff
+
+
+# --- llama.cpp control vectors ------------------------------------------------------------------
+def export_gguf(
+    steering: SteeringVector | Steering,
+    path: str | os.PathLike[str],
+    *,
+    strength: float = 1.0,
+    model_hint: str | None = None,
+) -> Path:
+    """Write additive steering as a llama.cpp control-vector GGUF (``--control-vector``).
+
+    Steerlab layer ``L`` becomes tensor ``direction.L`` (llama.cpp adds it to the output of
+    block ``L``; see the module docstring for why there is no offset, and where llama.cpp's own
+    generator shifts by one). Each tensor is ``strength * vec[L]`` in float32; llama.cpp adds it
+    at every token, i.e. steerlab's ``positions="all"``. Layer 0 cannot be expressed (llama.cpp
+    rejects ``direction.0``). ``model_hint`` (default: the vector's ``model_type`` metadata) is
+    stored as ``controlvector.model_hint``.
+
+    >>> import tempfile, pathlib, torch
+    >>> vec = SteeringVector({3: torch.ones(8), 5: torch.zeros(8)},
+    ...                      metadata={"model_type": "llama"})
+    >>> d = tempfile.TemporaryDirectory()
+    >>> p = export_gguf(vec, pathlib.Path(d.name, "v.gguf"), strength=2.0)
+    >>> back = read_gguf(p)
+    >>> back.layers, back[3][:2].tolist(), back.metadata["model_hint"]
+    ((3, 5), [2.0, 2.0], 'llama')
+    >>> d.cleanup()
+    """
+    import gguf
+    import numpy as np
+
+    if isinstance(steering, Steering):
+        if not Positions.parse(steering.positions).covers_everything:
+            raise InvalidInputError("llama.cpp applies control vectors at every token")
+        if isinstance(steering.strength, Mapping) or steering.layers is not None:
+            raise InvalidInputError(
+                "export per-layer strengths as a vector: vec.scaled({layer: s, ...})"
+            )
+        vector = steering.vector.scaled(float(steering.strength))
+    elif isinstance(steering, SteeringVector):
+        vector = steering
+    else:
+        raise InvalidInputError(
+            f"export_gguf needs a SteeringVector or Steering, got {type(steering).__name__}"
+        )
+    if 0 in vector.layers:
+        raise InvalidInputError(
+            "llama.cpp cannot steer layer 0 (the output of the first block): its control vectors "
+            "start at direction.1 and it rejects direction.0; drop layer 0 (vec.select([...]))"
+        )
+    hint = model_hint if model_hint is not None else str(vector.metadata.get("model_type", ""))
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InvalidInputError(f"cannot write {target}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        arch = "controlvector"
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_string(f"{arch}.model_hint", hint)
+        writer.add_int32(f"{arch}.layer_count", len(vector.layers))
+        for layer in vector.layers:
+            data = (vector[layer].to(torch.float64) * float(strength)).to(torch.float32)
+            writer.add_tensor(f"direction.{layer}", data.numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def read_gguf(path: str | os.PathLike[str]) -> SteeringVector:
+    """Read a llama.cpp control-vector GGUF: ``direction.N`` becomes steerlab layer ``N``.
+
+    The ``controlvector.model_hint`` is kept as metadata ``model_hint``.
+    """
+    import gguf
+
+    file = Path(path)
+    if not file.is_file():
+        raise InvalidInputError(f"no GGUF file at {file}")
+    reader = gguf.GGUFReader(file)
+    arch_field = reader.get_field("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    if arch != "controlvector":
+        raise InvalidInputError(f"{file} is not a control vector (architecture {arch!r})")
+    hint_field = reader.get_field("controlvector.model_hint")
+    directions: dict[int, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        prefix, _, number = tensor.name.partition(".")
+        if prefix != "direction" or not number.isdigit():
+            raise InvalidInputError(f"{file}: unexpected tensor {tensor.name!r}")
+        directions[int(number)] = torch.tensor(tensor.data.copy()).reshape(-1).float()
+    meta: dict[str, Any] = {"source": "llama.cpp control vector"}
+    if hint_field is not None:
+        meta["model_hint"] = hint_field.contents()
+    return SteeringVector(directions, metadata=meta)
