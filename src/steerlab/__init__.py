@@ -47,13 +47,13 @@ from steerlab.errors import (
     VectorMismatchError,
 )
 from steerlab.evaluation import METRICS as EVAL_METRICS
-from steerlab.evaluation import kl_divergence, logprob_diff
+from steerlab.evaluation import evaluate, kl_divergence, logprob_diff, register_metric
 from steerlab.interventions import HookHandle, Intervention, RowSteering, Steering
 from steerlab.loading import DEFAULT_MODEL_ID, load_model
 from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
 from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
 from steerlab.positions import Positions
-from steerlab.sweeps import SweepResult, TuneResult, sweep, tune
+from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.vectors import SteeringVector
 
 __version__ = "0.1.0"
@@ -92,6 +92,7 @@ __all__ = [
     "Steering",
     "SteeringVector",
     "SteerlabError",
+    "SweepPoint",
     "SweepResult",
     "TuneResult",
     "UnsupportedModelError",
@@ -104,12 +105,14 @@ __all__ = [
     "ablation_scan",
     "analysis",
     "bake",
+    "compare",
     "compute_means",
     "compute_vector",
     "cosine_matrix",
     "data",
     "editing",
     "evaluation",
+    "evaluate",
     "export_gguf",
     "kl_divergence",
     "load_builtin",
@@ -122,6 +125,7 @@ __all__ = [
     "read_gguf",
     "register_architecture",
     "register_method",
+    "register_metric",
     "residual_norms",
     "scan_layers",
     "sweep",
