@@ -656,6 +656,12 @@ class SteeredModel:
         wanted = self.adapter.resolve_layers(layers)
         deepest = max(wanted)
         results: dict[int, list[Any]] = {layer: [] for layer in wanted}
+        reduced: dict[int, torch.Tensor] = {}
+        if positions != "all":
+            reduced = {
+                layer: torch.empty(len(items), self.d_model, dtype=torch.float32)
+                for layer in wanted
+            }
         bar = _progress(len(items), "activations", progress)
         try:
             for start in range(0, len(items), batch_size):
@@ -699,14 +705,13 @@ class SteeredModel:
                             value[row][mask[row]].float().cpu() for row in range(value.shape[0])
                         )
                     else:
-                        results[layer].append(value.float().cpu())
+                        # filled in place: peak memory is the answer plus one batch, never a
+                        # list of chunks and their concatenation side by side
+                        reduced[layer][start : start + len(chunk_prompts)] = value.float().cpu()
                 bar.update(len(chunk_prompts))
         finally:
             bar.close()
-        final: dict[int, Any] = {
-            layer: (chunks if positions == "all" else torch.cat(chunks, dim=0))
-            for layer, chunks in results.items()
-        }
+        final: dict[int, Any] = dict(results) if positions == "all" else dict(reduced)
         return LayerActivations(final, self.n_layers)
 
     # --- generation ------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Peer drivers: scripts run by the peers' own virtual environments (see ``_peer_common``)."""

@@ -1,0 +1,293 @@
+"""Render a results dict as the markdown report ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ROOT
+
+_FLOORS = {
+    "extraction": "transformers_bare_forward",
+    "generation": "transformers_unsteered",
+    "strength_sweep": "steerlab_one_at_a_time",
+    "layer_sweep": "steerlab_one_at_a_time",
+    "head_ablation": "steerlab_one_at_a_time",
+}
+
+_TITLES = {
+    "extraction": "1. Extraction",
+    "generation": "2. Steered generation",
+    "strength_sweep": "3. Strength sweep",
+    "layer_sweep": "4. Layer sweep",
+    "head_ablation": "5. Head ablation scan",
+    "memory": "6. Peak memory of extraction",
+}
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    """The targets as a markdown table."""
+    marks = {"pass": "**pass**", "miss": "**MISS**"}
+    lines = [
+        "| target | ratio (medians) | target | result | ratio (fastest runs) | note |",
+        "| --- | ---: | :---: | :---: | ---: | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['what']} | {_fmt(row['ratio'])} | {row['target']} | "
+            f"{marks.get(row['status'], row['status'])} | {_fmt(row.get('ratio_of_min'))} | "
+            f"{row.get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def _timing_table(data: dict[str, Any], floor: str | None) -> str:
+    timings = data.get("timings", {})
+    base = timings.get(floor, {}).get("median") if floor else None
+    lines = [
+        f"| variant | median s | min s | max s | runs | / {floor or 'floor'} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, t in timings.items():
+        rel = t["median"] / base if base else None
+        lines.append(
+            f"| {name} | {t['median']:.3f} | {t['min']:.3f} | {t['max']:.3f} | "
+            f"{len(t['times'])} | {_fmt(rel)} |"
+        )
+    return "\n".join(lines)
+
+
+def _checks(data: dict[str, Any]) -> str:
+    checks = data.get("checks")
+    if not checks:
+        return ""
+    items = []
+    for key, value in checks.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        items.append(f"`{key}` = {value}")
+    return "Checks: " + "; ".join(items) + "."
+
+
+def _bounds(results: dict[str, Any]) -> list[str]:
+    """Block-pass counts: the best speedup prefix reuse can give, whatever the implementation."""
+    model = results.get("model", {})
+    n = int(model.get("n_layers") or 0)
+    if n == 0:
+        return []
+    loads = results.get("workloads", {})
+    lines = []
+    sweep = loads.get("strength_sweep", {}).get("params")
+    if sweep and isinstance(sweep.get("layers"), list) and len(sweep["layers"]) == 1:
+        k, layer = len(sweep["strengths"]), int(sweep["layers"][0])
+        tail = n - layer
+        one = k * n
+        batched = n + tail + k * tail  # clean pass to the end, exactness replay, k tails
+        lines.append(
+            f"* strength sweep at layer {layer}: one-at-a-time runs {k} x {n} = {one} block "
+            f"passes; prefix reuse runs {n} (clean pass) + {tail} (exactness replay) + "
+            f"{k} x {tail} (steered tails) = {batched}: at most **{one / batched:.2f}x** faster."
+        )
+    sweep = loads.get("layer_sweep", {}).get("params")
+    if sweep and sweep.get("layers") == n:
+        k = len(sweep["strengths"])
+        one = n * k * n
+        tails = n * (n + 1) // 2
+        shared = n + n + k * tails
+        lines.append(
+            f"* layer sweep ({n} layers x {k} strengths): one-at-a-time {one} block passes; one "
+            f"clean pass + exactness replay + each layer's tail per strength {shared}: at most "
+            f"**{one / shared:.2f}x** faster."
+        )
+    ablation = loads.get("head_ablation", {}).get("params")
+    if ablation:
+        h = int(ablation["heads"])
+        one = n * h * n
+        fast = n + 2 * n + h * (n * (n + 1) // 2)
+        lines.append(
+            f"* head scan ({n} layers x {h} heads): one-at-a-time {one} block passes; re-running "
+            f"only the blocks from the ablated layer on {fast} (**{one / fast:.2f}x** at most)."
+        )
+    return lines
+
+
+def _profile_block(key: str, profile: dict[str, Any]) -> str:
+    lines = [
+        f"#### Profile: `{key}` ({profile.get('label', '')}), {profile['total_s']:.2f} s "
+        f"under cProfile",
+        "",
+        "| function | calls | own s | cumulative s |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in profile["by_tottime"][:12]:
+        lines.append(
+            f"| `{row['function']}` | {row['ncalls']} | {row['tottime']:.3f} | "
+            f"{row['cumtime']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _peer_section(results: dict[str, Any]) -> list[str]:
+    peers = results.get("peers", {})
+    if not peers:
+        return ["No peers were run (`--peers none`)."]
+    out: list[str] = []
+    for name, data in peers.items():
+        out.append(f"### {name}")
+        out.append("")
+        status = data.get("status")
+        if status != "ok":
+            out.append(f"**{status}**: {data.get('reason', '')}")
+            if data.get("traceback"):
+                out += ["", "```", data["traceback"][-1500:], "```"]
+            out.append("")
+            continue
+        versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+        out.append(f"Requirement `{data.get('requirement')}`; venv: {versions}.")
+        for note in data.get("adaptations", []):
+            out.append(f"Adaptation: {note}.")
+        out.append("")
+        for workload, load in data.get("workloads", {}).items():
+            out.append(f"{workload} (`floor` = plain transformers in the peer's venv):")
+            out.append("")
+            out.append(_timing_table(load, "floor"))
+            out.append("")
+            checks = _checks(load)
+            if checks:
+                out += [checks, ""]
+    return out
+
+
+def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
+    """The full markdown report."""
+    m = results.get("machine", {})
+    model = results.get("model", {})
+    cfg = results.get("config", {})
+    rel = (
+        str(results_path.resolve().relative_to(ROOT))
+        if results_path and results_path.resolve().is_relative_to(ROOT)
+        else str(results_path)
+    )
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by `python -m benchmarks.run`; edit benchmarks/report.py, not this "
+        "file -->",
+        "",
+        "steerlab against the tools a user would pick instead, in one run on one machine, model",
+        "and prompt set, as ratios of medians over interleaved repeats (each variant once untimed",
+        "first). Peers: plain transformers without steering (the floor), nnsight running the",
+        "seed's recipes, steering-vectors and repeng in their own virtual environments.",
+        "",
+        "## How to run",
+        "",
+        "```sh",
+        "make bench                               # = .venv/bin/python -m benchmarks.run",
+        "python -m benchmarks.run --quick         # small sizes, a few minutes",
+        "python -m benchmarks.run --workloads extraction,generation --peers none",
+        "python -m benchmarks.run --help          # every size is an option",
+        "```",
+        "",
+        f"This report comes from: `{results.get('command')}` "
+        f"({results.get('created')}, {results.get('wall_s')} s wall). Raw results: `{rel}`.",
+        "",
+        "## Machine",
+        "",
+        f"* CPU: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs, AVX-512: "
+        f"{m.get('cpu_flags_avx512')}), {m.get('memory_gib')} GiB RAM; "
+        f"torch threads: {m.get('torch_threads')}",
+        f"* Python {m.get('python')}, torch {m.get('torch')}, transformers "
+        f"{m.get('transformers')}, nnsight {m.get('nnsight')}, steerlab {m.get('steerlab')}, "
+        f"numpy {m.get('numpy')}",
+        f"* {m.get('platform')}",
+        f"* Load average (1/5/15 min) at start {results.get('load_average_start')}, at end "
+        f"{results.get('load_average_end')}. Above the core count means other processes "
+        "competed for the CPU; interleaving spreads that over all variants, but absolute "
+        "seconds are then inflated.",
+        "",
+        "## Model and sizes",
+        "",
+        f"{model.get('name')} ({model.get('model_type')}, {model.get('n_layers')} layers, "
+        f"d_model {model.get('d_model')}, {model.get('n_heads')} heads / "
+        f"{model.get('n_kv_heads')} kv heads, {model.get('dtype')}, CPU).",
+        "",
+        f"Repeats {cfg.get('repeats')} (one-at-a-time sweep baselines: "
+        f"{cfg.get('heavy_repeats')}); extraction {cfg.get('extract_prompts')} prompts in "
+        f"batches of {cfg.get('extract_batch')}; generation batch {cfg.get('gen_batch')} x "
+        f"{cfg.get('gen_tokens')} new tokens (greedy, EOS suppressed until the last token so "
+        f"every tool generates the same number); strength sweep {cfg.get('sweep_strengths')} x "
+        f"{cfg.get('sweep_prompts')} prompts; layer sweep all layers x "
+        f"{cfg.get('layer_sweep_strengths')} x {cfg.get('layer_sweep_prompts')} prompts; head "
+        f"scan all heads x {cfg.get('ablation_prompts')} prompts; memory at "
+        f"{cfg.get('memory_sizes')} prompts.",
+        "",
+        "## Targets",
+        "",
+        target_table(results.get("targets", [])),
+        "",
+    ]
+    bounds = _bounds(results)
+    if bounds:
+        lines += [
+            "### What prefix reuse can give at most",
+            "",
+            "Counting decoder-block passes (each block of each prompt batch costs about the "
+            "same; the embedding and the last-position unembedding are small):",
+            "",
+            *bounds,
+            "",
+        ]
+    lines += ["## Workloads", ""]
+    for workload, data in results.get("workloads", {}).items():
+        lines += [f"### {_TITLES.get(workload, workload)}", ""]
+        if data.get("status") not in (None, "ok"):
+            lines += [f"**{data.get('status')}**: {data.get('reason', '')}", ""]
+            continue
+        if workload == "memory":
+            lines += [_memory_table(data), ""]
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in data.get("params", {}).items())
+        lines += [f"Parameters: {params}. Wall time {data.get('wall_s')} s.", ""]
+        lines += [_timing_table(data, _FLOORS.get(workload)), ""]
+        if data.get("breakdown"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in data["breakdown"].items())
+            lines += [f"One batched run, broken down: {parts}.", ""]
+        checks = _checks(data)
+        if checks:
+            lines += [checks, ""]
+    lines += ["## Peers in their own environments", "", *_peer_section(results), ""]
+    profiles = results.get("profiles", {})
+    if profiles:
+        lines += ["## Profiles of missed targets", ""]
+        for key, profile in profiles.items():
+            lines += [_profile_block(key, profile), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _memory_table(data: dict[str, Any]) -> str:
+    lines = [
+        "Each size in a fresh process; peak = `VmHWM` after resetting it post-load.",
+        "",
+        "| prompts | layers | seconds | RSS before MiB | peak MiB | activations MiB | "
+        "overhead MiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in data.get("rows", []):
+        if "error" in row:
+            lines.append(f"| {row['n_prompts']} | error: {row['error'][-200:]} | | | | | |")
+            continue
+        mib = 2**20
+        lines.append(
+            f"| {row['n_prompts']} | {row['n_layers']} | {row['seconds']:.1f} | "
+            f"{row['rss_before_bytes'] / mib:.0f} | {row['peak_rss_bytes'] / mib:.0f} | "
+            f"{row['result_bytes'] / mib:.0f} | {row['overhead_bytes'] / mib:.0f} |"
+        )
+    return "\n".join(lines)
