@@ -329,7 +329,15 @@ def profile_top(fn: Callable[[], Any], *, top: int = 18) -> dict[str, Any]:
         )
     by_tottime = sorted(rows, key=lambda r: -r["tottime"])[:top]
     by_cumtime = sorted(rows, key=lambda r: -r["cumtime"])[:top]
-    return {"total_s": round(total, 4), "by_tottime": by_tottime, "by_cumtime": by_cumtime}
+    ours = sorted(
+        (r for r in rows if r["function"].startswith("steerlab/")), key=lambda r: -r["cumtime"]
+    )[:top]
+    return {
+        "total_s": round(total, 4),
+        "by_tottime": by_tottime,
+        "by_cumtime": by_cumtime,
+        "steerlab_by_cumtime": ours,
+    }
 
 
 def _short_path(filename: str) -> str:

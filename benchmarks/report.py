@@ -132,6 +132,20 @@ def _profile_block(key: str, profile: dict[str, Any]) -> str:
             f"| `{row['function']}` | {row['ncalls']} | {row['tottime']:.3f} | "
             f"{row['cumtime']:.3f} |"
         )
+    ours = profile.get("steerlab_by_cumtime") or []
+    if ours:
+        lines += [
+            "",
+            "steerlab's own functions (cumulative includes the model code they call):",
+            "",
+            "| function | calls | own s | cumulative s |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for row in ours[:8]:
+            lines.append(
+                f"| `{row['function']}` | {row['ncalls']} | {row['tottime']:.3f} | "
+                f"{row['cumtime']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -198,6 +212,30 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
         "",
         f"This report comes from: `{results.get('command')}` "
         f"({results.get('created')}, {results.get('wall_s')} s wall). Raw results: `{rel}`.",
+        "",
+        "## Method",
+        "",
+        "* Same model object, prompts and steering vectors for every tool; every tool's output is "
+        "checked against steerlab's (activations to float tolerance, generated token ids "
+        "exactly), so the timings compare the same computation.",
+        "* Each variant runs once untimed (warm-up), then the variants of a workload are timed "
+        "in rotating interleaved order (A B C, B C A, ...). The ratios are ratios of medians, "
+        "as the targets ask; the ratio of the fastest runs and, for variants timed in the same "
+        "rounds, the range of per-round ratios are given too, and a verdict whose threshold "
+        "lies inside that range is flagged as within the machine's run-to-run noise.",
+        "* Other processes: each timed run records the share of the CPUs other processes used "
+        "during it (`/proc/stat` minus this process); a run above `--max-contention` is timed "
+        "again (`--retries`), and each workload first waits (up to `--wait-quiet` s) for the "
+        "machine to be quiet.",
+        "* Overheads smaller than the noise are also measured directly: the time spent inside "
+        "steerlab's steering hooks during one generation, and the time one extraction spends "
+        "in steerlab's own code (everything outside the model's forward plus the capture "
+        "hooks' reduction).",
+        "* Steering semantics: steerlab and steering-vectors/repeng add the vector at every "
+        "token; the nnsight seed recipe edits `h.output[:, -1, :]` at every step, which is "
+        'steerlab\'s `positions="last"` (the token ids of the two are checked equal).',
+        "* Peers run in their own venvs (`benchmarks/work/venvs/`, built on first use) with the "
+        "same CPU torch; each also times plain transformers of its own venv (its floor).",
         "",
         "## Machine",
         "",

@@ -22,6 +22,9 @@ class Target:
         return value <= self.threshold if self.op == "<=" else value >= self.threshold
 
 
+_FLOOR = {"extraction": "transformers_bare_forward", "generation": "transformers_unsteered"}
+
+
 def _timing(results: dict[str, Any], workload: str, name: str) -> dict[str, Any] | None:
     data = results.get("workloads", {}).get(workload, {})
     timing = data.get("timings", {}).get(name) if isinstance(data, dict) else None
@@ -178,11 +181,19 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rows.append(_row(target, None, note=str(reason)[:200]))
                 continue
             version = data.get("versions", {}).get("transformers")
+            floor_ours = _timing(results, ours[0], _FLOOR[ours[0]])
+            floor_theirs = peer_load.get(theirs[0], {}).get("timings", {}).get("floor")
+            context = ""
+            if floor_ours and floor_theirs:
+                context = (
+                    f"; vs own floor: steerlab {ratio(a, floor_ours):.3f}, "
+                    f"{peer} {ratio(b, floor_theirs):.3f}"
+                )
             rows.append(
                 _row(
                     target,
                     ratio(a, b),
-                    note=f"{peer} ran on transformers {version}, in its own process",
+                    note=f"{peer} ran on transformers {version}, in its own process{context}",
                     timings=(a, b),
                     paired=False,
                 )
@@ -225,7 +236,26 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             profile_key="head_ablation/ablation_scan_fast",
         )
     rows.append(_memory_row(results))
+    _add_direct_notes(results, rows)
     return rows
+
+
+def _add_direct_notes(results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Append the direct overhead measurements to the overhead targets' notes."""
+    loads = results.get("workloads", {})
+    checks = {w: (loads.get(w) or {}).get("checks") or {} for w in ("extraction", "generation")}
+    direct = {
+        "extraction_vs_bare_forward": checks["extraction"].get("steerlab_own_time"),
+        "gen_one_layer_vs_transformers": checks["generation"].get("one_layer_hook_time"),
+        "gen_four_layers_vs_transformers": checks["generation"].get("four_layers_hook_time"),
+    }
+    for row in rows:
+        measured = direct.get(row["id"])
+        if isinstance(measured, dict) and "share" in measured:
+            what = "steerlab's own code" if row["id"].startswith("extraction") else "steering hooks"
+            extra = f"measured directly: {what} took {100 * measured['share']:.2f}% of the time"
+            row["direct_share"] = measured["share"]
+            row["note"] = "; ".join(x for x in (row["note"], extra) if x)
 
 
 def _memory_row(results: dict[str, Any]) -> dict[str, Any]:

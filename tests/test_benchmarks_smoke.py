@@ -31,6 +31,7 @@ TINY_ARGS = [
     "--ablation-prompts", "2",
     "--memory-sizes", "8,16", "--memory-inprocess",
     "--retries", "0", "--wait-quiet", "0",
+    "--layer-sweep-rows", "--ablation-full-path",
 ]  # fmt: skip
 
 
@@ -73,6 +74,7 @@ def test_variants_agree(results: dict) -> None:
     assert loads["generation"]["checks"]["new_tokens_per_row"] == [2]
     # the harness leaves no hooks behind, so the scan can take its fast path
     assert loads["head_ablation"]["checks"]["path"] == "fast"
+    assert loads["head_ablation"]["checks"]["max_abs_diff_full_vs_one_at_a_time"] < 1e-4
 
 
 def test_targets_and_report(results: dict) -> None:
@@ -87,16 +89,27 @@ def test_targets_and_report(results: dict) -> None:
     # nnsight was switched off: its rows say so instead of disappearing
     assert rows["extraction_vs_nnsight"]["status"] == "n/a"
     report = (results["_out"] / "r.md").read_text()
-    assert "| target | measured ratio | target | result | note |" in report
+    assert "| target | ratio (medians) | target | result |" in report
     assert "tiny-llama" in report
 
 
 def test_time_variants_interleaves() -> None:
     calls: list[str] = []
     timings = time_variants(
-        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, retries=0
     )
     # one untimed warm-up each, then a b, then b a (rotating order)
     assert calls == ["a", "b", "a", "b", "b", "a"]
     assert set(timings) == {"a", "b"} and len(timings["a"]["times"]) == 2
     assert summary([3.0, 1.0, 2.0])["median"] == 2.0
+
+
+def test_contended_sample_is_retimed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import common
+
+    shares = iter([0.9, 0.05])  # first run: another process hogged the CPUs; second: quiet
+    monkeypatch.setattr(common.ContentionProbe, "share", lambda self: next(shares))
+    calls: list[str] = []
+    timings = time_variants({"a": lambda: calls.append("a")}, repeats=1, retries=2)
+    assert calls == ["a", "a", "a"]  # warm-up, contended run, retimed run
+    assert timings["a"]["contention"] == [0.05]
