@@ -11,7 +11,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -401,22 +400,6 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def busy_processes(limit: int = 5) -> list[str]:
-    """The busiest other processes right now (``ps``), to explain noisy timings."""
-    try:
-        out = subprocess.run(
-            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.splitlines()[1:]
-    except (OSError, subprocess.SubprocessError):
-        return []
-    own = str(os.getpid())
-    rows = [" ".join(line.split()[:4])[:120] for line in out if line.split()[:1] != [own]]
-    return rows[:limit]
 
 
 def log(message: str) -> None:

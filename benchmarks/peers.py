@@ -80,17 +80,15 @@ def ensure_venv(peer: Peer, work_dir: Path, *, timeout: float = 1800) -> Path:
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     log(f"  building venv for {peer.name} in {venv} ...")
-    steps: list[list[str]] = [[sys.executable, "-m", "venv", str(venv)]]
     constraints = venv / "constraints.txt"
     source = (
         ["--find-links", str(WHEEL_DIR)] if WHEEL_DIR.is_dir() else ["--index-url", TORCH_CPU_INDEX]
     )
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     try:
-        for step in steps:
-            done = _run(step, timeout=timeout)
-            if done.returncode != 0:
-                raise PeerUnavailable(f"venv creation failed: {_tail(done.stderr)}")
+        done = _run([sys.executable, "-m", "venv", str(venv)], timeout=timeout)
+        if done.returncode != 0:
+            raise PeerUnavailable(f"venv creation failed: {_tail(done.stderr)}")
         constraints.write_text(recipe["torch"] + "\n")
         done = _run([*pip, *source, recipe["torch"]], timeout=timeout)
         if done.returncode != 0:

@@ -32,7 +32,6 @@ from benchmarks.common import (
     ROOT,
     SCHEMA,
     WorkloadResult,
-    busy_processes,
     load_average,
     log,
     machine_info,
@@ -134,6 +133,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(BENCH_DIR / "work"), help="venvs and scratch files")
     p.add_argument("--out", help="results JSON (benchmarks/results/{full,quick}.json)")
     p.add_argument("--doc", help="markdown report, or 'none' (docs/benchmarks.md)")
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="only re-render the report (--doc) from a saved results file",
+    )
     return p.parse_args(argv)
 
 
@@ -281,6 +285,13 @@ def _peer_checks(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        saved: dict[str, Any] = json.loads(Path(args.render).read_text())
+        saved["targets"] = targets.evaluate(saved)
+        doc = Path(args.doc or ROOT / "docs" / "benchmarks.md")
+        doc.write_text(report.render(saved, results_path=Path(args.render)))
+        log(f"report: {doc}")
+        return saved
     config = build_config(args)
     torch.set_num_threads(config.threads)
     selected = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -310,7 +321,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": asdict(config),
         "machine": machine_info(),
         "load_average_start": load_average(),
-        "busy_processes_start": busy_processes(),
     }
     log(f"loading model {args.model} ...")
     model, model_path = load(args.model)
@@ -371,7 +381,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     **profile_top(profilers[key].fn),
                 }
     results["load_average_end"] = load_average()
-    results["busy_processes_end"] = busy_processes()
     results["wall_s"] = round(time.perf_counter() - started, 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")

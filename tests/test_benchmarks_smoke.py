@@ -91,6 +91,10 @@ def test_targets_and_report(results: dict) -> None:
     report = (results["_out"] / "r.md").read_text()
     assert "| target | ratio (medians) | target | result |" in report
     assert "tiny-llama" in report
+    # the report can be re-rendered from the saved JSON alone, identically
+    again = results["_out"] / "again.md"
+    bench.main(["--render", str(results["_out"] / "r.json"), "--doc", str(again)])
+    assert again.read_text() == report
 
 
 def test_time_variants_interleaves() -> None:
