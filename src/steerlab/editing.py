@@ -74,13 +74,12 @@ from steerlab.errors import BakeError, EditRemovedError, InvalidInputError, Vect
 from steerlab.interventions import (
     HookHandle,
     Intervention,
-    PositionTracker,
     RowSteering,
     Steering,
     install,
     normalize_steering,
 )
-from steerlab.model import Batch, SteeredModel
+from steerlab.model import SteeredModel
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
@@ -223,38 +222,11 @@ class EditedModel(SteeredModel):
 
     forward = __call__
 
-    @contextlib.contextmanager
-    def _call_scope(
-        self,
-        steering: Any,
-        batch: Batch,
-        *,
-        strength: float | Mapping[int, float] | None,
-        positions: PositionSpec | None,
-        row_offset: int = 0,
-    ) -> Iterator[list[PositionTracker]]:
+    def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
+        """The edits, then steering recorded on this object, then the per-call steering."""
         self._check_alive()
-        per_call = normalize_steering(steering, strength=strength, positions=positions)
-        rows = batch.input_ids.shape[0]
-        per_call = [
-            i.slice(row_offset, row_offset + rows) if isinstance(i, RowSteering) else i
-            for i in per_call
-        ]
         recorded = [i for entry in self._steering for i in entry]
-        handle = install(self.adapter, [*self._edits, *recorded, *per_call])
-        trackers = [
-            t
-            for t in (handle.tracker, *(h.tracker for h in self._original._handles))
-            if t is not None
-        ]
-        for tracker in trackers:
-            tracker.prompt_lengths_override = batch.prompt_lengths
-        try:
-            yield trackers
-        finally:
-            for tracker in trackers:
-                tracker.prompt_lengths_override = None
-            handle.remove()
+        return [*self._edits, *recorded, *per_call]
 
 
 def edit(

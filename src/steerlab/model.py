@@ -389,6 +389,11 @@ class SteeredModel:
         finally:
             handle.remove()
 
+    def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
+        """What one call installs for its duration: the per-call steering (an edited model
+        puts its edits first)."""
+        return per_call
+
     @contextlib.contextmanager
     def _call_scope(
         self,
@@ -400,14 +405,15 @@ class SteeredModel:
         row_offset: int = 0,
     ) -> Iterator[list[PositionTracker]]:
         """Per-call steering plus pinned prompt lengths for every installed tracker."""
-        interventions = normalize_steering(steering, strength=strength, positions=positions)
-        self.check_vectors(interventions)
+        per_call = normalize_steering(steering, strength=strength, positions=positions)
+        self.check_vectors(per_call)
         rows = batch.input_ids.shape[0]
-        interventions = [
+        per_call = [
             i.slice(row_offset, row_offset + rows) if isinstance(i, RowSteering) else i
-            for i in interventions
+            for i in per_call
         ]
-        handle = self.add_interventions(interventions) if interventions else None
+        interventions = self._call_interventions(per_call)
+        handle = install(self.adapter, interventions) if interventions else None
         trackers = active_trackers(self.adapter.backbone)
         for tracker in trackers:
             tracker.prompt_lengths_override = batch.prompt_lengths
