@@ -78,6 +78,7 @@ from steerlab.interventions import (
     output_hidden,
     replace_output_hidden,
 )
+from steerlab.model import tile_rows
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
@@ -1430,21 +1431,6 @@ class AblationScan:
         return target
 
 
-def _tile(value: Any, copies: int, batch: int) -> Any:
-    """Repeat every batch-aligned tensor in ``value`` ``copies`` times along dim 0."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim >= 2 and value.shape[0] == batch and copies > 1:
-            return value.repeat(copies, *([1] * (value.ndim - 1)))
-        return value
-    if isinstance(value, tuple):
-        return tuple(_tile(v, copies, batch) for v in value)
-    if isinstance(value, list):
-        return [_tile(v, copies, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _tile(v, copies, batch) for k, v in value.items()}
-    return value
-
-
 class _Tail:
     """Re-runs the blocks after a given layer from captured inputs (the scan's fast path).
 
@@ -1492,16 +1478,16 @@ class _Tail:
     def run(self, layer: int, copies: int, batch: int, last_only: bool) -> torch.Tensor:
         args, kwargs = self.inputs[layer]
         first = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        hidden = _tile(first, copies, batch)
+        hidden = tile_rows(first, copies, batch)
         for index in range(layer, self.adapter.n_layers):
             block_args, block_kwargs = self.inputs[index]
-            rest = _tile(block_kwargs, copies, batch)
+            rest = tile_rows(block_kwargs, copies, batch)
             if "hidden_states" in rest:
                 rest["hidden_states"] = hidden
-                out = self.adapter.block(index)(*_tile(block_args, copies, batch), **rest)
+                out = self.adapter.block(index)(*tile_rows(block_args, copies, batch), **rest)
             else:
                 out = self.adapter.block(index)(
-                    hidden, *_tile(block_args[1:], copies, batch), **rest
+                    hidden, *tile_rows(block_args[1:], copies, batch), **rest
                 )
             hidden = output_hidden(out)
         return self.head(hidden, last_only)

@@ -116,20 +116,22 @@ class PrefixCache:
     exact: bool
 
 
-def _expand_rows(value: Any, n: int, repeat: int) -> Any:
-    """Tile batch-leading tensors (also inside tuples) ``repeat`` times along dim 0."""
-    if repeat == 1:
+def tile_rows(value: Any, copies: int, batch: int) -> Any:
+    """Repeat every batch-aligned tensor (``[batch, ...]``, 2-D or more, also inside tuples,
+    lists and dicts) ``copies`` times along dim 0; 1-D tensors such as cache positions and
+    anything else pass through."""
+    if copies == 1:
         return value
     if isinstance(value, torch.Tensor):
-        if value.ndim >= 1 and value.shape[0] == n:
-            return value.repeat(repeat, *([1] * (value.ndim - 1)))
+        if value.ndim >= 2 and value.shape[0] == batch:
+            return value.repeat(copies, *([1] * (value.ndim - 1)))
         return value
     if isinstance(value, tuple):
-        return tuple(_expand_rows(v, n, repeat) for v in value)
+        return tuple(tile_rows(v, copies, batch) for v in value)
     if isinstance(value, list):
-        return [_expand_rows(v, n, repeat) for v in value]
+        return [tile_rows(v, copies, batch) for v in value]
     if isinstance(value, dict):
-        return {k: _expand_rows(v, n, repeat) for k, v in value.items()}
+        return {k: tile_rows(v, copies, batch) for k, v in value.items()}
     return value
 
 
@@ -463,6 +465,30 @@ class SteeredModel:
         >>> tiny_model("qwen2").logits(["a b", "the cat sat"]).shape[:2]
         torch.Size([2, 3])
         """
+        return self._run_chunks(
+            prompts,
+            lambda chunk: self._forward(chunk).logits.float().cpu(),
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            batch_size=batch_size,
+            padding_side=padding_side,
+            chat=chat,
+        )
+
+    def _run_chunks(
+        self,
+        prompts: Sequence[str] | str,
+        run: Any,
+        *,
+        steering: Any,
+        strength: float | Mapping[int, float] | None,
+        positions: PositionSpec | None,
+        batch_size: int | None,
+        padding_side: str = "left",
+        chat: bool = False,
+    ) -> torch.Tensor:
+        """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
         items = _check_prompts(prompts)
         self._check_steering_rows(steering, len(items))
         batch = self.encode(items, padding_side=padding_side, chat=chat)
@@ -473,7 +499,7 @@ class SteeredModel:
             with self._call_scope(
                 steering, chunk, strength=strength, positions=positions, row_offset=start
             ):
-                outputs.append(self._forward(chunk).logits.float().cpu())
+                outputs.append(run(chunk))
         return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
@@ -497,18 +523,15 @@ class SteeredModel:
         >>> bool(torch.allclose(model.next_token_logits(["a b", "the cat sat"]), full, atol=1e-5))
         True
         """
-        items = _check_prompts(prompts)
-        self._check_steering_rows(steering, len(items))
-        batch = self.encode(items, chat=chat)
-        size = batch_size or len(items)
-        outputs = []
-        for start in range(0, len(items), size):
-            chunk = batch.rows(start, start + size)
-            with self._call_scope(
-                steering, chunk, strength=strength, positions=positions, row_offset=start
-            ):
-                outputs.append(self._last_logits(chunk))
-        return torch.cat(outputs, dim=0)
+        return self._run_chunks(
+            prompts,
+            self._last_logits,
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            batch_size=batch_size,
+            chat=chat,
+        )
 
     def _last_logits(self, batch: Batch) -> torch.Tensor:
         try:
@@ -600,7 +623,7 @@ class SteeredModel:
             cache.batch.padding_side,
         )
         self._check_steering_rows(steering, n * repeat)
-        hidden = _expand_rows(cache.hidden, n, repeat)
+        hidden = tile_rows(cache.hidden, repeat, n)
         with self._call_scope(steering, expanded, strength=strength, positions=positions) as trk:
             for tracker in trk:
                 tracker.pre_hook(
@@ -610,8 +633,8 @@ class SteeredModel:
                 )
             for index in range(cache.layer, self.n_layers):
                 args, kwargs = cache.block_inputs[index]
-                args = tuple(_expand_rows(a, n, repeat) for a in args)
-                kwargs = {k: _expand_rows(v, n, repeat) for k, v in kwargs.items()}
+                args = tuple(tile_rows(a, repeat, n) for a in args)
+                kwargs = {k: tile_rows(v, repeat, n) for k, v in kwargs.items()}
                 if "hidden_states" in kwargs:
                     kwargs["hidden_states"] = hidden
                 else:
