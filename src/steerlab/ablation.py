@@ -55,7 +55,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -74,13 +73,14 @@ from steerlab.interventions import (
     HookSpec,
     Intervention,
     PositionTracker,
+    direction_at,
     install,
     output_hidden,
     replace_output_hidden,
 )
 from steerlab.model import tile_rows
 from steerlab.positions import Positions, PositionSpec
-from steerlab.vectors import SteeringVector
+from steerlab.vectors import SteeringVector, write_atomically
 
 __all__ = [
     "COMPONENTS",
@@ -707,16 +707,7 @@ class DirectionalAblation(Intervention):
             layers = adapter.resolve_layers(self.layers)
         out: dict[int, torch.Tensor] = {}
         for layer in layers:
-            if layer in by_layer:
-                vec = by_layer[layer]
-            elif len(by_layer) == 1:
-                vec = next(iter(by_layer.values()))
-            else:
-                raise VectorMismatchError(
-                    f"the vector has no direction for layer {layer}; a multi-layer vector is "
-                    f"ablated only at its own layers"
-                )
-            vec = vec.to(torch.float32)
+            vec = direction_at(by_layer, layer, use="ablated").to(torch.float32)
             out[layer] = vec / vec.norm()
         return out
 
@@ -896,7 +887,8 @@ class ActivationMeans:
         )
         if self.position_counts is not None:
             tensors["position_counts"] = self.position_counts.detach().cpu().contiguous()
-        _atomic_write(target, safetensors_save(tensors, metadata=header))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, safetensors_save(tensors, metadata=header))
         return target
 
     @classmethod
@@ -948,22 +940,6 @@ class ActivationMeans:
         n_prompts = int(meta.pop("n_prompts", 0))
         n_tokens = int(meta.pop("n_tokens", 0))
         return cls(means, per_position, counts, n_prompts, n_tokens, meta)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    folder = target.parent if str(target.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class _StopForward(Exception):

@@ -52,6 +52,7 @@ __all__ = [
     "Steering",
     "SteeringLike",
     "active_trackers",
+    "direction_at",
     "install",
     "normalize_steering",
     "output_hidden",
@@ -317,15 +318,7 @@ class Steering(Intervention):
         deltas: dict[int, torch.Tensor] = {}
         by_resolved = {resolved: vector.directions[raw] for raw, resolved in vec_layers.items()}
         for layer, strength in targets.items():
-            if layer in by_resolved:
-                direction = by_resolved[layer]
-            elif len(by_resolved) == 1:
-                direction = next(iter(by_resolved.values()))
-            else:
-                raise VectorMismatchError(
-                    f"the vector has no direction for layer {layer} (it has {vector.layers}); "
-                    f"a multi-layer vector is applied only at its own layers"
-                )
+            direction = direction_at(by_resolved, layer, use="applied", known=vector.layers)
             deltas[layer] = direction.to(torch.float32) * strength
         return deltas
 
@@ -338,6 +331,33 @@ class Steering(Intervention):
 
 
 SteeringLike = Union[SteeringVector, Steering]
+
+
+def direction_at(
+    directions: Mapping[Any, torch.Tensor],
+    layer: int,
+    *,
+    use: str,
+    known: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """The direction to use at ``layer``: the vector's own, or its only one at any layer.
+
+    A vector with several layers is used only at those layers (``use`` names the operation in
+    the error, ``known`` lists the vector's layers there).
+
+    >>> import torch
+    >>> direction_at({3: torch.ones(2)}, 5, use="applied").tolist()
+    [1.0, 1.0]
+    """
+    if layer in directions:
+        return directions[layer]
+    if len(directions) == 1:
+        return next(iter(directions.values()))
+    have = "" if known is None else f" (it has {known})"
+    raise VectorMismatchError(
+        f"the vector has no direction for layer {layer}{have}; a multi-layer vector is {use} "
+        f"only at its own layers"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,7 @@ __all__ = [
     "model_fingerprint",
     "model_identity",
     "vector_metadata",
+    "write_atomically",
 ]
 
 FILE_FORMAT = "steerlab.vector"
@@ -561,17 +562,7 @@ class SteeringVector:
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
             raise VectorFileNotFoundError(f"cannot save {target}: folder {folder} does not exist")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with _suppress_os_error():
-                os.unlink(tmp)
-            raise
+        write_atomically(target, data)
         return target
 
     @classmethod
@@ -604,6 +595,29 @@ class SteeringVector:
             return cls(directions, metadata=metadata)
         except VectorMismatchError as err:
             raise VectorFileError(f"{file}: {err}") from None
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file in the same folder and a rename,
+    so a reader never sees a half-written file (the folder must exist).
+
+    >>> import tempfile, pathlib
+    >>> file = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> write_atomically(file, b"ok"); file.read_bytes()
+    b'ok'
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with _suppress_os_error():
+            os.unlink(tmp)
+        raise
 
 
 def _finite_number(value: object, what: str) -> float:
