@@ -465,3 +465,21 @@ def test_head_scan_on_default_model(default_model: Any) -> None:
         LogitDiff([" Mary", " Tom"], [" John", " Anna"]),
     )
     torch.testing.assert_close(scan.ablated[1, 4], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_output_capturing_hooks_do_not_count_as_foreign(tmp_path: Path) -> None:
+    """transformers 5 leaves inert capture hooks on every block after one
+    ``output_hidden_states=True`` call; the scan's fast path and ``bake`` must not mistake them
+    for someone else's interventions."""
+    model = tiny_model("llama")
+    ids = model.encode(["the cat sat"])
+    model.hf_model(input_ids=ids.input_ids, output_hidden_states=True)
+    leftovers = sum(len(m._forward_hooks) for m in model.hf_model.modules())
+    if leftovers == 0:
+        pytest.skip("this transformers version installs no output-capturing hooks")
+    assert hook_count(model.hf_model) == 0
+    scan = ablation_scan(model, PROMPTS, target="house", foil="road")
+    assert scan.path == "fast"
+    vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+    sl.bake(model, sl.Steering(vec, strength=2.0), tmp_path / "baked")
+    assert (tmp_path / "baked" / "config.json").is_file()

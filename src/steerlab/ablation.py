@@ -73,6 +73,7 @@ from steerlab.interventions import (
     HookSpec,
     Intervention,
     PositionTracker,
+    count_hooks,
     direction_at,
     install,
     output_hidden,
@@ -1522,7 +1523,6 @@ def ablation_scan(
     ((3, 4), 'fast')
     """
     from steerlab.model import _check_prompts, _progress
-    from steerlab.testing import hook_count
 
     items = _check_prompts(prompts)
     _check_component(component)
@@ -1549,7 +1549,7 @@ def ablation_scan(
     baseline = torch.zeros(n_prompts)
     use_fast = (
         fast
-        and hook_count(model.hf_model) == 0
+        and count_hooks(model.hf_model) == 0
         and not getattr(model, "_handles", None)
         and not getattr(model, "edits", ())
     )

@@ -76,6 +76,7 @@ from steerlab.interventions import (
     Intervention,
     RowSteering,
     Steering,
+    count_hooks,
     install,
     normalize_steering,
 )
@@ -640,7 +641,6 @@ def bake(
     True
     >>> d.cleanup()
     """
-    from steerlab.testing import hook_count
 
     if not isinstance(model, SteeredModel):
         raise InvalidInputError(f"bake() needs a SteeredModel, got {type(model).__name__}")
@@ -660,7 +660,7 @@ def bake(
             interventions.extend(normalize_steering(item, strength=strength, layers=layers))
     if not interventions:
         raise InvalidInputError("nothing to bake: pass a vector or an intervention")
-    if hook_count(base.hf_model) or base._handles:
+    if count_hooks(base.hf_model) or base._handles:
         raise BakeError(
             "the model has hooks installed (active steering?); remove them before baking so the "
             "copy and the verification see only the edits being baked"

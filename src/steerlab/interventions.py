@@ -52,6 +52,7 @@ __all__ = [
     "Steering",
     "SteeringLike",
     "active_trackers",
+    "count_hooks",
     "direction_at",
     "install",
     "normalize_steering",
@@ -77,6 +78,31 @@ def replace_output_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (
         type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
     )
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# transformers 5 leaves these on blocks for good after one output_hidden_states/output_attentions
+# call; they only record outputs while one of its collectors is active, never change them.
+_INERT_HOOK_PREFIX = "install_output_capuring_hook."
+
+
+def count_hooks(module: nn.Module) -> int:
+    """Hooks on ``module`` and its submodules that can change its computation.
+
+    Counts every forward/backward (pre-)hook except transformers' own output-capturing hooks,
+    which stay installed after any ``output_hidden_states=True`` call and change nothing.
+
+    >>> count_hooks(nn.Linear(2, 2))
+    0
+    """
+    total = 0
+    for sub in module.modules():
+        for name in _HOOK_DICTS:
+            for hook in getattr(sub, name, {}).values():
+                qualname = getattr(hook, "__qualname__", "")
+                if not qualname.startswith(_INERT_HOOK_PREFIX):
+                    total += 1
+    return total
 
 
 # --- position tracking --------------------------------------------------------------------------

@@ -185,23 +185,13 @@ def tiny_model(architecture: str = "llama", *, seed: int = 0) -> Any:
 
 
 def hook_count(module: torch.nn.Module) -> int:
-    """Number of hooks of every kind on ``module`` and all its submodules.
+    """Number of hooks that can change ``module``'s computation (see
+    :func:`steerlab.interventions.count_hooks`).
 
     >>> m = tiny_model("gpt2")
     >>> hook_count(m.hf_model)
     0
     """
-    total = 0
-    for sub in module.modules():
-        for name in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_backward_pre_hooks",
-            "_forward_hooks_with_kwargs",
-            "_forward_pre_hooks_with_kwargs",
-        ):
-            if name.endswith("with_kwargs"):
-                continue
-            total += len(getattr(sub, name, {}))
-    return total
+    from steerlab.interventions import count_hooks
+
+    return count_hooks(module)
