@@ -73,11 +73,12 @@ from steerlab.interventions import (
     HookSpec,
     Intervention,
     PositionTracker,
+    activate,
     count_hooks,
     direction_at,
-    install,
     output_hidden,
     replace_output_hidden,
+    scoped_hooks,
 )
 from steerlab.model import tile_rows
 from steerlab.positions import Positions, PositionSpec
@@ -1109,26 +1110,18 @@ def compute_means(
         for start in range(0, len(items), batch_size):
             batch = model.encode(items[start : start + batch_size], chat=chat)
             acc.begin_batch(batch.attention_mask)
-            handles = []
+            reads: list[HookSpec] = []
+            for layer in wanted:
+                for component in comps:
+                    module, kind = _site(adapter, component, layer)
+                    if kind == "forward_pre":
+                        reads.append(HookSpec(module, kind, acc.pre_hook(component, layer)))
+                    else:
+                        reads.append(HookSpec(module, "forward", acc.hook(component, layer)))
+            reads.append(HookSpec(adapter.block(deepest), "forward", _stop_hook))
             with model._call_scope(None, batch, strength=None, positions=None):
-                try:
-                    for layer in wanted:
-                        for component in comps:
-                            module, kind = _site(adapter, component, layer)
-                            if kind == "forward_pre":
-                                handles.append(
-                                    module.register_forward_pre_hook(acc.pre_hook(component, layer))
-                                )
-                            else:
-                                handles.append(
-                                    module.register_forward_hook(acc.hook(component, layer))
-                                )
-                    handles.append(adapter.block(deepest).register_forward_hook(_stop_hook))
-                    with torch.no_grad(), contextlib.suppress(_StopForward):
-                        model._forward(batch)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                with scoped_hooks(reads), torch.no_grad(), contextlib.suppress(_StopForward):
+                    model._forward(batch)
             bar.update(batch.input_ids.shape[0])
     finally:
         bar.close()
@@ -1425,7 +1418,6 @@ class _Tail:
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         self.inputs = [((), {})] * self.adapter.n_layers
-        handles = []
 
         def make(layer: int) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -1436,18 +1428,13 @@ class _Tail:
         def last(module: nn.Module, args: Any, output: Any) -> None:
             self.final_hidden = output_hidden(output)
 
-        try:
-            for layer in range(self.adapter.n_layers):
-                handles.append(
-                    self.adapter.block(layer).register_forward_pre_hook(
-                        make(layer), with_kwargs=True
-                    )
-                )
-            handles.append(self.adapter.block(-1).register_forward_hook(last))
+        specs = [
+            HookSpec(self.adapter.block(layer), "forward_pre_kwargs", make(layer))
+            for layer in range(self.adapter.n_layers)
+        ]
+        specs.append(HookSpec(self.adapter.block(-1), "forward", last))
+        with scoped_hooks(specs):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def head(self, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
         return self.adapter.logits_from_final_hidden(hidden[:, -1:] if last_only else hidden)
@@ -1547,12 +1534,7 @@ def ablation_scan(
     n_prompts = len(items)
     ablated = torch.zeros(len(scan_layers), n_units, n_prompts)
     baseline = torch.zeros(n_prompts)
-    use_fast = (
-        fast
-        and count_hooks(model.hf_model) == 0
-        and not getattr(model, "_handles", None)
-        and not getattr(model, "edits", ())
-    )
+    use_fast = fast and count_hooks(model.hf_model) == 0 and not getattr(model, "edits", ())
     path_used = "fast" if use_fast else "full"
     chunk = max(1, min(batch_size, n_prompts))
     total = len(scan_layers) * n_units * n_prompts
@@ -1586,7 +1568,7 @@ def ablation_scan(
                     )
                     with torch.no_grad():
                         if tail is not None:
-                            with install(adapter, [intervention]):
+                            with activate(adapter, [intervention]):
                                 logits = tail.run(layer, copies, rows, scorer.last_only)
                         else:
                             logits = _full_logits(
@@ -1676,7 +1658,7 @@ def _full_logits(
 ) -> torch.Tensor:
     extra: dict[str, Any] = {"logits_to_keep": 1} if last_only else {}
     with model._call_scope(None, batch, strength=None, positions=None):
-        with install(model.adapter, interventions) if interventions else contextlib.nullcontext():
+        with activate(model.adapter, interventions) if interventions else contextlib.nullcontext():
             with tail.capture() if tail is not None else contextlib.nullcontext():
                 try:
                     out = model._forward(batch, **extra)

@@ -75,10 +75,12 @@ from steerlab.interventions import (
     HookHandle,
     Intervention,
     RowSteering,
+    ScopedStack,
     Steering,
+    activate,
     count_hooks,
-    install,
     normalize_steering,
+    strip_dispatchers,
 )
 from steerlab.model import SteeredModel
 from steerlab.positions import Positions, PositionSpec
@@ -97,10 +99,11 @@ __all__ = [
 
 # --- edited models --------------------------------------------------------------------------------
 class _RecordedHandle(HookHandle):
-    """Handle of steering recorded on an :class:`EditedModel` (installed per call)."""
+    """Handle of steering recorded on an :class:`EditedModel` for every thread (applied per
+    call, after the edits)."""
 
-    def __init__(self, owner: EditedModel, entry: list[Intervention]) -> None:
-        super().__init__([])
+    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
+        super().__init__(None)
         self._owner = owner
         self._entry = entry
 
@@ -109,7 +112,25 @@ class _RecordedHandle(HookHandle):
         return any(item is self._entry for item in self._owner._steering)
 
     def remove(self) -> None:
-        self._owner._steering = [item for item in self._owner._steering if item is not self._entry]
+        self._owner._steering = tuple(
+            item for item in self._owner._steering if item is not self._entry
+        )
+
+
+class _ScopedHandle(HookHandle):
+    """Handle of steering recorded on an :class:`EditedModel` for this context only."""
+
+    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
+        super().__init__(None)
+        self._owner = owner
+        self._entry = entry
+
+    @property
+    def active(self) -> bool:
+        return any(item is self._entry for item in self._owner._scoped.items())
+
+    def remove(self) -> None:
+        self._owner._scoped.discard(self._entry)
 
 
 class EditedModel(SteeredModel):
@@ -138,10 +159,14 @@ class EditedModel(SteeredModel):
         self.tokenizer = original.tokenizer
         self.adapter = original.adapter
         self.name = original.name
-        self._handles: list[HookHandle] = []
         self._original = original
         self._edits: tuple[Intervention, ...] = tuple(edits)
-        self._steering: list[list[Intervention]] = []
+        # steering recorded for every thread (add_steering), replaced whole, never mutated
+        self._steering: tuple[tuple[Intervention, ...], ...] = ()
+        # steering of ``with edited.steer(...)``: this thread / task only
+        self._scoped: ScopedStack[tuple[Intervention, ...]] = ScopedStack(
+            f"steerlab_edit_{id(self)}"
+        )
         self._removed = False
 
     @property
@@ -173,7 +198,7 @@ class EditedModel(SteeredModel):
     def remove(self) -> None:
         """Drop the edits: later calls on this object raise. Idempotent."""
         self._removed = True
-        self._steering = []
+        self._steering = ()
 
     def __enter__(self) -> EditedModel:
         self._check_alive()
@@ -194,27 +219,40 @@ class EditedModel(SteeredModel):
         left as it is)."""
         return edit(self, steering, strength=strength, positions=positions, layers=layers)
 
-    def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
-        """Record interventions applied to every call after the edits, until the handle is
-        removed (used by :meth:`steer` and :meth:`add_steering`)."""
+    def _checked(self, interventions: Sequence[Intervention]) -> tuple[Intervention, ...]:
         self._check_alive()
         for item in interventions:
             if not isinstance(item, Intervention):
                 raise InvalidInputError(f"not an intervention: {item!r}")
-        entry = list(interventions)
-        self._steering.append(entry)
-        return _RecordedHandle(self, entry)
+        return tuple(interventions)
+
+    def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
+        """Record interventions applied to every call (every thread) after the edits, until the
+        handle is removed (used by :meth:`add_steering`)."""
+        entry = self._checked(interventions)
+        handle = _RecordedHandle(self, entry)
+        try:
+            self._steering = (*self._steering, entry)
+            return handle
+        except BaseException:  # an interrupt between recording and returning: undo
+            handle.remove()
+            raise
+
+    @contextlib.contextmanager
+    def _activate(self, interventions: list[Intervention]) -> Iterator[HookHandle]:
+        """``steer``'s scope: applied after the edits, in this thread / task only."""
+        entry = self._checked(interventions)
+        with self._scoped.pushed(entry):
+            yield _ScopedHandle(self, entry)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[HookHandle]:
-        """Install the edits on the shared ``hf_model`` for a ``with`` block, for code that
-        calls ``hf_model`` directly (a ``transformers`` pipeline, nnsight...)."""
+        """Apply the edits to the shared ``hf_model`` for a ``with`` block, for code that
+        calls ``hf_model`` directly (a ``transformers`` pipeline, nnsight...); in this thread
+        only."""
         self._check_alive()
-        handle = install(self.adapter, [*self._edits, *(i for e in self._steering for i in e)])
-        try:
+        with activate(self.adapter, self._call_interventions([])) as handle:
             yield handle
-        finally:
-            handle.remove()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run ``hf_model(*args, **kwargs)`` with the edits installed."""
@@ -226,7 +264,7 @@ class EditedModel(SteeredModel):
     def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
         """The edits, then steering recorded on this object, then the per-call steering."""
         self._check_alive()
-        recorded = [i for entry in self._steering for i in entry]
+        recorded = [i for entry in (*self._steering, *self._scoped.items()) for i in entry]
         return [*self._edits, *recorded, *per_call]
 
 
@@ -660,7 +698,7 @@ def bake(
             interventions.extend(normalize_steering(item, strength=strength, layers=layers))
     if not interventions:
         raise InvalidInputError("nothing to bake: pass a vector or an intervention")
-    if count_hooks(base.hf_model) or base._handles:
+    if count_hooks(base.hf_model):
         raise BakeError(
             "the model has hooks installed (active steering?); remove them before baking so the "
             "copy and the verification see only the edits being baked"
@@ -669,6 +707,7 @@ def bake(
     plan = _plan(adapter, interventions)
 
     baked = copy.deepcopy(base.hf_model)
+    strip_dispatchers(baked)  # the copy leaves steerlab: no hooks of ours ride along
     baked_adapter = ModelAdapter(baked, layers_path=adapter.spec.layers)
     _apply_plan(baked, baked_adapter, plan)
     _check_config_matches(baked)
@@ -717,11 +756,8 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def _verify(base: SteeredModel, interventions: list[Intervention], baked: nn.Module) -> float:
     from steerlab.model import wrap
 
-    handle = base.add_interventions(interventions)
-    try:
+    with activate(base.adapter, interventions):
         hooked = base.logits([_PROBE])
-    finally:
-        handle.remove()
     plain = wrap(baked, base.tokenizer, layers_path=base.adapter.spec.layers).logits([_PROBE])
     diff = float((plain - hooked).abs().max())
     dtype = next(iter(baked.parameters())).dtype

@@ -1,17 +1,23 @@
-"""Interventions: what is done at a site, installed as removable PyTorch hooks.
+"""Interventions: what is done at a site, activated through hooks that never leak.
 
 An :class:`Intervention` describes an edit (add a steering vector, ablate a head, ...) and lists
-the hooks it needs; :func:`install` registers them and returns one :class:`HookHandle` that
-removes exactly those hooks, nothing else. A failure half-way through installing removes what was
-already added before the error propagates.
+the hooks it needs. Activating it never registers and removes hooks on the shared modules per
+call: each site gets one permanent, inert dispatcher hook the first time it is used, and what the
+dispatchers run is read at call time from two plans:
 
-Every installation also registers a :class:`PositionTracker` on the model's backbone. It reads
-the attention mask of each forward call and works out the *absolute* index of every token (prompt
-start = 0, padding = -1), so position specs mean the same thing with or without a KV cache.
+- :func:`activate` (``with model.steer(...)``, per-call ``steering=``): this thread or asyncio
+  task only, through a :class:`contextvars.ContextVar`. Threads sharing one model never see each
+  other's steering.
+- :func:`install` (``model.add_steering``): every thread, until ``handle.remove()``.
 
-Order: hooks on one module run in installation order, so interventions compose in the order they
-were installed: outer ``with model.steer(...)`` first, inner ones next, per-call ``steering=``
-last, and within a list in list order. Reads (``model.activations``) see the result of all of them.
+Every activation also brings a :class:`PositionTracker` (per-thread state) that the backbone's
+dispatcher feeds with each forward call's attention mask; it works out the *absolute* index of
+every token (prompt start = 0, padding = -1), so position specs mean the same thing with or
+without a KV cache.
+
+Order: global installations first (in installation order), then this context's (outer
+``with model.steer(...)`` first, inner ones next, per-call ``steering=`` last), and within a list
+in list order. Reads (``model.activations``) see the result of all of them.
 
 >>> import torch, transformers
 >>> from steerlab.adapter import ModelAdapter
@@ -19,20 +25,24 @@ last, and within a list in list order. Reads (``model.activations``) see the res
 >>> hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2,
 ...     vocab_size=16))
 >>> adapter = ModelAdapter(hf)
->>> handle = install(adapter, [Steering(SteeringVector({1: torch.ones(8)}), strength=2.0)])
->>> len(hf.transformer.h[1]._forward_hooks)
-1
->>> handle.remove(); len(hf.transformer.h[1]._forward_hooks)
-0
+>>> steering = Steering(SteeringVector({1: torch.ones(8)}), strength=2.0)
+>>> with activate(adapter, [steering]):
+...     steered = hf(torch.tensor([[1, 2, 3]])).logits
+>>> plain = hf(torch.tensor([[1, 2, 3]])).logits
+>>> bool((steered != plain).any()), count_hooks(hf)
+(True, 0)
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar, Union
 
 import torch
 from torch import nn
@@ -49,15 +59,19 @@ __all__ = [
     "Intervention",
     "PositionTracker",
     "RowSteering",
+    "ScopedStack",
     "Steering",
     "SteeringLike",
     "active_trackers",
+    "activate",
     "count_hooks",
     "direction_at",
     "install",
     "normalize_steering",
     "output_hidden",
     "replace_output_hidden",
+    "scoped_hooks",
+    "strip_dispatchers",
 ]
 
 
@@ -87,31 +101,45 @@ _INERT_HOOK_PREFIX = "install_output_capuring_hook."
 
 
 def count_hooks(module: nn.Module) -> int:
-    """Hooks on ``module`` and its submodules that can change its computation.
+    """Hooks active on ``module`` and its submodules that can change its computation here.
 
-    Counts every forward/backward (pre-)hook except transformers' own output-capturing hooks,
-    which stay installed after any ``output_hidden_states=True`` call and change nothing.
+    Counts foreign forward/backward (pre-)hooks, except transformers' own output-capturing hooks
+    (they stay installed after any ``output_hidden_states=True`` call and change nothing) and
+    steerlab's inert dispatchers, plus the hooks of every steerlab activation visible to this
+    thread (global ones and this context's), a position tracker counting as one.
 
     >>> count_hooks(nn.Linear(2, 2))
     0
     """
     total = 0
+    inside: set[int] = set()
     for sub in module.modules():
+        inside.add(id(sub))
         for name in _HOOK_DICTS:
             for hook in getattr(sub, name, {}).values():
                 qualname = getattr(hook, "__qualname__", "")
-                if not qualname.startswith(_INERT_HOOK_PREFIX):
+                if not isinstance(hook, _Dispatcher) and not qualname.startswith(
+                    _INERT_HOOK_PREFIX
+                ):
                     total += 1
+    for installation in _active_installations():
+        total += sum(1 for spec in installation.specs if id(spec.module) in inside)
+        if installation.tracker is not None and id(installation.backbone) in inside:
+            total += 1
     return total
 
 
 # --- position tracking --------------------------------------------------------------------------
-class PositionTracker:
+class PositionTracker(threading.local):
     """Knows, during each forward call, the absolute index of every token in the batch.
 
     ``prompt_lengths_override`` (set by steerlab's own ``generate``/``logits`` for the duration
     of a call) pins the prompt length ``P`` of each row; otherwise ``P`` is read off the first
     forward call of a sequence (one that starts with an empty cache).
+
+    The state is per thread (a :class:`threading.local`): one tracker serves steering installed
+    for every thread, and two threads running forward passes at once never see each other's
+    positions.
     """
 
     def __init__(self) -> None:
@@ -181,7 +209,12 @@ def _cache_length(kwargs: Mapping[str, Any]) -> int:
 # --- the intervention protocol -----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class HookSpec:
-    """One hook an intervention needs: ``kind`` is ``"forward"`` or ``"forward_pre"``."""
+    """One hook an intervention needs.
+
+    ``kind`` is ``"forward"`` (``fn(module, args, output)``), ``"forward_pre"``
+    (``fn(module, args)``) or ``"forward_pre_kwargs"`` (``fn(module, args, kwargs)``); each
+    follows PyTorch's hook contract (return ``None`` or the replacement).
+    """
 
     module: nn.Module
     kind: str
@@ -199,50 +232,252 @@ class Intervention:
         raise NotImplementedError
 
 
-# Trackers currently installed per backbone, so steerlab's own calls can pin prompt lengths on
-# every one of them, whichever wrapper (steered, edited, ...) installed it.
-_ACTIVE_TRACKERS: weakref.WeakKeyDictionary[nn.Module, list[PositionTracker]] = (
+# --- dispatch: hooks installed once per site, plans read per call ---------------------------------
+#
+# Steering never registers and removes hooks on the shared modules per call. Each site that ever
+# needs a hook gets one permanent, inert *dispatcher*; what it runs is read at call time from two
+# plans: the global one (``install``/``add_steering``: every thread, until removed) and the one of
+# the current context (``activate``/``with model.steer``/``steering=``: this thread or asyncio task
+# only, a ``ContextVar``). A call therefore never mutates state another thread is reading, and
+# threads with different steering on one model get exactly their single-threaded results.
+_HOOK_KINDS = ("forward", "forward_pre", "forward_pre_kwargs")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Installation:
+    """The hooks of one installation, by site: what dispatchers run while it is active."""
+
+    backbone: nn.Module | None
+    tracker: PositionTracker | None
+    specs: tuple[HookSpec, ...]
+    sites: Mapping[tuple[int, str], tuple[Callable[..., Any], ...]]
+
+    @classmethod
+    def build(
+        cls, specs: Sequence[HookSpec], backbone: nn.Module | None, tracker: PositionTracker | None
+    ) -> _Installation:
+        sites: dict[tuple[int, str], list[Callable[..., Any]]] = {}
+        for spec in specs:
+            if spec.kind not in _HOOK_KINDS:
+                raise InvalidInputError(f"unknown hook kind {spec.kind!r}")
+            sites.setdefault((id(spec.module), spec.kind), []).append(spec.fn)
+        return cls(backbone, tracker, tuple(specs), {k: tuple(v) for k, v in sites.items()})
+
+
+_T = TypeVar("_T")
+
+
+class _Owner:
+    """Held only by the frame of one ``with`` block: its entry ends when that frame does."""
+
+    __slots__ = ("__weakref__",)
+
+
+class ScopedStack(Generic[_T]):
+    """A per-context stack (thread / asyncio task) whose entries end with their ``with`` block.
+
+    An entry is live while the frame of the ``with`` block that pushed it exists, so even an
+    interrupt that strikes inside the block's own clean-up cannot leave the entry behind: once
+    the block is gone, so is its entry.
+
+    >>> stack = ScopedStack[str]("example")
+    >>> with stack.pushed("a"):
+    ...     with stack.pushed("b"):
+    ...         inside = stack.items()
+    >>> inside, stack.items()
+    (('a', 'b'), ())
+    """
+
+    def __init__(self, name: str) -> None:
+        self._var: contextvars.ContextVar[tuple[tuple[_T, weakref.ref[_Owner]], ...]] = (
+            contextvars.ContextVar(name, default=())
+        )
+
+    def items(self) -> tuple[_T, ...]:
+        """The live entries of this context, oldest first."""
+        entries = self._var.get()
+        if not entries:
+            return ()
+        return tuple(item for item, owner in entries if owner() is not None)
+
+    def discard(self, item: _T) -> None:
+        """End ``item``'s entry early in this context (a handle's ``remove``)."""
+        self._var.set(tuple(entry for entry in self._var.get() if entry[0] is not item))
+
+    @contextlib.contextmanager
+    def pushed(self, item: _T) -> Iterator[None]:
+        """Push ``item`` for the duration of the ``with`` block."""
+        owner = _Owner()
+        previous = tuple(entry for entry in self._var.get() if entry[1]() is not None)
+        try:
+            self._var.set((*previous, (item, weakref.ref(owner))))
+            yield
+        finally:
+            self._var.set(previous)
+
+
+_GLOBAL_PLAN: tuple[_Installation, ...] = ()
+_CONTEXT_PLAN: ScopedStack[_Installation] = ScopedStack("steerlab_plan")
+_LOCK = threading.RLock()
+
+
+class _Dispatcher:
+    """The one permanent hook of a site: runs the active plans' hooks for it, in order.
+
+    Inert (returns ``None`` at once) when nothing is active, and after a ``deepcopy`` of the
+    model (it looks sites up by module identity), so copies and bakes are unaffected.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, module: nn.Module, *rest: Any) -> Any:
+        context = _CONTEXT_PLAN.items()
+        if not _GLOBAL_PLAN and not context:
+            return None
+        key = (id(module), self.kind)
+        result: Any = None
+        for plan in (_GLOBAL_PLAN, context):
+            for installation in plan:
+                if self.kind == "forward_pre_kwargs" and installation.backbone is module:
+                    tracker = installation.tracker
+                    if tracker is not None:
+                        tracker.pre_hook(module, *rest)
+                for fn in installation.sites.get(key, ()):
+                    value = fn(module, *rest)
+                    if value is None:
+                        continue
+                    if self.kind == "forward":
+                        rest = (rest[0], value)
+                    elif self.kind == "forward_pre":
+                        rest = (value if isinstance(value, tuple) else (value,),)
+                    else:
+                        rest = tuple(value)
+                    result = value
+        if result is None:
+            return None
+        if self.kind == "forward":
+            return rest[1]
+        return rest[0] if self.kind == "forward_pre" else rest
+
+
+# module -> {kind: torch handle}; weak so a model that goes away takes its dispatchers with it
+_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, RemovableHandle]] = (
     weakref.WeakKeyDictionary()
 )
 
 
+def _hook_dict(module: nn.Module, kind: str) -> Any:
+    return module._forward_hooks if kind == "forward" else module._forward_pre_hooks
+
+
+def _ensure_dispatchers(installation: _Installation) -> None:
+    """Give every site of ``installation`` its dispatcher, placed after the site's other hooks.
+
+    Keeping the dispatcher last gives steerlab's hooks the place they had when they were
+    registered per call: after any hook of the user's own, so reads see the final value.
+    """
+    needed: list[tuple[nn.Module, str]] = [(spec.module, spec.kind) for spec in installation.specs]
+    if installation.backbone is not None:
+        needed.insert(0, (installation.backbone, "forward_pre_kwargs"))
+    # PyTorch snapshots a module's hooks before running them, and OrderedDict.move_to_end is
+    # one atomic step, so doing this while another thread is inside a forward pass is safe; the
+    # lock keeps two installers from racing.
+    with _LOCK:
+        for module, kind in needed:
+            have = _DISPATCHERS.setdefault(module, {})
+            hooks = _hook_dict(module, kind)
+            handle = have.get(kind)
+            if handle is None or handle.id not in hooks:
+                dispatcher = _Dispatcher(kind)
+                if kind == "forward":
+                    handle = module.register_forward_hook(dispatcher)
+                elif kind == "forward_pre":
+                    handle = module.register_forward_pre_hook(dispatcher)
+                else:
+                    handle = module.register_forward_pre_hook(dispatcher, with_kwargs=True)
+                have[kind] = handle
+            elif next(reversed(hooks)) != handle.id:
+                hooks.move_to_end(handle.id)
+
+
+def _without(plan: tuple[_Installation, ...], item: _Installation) -> tuple[_Installation, ...]:
+    return tuple(entry for entry in plan if entry is not item)
+
+
+def _set_global(plan: tuple[_Installation, ...]) -> None:
+    global _GLOBAL_PLAN
+    _GLOBAL_PLAN = plan
+
+
+def _active_installations() -> tuple[_Installation, ...]:
+    return _GLOBAL_PLAN + _CONTEXT_PLAN.items()
+
+
 def active_trackers(backbone: nn.Module) -> list[PositionTracker]:
-    """The position trackers currently installed on ``backbone`` (installation order)."""
-    return list(_ACTIVE_TRACKERS.get(backbone, []))
+    """The position trackers active on ``backbone`` for calls made here (global ones first)."""
+    return [
+        inst.tracker
+        for inst in _active_installations()
+        if inst.backbone is backbone and inst.tracker is not None
+    ]
+
+
+def strip_dispatchers(module: nn.Module) -> int:
+    """Remove steerlab's dispatcher hooks from ``module`` and its submodules (for a deep copy
+    that leaves steerlab's hands, such as a baked model); returns how many were removed.
+
+    >>> strip_dispatchers(nn.Linear(2, 2))
+    0
+    """
+    removed = 0
+    for sub in module.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(sub, name)
+            for key in [k for k, fn in hooks.items() if isinstance(fn, _Dispatcher)]:
+                del hooks[key]
+                sub._forward_hooks_with_kwargs.pop(key, None)
+                sub._forward_pre_hooks_with_kwargs.pop(key, None)
+                removed += 1
+    return removed
 
 
 class HookHandle:
-    """Removes exactly the hooks one installation added. Idempotent; usable as a context manager.
+    """Removes exactly what one installation added. Idempotent; usable as a context manager.
 
-    >>> HookHandle([]).remove()
+    >>> HookHandle(None).remove()
     """
 
-    def __init__(
-        self,
-        handles: list[RemovableHandle],
-        tracker: PositionTracker | None = None,
-        backbone: nn.Module | None = None,
-    ):
-        self._handles = handles
-        self.tracker = tracker
-        self._backbone = backbone
-        if tracker is not None and backbone is not None:
-            _ACTIVE_TRACKERS.setdefault(backbone, []).append(tracker)
+    def __init__(self, installation: _Installation | None, *, scope: str = "global") -> None:
+        self._installation = installation
+        self._scope = scope
+
+    @property
+    def tracker(self) -> PositionTracker | None:
+        """The position tracker of this installation (``None`` once removed)."""
+        return None if self._installation is None else self._installation.tracker
 
     @property
     def active(self) -> bool:
         """True until :meth:`remove` is called."""
-        return bool(self._handles)
+        return self._installation is not None
 
     def remove(self) -> None:
-        """Remove this installation's hooks (in reverse order); later calls do nothing."""
-        while self._handles:
-            self._handles.pop().remove()
-        if self._backbone is not None and self.tracker is not None:
-            trackers = _ACTIVE_TRACKERS.get(self._backbone, [])
-            if self.tracker in trackers:
-                trackers.remove(self.tracker)
-            self._backbone = None
+        """Deactivate this installation's hooks; later calls do nothing.
+
+        Safe against an interrupt at any point: the installation is dropped from its plan
+        first (one assignment), and the handle forgets it only afterwards, so calling
+        ``remove`` again finishes the job.
+        """
+        installation = self._installation
+        if installation is None:
+            return
+        if self._scope == "global":
+            with _LOCK:
+                _set_global(_without(_GLOBAL_PLAN, installation))
+        else:
+            _CONTEXT_PLAN.discard(installation)
+        self._installation = None
 
     def __enter__(self) -> HookHandle:
         return self
@@ -251,35 +486,87 @@ class HookHandle:
         self.remove()
 
 
-def install(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> HookHandle:
-    """Register the hooks of ``interventions`` (in order) and return their handle.
-
-    Nothing is registered until every intervention has produced its hook list, so validation
-    errors leave the model untouched; a registration that fails half-way removes what it added.
-    """
+def _prepare(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Installation:
     tracker = PositionTracker()
     specs: list[HookSpec] = []
     for intervention in interventions:
         if not isinstance(intervention, Intervention):
             raise InvalidInputError(f"not an intervention: {intervention!r}")
         specs.extend(intervention.hooks(adapter, tracker))
-    handles: list[RemovableHandle] = []
+    installation = _Installation.build(specs, adapter.backbone, tracker)
+    _ensure_dispatchers(installation)
+    return installation
+
+
+def install(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> HookHandle:
+    """Activate ``interventions`` for every thread until ``handle.remove()``.
+
+    Nothing becomes active until every intervention has produced its hooks, so validation errors
+    leave the model untouched. For steering that only the current thread (or asyncio task) sees,
+    use :func:`activate`.
+
+    >>> import torch, transformers
+    >>> from steerlab.adapter import ModelAdapter
+    >>> from steerlab.vectors import SteeringVector
+    >>> hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2,
+    ...     vocab_size=16))
+    >>> adapter = ModelAdapter(hf)
+    >>> handle = install(adapter, [Steering(SteeringVector({1: torch.ones(8)}), strength=2.0)])
+    >>> count_hooks(hf)
+    2
+    >>> handle.remove(); count_hooks(hf)
+    0
+    """
+    installation = _prepare(adapter, interventions)
+    handle = HookHandle(installation, scope="global")
     try:
-        handles.append(
-            adapter.backbone.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True)
-        )
-        for spec in specs:
-            if spec.kind == "forward":
-                handles.append(spec.module.register_forward_hook(spec.fn))
-            elif spec.kind == "forward_pre":
-                handles.append(spec.module.register_forward_pre_hook(spec.fn))
-            else:
-                raise InvalidInputError(f"unknown hook kind {spec.kind!r}")
+        with _LOCK:
+            _set_global((*_GLOBAL_PLAN, installation))
+        return handle
     except BaseException:
-        for handle in reversed(handles):
-            handle.remove()
+        handle.remove()
         raise
-    return HookHandle(handles, tracker, adapter.backbone)
+
+
+@contextlib.contextmanager
+def activate(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> Iterator[HookHandle]:
+    """Activate ``interventions`` for calls made in this thread (or asyncio task) inside the
+    ``with`` block; other threads using the same model are not affected.
+
+    >>> import torch, transformers
+    >>> from steerlab.adapter import ModelAdapter
+    >>> from steerlab.vectors import SteeringVector
+    >>> hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2,
+    ...     vocab_size=16))
+    >>> with activate(ModelAdapter(hf), [Steering(SteeringVector({1: torch.ones(8)}))]):
+    ...     inside = count_hooks(hf)
+    >>> inside, count_hooks(hf)
+    (2, 0)
+    """
+    installation = _prepare(adapter, interventions)
+    with _CONTEXT_PLAN.pushed(installation):
+        yield HookHandle(installation, scope="context")
+
+
+@contextlib.contextmanager
+def scoped_hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
+    """Run raw hooks (reads, captures) during the ``with`` block, in this context only.
+
+    The hooks run after every intervention already active at their sites, so a read sees the
+    steered value.
+
+    >>> import torch
+    >>> lin = nn.Linear(2, 2)
+    >>> seen = []
+    >>> with scoped_hooks([HookSpec(lin, "forward", lambda m, a, out: seen.append(out.shape))]):
+    ...     _ = lin(torch.zeros(1, 2))
+    >>> _ = lin(torch.zeros(1, 2)); seen
+    [torch.Size([1, 2])]
+    """
+    installation = _Installation.build(specs, None, None)
+    _ensure_dispatchers(installation)
+    with _CONTEXT_PLAN.pushed(installation):
+        yield
 
 
 # --- additive steering ---------------------------------------------------------------------------

@@ -30,14 +30,17 @@ from steerlab.adapter import ModelAdapter
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import (
     HookHandle,
+    HookSpec,
     Intervention,
     PositionTracker,
     RowSteering,
     Steering,
+    activate,
     active_trackers,
     install,
     normalize_steering,
     output_hidden,
+    scoped_hooks,
 )
 from steerlab.positions import PositionSpec
 from steerlab.vectors import SteeringVector
@@ -186,7 +189,6 @@ class SteeredModel:
         self.name: str = name or str(
             getattr(config, "_name_or_path", "") or type(hf_model).__name__
         )
-        self._handles: list[HookHandle] = []
         self._checked_vectors: weakref.WeakSet[SteeringVector] = weakref.WeakSet()
 
     # --- shape ------------------------------------------------------------------------------
@@ -292,7 +294,21 @@ class SteeredModel:
         layers: Sequence[int] | None = None,
         force: bool = False,
     ) -> HookHandle:
-        """Install steering until ``handle.remove()``; see :meth:`steer` for the arguments."""
+        """Steer every call, in every thread, until ``handle.remove()``.
+
+        The arguments are :meth:`steer`'s. Unlike ``steer`` (this thread only), this changes what
+        every thread using the model computes, from the next hook call on; use it for a model
+        that one program owns, and ``steer``/``steering=`` where threads share it.
+
+        >>> import torch, steerlab as sl
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> handle = model.add_steering(sl.SteeringVector({1: torch.ones(model.d_model)}))
+        >>> handle.active
+        True
+        >>> handle.remove(); handle.active
+        False
+        """
         interventions = normalize_steering(
             steering, strength=strength, positions=positions, layers=layers
         )
@@ -319,18 +335,17 @@ class SteeredModel:
                 self._checked_vectors.add(vector)
 
     def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
-        """Install any interventions; returns the handle that removes exactly them."""
-        handle = install(self.adapter, list(interventions))
-        self._handles.append(handle)
-        original_remove = handle.remove
+        """Activate any interventions for every thread; returns the handle that removes them.
 
-        def remove() -> None:
-            original_remove()
-            if handle in self._handles:
-                self._handles.remove(handle)
+        Prefer :meth:`steer` (this thread only) where several threads share the model.
+        """
+        return install(self.adapter, list(interventions))
 
-        handle.remove = remove  # type: ignore[method-assign]
-        return handle
+    def _activate(
+        self, interventions: list[Intervention]
+    ) -> contextlib.AbstractContextManager[HookHandle]:
+        """Activate interventions in this context only (``steer``'s scope)."""
+        return activate(self.adapter, interventions)
 
     def edit(
         self,
@@ -374,6 +389,11 @@ class SteeredModel:
         A vector whose metadata says it was made for another model is refused unless
         ``force=True``.
 
+        Scope: the calls made in this thread (or asyncio task) inside the block, and nothing
+        else. Other threads using the same model at the same time are not steered by it, so one
+        model object can serve many threads, each with its own steering (use
+        :meth:`add_steering` for steering that every thread sees).
+
         >>> import torch, steerlab as sl
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("gpt2")
@@ -383,13 +403,12 @@ class SteeredModel:
         >>> bool((steered != model.logits(["the cat"])).any())
         True
         """
-        handle = self.add_steering(
-            steering, strength=strength, positions=positions, layers=layers, force=force
+        interventions = normalize_steering(
+            steering, strength=strength, positions=positions, layers=layers
         )
-        try:
+        self.check_vectors(interventions, force=force)
+        with self._activate(interventions) as handle:
             yield handle
-        finally:
-            handle.remove()
 
     def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
         """What one call installs for its duration: the per-call steering (an edited model
@@ -415,17 +434,16 @@ class SteeredModel:
             for i in per_call
         ]
         interventions = self._call_interventions(per_call)
-        handle = install(self.adapter, interventions) if interventions else None
-        trackers = active_trackers(self.adapter.backbone)
-        for tracker in trackers:
-            tracker.prompt_lengths_override = batch.prompt_lengths
-        try:
-            yield trackers
-        finally:
-            for tracker in trackers:
-                tracker.prompt_lengths_override = None
-            if handle is not None:
-                handle.remove()
+        with activate(self.adapter, interventions) if interventions else contextlib.nullcontext():
+            trackers = active_trackers(self.adapter.backbone)
+            try:
+                # tracker state is per thread: pinning here never reaches another thread's call
+                for tracker in trackers:
+                    tracker.prompt_lengths_override = batch.prompt_lengths
+                yield trackers
+            finally:
+                for tracker in trackers:
+                    tracker.prompt_lengths_override = None
 
     # --- forward passes ------------------------------------------------------------------------
     def _forward(self, batch: Batch, **kwargs: Any) -> Any:
@@ -569,19 +587,13 @@ class SteeredModel:
 
             return capture
 
-        handles = []
-        try:
-            for index in range(start_layer, self.n_layers):
-                handles.append(
-                    self.adapter.block(index).register_forward_pre_hook(
-                        make_capture(index), with_kwargs=True
-                    )
-                )
-            with self._call_scope(None, batch, strength=None, positions=None):
+        captures = [
+            HookSpec(self.adapter.block(index), "forward_pre_kwargs", make_capture(index))
+            for index in range(start_layer, self.n_layers)
+        ]
+        with self._call_scope(None, batch, strength=None, positions=None):
+            with scoped_hooks(captures):
                 logits = self._last_logits(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
         args, kwargs = inputs[start_layer]
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cache = PrefixCache(
@@ -714,19 +726,12 @@ class SteeredModel:
                 with self._call_scope(
                     steering, batch, strength=strength, positions=None, row_offset=start
                 ):
-                    handles = []
-                    try:
-                        for layer in wanted:
-                            handles.append(
-                                self.adapter.block(layer).register_forward_hook(make_hook(layer))
-                            )
-                        try:
-                            self._forward(batch)
-                        except _StopForward:
-                            pass
-                    finally:
-                        for handle in handles:
-                            handle.remove()
+                    reads = [
+                        HookSpec(self.adapter.block(layer), "forward", make_hook(layer))
+                        for layer in wanted
+                    ]
+                    with scoped_hooks(reads), contextlib.suppress(_StopForward):
+                        self._forward(batch)
                 for layer in wanted:
                     value = captured[layer]
                     if positions == "all":
