@@ -87,7 +87,7 @@ class Attack:
         return self.name
 
 
-# --- helpers building corrupt files ----------------------------------------------------------------
+# --- helpers building corrupt files ----------
 def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -229,9 +229,9 @@ def _steering_copies_dict(ctx: Context) -> None:
 def _sum_keeps_fingerprint(ctx: Context) -> None:
     bare = sl.SteeringVector({1: torch.ones(ctx.model.d_model)})
     for total in (bare + ctx.vec, ctx.vec + bare):
-        assert total.metadata.get("unembed_fingerprint") == ctx.vec.metadata[
-            "unembed_fingerprint"
-        ], "arithmetic dropped the model fingerprint"
+        assert (
+            total.metadata.get("unembed_fingerprint") == ctx.vec.metadata["unembed_fingerprint"]
+        ), "arithmetic dropped the model fingerprint"
 
 
 def _sum_other_model(ctx: Context) -> object:
@@ -254,103 +254,437 @@ def _long_prompt(ctx: Context) -> str:
     return " ".join(["cat"] * 200)
 
 
-# --- the table ---------------------------------------------------------------------------------------
+# --- the table ----------
 IIE = errors.InvalidInputError
 VME = errors.VectorMismatchError
 VFE = errors.VectorFileError
 
 ATTACKS: list[Attack] = [
     # batch sizes
-    Attack("generate batch_size=0", lambda c: c.model.generate(["a"], batch_size=0), IIE, ("batch_size",)),
-    Attack("generate batch_size=-1", lambda c: c.model.generate(["a"], batch_size=-1), IIE, ("batch_size",)),
-    Attack("logits batch_size=0", lambda c: c.model.logits(["a"], batch_size=0), IIE, ("batch_size",)),
-    Attack("next_token_logits batch_size=-2", lambda c: c.model.next_token_logits(["a"], batch_size=-2), IIE, ("batch_size",)),
-    Attack("activations batch_size=0", lambda c: c.model.activations(["a"], batch_size=0), IIE, ("batch_size",)),
-    Attack("logits batch_size=1.5", lambda c: c.model.logits(["a", "b"], batch_size=1.5), IIE, ("batch_size",)),
+    Attack(
+        "generate batch_size=0",
+        lambda c: c.model.generate(["a"], batch_size=0),
+        IIE,
+        ("batch_size",),
+    ),
+    Attack(
+        "generate batch_size=-1",
+        lambda c: c.model.generate(["a"], batch_size=-1),
+        IIE,
+        ("batch_size",),
+    ),
+    Attack(
+        "logits batch_size=0", lambda c: c.model.logits(["a"], batch_size=0), IIE, ("batch_size",)
+    ),
+    Attack(
+        "next_token_logits batch_size=-2",
+        lambda c: c.model.next_token_logits(["a"], batch_size=-2),
+        IIE,
+        ("batch_size",),
+    ),
+    Attack(
+        "activations batch_size=0",
+        lambda c: c.model.activations(["a"], batch_size=0),
+        IIE,
+        ("batch_size",),
+    ),
+    Attack(
+        "logits batch_size=1.5",
+        lambda c: c.model.logits(["a", "b"], batch_size=1.5),
+        IIE,
+        ("batch_size",),
+    ),
     # integers only: layers, positions, strength keys
-    Attack("activations layers=[1.5]", lambda c: c.model.activations(["a"], layers=[1.5]), IIE, ("layer", "integer")),
-    Attack("activations layers=[True]", lambda c: c.model.activations(["a"], layers=[True]), IIE, ("layer", "integer")),
-    Attack("activations layers=1.5", lambda c: c.model.activations(["a"], layers=1.5), IIE, ("layer", "integer")),
-    Attack("Steering layers=[1.5]", lambda c: sl.Steering(c.vec, layers=[1.5]), IIE, ("layer", "integer")),
-    Attack("Steering layers=[True]", lambda c: sl.Steering(c.vec, layers=[True]), IIE, ("layer", "integer")),
-    Attack("Steering strength key 1.5", lambda c: sl.Steering(c.vec, strength={1.5: 1.0}), IIE, ("strength", "integer")),
-    Attack("Steering strength key True", lambda c: sl.Steering(c.vec, strength={True: 1.0}), IIE, ("strength", "integer")),
-    Attack("steer layers=[1.5]", lambda c: c.model.steer(c.vec, layers=[1.5]).__enter__(), IIE, ("layer", "integer")),
-    Attack("positions=[1.5]", lambda c: c.model.logits(["a b"], steering=c.vec, positions=[1.5]), IIE, ("position",)),
-    Attack("positions=[True]", lambda c: c.model.logits(["a b"], steering=c.vec, positions=[True]), IIE, ("position",)),
-    Attack("from_tensor layers=[1.5]", lambda c: sl.SteeringVector.from_tensor(torch.ones(4), layers=[1.5]), VME, ("layer", "int")),
-    Attack("from_tensor layers=[True]", lambda c: sl.SteeringVector.from_tensor(torch.ones(4), layers=[True]), VME, ("layer", "int")),
+    Attack(
+        "activations layers=[1.5]",
+        lambda c: c.model.activations(["a"], layers=[1.5]),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "activations layers=[True]",
+        lambda c: c.model.activations(["a"], layers=[True]),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "activations layers=1.5",
+        lambda c: c.model.activations(["a"], layers=1.5),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "Steering layers=[1.5]",
+        lambda c: sl.Steering(c.vec, layers=[1.5]),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "Steering layers=[True]",
+        lambda c: sl.Steering(c.vec, layers=[True]),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "Steering strength key 1.5",
+        lambda c: sl.Steering(c.vec, strength={1.5: 1.0}),
+        IIE,
+        ("strength", "integer"),
+    ),
+    Attack(
+        "Steering strength key True",
+        lambda c: sl.Steering(c.vec, strength={True: 1.0}),
+        IIE,
+        ("strength", "integer"),
+    ),
+    Attack(
+        "steer layers=[1.5]",
+        lambda c: c.model.steer(c.vec, layers=[1.5]).__enter__(),
+        IIE,
+        ("layer", "integer"),
+    ),
+    Attack(
+        "positions=[1.5]",
+        lambda c: c.model.logits(["a b"], steering=c.vec, positions=[1.5]),
+        IIE,
+        ("position",),
+    ),
+    Attack(
+        "positions=[True]",
+        lambda c: c.model.logits(["a b"], steering=c.vec, positions=[True]),
+        IIE,
+        ("position",),
+    ),
+    Attack(
+        "from_tensor layers=[1.5]",
+        lambda c: sl.SteeringVector.from_tensor(torch.ones(4), layers=[1.5]),
+        VME,
+        ("layer", "int"),
+    ),
+    Attack(
+        "from_tensor layers=[True]",
+        lambda c: sl.SteeringVector.from_tensor(torch.ones(4), layers=[True]),
+        VME,
+        ("layer", "int"),
+    ),
     Attack("vector key 1.5", lambda c: sl.SteeringVector({1.5: torch.ones(4)}), VME, ("layer",)),
     # per-row lists and strength dicts
     Attack("steer([vec]) on 3 prompts", _one_row_list_in_steer, IIE, ("1 entries", "3")),
     Attack("strength={}", lambda c: sl.Steering(c.vec, strength={}), IIE, ("strength", "empty")),
-    Attack("strength keys -1 and 2 collide", lambda c: c.model.logits(["a"], steering=sl.Steering(c.vec, strength={-1: 1.0, 2: 2.0})), IIE, ("layer 2", "twice")),
-    Attack("layers [2, -1] collide", lambda c: c.model.logits(["a"], steering=sl.Steering(c.vec, layers=[2, -1])), IIE, ("layer 2", "twice")),
+    Attack(
+        "strength keys -1 and 2 collide",
+        lambda c: c.model.logits(["a"], steering=sl.Steering(c.vec, strength={-1: 1.0, 2: 2.0})),
+        IIE,
+        ("layer 2", "twice"),
+    ),
+    Attack(
+        "layers [2, -1] collide",
+        lambda c: c.model.logits(["a"], steering=sl.Steering(c.vec, layers=[2, -1])),
+        IIE,
+        ("layer 2", "twice"),
+    ),
     # strengths
-    Attack("strength=nan", lambda c: c.model.logits(["a"], steering=c.vec, strength=float("nan")), IIE, ("strength", "finite")),
-    Attack("strength=inf in dict", lambda c: sl.Steering(c.vec, strength={1: float("inf")}), IIE, ("strength", "finite")),
-    Attack("strength=1e300 overflows", lambda c: c.model.logits(["a"], steering=c.vec, strength=1e300), IIE, ("strength", "overflow")),
-    Attack("strength=True", lambda c: sl.Steering(c.vec, strength=True), IIE, ("strength", "number")),
+    Attack(
+        "strength=nan",
+        lambda c: c.model.logits(["a"], steering=c.vec, strength=float("nan")),
+        IIE,
+        ("strength", "finite"),
+    ),
+    Attack(
+        "strength=inf in dict",
+        lambda c: sl.Steering(c.vec, strength={1: float("inf")}),
+        IIE,
+        ("strength", "finite"),
+    ),
+    Attack(
+        "strength=1e300 overflows",
+        lambda c: c.model.logits(["a"], steering=c.vec, strength=1e300),
+        IIE,
+        ("strength", "overflow"),
+    ),
+    Attack(
+        "strength=True", lambda c: sl.Steering(c.vec, strength=True), IIE, ("strength", "number")
+    ),
     Attack("strength='2'", lambda c: sl.Steering(c.vec, strength="2"), IIE, ("strength", "number")),
     Attack("Steering copies the strength dict", _steering_copies_dict, None),
     # vector arithmetic and operations
     Attack("a + b keeps a fingerprint", _sum_keeps_fingerprint, None),
     Attack("a + b of different models", _sum_other_model, VME, ("different models",)),
-    Attack("project_out vector added", lambda c: c.model.logits(["a"], steering=c.vec.with_metadata(operation="project_out")), VME, ("project_out", "DirectionalAblation")),
+    Attack(
+        "project_out vector added",
+        lambda c: c.model.logits(["a"], steering=c.vec.with_metadata(operation="project_out")),
+        VME,
+        ("project_out", "DirectionalAblation"),
+    ),
     Attack("vec[99]", lambda c: c.vec[99], errors.LayerNotFoundError, ("99",), KeyError),
     Attack("vec['1']", lambda c: c.vec["1"], errors.LayerNotFoundError, ("'1'",), KeyError),
-    Attack("vec.select([99])", lambda c: c.vec.select([99]), errors.LayerNotFoundError, ("99",), KeyError),
+    Attack(
+        "vec.select([99])",
+        lambda c: c.vec.select([99]),
+        errors.LayerNotFoundError,
+        ("99",),
+        KeyError,
+    ),
     Attack("zero-size direction", lambda c: sl.SteeringVector({0: torch.ones(0)}), VME, ("empty",)),
     # sampling options
-    Attack("temperature=0", lambda c: c.model.generate(["a"], do_sample=True, temperature=0.0), IIE, ("temperature",)),
-    Attack("temperature=-1", lambda c: c.model.generate(["a"], do_sample=True, temperature=-1.0), IIE, ("temperature",)),
-    Attack("temperature=nan", lambda c: c.model.generate(["a"], do_sample=True, temperature=float("nan")), IIE, ("temperature",)),
-    Attack("top_k=-1", lambda c: c.model.generate(["a"], do_sample=True, top_k=-1), IIE, ("top_k",)),
-    Attack("top_p=0", lambda c: c.model.generate(["a"], do_sample=True, top_p=0.0), IIE, ("top_p",)),
-    Attack("top_p=1.5", lambda c: c.model.generate(["a"], do_sample=True, top_p=1.5), IIE, ("top_p",)),
+    Attack(
+        "temperature=0",
+        lambda c: c.model.generate(["a"], do_sample=True, temperature=0.0),
+        IIE,
+        ("temperature",),
+    ),
+    Attack(
+        "temperature=-1",
+        lambda c: c.model.generate(["a"], do_sample=True, temperature=-1.0),
+        IIE,
+        ("temperature",),
+    ),
+    Attack(
+        "temperature=nan",
+        lambda c: c.model.generate(["a"], do_sample=True, temperature=float("nan")),
+        IIE,
+        ("temperature",),
+    ),
+    Attack(
+        "top_k=-1", lambda c: c.model.generate(["a"], do_sample=True, top_k=-1), IIE, ("top_k",)
+    ),
+    Attack(
+        "top_p=0", lambda c: c.model.generate(["a"], do_sample=True, top_p=0.0), IIE, ("top_p",)
+    ),
+    Attack(
+        "top_p=1.5", lambda c: c.model.generate(["a"], do_sample=True, top_p=1.5), IIE, ("top_p",)
+    ),
     Attack("seed=-1", lambda c: c.model.generate(["a"], do_sample=True, seed=-1), IIE, ("seed",)),
     Attack("seed='x'", lambda c: c.model.generate(["a"], do_sample=True, seed="x"), IIE, ("seed",)),
     Attack("seed=1.5", lambda c: c.model.generate(["a"], do_sample=True, seed=1.5), IIE, ("seed",)),
-    Attack("max_new_tokens=1.5", lambda c: c.model.generate(["a"], max_new_tokens=1.5), IIE, ("max_new_tokens",)),
-    Attack("max_new_tokens=True", lambda c: c.model.generate(["a"], max_new_tokens=True), IIE, ("max_new_tokens",)),
+    Attack(
+        "max_new_tokens=1.5",
+        lambda c: c.model.generate(["a"], max_new_tokens=1.5),
+        IIE,
+        ("max_new_tokens",),
+    ),
+    Attack(
+        "max_new_tokens=True",
+        lambda c: c.model.generate(["a"], max_new_tokens=True),
+        IIE,
+        ("max_new_tokens",),
+    ),
     # run_from misuse
     Attack("run_from(not a cache)", lambda c: c.model.run_from("the cat"), IIE, ("PrefixCache",)),
-    Attack("run_from repeat=0", lambda c: c.model.run_from(c.model.prefix_cache(["a"], layer=1), repeat=0), IIE, ("repeat",)),
-    Attack("run_from repeat=1.5", lambda c: c.model.run_from(c.model.prefix_cache(["a"], layer=1), repeat=1.5), IIE, ("repeat",)),
-    Attack("run_from rows mismatch", lambda c: c.model.run_from(c.model.prefix_cache(["a"], layer=1), repeat=2, steering=[c.vec]), IIE, ("1 entries", "2")),
-    Attack("prefix_cache layer=1.5", lambda c: c.model.prefix_cache(["a"], layer=1.5), IIE, ("layer", "integer")),
+    Attack(
+        "run_from repeat=0",
+        lambda c: c.model.run_from(c.model.prefix_cache(["a"], layer=1), repeat=0),
+        IIE,
+        ("repeat",),
+    ),
+    Attack(
+        "run_from repeat=1.5",
+        lambda c: c.model.run_from(c.model.prefix_cache(["a"], layer=1), repeat=1.5),
+        IIE,
+        ("repeat",),
+    ),
+    Attack(
+        "run_from rows mismatch",
+        lambda c: c.model.run_from(
+            c.model.prefix_cache(["a"], layer=1), repeat=2, steering=[c.vec]
+        ),
+        IIE,
+        ("1 entries", "2"),
+    ),
+    Attack(
+        "prefix_cache layer=1.5",
+        lambda c: c.model.prefix_cache(["a"], layer=1.5),
+        IIE,
+        ("layer", "integer"),
+    ),
     # loading
-    Attack("load_model bad dtype", lambda c: sl.load_model(str(c.tmp), dtype="float33"), IIE, ("dtype", "float33")),
-    Attack("load_model bad device", lambda c: sl.load_model(str(c.tmp), device="gpu9"), IIE, ("device", "gpu9")),
+    Attack(
+        "load_model bad dtype",
+        lambda c: sl.load_model(str(c.tmp), dtype="float33"),
+        IIE,
+        ("dtype", "float33"),
+    ),
+    Attack(
+        "load_model bad device",
+        lambda c: sl.load_model(str(c.tmp), device="gpu9"),
+        IIE,
+        ("device", "gpu9"),
+    ),
     # prompts longer than the context
-    Attack("logits prompt > context", lambda c: c.model.logits([_long_prompt(c)]), IIE, ("context", "128")),
-    Attack("generate prompt + new tokens > context", lambda c: c.model.generate([" ".join(["cat"] * 120)], max_new_tokens=20), IIE, ("context", "128")),
+    Attack(
+        "logits prompt > context",
+        lambda c: c.model.logits([_long_prompt(c)]),
+        IIE,
+        ("context", "128"),
+    ),
+    Attack(
+        "generate prompt + new tokens > context",
+        lambda c: c.model.generate([" ".join(["cat"] * 120)], max_new_tokens=20),
+        IIE,
+        ("context", "128"),
+    ),
     # writing files
-    Attack("save into a directory", lambda c: c.vec.save(c.tmp), errors.FileWriteError, ("directory", "tmp"), OSError),
-    Attack("save into a read-only folder", _save_read_only, errors.FileWriteError, ("readonly", "v.safetensors", "Permission denied"), OSError),
-    Attack("means save into a directory", lambda c: _means(c).save(c.tmp), errors.FileWriteError, ("directory",), OSError),
-    Attack("export_gguf into a directory", lambda c: sl.export_gguf(c.vec, c.tmp), errors.FileWriteError, ("directory",), OSError),
-    Attack("export_gguf read-only folder", _gguf_read_only, errors.FileWriteError, ("v.gguf", "Permission denied"), OSError),
-    Attack("export_gguf strength=nan", lambda c: sl.export_gguf(c.vec, c.tmp / "nan.gguf", strength=float("nan")), IIE, ("strength", "finite")),
-    Attack("bake overwrite a non-bake folder", _bake_over_user_folder, errors.BakeError, ("precious", "not a folder written by bake")),
+    Attack(
+        "save into a directory",
+        lambda c: c.vec.save(c.tmp),
+        errors.FileWriteError,
+        ("directory", "tmp"),
+        OSError,
+    ),
+    Attack(
+        "save into a read-only folder",
+        _save_read_only,
+        errors.FileWriteError,
+        ("readonly", "v.safetensors", "Permission denied"),
+        OSError,
+    ),
+    Attack(
+        "means save into a directory",
+        lambda c: _means(c).save(c.tmp),
+        errors.FileWriteError,
+        ("directory",),
+        OSError,
+    ),
+    Attack(
+        "export_gguf into a directory",
+        lambda c: sl.export_gguf(c.vec, c.tmp),
+        errors.FileWriteError,
+        ("directory",),
+        OSError,
+    ),
+    Attack(
+        "export_gguf read-only folder",
+        _gguf_read_only,
+        errors.FileWriteError,
+        ("v.gguf", "Permission denied"),
+        OSError,
+    ),
+    Attack(
+        "export_gguf strength=nan",
+        lambda c: sl.export_gguf(c.vec, c.tmp / "nan.gguf", strength=float("nan")),
+        IIE,
+        ("strength", "finite"),
+    ),
+    Attack(
+        "bake overwrite a non-bake folder",
+        _bake_over_user_folder,
+        errors.BakeError,
+        ("precious", "not a folder written by bake"),
+    ),
     Attack("bake overwrite a file", _bake_over_file, errors.BakeError, ("a_file", "not a folder")),
-    Attack("bake failure leaves no stray folders", _bake_failure_leaves_nothing, errors.FileWriteError, ("baked", "No space left")),
+    Attack(
+        "bake failure leaves no stray folders",
+        _bake_failure_leaves_nothing,
+        errors.FileWriteError,
+        ("baked", "No space left"),
+    ),
     # reading files
-    Attack("ActivationMeans.load(dir)", lambda c: sl.ActivationMeans.load(c.tmp), errors.VectorFileNotFoundError, ("means", "directory"), FileNotFoundError),
-    Attack("SteeringVector.load(dir)", lambda c: sl.SteeringVector.load(c.tmp), errors.VectorFileNotFoundError, ("directory",), FileNotFoundError),
-    Attack("load: bit flipped in tensor data", lambda c: sl.SteeringVector.load(_flip_tensor_bit(c)), VFE, ("flipped_data", "checksum")),
-    Attack("load: layer.1 renamed layer.0", lambda c: sl.SteeringVector.load(_rename_layer(c)), VFE, ("renamed_layer", "checksum")),
-    Attack("load: fingerprint key flipped", lambda c: sl.SteeringVector.load(_drop_fingerprint(c)), VFE, ("no_fingerprint", "checksum")),
-    Attack("load: NaN in metadata", lambda c: sl.SteeringVector.load(c.file("nan_meta.safetensors", _old_vector(c, {"layer.1": torch.ones(4)}, recommended_strength="NaN"))), VFE, ("nan_meta", "recommended_strength")),
-    Attack("load: absurd layer number", lambda c: sl.SteeringVector.load(c.file("huge_layer.safetensors", _old_vector(c, {"layer.99999999999": torch.ones(4)}))), VFE, ("huge_layer", "layer")),
-    Attack("load: empty direction", lambda c: sl.SteeringVector.load(c.file("empty.safetensors", _old_vector(c, {"layer.1": torch.ones(0)}))), VFE, ("empty.safetensors", "empty")),
-    Attack("load: inf in tensor", lambda c: sl.SteeringVector.load(c.file("inf.safetensors", _old_vector(c, {"layer.1": torch.tensor([1.0, float("inf")])}))), VFE, ("inf.safetensors", "NaN or inf")),
+    Attack(
+        "ActivationMeans.load(dir)",
+        lambda c: sl.ActivationMeans.load(c.tmp),
+        errors.VectorFileNotFoundError,
+        ("means", "directory"),
+        FileNotFoundError,
+    ),
+    Attack(
+        "SteeringVector.load(dir)",
+        lambda c: sl.SteeringVector.load(c.tmp),
+        errors.VectorFileNotFoundError,
+        ("directory",),
+        FileNotFoundError,
+    ),
+    Attack(
+        "load: bit flipped in tensor data",
+        lambda c: sl.SteeringVector.load(_flip_tensor_bit(c)),
+        VFE,
+        ("flipped_data", "checksum"),
+    ),
+    Attack(
+        "load: layer.1 renamed layer.0",
+        lambda c: sl.SteeringVector.load(_rename_layer(c)),
+        VFE,
+        ("renamed_layer", "checksum"),
+    ),
+    Attack(
+        "load: fingerprint key flipped",
+        lambda c: sl.SteeringVector.load(_drop_fingerprint(c)),
+        VFE,
+        ("no_fingerprint", "checksum"),
+    ),
+    Attack(
+        "load: NaN in metadata",
+        lambda c: sl.SteeringVector.load(
+            c.file(
+                "nan_meta.safetensors",
+                _old_vector(c, {"layer.1": torch.ones(4)}, recommended_strength="NaN"),
+            )
+        ),
+        VFE,
+        ("nan_meta", "recommended_strength"),
+    ),
+    Attack(
+        "load: absurd layer number",
+        lambda c: sl.SteeringVector.load(
+            c.file("huge_layer.safetensors", _old_vector(c, {"layer.99999999999": torch.ones(4)}))
+        ),
+        VFE,
+        ("huge_layer", "layer"),
+    ),
+    Attack(
+        "load: empty direction",
+        lambda c: sl.SteeringVector.load(
+            c.file("empty.safetensors", _old_vector(c, {"layer.1": torch.ones(0)}))
+        ),
+        VFE,
+        ("empty.safetensors", "empty"),
+    ),
+    Attack(
+        "load: inf in tensor",
+        lambda c: sl.SteeringVector.load(
+            c.file(
+                "inf.safetensors", _old_vector(c, {"layer.1": torch.tensor([1.0, float("inf")])})
+            )
+        ),
+        VFE,
+        ("inf.safetensors", "NaN or inf"),
+    ),
     Attack("load: old file without checksum", _old_file_loads, None),
-    Attack("means: bit flipped in tensor data", lambda c: sl.ActivationMeans.load(c.file("means_flip.safetensors", _flip(_means(c).save(c.tmp / "m.safetensors").read_bytes(), -3, 4))), VFE, ("means_flip", "checksum")),
-    Attack("read_gguf: not a GGUF", lambda c: sl.read_gguf(c.file("text.gguf", b"hello, this is not a gguf file at all")), VFE, ("text.gguf", "GGUF")),
-    Attack("read_gguf: truncated", lambda c: sl.read_gguf(c.file("cut.gguf", _gguf(c).read_bytes()[:100])), VFE, ("cut.gguf",)),
-    Attack("read_gguf: bit flipped in data", lambda c: sl.read_gguf(c.file("gguf_flip.gguf", _flip(_gguf(c).read_bytes(), -5, 3))), VFE, ("gguf_flip.gguf", "checksum")),
-    Attack("read_gguf: missing", lambda c: sl.read_gguf(c.tmp / "nothing.gguf"), errors.VectorFileNotFoundError, ("nothing.gguf",), FileNotFoundError),
+    Attack(
+        "means: bit flipped in tensor data",
+        lambda c: sl.ActivationMeans.load(
+            c.file(
+                "means_flip.safetensors",
+                _flip(_means(c).save(c.tmp / "m.safetensors").read_bytes(), -3, 4),
+            )
+        ),
+        VFE,
+        ("means_flip", "checksum"),
+    ),
+    Attack(
+        "read_gguf: not a GGUF",
+        lambda c: sl.read_gguf(c.file("text.gguf", b"hello, this is not a gguf file at all")),
+        VFE,
+        ("text.gguf", "GGUF"),
+    ),
+    Attack(
+        "read_gguf: truncated",
+        lambda c: sl.read_gguf(c.file("cut.gguf", _gguf(c).read_bytes()[:100])),
+        VFE,
+        ("cut.gguf",),
+    ),
+    Attack(
+        "read_gguf: bit flipped in data",
+        lambda c: sl.read_gguf(c.file("gguf_flip.gguf", _flip(_gguf(c).read_bytes(), -5, 3))),
+        VFE,
+        ("gguf_flip.gguf", "checksum"),
+    ),
+    Attack(
+        "read_gguf: missing",
+        lambda c: sl.read_gguf(c.tmp / "nothing.gguf"),
+        errors.VectorFileNotFoundError,
+        ("nothing.gguf",),
+        FileNotFoundError,
+    ),
 ]
 
 
@@ -372,7 +706,7 @@ def outcome(attack: Attack, ctx: Context) -> tuple[str, str]:
             attack.run(ctx)
     except AssertionError as err:
         return "accepted", f"AssertionError: {err}"
-    except Exception as err:  # noqa: BLE001 - classifying every outcome is the point
+    except Exception as err:
         detail = f"{type(err).__name__}: {err}"[:300]
         if attack.error is None:
             return ("wrong" if isinstance(err, errors.SteerlabError) else "crash"), detail
@@ -395,7 +729,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-# --- the CLI -----------------------------------------------------------------------------------------
+# --- the CLI ----------
 @dataclasses.dataclass(frozen=True)
 class CliAttack:
     """One command line: it must exit with ``code`` and print ``words`` (on stderr for errors,
@@ -414,28 +748,117 @@ class CliAttack:
 
 
 CLI_ATTACKS: list[CliAttack] = [
-    CliAttack("generate: missing vector", ("generate", "hi", "-v", "{tmp}/missing.safetensors"), 1, ("missing.safetensors",)),
-    CliAttack("generate: corrupt vector", ("generate", "hi", "-v", "{corrupt}"), 1, ("corrupt.safetensors",)),
-    CliAttack("generate: -s nan", ("generate", "hi", "-v", "{vec}", "-s", "nan"), 2, ("strength", "finite")),
-    CliAttack("generate: --layers 99", ("generate", "hi", "-v", "{vec}", "--layers", "99"), 2, ("99", "out of range")),
-    CliAttack("generate: --layers abc", ("generate", "hi", "-v", "{vec}", "--layers", "abc"), 2, ("abc",)),
-    CliAttack("generate: --positions nowhere", ("generate", "hi", "-v", "{vec}", "--positions", "nowhere"), 2, ("nowhere",)),
+    CliAttack(
+        "generate: missing vector",
+        ("generate", "hi", "-v", "{tmp}/missing.safetensors"),
+        1,
+        ("missing.safetensors",),
+    ),
+    CliAttack(
+        "generate: corrupt vector",
+        ("generate", "hi", "-v", "{corrupt}"),
+        1,
+        ("corrupt.safetensors",),
+    ),
+    CliAttack(
+        "generate: -s nan",
+        ("generate", "hi", "-v", "{vec}", "-s", "nan"),
+        2,
+        ("strength", "finite"),
+    ),
+    CliAttack(
+        "generate: --layers 99",
+        ("generate", "hi", "-v", "{vec}", "--layers", "99"),
+        2,
+        ("99", "out of range"),
+    ),
+    CliAttack(
+        "generate: --layers abc", ("generate", "hi", "-v", "{vec}", "--layers", "abc"), 2, ("abc",)
+    ),
+    CliAttack(
+        "generate: --positions nowhere",
+        ("generate", "hi", "-v", "{vec}", "--positions", "nowhere"),
+        2,
+        ("nowhere",),
+    ),
     CliAttack("generate: other model's vector", ("generate", "hi", "-v", "{other}"), 1, ("force",)),
     CliAttack("generate: empty prompt", ("generate", ""), 2, ("no tokens",)),
-    CliAttack("generate: missing model", ("generate", "hi", "--model", "{tmp}/no-such-model"), 1, ("no-such-model",)),
-    CliAttack("generate: --max-new-tokens 0", ("generate", "hi", "--max-new-tokens", "0"), 2, ("max_new_tokens",)),
-    CliAttack("generate: --temperature 0", ("generate", "hi", "--sample", "--temperature", "0"), 2, ("temperature",)),
+    CliAttack(
+        "generate: missing model",
+        ("generate", "hi", "--model", "{tmp}/no-such-model"),
+        1,
+        ("no-such-model",),
+    ),
+    CliAttack(
+        "generate: --max-new-tokens 0",
+        ("generate", "hi", "--max-new-tokens", "0"),
+        2,
+        ("max_new_tokens",),
+    ),
+    CliAttack(
+        "generate: --temperature 0",
+        ("generate", "hi", "--sample", "--temperature", "0"),
+        2,
+        ("temperature",),
+    ),
     CliAttack("generate: unknown option", ("generate", "hi", "--frobnicate"), 2, ("--frobnicate",)),
-    CliAttack("generate: [/x] printed literally", ("generate", "Close it with [/x] then", "--max-new-tokens", "2"), 0, ("Close it with [/x] then",)),
-    CliAttack("generate: [red] printed literally", ("generate", "say [red] now", "--max-new-tokens", "2"), 0, ("say [red] now",)),
-    CliAttack("generate: not hard-wrapped", ("generate", "word " * 30 + "end", "--max-new-tokens", "2"), 0, ("word " * 30 + "end",)),
-    CliAttack("compute -o DIR", ("compute", "--data", "sentiment", "-o", "{tmp}", "--layers", "1"), 1, ("directory",)),
-    CliAttack("export-gguf --out DIR", ("export-gguf", "{vec}", "--out", "{tmp}"), 1, ("directory",)),
-    CliAttack("export-gguf --strength nan", ("export-gguf", "{vec}", "--out", "{tmp}/x.gguf", "--strength", "nan"), 2, ("strength", "finite")),
-    CliAttack("export-gguf: missing vector", ("export-gguf", "{tmp}/missing.safetensors", "--out", "{tmp}/x.gguf"), 1, ("missing.safetensors",)),
-    CliAttack("analyze --plots FILE", ("analyze", "{vec}", "--plots", "{vec}", "--no-lens"), 1, ("good.safetensors",)),
-    CliAttack("analyze: corrupt vector", ("analyze", "{corrupt}", "--no-lens"), 1, ("corrupt.safetensors",)),
-    CliAttack("bake over a non-bake folder", ("bake", "{vec}", "--out", "{tmp}/precious", "--overwrite"), 1, ("not a folder written by bake",)),
+    CliAttack(
+        "generate: [/x] printed literally",
+        ("generate", "Close it with [/x] then", "--max-new-tokens", "2"),
+        0,
+        ("Close it with [/x] then",),
+    ),
+    CliAttack(
+        "generate: [red] printed literally",
+        ("generate", "say [red] now", "--max-new-tokens", "2"),
+        0,
+        ("say [red] now",),
+    ),
+    CliAttack(
+        "generate: not hard-wrapped",
+        ("generate", "word " * 30 + "end", "--max-new-tokens", "2"),
+        0,
+        ("word " * 30 + "end",),
+    ),
+    CliAttack(
+        "compute -o DIR",
+        ("compute", "--data", "sentiment", "-o", "{tmp}", "--layers", "1"),
+        1,
+        ("directory",),
+    ),
+    CliAttack(
+        "export-gguf --out DIR", ("export-gguf", "{vec}", "--out", "{tmp}"), 1, ("directory",)
+    ),
+    CliAttack(
+        "export-gguf --strength nan",
+        ("export-gguf", "{vec}", "--out", "{tmp}/x.gguf", "--strength", "nan"),
+        2,
+        ("strength", "finite"),
+    ),
+    CliAttack(
+        "export-gguf: missing vector",
+        ("export-gguf", "{tmp}/missing.safetensors", "--out", "{tmp}/x.gguf"),
+        1,
+        ("missing.safetensors",),
+    ),
+    CliAttack(
+        "analyze --plots FILE",
+        ("analyze", "{vec}", "--plots", "{vec}", "--no-lens"),
+        1,
+        ("good.safetensors",),
+    ),
+    CliAttack(
+        "analyze: corrupt vector",
+        ("analyze", "{corrupt}", "--no-lens"),
+        1,
+        ("corrupt.safetensors",),
+    ),
+    CliAttack(
+        "bake over a non-bake folder",
+        ("bake", "{vec}", "--out", "{tmp}/precious", "--overwrite"),
+        1,
+        ("not a folder written by bake",),
+    ),
 ]
 
 
@@ -445,7 +868,12 @@ def cli_outcome(attack: CliAttack, ctx: Context, corrupt: Path, other: Path) -> 
 
     from steerlab.cli import app
 
-    values = {"tmp": str(ctx.tmp), "vec": str(ctx.vec_file), "other": str(other), "corrupt": str(corrupt)}
+    values = {
+        "tmp": str(ctx.tmp),
+        "vec": str(ctx.vec_file),
+        "other": str(other),
+        "corrupt": str(corrupt),
+    }
     args = [a.format(**values) for a in attack.args]
     real = sl.load_model
 
