@@ -751,7 +751,7 @@ CLI_ATTACKS: list[CliAttack] = [
     CliAttack(
         "generate: missing vector",
         ("generate", "hi", "-v", "{tmp}/missing.safetensors"),
-        1,
+        2,
         ("missing.safetensors",),
     ),
     CliAttack(
@@ -838,7 +838,7 @@ CLI_ATTACKS: list[CliAttack] = [
     CliAttack(
         "export-gguf: missing vector",
         ("export-gguf", "{tmp}/missing.safetensors", "--out", "{tmp}/x.gguf"),
-        1,
+        2,
         ("missing.safetensors",),
     ),
     CliAttack(
@@ -898,7 +898,7 @@ def cli_outcome(attack: CliAttack, ctx: Context, corrupt: Path, other: Path) -> 
     shown = result.stdout if attack.code == 0 else stderr
     if not all(word in shown for word in attack.words):
         return "wrong", f"missing words in: {shown.strip()[-300:]}"
-    if attack.code != 0 and len(stderr.strip().splitlines()) != 1:
+    if attack.code != 0 and len(stderr.strip().split("\n")) != 1:
         return "wrong", f"not one line: {stderr.strip()[-300:]}"
     return "clean", shown.strip()[-200:]
 
@@ -918,7 +918,8 @@ def main() -> int:
     """Count attempts / clean refusals / wrong refusals / silently accepted / crashes."""
     verbose = "-v" in sys.argv
     counts: dict[str, dict[str, int]] = {}
-    for table in ("library", "cli"):
+    wanted = [t for t in ("library", "cli") if f"--{t}" in sys.argv] or ["library", "cli"]
+    for table in wanted:
         counts[table] = {"clean": 0, "wrong": 0, "accepted": 0, "crash": 0}
         rows: list[Any] = ATTACKS if table == "library" else CLI_ATTACKS
         for row in rows:
