@@ -55,11 +55,12 @@ class Context:
         return path
 
 
-def make_context(tmp: Path) -> Context:
+def make_context(tmp: Path, *, model: Any = None, other: Any = None) -> Context:
+    """A fresh context in ``tmp``; pass the tiny models to reuse them across rows."""
     from steerlab.testing import tiny_model
 
-    model = tiny_model("llama")
-    other = tiny_model("llama", seed=1)
+    model = tiny_model("llama") if model is None else model
+    other = tiny_model("llama", seed=1) if other is None else other
     vec = sl.mean_diff(model, ["i love it"], ["i hate it"], layers=[1])
     vec_file = vec.save(tmp / "good.safetensors")
     return Context(model=model, other=other, tmp=tmp, vec=vec, vec_file=vec_file)
@@ -919,12 +920,15 @@ def main() -> int:
     verbose = "-v" in sys.argv
     counts: dict[str, dict[str, int]] = {}
     wanted = [t for t in ("library", "cli") if f"--{t}" in sys.argv] or ["library", "cli"]
+    from steerlab.testing import tiny_model
+
+    models = {"model": tiny_model("llama"), "other": tiny_model("llama", seed=1)}
     for table in wanted:
         counts[table] = {"clean": 0, "wrong": 0, "accepted": 0, "crash": 0}
         rows: list[Any] = ATTACKS if table == "library" else CLI_ATTACKS
         for row in rows:
             with tempfile.TemporaryDirectory() as tmp:
-                ctx = make_context(Path(tmp))
+                ctx = make_context(Path(tmp), **models)
                 if table == "library":
                     kind, detail = outcome(row, ctx)
                 else:

@@ -21,7 +21,6 @@ from steerlab.errors import VectorFileError, VectorFileNotFoundError, VectorMism
 from steerlab.testing import tiny_model
 from steerlab.vectors import (
     FILE_FORMAT,
-    SCHEMA_VERSION,
     SteeringVector,
     fingerprints_match,
     model_fingerprint,

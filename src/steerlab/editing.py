@@ -879,6 +879,10 @@ def read_gguf(path: str | os.PathLike[str]) -> SteeringVector:
         fields = {name: reader.get_field(name) for name in reader.fields}
         raw = {t.name: torch.tensor(t.data.copy()).reshape(-1) for t in reader.tensors}
         dims = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+        hint = _field_text(fields.get("controlvector.model_hint"))
+        stored = _field_text(fields.get(_GGUF_CHECKSUM))
+        count_field = fields.get("controlvector.layer_count")
+        count = count_field.contents() if count_field is not None else None
     except Exception as err:
         raise VectorFileError(
             f"{file}: not a readable GGUF file (truncated or corrupt: {type(err).__name__}: {err})"
@@ -892,11 +896,7 @@ def read_gguf(path: str | os.PathLike[str]) -> SteeringVector:
     ]
     if suspicious:
         raise VectorFileError(f"{file}: damaged header (unexpected fields {suspicious})")
-    hint = _field_text(fields.get("controlvector.model_hint"))
-    stored = _field_text(fields.get(_GGUF_CHECKSUM))
     if stored is not None:
-        count_field = fields.get("controlvector.layer_count")
-        count = count_field.contents() if count_field is not None else None
         checked = {name: t.float() if t.dtype != torch.float32 else t for name, t in raw.items()}
         check_file_checksum(
             checked,
