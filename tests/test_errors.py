@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -177,3 +178,66 @@ def test_vector_for_another_model_is_refused_unless_forced(llama: sl.SteeredMode
             llama.logits(["the cat"])
     own = sl.mean_diff(llama, ["i love it"], ["i hate it"], layers=[1])
     llama.logits(["the cat"], steering=own)  # its own vectors are fine
+
+
+# --- the attack table of issue 9: one row per misuse of a public entry point ----------------------
+# Rows live in tests/attack_table.py (run it directly for the before/after counts); a new entry
+# point adds its misuses there and is tested here with no other change.
+from attack_table import (  # noqa: E402
+    ATTACKS,
+    CLI_ATTACKS,
+    Attack,
+    CliAttack,
+    Context,
+    cli_files,
+    cli_outcome,
+    make_context,
+    outcome,
+)
+
+
+@pytest.fixture(scope="module")
+def attack_models() -> dict[str, sl.SteeredModel]:
+    from steerlab.testing import tiny_model
+
+    return {"model": tiny_model("llama"), "other": tiny_model("llama", seed=1)}
+
+
+@pytest.fixture
+def attack_context(tmp_path: Path, attack_models: dict[str, sl.SteeredModel]) -> Context:
+    return make_context(tmp_path, **attack_models)
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.id)
+def test_attack_is_refused_cleanly(attack: Attack, attack_context: Context) -> None:
+    model = attack_context.model
+    state = _state(model)
+    kind, detail = outcome(attack, attack_context)
+    assert kind == "clean", detail
+    _untouched(model, state)  # no hook left behind, no weight changed
+    stray = [p.name for p in attack_context.tmp.rglob("*") if p.name.endswith(".tmp")]
+    assert not stray, f"temporary files left behind: {stray}"
+
+
+@pytest.mark.parametrize("attack", CLI_ATTACKS, ids=lambda a: a.id)
+def test_cli_attack_is_one_clean_line(attack: CliAttack, attack_context: Context) -> None:
+    corrupt, other = cli_files(attack_context)
+    kind, detail = cli_outcome(attack, attack_context, corrupt, other)
+    assert kind == "clean", detail
+
+
+def test_attack_table_covers_each_error_class() -> None:
+    """The table exercises every error class a user can trigger (a guard against rows being
+    dropped when the table is edited)."""
+    expected = {a.error for a in ATTACKS if a.error is not None}
+    for cls in (
+        sl.InvalidInputError,
+        sl.VectorMismatchError,
+        sl.VectorFileError,
+        sl.VectorFileNotFoundError,
+        sl.LayerNotFoundError,
+        sl.FileWriteError,
+        sl.BakeError,
+    ):
+        assert cls in expected, cls
+    assert len(ATTACKS) >= 80 and len(CLI_ATTACKS) >= 22

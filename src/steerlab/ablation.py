@@ -64,9 +64,11 @@ from torch import nn
 
 from steerlab.adapter import ModelAdapter
 from steerlab.errors import (
+    FileWriteError,
     InvalidInputError,
     UnsupportedModelError,
     VectorFileError,
+    VectorFileNotFoundError,
     VectorMismatchError,
 )
 from steerlab.interventions import (
@@ -82,7 +84,15 @@ from steerlab.interventions import (
 )
 from steerlab.model import tile_rows
 from steerlab.positions import Positions, PositionSpec
-from steerlab.vectors import SteeringVector, write_atomically
+from steerlab.vectors import (
+    CHECKSUM_KEY,
+    MAX_LAYER,
+    SteeringVector,
+    check_file_checksum,
+    decode_json_metadata,
+    file_checksum,
+    write_atomically,
+)
 
 __all__ = [
     "COMPONENTS",
@@ -782,7 +792,7 @@ class _MaskedReplacement(Intervention):
 
 # --- activation means ----------------------------------------------------------------------------
 MEANS_FORMAT = "steerlab.means"
-_MEANS_SCHEMA = 1
+_MEANS_SCHEMA = 2  # 2 adds the checksum; version-1 files still load
 
 
 def _site_key(component: str, layer: int) -> str:
@@ -853,7 +863,8 @@ class ActivationMeans:
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the means to a safetensors file (atomically), in the style of vector files.
+        """Write the means to a safetensors file (atomically), in the style of vector files
+        (with a SHA-256 :func:`~steerlab.vectors.file_checksum` in the header).
 
         >>> import tempfile, pathlib
         >>> from steerlab.testing import tiny_model
@@ -876,7 +887,10 @@ class ActivationMeans:
         for key, value in info.items():
             if key in header:
                 raise VectorFileError(f"metadata key {key!r} is reserved")
-            header[key] = json.dumps(value, sort_keys=True, allow_nan=False)
+            try:
+                header[key] = json.dumps(value, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise VectorFileError(f"metadata {key!r} cannot be saved as JSON ({err})") from None
         tensors = {
             f"mean.{_site_key(*key)}": t.detach().cpu().contiguous()
             for key, t in self.means.items()
@@ -889,38 +903,47 @@ class ActivationMeans:
         )
         if self.position_counts is not None:
             tensors["position_counts"] = self.position_counts.detach().cpu().contiguous()
-        target.parent.mkdir(parents=True, exist_ok=True)
+        header[CHECKSUM_KEY] = file_checksum(tensors, header)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FileWriteError(f"cannot write {target}: {err.strerror or err}") from None
         write_atomically(target, safetensors_save(tensors, metadata=header))
         return target
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationMeans:
-        """Read means written by :meth:`save` (raises ``VectorFileError`` on anything else)."""
+        """Read means written by :meth:`save`, verifying the checksum (files of schema version 1,
+        without one, still load); raises :class:`~steerlab.errors.VectorFileError` naming the
+        file on anything else, :class:`~steerlab.errors.VectorFileNotFoundError` when there is
+        no file."""
         from safetensors import SafetensorError
         from safetensors.torch import load as safetensors_load
 
         file = Path(path)
+        if file.is_dir():
+            raise VectorFileNotFoundError(f"{file} is a directory, not a means file")
         if not file.is_file():
-            raise VectorFileError(f"no means file at {file}")
-        data = file.read_bytes()
+            raise VectorFileNotFoundError(f"no means file at {file}")
         try:
+            data = file.read_bytes()
             tensors = safetensors_load(data)
             header_len = int.from_bytes(data[:8], "little")
             header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        except (SafetensorError, ValueError, RuntimeError) as err:
+        except (SafetensorError, ValueError, RuntimeError, AttributeError) as err:
             raise VectorFileError(f"{file}: not a readable safetensors file ({err})") from None
-        if header.get("format") != MEANS_FORMAT:
+        except OSError as err:
+            raise VectorFileError(f"cannot read {file}: {err.strerror or err}") from None
+        if not isinstance(header, dict) or header.get("format") != MEANS_FORMAT:
             raise VectorFileError(f"{file}: not a steerlab means file (format={MEANS_FORMAT!r})")
-        if header.get("schema_version") != str(_MEANS_SCHEMA):
-            raise VectorFileError(
-                f"{file}: unknown means schema version {header.get('schema_version')!r}"
-            )
-        try:
-            meta = {
-                k: json.loads(v) for k, v in header.items() if k not in ("format", "schema_version")
-            }
-        except json.JSONDecodeError as err:
-            raise VectorFileError(f"{file}: corrupt metadata ({err})") from None
+        version = header.get("schema_version")
+        if version not in ("1", str(_MEANS_SCHEMA)):
+            raise VectorFileError(f"{file}: unknown means schema version {version!r}")
+        skip = ["format", "schema_version"]
+        if version != "1":
+            check_file_checksum(tensors, header, file)
+            skip.append(CHECKSUM_KEY)
+        meta = decode_json_metadata(header, file, skip=skip)
         means: dict[tuple[str, int], torch.Tensor] = {}
         per_position: dict[tuple[str, int], torch.Tensor] = {}
         counts = None
@@ -938,10 +961,18 @@ class ActivationMeans:
                 raise VectorFileError(f"{file}: unexpected tensor {name!r}") from None
             if not bool(torch.isfinite(tensor).all()):
                 raise VectorFileError(f"{file}: tensor {name!r} contains NaN or inf")
+            if tensor.numel() == 0:
+                raise VectorFileError(f"{file}: tensor {name!r} is empty")
+            if not 0 <= key[1] <= MAX_LAYER:
+                raise VectorFileError(f"{file}: tensor {name!r} names an absurd layer number")
             (means if kind == "mean" else per_position)[key] = tensor
-        n_prompts = int(meta.pop("n_prompts", 0))
-        n_tokens = int(meta.pop("n_tokens", 0))
-        return cls(means, per_position, counts, n_prompts, n_tokens, meta)
+        counts_meta = [meta.pop("n_prompts", 0), meta.pop("n_tokens", 0)]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in counts_meta):
+            raise VectorFileError(f"{file}: n_prompts/n_tokens are not counts: {counts_meta}")
+        try:
+            return cls(means, per_position, counts, counts_meta[0], counts_meta[1], meta)
+        except InvalidInputError as err:
+            raise VectorFileError(f"{file}: {err}") from None
 
 
 class _StopForward(Exception):

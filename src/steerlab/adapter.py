@@ -38,6 +38,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from steerlab._checks import as_int
 from steerlab.errors import LayerIndexError, UnsupportedModelError
 
 __all__ = [
@@ -242,11 +243,8 @@ class ModelAdapter:
     # --- layer indices -------------------------------------------------------------------
     def resolve_layer(self, layer: int) -> int:
         """Map a possibly negative layer index onto ``0..n_layers-1``, or raise."""
-        if isinstance(layer, bool) or not isinstance(layer, (int, torch.SymInt)):
-            try:
-                layer = int(layer)  # numpy / torch integer scalars
-            except (TypeError, ValueError):
-                raise LayerIndexError(f"layer must be an int, got {layer!r}") from None
+        if not isinstance(layer, torch.SymInt):
+            layer = as_int(layer, "layer")  # refuses 1.5 and True, which int() would truncate
         layer = int(layer)
         if not -self.n_layers <= layer < self.n_layers:
             raise LayerIndexError(
@@ -259,7 +257,7 @@ class ModelAdapter:
         """Resolve a layer, a list of layers or ``None`` (all layers), keeping order, no dups."""
         if layers is None:
             return list(range(self.n_layers))
-        if isinstance(layers, int):
+        if isinstance(layers, int) or not isinstance(layers, Iterable):
             return [self.resolve_layer(layers)]
         out: list[int] = []
         for layer in layers:

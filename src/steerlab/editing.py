@@ -63,6 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from steerlab._checks import as_finite_float
 from steerlab.ablation import (
     DirectionalAblation,
     MeanAblation,
@@ -70,7 +71,15 @@ from steerlab.ablation import (
     ZeroAblation,
 )
 from steerlab.adapter import ModelAdapter
-from steerlab.errors import BakeError, EditRemovedError, InvalidInputError, VectorMismatchError
+from steerlab.errors import (
+    BakeError,
+    EditRemovedError,
+    FileWriteError,
+    InvalidInputError,
+    VectorFileError,
+    VectorFileNotFoundError,
+    VectorMismatchError,
+)
 from steerlab.interventions import (
     HookHandle,
     Intervention,
@@ -84,7 +93,13 @@ from steerlab.interventions import (
 )
 from steerlab.model import SteeredModel
 from steerlab.positions import Positions, PositionSpec
-from steerlab.vectors import SteeringVector
+from steerlab.vectors import (
+    CHECKSUM_KEY,
+    SteeringVector,
+    atomic_output,
+    check_file_checksum,
+    file_checksum,
+)
 
 __all__ = [
     "BAKE_TOLERANCE",
@@ -685,6 +700,16 @@ def bake(
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise InvalidInputError(f"{target} already exists; pass overwrite=True to replace it")
+    if target.exists() and not target.is_dir():
+        raise BakeError(
+            f"{target} is not a folder; bake writes a model folder and never replaces a file"
+        )
+    if target.is_dir() and any(target.iterdir()) and not (target / _PROVENANCE).is_file():
+        # overwrite=True replaces an earlier bake, never an arbitrary folder of the user's
+        raise BakeError(
+            f"{target} is not a folder written by bake (it has no {_PROVENANCE}); refusing to "
+            f"replace it: choose another output folder"
+        )
     if isinstance(model, EditedModel):
         model._check_alive()
         base = model.original
@@ -715,8 +740,11 @@ def bake(
     if verify:
         max_diff = _verify(base, interventions, baked)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.bake-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.bake-", dir=target.parent))
+    except OSError as err:
+        raise FileWriteError(f"cannot write {target}: {err.strerror or err}") from None
     try:
         baked.save_pretrained(staging)  # type: ignore[operator]
         if save_tokenizer and callable(getattr(base.tokenizer, "save_pretrained", None)):
@@ -730,12 +758,17 @@ def bake(
             "verified_max_abs_logit_diff": max_diff,
             "library": f"steerlab {getattr(steerlab, '__version__', '?')}",
         }
-        (staging / "steerlab_edit.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (staging / _PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         _replace_dir(staging, target)
+    except OSError as err:
+        raise FileWriteError(f"cannot write {target}: {err.strerror or err}") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+_PROVENANCE = "steerlab_edit.json"
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -801,6 +834,7 @@ def export_gguf(
     import gguf
     import numpy as np
 
+    strength = as_finite_float(strength, "strength")
     if isinstance(steering, Steering):
         if not Positions.parse(steering.positions).covers_everything:
             raise InvalidInputError("llama.cpp applies control vectors at every token")
@@ -825,51 +859,109 @@ def export_gguf(
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise InvalidInputError(f"cannot write {target}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        arch = "controlvector"
-        writer = gguf.GGUFWriter(tmp, arch)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in vector.layers:
+        data = (vector[layer].to(torch.float64) * strength).to(torch.float32)
+        if not bool(torch.isfinite(data).all()):
+            raise InvalidInputError(
+                f"strength {strength:g} overflows float32 at layer {layer}; use a smaller one"
+            )
+        tensors[f"direction.{layer}"] = data
+    arch = "controlvector"
+    checksum = file_checksum(tensors, _gguf_checked_fields(hint, len(tensors)))
+    with atomic_output(target) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_string(f"{arch}.model_hint", hint)
         writer.add_int32(f"{arch}.layer_count", len(vector.layers))
-        for layer in vector.layers:
-            data = (vector[layer].to(torch.float64) * float(strength)).to(torch.float32)
-            writer.add_tensor(f"direction.{layer}", data.numpy().astype(np.float32))
+        writer.add_string(_GGUF_CHECKSUM, checksum)
+        for name, data in tensors.items():
+            writer.add_tensor(name, data.numpy().astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return target
+
+
+_GGUF_CHECKSUM = "controlvector.steerlab_checksum"
+
+
+def _gguf_checked_fields(hint: str, layer_count: int) -> dict[str, str]:
+    return {"model_hint": hint, "layer_count": str(layer_count)}
 
 
 def read_gguf(path: str | os.PathLike[str]) -> SteeringVector:
     """Read a llama.cpp control-vector GGUF: ``direction.N`` becomes steerlab layer ``N``.
 
-    The ``controlvector.model_hint`` is kept as metadata ``model_hint``.
+    The ``controlvector.model_hint`` is kept as metadata ``model_hint``. A file written by
+    :func:`export_gguf` carries a SHA-256 checksum of its tensors and fields, verified here;
+    control vectors from other tools (no checksum) load too. Anything that is not a readable
+    control vector (not GGUF, truncated, corrupt, NaN/inf, absurd layer numbers) raises
+    :class:`~steerlab.errors.VectorFileError` naming the file.
     """
     import gguf
 
+    from steerlab.vectors import MAX_LAYER
+
     file = Path(path)
+    if file.is_dir():
+        raise VectorFileNotFoundError(f"{file} is a directory, not a GGUF file")
     if not file.is_file():
-        raise InvalidInputError(f"no GGUF file at {file}")
-    reader = gguf.GGUFReader(file)
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+        raise VectorFileNotFoundError(f"no GGUF file at {file}")
+    try:
+        reader = gguf.GGUFReader(file)
+        arch_field = reader.get_field("general.architecture")
+        arch = arch_field.contents() if arch_field is not None else None
+        fields = {name: reader.get_field(name) for name in reader.fields}
+        raw = {t.name: torch.tensor(t.data.copy()).reshape(-1) for t in reader.tensors}
+        dims = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+        hint = _field_text(fields.get("controlvector.model_hint"))
+        stored = _field_text(fields.get(_GGUF_CHECKSUM))
+        count_field = fields.get("controlvector.layer_count")
+        count = count_field.contents() if count_field is not None else None
+    except Exception as err:
+        raise VectorFileError(
+            f"{file}: not a readable GGUF file (truncated or corrupt: {type(err).__name__}: {err})"
+        ) from None
     if arch != "controlvector":
-        raise InvalidInputError(f"{file} is not a control vector (architecture {arch!r})")
-    hint_field = reader.get_field("controlvector.model_hint")
+        raise VectorFileError(f"{file} is not a control vector (architecture {arch!r})")
+    suspicious = [
+        name
+        for name in fields
+        if ("steerlab" in name or "checksum" in name) and name != _GGUF_CHECKSUM
+    ]
+    if suspicious:
+        raise VectorFileError(f"{file}: damaged header (unexpected fields {suspicious})")
+    if stored is not None:
+        checked = {name: t.float() if t.dtype != torch.float32 else t for name, t in raw.items()}
+        check_file_checksum(
+            checked,
+            {**_gguf_checked_fields(hint or "", int(count or 0)), CHECKSUM_KEY: stored},
+            file,
+        )
     directions: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        prefix, _, number = tensor.name.partition(".")
+    for name, data in raw.items():
+        prefix, _, number = name.partition(".")
         if prefix != "direction" or not number.isdigit():
-            raise InvalidInputError(f"{file}: unexpected tensor {tensor.name!r}")
-        directions[int(number)] = torch.tensor(tensor.data.copy()).reshape(-1).float()
+            raise VectorFileError(f"{file}: unexpected tensor {name!r}")
+        if int(number) > MAX_LAYER:
+            raise VectorFileError(f"{file}: tensor {name!r} names an absurd layer number")
+        if len(dims[name]) > 1 and sorted(dims[name])[:-1] != [1] * (len(dims[name]) - 1):
+            raise VectorFileError(f"{file}: tensor {name!r} has shape {dims[name]}, not 1-D")
+        directions[int(number)] = data.float()
+    if not directions:
+        raise VectorFileError(f"{file}: the control vector holds no direction tensors")
     meta: dict[str, Any] = {"source": "llama.cpp control vector"}
-    if hint_field is not None:
-        meta["model_hint"] = hint_field.contents()
-    return SteeringVector(directions, metadata=meta)
+    if hint is not None:
+        meta["model_hint"] = hint
+    try:
+        return SteeringVector(directions, metadata=meta)
+    except VectorMismatchError as err:
+        raise VectorFileError(f"{file}: {err}") from None
+
+
+def _field_text(field: Any) -> str | None:
+    if field is None:
+        return None
+    value = field.contents()
+    return value if isinstance(value, str) else str(value)

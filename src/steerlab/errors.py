@@ -1,5 +1,18 @@
 """Errors raised by steerlab.
 
+The taxonomy, by what went wrong:
+
+* a bad argument value or type → :class:`InvalidInputError` (``ValueError``); a layer index
+  out of range → :class:`LayerIndexError` (``IndexError`` and ``ValueError``); a layer a vector
+  does not have → :class:`LayerNotFoundError` (``KeyError``)
+* a vector that does not fit a model or another vector → :class:`VectorMismatchError`
+* a file that cannot be read (corrupt, tampered with, wrong format) → :class:`VectorFileError`,
+  or :class:`VectorFileNotFoundError` (``FileNotFoundError``) when it is not there
+* a file that cannot be written (a folder in the way, no permission, disk full) →
+  :class:`FileWriteError` (``OSError``), naming the target, never a hidden temporary file
+* models and data: :class:`UnsupportedModelError`, :class:`ModelNotAvailableError`,
+  :class:`DataError`, :class:`BakeError`, :class:`EditRemovedError`
+
 Every error steerlab raises for bad input derives from :class:`SteerlabError` *and* from the
 builtin a caller would naturally catch (``ValueError``, ``IndexError``, ``FileNotFoundError``),
 so ``except ValueError`` keeps working in code written before steerlab.
@@ -15,6 +28,8 @@ __all__ = [
     "BakeError",
     "EditRemovedError",
     "DataError",
+    "FileWriteError",
+    "LayerNotFoundError",
     "LayerIndexError",
     "ModelNotAvailableError",
     "SteerlabError",
@@ -47,7 +62,20 @@ class VectorMismatchError(SteerlabError, ValueError):
 
 
 class VectorFileError(SteerlabError, ValueError):
-    """A vector file is truncated, corrupt, or of an unknown schema version."""
+    """A vector (or means, or GGUF) file is truncated, corrupt, tampered with (checksum), or of
+    an unknown schema version."""
+
+
+class LayerNotFoundError(SteerlabError, KeyError):
+    """A steering vector has no direction for the requested layer (``vec[99]``)."""
+
+    def __str__(self) -> str:
+        # KeyError would show the repr of the message, quotes and all
+        return str(self.args[0]) if self.args else ""
+
+
+class FileWriteError(SteerlabError, OSError):
+    """A file or folder cannot be written: a folder is in the way, no permission, disk full."""
 
 
 class UnsupportedModelError(SteerlabError, ValueError):

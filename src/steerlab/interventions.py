@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from steerlab._checks import as_finite_float, as_int
 from steerlab.adapter import ModelAdapter
 from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.positions import Positions, PositionSpec
@@ -571,15 +571,7 @@ def scoped_hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
 
 # --- additive steering ---------------------------------------------------------------------------
 def _finite(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise InvalidInputError(f"{what} must be a number, got {value!r}") from None
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{what} must be finite, got {number}")
-    return number
+    return as_finite_float(value, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +580,8 @@ class Steering(Intervention):
 
     ``strength`` is one number or a ``{layer: strength}`` mapping (the seed's per-layer weights);
     with a mapping, or with ``layers``, a single-layer vector is applied at each of those layers.
+    Layers and strength keys must be integers; the mapping and ``layers`` are copied, so later
+    changes to the caller's objects do not leak in.
 
     >>> import torch
     >>> from steerlab.vectors import SteeringVector
@@ -609,10 +603,19 @@ class Steering(Intervention):
             )
         Positions.parse(self.positions)
         if isinstance(self.strength, Mapping):
-            for key, value in self.strength.items():
-                _finite(value, f"strength for layer {key}")
+            if not self.strength:
+                raise InvalidInputError("the strength mapping is empty: give {layer: strength}")
+            strengths = {
+                as_int(key, "strength key (a layer)"): _finite(value, f"strength for layer {key}")
+                for key, value in self.strength.items()
+            }
+            object.__setattr__(self, "strength", strengths)
         else:
             _finite(self.strength, "strength")
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+                raise InvalidInputError(f"layers must be a list of integers, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(as_int(x, "layer") for x in self.layers))
 
     def layer_deltas(self, adapter: ModelAdapter) -> dict[int, torch.Tensor]:
         """``{resolved layer: strength × direction}`` in float32, validated against the model."""
@@ -624,15 +627,31 @@ class Steering(Intervention):
             )
         vec_layers = {layer: adapter.resolve_layer(layer) for layer in vector.layers}
         if isinstance(self.strength, Mapping):
-            targets = {adapter.resolve_layer(k): float(v) for k, v in self.strength.items()}
+            pairs = [(k, adapter.resolve_layer(k), float(v)) for k, v in self.strength.items()]
         else:
             chosen = self.layers if self.layers is not None else list(vec_layers.values())
-            targets = {layer: float(self.strength) for layer in adapter.resolve_layers(chosen)}
+            pairs = [(k, adapter.resolve_layer(k), float(self.strength)) for k in chosen]
+        targets: dict[int, float] = {}
+        given: dict[int, int] = {}
+        for raw, layer, strength in pairs:
+            if layer in targets:
+                # {-1: a, 2: b} on a 3-layer model: one of them would be dropped silently
+                raise InvalidInputError(
+                    f"layer {layer} is given twice (as {given[layer]} and {raw}) after resolving "
+                    f"negative indices; give each layer once"
+                )
+            targets[layer], given[layer] = strength, raw
         deltas: dict[int, torch.Tensor] = {}
         by_resolved = {resolved: vector.directions[raw] for raw, resolved in vec_layers.items()}
         for layer, strength in targets.items():
             direction = direction_at(by_resolved, layer, use="applied", known=vector.layers)
-            deltas[layer] = direction.to(torch.float32) * strength
+            delta = direction.to(torch.float32) * strength
+            if not bool(torch.isfinite(delta).all()):
+                raise InvalidInputError(
+                    f"strength {strength:g} at layer {layer} overflows float32 (strength x "
+                    f"direction is not finite); use a smaller strength"
+                )
+            deltas[layer] = delta
         return deltas
 
     def hooks(self, adapter: ModelAdapter, tracker: PositionTracker) -> list[HookSpec]:
@@ -700,7 +719,11 @@ class RowSteering(Intervention):
                     terms[positions] = torch.zeros(n_rows, adapter.d_model, dtype=torch.float32)
                 terms[positions][row] += delta
         return [
-            HookSpec(adapter.block(layer), "forward", _AddHook(tracker, list(terms.items())))
+            HookSpec(
+                adapter.block(layer),
+                "forward",
+                _AddHook(tracker, list(terms.items()), per_row=True),
+            )
             for layer, terms in sorted(per_layer.items())
         ]
 
@@ -708,9 +731,17 @@ class RowSteering(Intervention):
 class _AddHook:
     """Forward hook adding ``delta[row]`` at the selected positions of a block's output."""
 
-    def __init__(self, tracker: PositionTracker, terms: list[tuple[Positions, torch.Tensor]]):
+    def __init__(
+        self,
+        tracker: PositionTracker,
+        terms: list[tuple[Positions, torch.Tensor]],
+        *,
+        per_row: bool = False,
+    ):
         self.tracker = tracker
         self.terms = terms
+        # per-row terms must match the batch exactly: one entry is not "the same for all rows"
+        self.per_row = per_row
         self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def _delta(self, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -727,10 +758,10 @@ class _AddHook:
         batch = hidden.shape[0]
         for index, (positions, _) in enumerate(self.terms):
             delta = self._delta(index, hidden)
-            if delta.shape[0] not in (1, batch):
+            if delta.shape[0] != batch and (self.per_row or delta.shape[0] != 1):
                 raise InvalidInputError(
-                    f"per-row steering was built for {delta.shape[0]} rows but the batch has "
-                    f"{batch}"
+                    f"per-row steering has {delta.shape[0]} entries but the batch has {batch} "
+                    f"rows (one entry per prompt, None for an unsteered one)"
                 )
             if positions.covers_everything and self.tracker.all_real:
                 hidden = hidden + delta[:, None, :]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from steerlab.errors import ModelNotAvailableError, UnsupportedModelError
+from steerlab.errors import InvalidInputError, ModelNotAvailableError, UnsupportedModelError
 from steerlab.model import SteeredModel
 
 __all__ = [
@@ -147,6 +147,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype, device = _check_dtype_device(dtype, device)
     if name_or_path is None:
         path: str = str(default_model_path())
         name = DEFAULT_MODEL_ID
@@ -155,7 +156,7 @@ def load_model(
         name = path
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
     local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -174,3 +175,30 @@ def load_model(
         model = model.to(device)
     model.eval()
     return SteeredModel(model, tokenizer, layers_path=layers_path, name=name)
+
+
+def _check_dtype_device(
+    dtype: torch.dtype | str | None, device: str | torch.device | None
+) -> tuple[torch.dtype | None, str | torch.device | None]:
+    """Refuse a bad ``dtype``/``device`` before anything is loaded, naming the argument."""
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise InvalidInputError(
+                f"dtype {dtype!r} is not a torch dtype (try 'float32', 'bfloat16', 'float16')"
+            )
+        dtype = resolved
+    elif dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InvalidInputError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype {dtype} is not a floating-point dtype")
+    if device is not None:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InvalidInputError(
+                f"device {device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1', 'mps')"
+            ) from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError(f"device {device!r}: CUDA is not available on this machine")
+    return dtype, device

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from torch import nn
 
+from steerlab._checks import as_finite_float, as_int, as_positive_int
 from steerlab.adapter import ModelAdapter
-from steerlab.errors import InvalidInputError
+from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
     HookSpec,
@@ -224,6 +226,21 @@ class SteeredModel:
 
     # --- tokenization -----------------------------------------------------------------------
     @property
+    def context_length(self) -> int | None:
+        """Most positions the model was built for (``max_position_embeddings``), if known.
+
+        >>> from steerlab.testing import tiny_model
+        >>> tiny_model("gpt2").context_length
+        128
+        """
+        config = getattr(self.hf_model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    @property
     def pad_token_id(self) -> int:
         """The pad id steerlab uses: the tokenizer's pad token, else its EOS token."""
         for attr in ("pad_token_id", "eos_token_id"):
@@ -251,8 +268,13 @@ class SteeredModel:
         *,
         padding_side: str = "left",
         chat: bool = False,
+        reserve: int = 0,
     ) -> Batch:
         """Tokenize and pad ``prompts`` without touching the tokenizer's own settings.
+
+        A prompt longer than the model's context (:attr:`context_length`, less ``reserve``
+        positions kept free for generated tokens) is refused with
+        :class:`~steerlab.errors.InvalidInputError`.
 
         >>> from steerlab.testing import tiny_model
         >>> b = tiny_model("gpt2").encode(["a", "the cat sat"])
@@ -262,6 +284,7 @@ class SteeredModel:
         items = _check_prompts(prompts)
         if padding_side not in ("left", "right"):
             raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        reserve = as_int(reserve, "reserve")
         if chat:
             items = [self.format_chat(p) for p in items]
         encoded = self.tokenizer(items, add_special_tokens=not chat)["input_ids"]
@@ -270,6 +293,14 @@ class SteeredModel:
             if length == 0:
                 raise InvalidInputError(f"prompt {i} ({items[i]!r}) has no tokens")
         width = max(lengths)
+        context = self.context_length
+        if context is not None and width + reserve > context:
+            longest = lengths.index(width)
+            extra = f" plus {reserve} new tokens" if reserve else ""
+            raise InvalidInputError(
+                f"prompt {longest} has {width} tokens{extra}, longer than the model's context "
+                f"of {context} positions; shorten it"
+            )
         pad = self.pad_token_id
         ids = torch.full((len(items), width), pad, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -328,6 +359,15 @@ class SteeredModel:
             elif isinstance(item, RowSteering):
                 vectors.extend(row.vector for row in item.rows if row is not None)
         for vector in vectors:
+            if vector.metadata.get("operation") == "project_out":
+                message = (
+                    "this vector is marked operation='project_out' (a direction to ablate): "
+                    "project it out with sl.DirectionalAblation(vec), or mark it for steering "
+                    "with vec.with_metadata(operation='add')"
+                )
+                if not force:
+                    raise VectorMismatchError(message + " (or pass force=True to add it anyway)")
+                warnings.warn("adding " + message, stacklevel=3)
             if vector in self._checked_vectors:
                 continue
             vector.check_compatible(self, force=force)
@@ -508,6 +548,8 @@ class SteeredModel:
     ) -> torch.Tensor:
         """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
         items = _check_prompts(prompts)
+        if batch_size is not None:
+            batch_size = as_positive_int(batch_size, "batch_size")
         self._check_steering_rows(steering, len(items))
         batch = self.encode(items, padding_side=padding_side, chat=chat)
         size = batch_size or len(items)
@@ -624,8 +666,12 @@ class SteeredModel:
         (a list of ``repeat * n`` entries) to evaluate many strengths or vectors in one batch.
         Interventions below ``cache.layer`` have no effect here (that part was computed once).
         """
-        if repeat < 1:
-            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        if not isinstance(cache, PrefixCache):
+            raise InvalidInputError(
+                f"run_from needs a PrefixCache from model.prefix_cache(...), got "
+                f"{type(cache).__name__}"
+            )
+        repeat = as_positive_int(repeat, "repeat")
         n = cache.batch.input_ids.shape[0]
         expanded = Batch(
             cache.batch.input_ids.repeat(repeat, 1),
@@ -691,8 +737,7 @@ class SteeredModel:
                 f"positions for activations must be one of {_REDUCTIONS} or an int token index, "
                 f"not {positions!r}"
             )
-        if batch_size < 1:
-            raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
+        batch_size = as_positive_int(batch_size, "batch_size")
         self._check_steering_rows(steering, len(items))
         wanted = self.adapter.resolve_layers(layers)
         deepest = max(wanted)
@@ -795,10 +840,14 @@ class SteeredModel:
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
         items = _check_prompts(prompts)
+        max_new_tokens = as_int(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if batch_size is not None:
+            batch_size = as_positive_int(batch_size, "batch_size")
+        _check_sampling(do_sample, temperature, top_p, top_k, seed)
         self._check_steering_rows(steering, len(items))
-        batch = self.encode(items, chat=chat)
+        batch = self.encode(items, chat=chat, reserve=max_new_tokens)
         size = batch_size or len(items)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         options: dict[str, Any] = {
@@ -831,6 +880,27 @@ class SteeredModel:
                 for row in out[:, width:].cpu():
                     outputs.append(_strip_after_eos(row, eos))
         return outputs
+
+
+def _check_sampling(
+    do_sample: object, temperature: object, top_p: object, top_k: object, seed: object
+) -> None:
+    """Refuse sampling options transformers would reject late or obscurely (or ignore)."""
+    if not isinstance(do_sample, bool):
+        raise InvalidInputError(f"do_sample must be True or False, got {do_sample!r}")
+    if do_sample:
+        value = as_finite_float(temperature, "temperature")
+        if value <= 0:
+            raise InvalidInputError(
+                f"temperature must be positive, got {value} (for greedy decoding use "
+                f"do_sample=False)"
+            )
+        if top_p is not None and not 0 < as_finite_float(top_p, "top_p") <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and as_int(top_k, "top_k") < 0:
+            raise InvalidInputError(f"top_k must be 0 (off) or positive, got {top_k}")
+    if seed is not None and not 0 <= as_int(seed, "seed") < 2**63:
+        raise InvalidInputError(f"seed must be an integer in [0, 2**63), got {seed}")
 
 
 def _strip_after_eos(ids: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:

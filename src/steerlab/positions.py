@@ -33,6 +33,7 @@ from typing import Literal, Union
 
 import torch
 
+from steerlab._checks import as_int
 from steerlab.errors import InvalidInputError
 
 __all__ = ["PositionSpec", "Positions"]
@@ -83,7 +84,7 @@ class Positions:
                 raise InvalidInputError(f"slice step must be positive, got {step}")
             return cls(mode="slice", start=spec.start, stop=spec.stop, step=step)
         if isinstance(spec, Sequence) or isinstance(spec, torch.Tensor):
-            values = [int(v) for v in spec]
+            values = [as_int(v, "positions entry") for v in spec]
             if not values:
                 raise InvalidInputError("positions list is empty")
             return cls(mode="indices", indices=tuple(values))

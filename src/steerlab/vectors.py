@@ -57,18 +57,23 @@ stream at layer ``L``. What "strength 1.0" means therefore depends on the vector
 Files
 -----
 :meth:`SteeringVector.save` writes safetensors: one tensor per layer keyed ``"layer.<L>"``, and
-in the header's string metadata ``format = "steerlab.vector"``, ``schema_version`` and every
-metadata key with a JSON-encoded value. The file is written to a temporary file in the same
-folder and moved into place, so a crash never leaves half a file. :meth:`SteeringVector.load`
-validates everything and raises :class:`~steerlab.errors.VectorFileError` for anything else. No
-pickle is involved anywhere.
+in the header's string metadata ``format = "steerlab.vector"``, ``schema_version``, every
+metadata key with a JSON-encoded value, and ``checksum``: the SHA-256 of the tensors (names,
+dtypes, shapes, bytes) and of every other metadata string (:func:`file_checksum`). The file is
+written to a temporary file in the same folder and moved into place, so a crash never leaves
+half a file. :meth:`SteeringVector.load` verifies the checksum (any flipped bit, in the tensors
+or in the header, is refused), validates everything and raises
+:class:`~steerlab.errors.VectorFileError` naming the file for anything else. Files of schema
+version 1 (before checksums) still load. No pickle is involved anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -76,19 +81,32 @@ import re
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from steerlab.errors import VectorFileError, VectorFileNotFoundError, VectorMismatchError
+from steerlab.errors import (
+    FileWriteError,
+    InvalidInputError,
+    LayerNotFoundError,
+    VectorFileError,
+    VectorFileNotFoundError,
+    VectorMismatchError,
+)
 
 __all__ = [
+    "CHECKSUM_KEY",
+    "MAX_LAYER",
     "FILE_FORMAT",
     "LAYER_CONVENTION",
     "SCHEMA_VERSION",
     "SteeringVector",
+    "atomic_output",
+    "check_file_checksum",
+    "decode_json_metadata",
+    "file_checksum",
     "fingerprints_match",
     "model_fingerprint",
     "model_identity",
@@ -99,15 +117,21 @@ __all__ = [
 FILE_FORMAT = "steerlab.vector"
 """Value of the ``format`` key in the header of every steerlab vector file."""
 
-SCHEMA_VERSION = 1
-"""Version of the vector file layout and metadata schema this steerlab writes and reads."""
+SCHEMA_VERSION = 2
+"""Version of the vector file layout this steerlab writes: 2 adds the checksum (1 still loads)."""
+
+CHECKSUM_KEY = "checksum"
+"""Header key holding :func:`file_checksum` (a plain string, ``"sha256:<hex>"``, not JSON)."""
+
+MAX_LAYER = 65535
+"""Layer indices above this in a file are refused as corrupt (no model has that many blocks)."""
 
 LAYER_CONVENTION = "output of block L, 0-based"
 """How layer keys are counted: layer ``L`` is the residual stream after decoder block ``L``."""
 
 _SITE = "block_output"
 _OPERATIONS = ("add", "project_out")
-_RESERVED_KEYS = ("format", "schema_version")
+_RESERVED_KEYS = ("format", "schema_version", CHECKSUM_KEY)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYER_KEY = re.compile(r"layer\.(0|[1-9][0-9]*)")
 _MAX_HEADER = 64 * 1024 * 1024
@@ -118,6 +142,8 @@ def _check_direction(layer: int, tensor: torch.Tensor, d_model: int | None) -> N
         raise VectorMismatchError(
             f"direction for layer {layer} must be 1-D [d_model], got shape {tuple(tensor.shape)}"
         )
+    if tensor.shape[0] == 0:
+        raise VectorMismatchError(f"direction for layer {layer} is empty (size 0)")
     if d_model is not None and tensor.shape[0] != d_model:
         raise VectorMismatchError(
             f"direction for layer {layer} has size {tensor.shape[0]}, others have {d_model}"
@@ -180,7 +206,13 @@ class SteeringVector:
         >>> SteeringVector.from_tensor(torch.zeros(8), layers=[6, 8]).layers
         (6, 8)
         """
-        return cls({int(layer): tensor for layer in layers}, metadata=metadata or {})
+        from steerlab._checks import as_int
+
+        try:
+            keys = [as_int(layer, "layer") for layer in layers]
+        except InvalidInputError as err:
+            raise VectorMismatchError(str(err)) from None
+        return cls(dict.fromkeys(keys, tensor), metadata=metadata or {})
 
     # --- access ------------------------------------------------------------------------------
     @property
@@ -199,8 +231,10 @@ class SteeringVector:
         return next(iter(self.directions.values())).dtype
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        if layer not in self.directions:
-            raise KeyError(f"this vector has no direction for layer {layer}; it has {self.layers}")
+        if isinstance(layer, bool) or layer not in self.directions:
+            raise LayerNotFoundError(
+                f"this vector has no direction for layer {layer!r}; it has {self.layers}"
+            )
         return self.directions[layer].clone()
 
     def __contains__(self, layer: object) -> bool:
@@ -264,9 +298,13 @@ class SteeringVector:
         (1,)
         """
         chosen = list(layers)
-        missing = [layer for layer in chosen if layer not in self.directions]
+        missing = [
+            layer for layer in chosen if isinstance(layer, bool) or layer not in self.directions
+        ]
         if missing:
-            raise KeyError(f"this vector has no direction for layers {missing}")
+            raise LayerNotFoundError(
+                f"this vector has no direction for layers {missing}; it has {self.layers}"
+            )
         return SteeringVector({k: self.directions[k] for k in chosen}, metadata=self.metadata)
 
     def with_metadata(self, **metadata: Any) -> SteeringVector:
@@ -281,6 +319,7 @@ class SteeringVector:
             raise VectorMismatchError(
                 f"cannot combine vectors of sizes {self.d_model} and {other.d_model}"
             )
+        metadata = _combined_metadata(self.metadata, other.metadata)
         out: dict[int, torch.Tensor] = {}
         for layer in sorted(set(self.layers) | set(other.layers)):
             a = self.directions.get(layer)
@@ -292,7 +331,7 @@ class SteeringVector:
                 out[layer] = a.clone()
             else:
                 out[layer] = a + sign * b.to(a.dtype)
-        return SteeringVector(out, metadata={**self.metadata, "method": "arithmetic"})
+        return SteeringVector(out, metadata=metadata)
 
     def __add__(self, other: object) -> SteeringVector:
         return self._combine(other, 1.0)
@@ -526,9 +565,11 @@ class SteeringVector:
         """Write this vector to a safetensors file, atomically; returns the path.
 
         Tensors are stored as they are (dtype and bits exact) under ``"layer.<L>"``; metadata
-        values must be JSON-serialisable (numbers must be finite). The file appears complete
-        or not at all: it is written to a temporary file in the same folder, flushed to disk,
-        and renamed over ``path``.
+        values must be JSON-serialisable (numbers must be finite), and the header gets a
+        SHA-256 :func:`file_checksum` of both. The file appears complete or not at all: it is
+        written to a temporary file in the same folder, flushed to disk, and renamed over
+        ``path``; a folder in the way or a folder without write permission raises
+        :class:`~steerlab.errors.FileWriteError` naming ``path`` and leaves nothing behind.
 
         >>> import tempfile, torch, pathlib
         >>> d = tempfile.TemporaryDirectory()
@@ -558,6 +599,7 @@ class SteeringVector:
             f"layer.{layer}": t.detach().to("cpu").contiguous()
             for layer, t in self.directions.items()
         }
+        header[CHECKSUM_KEY] = file_checksum(tensors, header)
         data = safetensors_save(tensors, metadata=header)
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
@@ -569,20 +611,28 @@ class SteeringVector:
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
         """Read a vector written by :meth:`save`, validating everything.
 
-        Refused with :class:`~steerlab.errors.VectorFileError` (and a message saying what is
-        wrong): a file that is not safetensors, truncated or with trailing bytes, a corrupt
-        header, a safetensors file that is not a steerlab vector, an unknown schema version,
-        metadata that is not JSON, tensor names other than ``layer.<L>``, tensors that are not
-        1-D floating point, of different sizes or of a size other than the recorded
-        ``d_model``, and NaN or infinite values. Compatibility with a model is checked
-        separately (:meth:`check_compatible`).
+        Refused with :class:`~steerlab.errors.VectorFileError` (and a message naming the file
+        and saying what is wrong): a file that is not safetensors, truncated or with trailing
+        bytes, a corrupt header, a safetensors file that is not a steerlab vector, an unknown
+        schema version, a checksum that does not match (any bit changed since it was written),
+        metadata that is not JSON or holds NaN/inf, tensor names other than ``layer.<L>`` or
+        with an absurd layer number, tensors that are not 1-D floating point, empty, of
+        different sizes or of a size other than the recorded ``d_model``, and NaN or infinite
+        values. Files of schema version 1 (no checksum) still load. Compatibility with a model
+        is checked separately (:meth:`check_compatible`).
         """
         file = Path(path)
+        if file.is_dir():
+            raise VectorFileNotFoundError(f"{file} is a directory, not a vector file")
         if not file.is_file():
             raise VectorFileNotFoundError(f"no vector file at {file}")
-        data = file.read_bytes()
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise VectorFileError(f"cannot read {file}: {err.strerror or err}") from None
         header = _read_header(data, file)
-        metadata = _decode_metadata(header.get("__metadata__"), file)
+        raw_meta = header.get("__metadata__")
+        metadata, version = _decode_metadata(raw_meta, file)
         from safetensors import SafetensorError
         from safetensors.torch import load as safetensors_load
 
@@ -590,6 +640,9 @@ class SteeringVector:
             tensors = safetensors_load(data)
         except (SafetensorError, ValueError, RuntimeError) as err:
             raise VectorFileError(f"{file}: corrupt safetensors data ({err})") from None
+        if version >= 2:
+            assert isinstance(raw_meta, dict)
+            check_file_checksum(tensors, raw_meta, file)
         directions = _decode_tensors(tensors, metadata, file)
         try:
             return cls(directions, metadata=metadata)
@@ -597,27 +650,162 @@ class SteeringVector:
             raise VectorFileError(f"{file}: {err}") from None
 
 
+def _write_error(target: Path, err: OSError) -> FileWriteError:
+    error = FileWriteError(f"cannot write {target}: {err.strerror or err}")
+    error.errno = err.errno
+    return error
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path next to ``target`` to write to; renamed over ``target`` on success.
+
+    A reader never sees a half-written file. Failures (``target`` is a folder, no permission,
+    disk full) raise :class:`~steerlab.errors.FileWriteError` naming ``target``, not the
+    hidden temporary file, and the temporary file is removed whatever happens (also on
+    ``KeyboardInterrupt``). The folder must exist.
+
+    >>> import tempfile, pathlib
+    >>> file = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
+    >>> with atomic_output(file) as tmp:
+    ...     _ = tmp.write_text("ok")
+    >>> file.read_text(), sorted(p.name for p in file.parent.iterdir())
+    ('ok', ['x.txt'])
+    """
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise FileWriteError(f"cannot write {target}: it is a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        raise _write_error(target, err) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as err:
+        raise _write_error(target, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
+
+
 def write_atomically(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file (the folder must exist).
+    """Write ``data`` to ``target`` through :func:`atomic_output` (flushed to disk first).
 
     >>> import tempfile, pathlib
     >>> file = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
     >>> write_atomically(file, b"ok"); file.read_bytes()
     b'ok'
     """
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
+    with atomic_output(target) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --- checksums ------------------------------------------------------------------------------------
+_CHECKSUM_DOMAIN = b"steerlab-file-checksum-v1\0"
+
+
+def file_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 of tensors and string metadata, as ``"sha256:<64 hex digits>"``.
+
+    Covers every tensor's name, dtype, shape and bytes (in name order) and every metadata
+    key and value except :data:`CHECKSUM_KEY`, so a writer computes it over what it is about
+    to save, stores it under :data:`CHECKSUM_KEY`, and a reader recomputes it over what it
+    loaded (:func:`check_file_checksum`). Any changed bit changes it; the order of keys and
+    the file layout do not. Used by vector, means and GGUF files (and meant for any other
+    safetensors-with-metadata file of steerlab).
+
+    >>> import torch
+    >>> a = file_checksum({"layer.1": torch.ones(2)}, {"method": '"manual"'})
+    >>> a.startswith("sha256:"), len(a)
+    (True, 71)
+    >>> a == file_checksum({"layer.1": torch.tensor([1.0, 1.0 + 2**-23])}, {"method": '"manual"'})
+    False
+    """
+    digest = hashlib.sha256(_CHECKSUM_DOMAIN)
+    meta = {str(k): str(v) for k, v in metadata.items() if k != CHECKSUM_KEY}
+    digest.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        head = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        for part in (head, raw):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return "sha256:" + digest.hexdigest()
+
+
+def check_file_checksum(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], file: str | os.PathLike[str]
+) -> None:
+    """Raise :class:`~steerlab.errors.VectorFileError` naming ``file`` unless
+    ``metadata[CHECKSUM_KEY]`` matches :func:`file_checksum` of what was read.
+
+    >>> import torch
+    >>> meta = {"k": "1"}
+    >>> meta[CHECKSUM_KEY] = file_checksum({"t": torch.ones(2)}, meta)
+    >>> check_file_checksum({"t": torch.ones(2)}, meta, "f.safetensors")
+    >>> check_file_checksum({"t": torch.zeros(2)}, meta, "f.safetensors")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.VectorFileError: f.safetensors: checksum mismatch: ...
+    """
+    stored = metadata.get(CHECKSUM_KEY)
+    if not isinstance(stored, str) or not stored:
+        raise VectorFileError(
+            f"{file}: no {CHECKSUM_KEY!r} in the header, which this file's schema requires "
+            f"(the header was damaged or edited)"
+        )
+    actual = file_checksum(tensors, metadata)
+    if stored != actual:
+        raise VectorFileError(
+            f"{file}: checksum mismatch: the file changed after it was written (corrupted "
+            f"or edited); stored {stored[:19]}..., content gives {actual[:19]}..."
+        )
+
+
+def decode_json_metadata(
+    raw: Mapping[str, object], file: str | os.PathLike[str], *, skip: Iterable[str] = ()
+) -> dict[str, Any]:
+    """JSON-decode each string value of a safetensors header, refusing NaN and infinities.
+
+    Raises :class:`~steerlab.errors.VectorFileError` naming ``file`` and the key.
+
+    >>> decode_json_metadata({"a": "[1, 2]", "format": "x"}, "f", skip=["format"])
+    {'a': [1, 2]}
+    >>> decode_json_metadata({"a": "NaN"}, "f")
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.VectorFileError: f: metadata 'a' holds a non-finite number (NaN)
+    """
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    skipped = set(skip)
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        if key in skipped:
+            continue
+        if not isinstance(text, str):
+            raise VectorFileError(f"{file}: metadata {key!r} is not a string")
+        try:
+            out[key] = json.loads(text, parse_constant=refuse)
+        except json.JSONDecodeError:
+            raise VectorFileError(f"{file}: metadata {key!r} is not valid JSON: {text!r}") from None
+        except ValueError as err:
+            raise VectorFileError(
+                f"{file}: metadata {key!r} holds a non-finite number ({err})"
+            ) from None
+        if isinstance(out[key], float) and not math.isfinite(out[key]):
+            raise VectorFileError(f"{file}: metadata {key!r} holds a non-finite number")
+    return out
 
 
 def _finite_number(value: object, what: str) -> float:
@@ -649,19 +837,45 @@ def _orthonormal_basis(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
     return basis
 
 
+_IDENTITY_KEYS = (
+    "model_name",
+    "model_type",
+    "d_model",
+    "n_layers",
+    "vocab_size",
+    "unembed_fingerprint",
+)
+
+
+def _combined_metadata(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Metadata of ``a ± b``: ``a``'s, plus the model identity ``b`` records and ``a`` lacks;
+    refused when both record a model and the models differ."""
+    fa, fb = a.get("unembed_fingerprint"), b.get("unembed_fingerprint")
+    differ = isinstance(fa, str) and fa and isinstance(fb, str) and fb
+    if differ and not fingerprints_match(str(fa), str(fb)):
+        raise VectorMismatchError(
+            f"cannot combine vectors made for different models ({a.get('model_name', '?')!r} "
+            f"and {b.get('model_name', '?')!r}: their unembedding fingerprints differ)"
+        )
+    for key in ("model_type", "n_layers", "operation"):
+        if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+            raise VectorMismatchError(
+                f"cannot combine vectors made for different models or uses ({key} "
+                f"{a[key]!r} vs {b[key]!r})"
+            )
+    merged = dict(a)
+    for key in _IDENTITY_KEYS:
+        if merged.get(key) in (None, "") and b.get(key) not in (None, ""):
+            merged[key] = b[key]
+    merged["method"] = "arithmetic"
+    return merged
+
+
 def _describe(vec: SteeringVector) -> str:
     dataset = vec.metadata.get("dataset")
     if isinstance(dataset, Mapping) and dataset.get("name"):
         return f"{dataset['name']} ({vec.metadata.get('method', '?')})"
     return str(vec.metadata.get("method", "vector"))
-
-
-class _suppress_os_error:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, OSError)
 
 
 # --- file decoding ------------------------------------------------------------------------------
@@ -706,14 +920,14 @@ def _read_header(data: bytes, file: Path) -> dict[str, Any]:
     return header
 
 
-def _decode_metadata(raw: object, file: Path) -> dict[str, Any]:
+def _decode_metadata(raw: object, file: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
         raise VectorFileError(
             f"{file}: a safetensors file, but not a steerlab vector (no format={FILE_FORMAT!r} "
             "in its metadata)"
         )
     version = raw.get("schema_version")
-    if version != str(SCHEMA_VERSION):
+    if version not in ("1", str(SCHEMA_VERSION)):
         if isinstance(version, str) and version.isdigit() and int(version) > SCHEMA_VERSION:
             raise VectorFileError(
                 f"{file}: written with vector schema version {version}, newer than the version "
@@ -723,17 +937,10 @@ def _decode_metadata(raw: object, file: Path) -> dict[str, Any]:
             f"{file}: unknown vector schema version {version!r} (this steerlab reads "
             f"{SCHEMA_VERSION})"
         )
-    metadata: dict[str, Any] = {}
-    for key, text in raw.items():
-        if key in _RESERVED_KEYS:
-            continue
-        if not isinstance(text, str):
-            raise VectorFileError(f"{file}: metadata {key!r} is not a string")
-        try:
-            metadata[key] = json.loads(text)
-        except json.JSONDecodeError:
-            raise VectorFileError(f"{file}: metadata {key!r} is not valid JSON: {text!r}") from None
-    return metadata
+    number = int(version)
+    # a version-1 file predates checksums: its checksum key would be a damaged header
+    skip = _RESERVED_KEYS if number >= 2 else ("format", "schema_version")
+    return decode_json_metadata(raw, file, skip=skip), number
 
 
 def _decode_tensors(
@@ -746,6 +953,10 @@ def _decode_tensors(
         match = _LAYER_KEY.fullmatch(name)
         if match is None:
             raise VectorFileError(f"{file}: unexpected tensor {name!r} (expected 'layer.<L>')")
+        if int(match.group(1)) > MAX_LAYER:
+            raise VectorFileError(
+                f"{file}: tensor {name!r} names an absurd layer number (more than {MAX_LAYER})"
+            )
         if tensor.dtype not in _FLOAT_DTYPES:
             raise VectorFileError(
                 f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float dtype"
@@ -754,6 +965,8 @@ def _decode_tensors(
             raise VectorFileError(
                 f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, expected [d_model]"
             )
+        if tensor.shape[0] == 0:
+            raise VectorFileError(f"{file}: tensor {name!r} is an empty direction (size 0)")
         if not bool(torch.isfinite(tensor).all()):
             raise VectorFileError(f"{file}: tensor {name!r} contains NaN or infinite values")
         directions[int(match.group(1))] = tensor

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.errors import SteerlabError
+from steerlab.cli._common import check_output_file, check_output_folder
 
 __all__ = ["register"]
 
@@ -27,11 +27,6 @@ ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Model name or path (default: the embedded default model)."),
 ]
-
-
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(code=1)
 
 
 def _load_model(name: str | None) -> Any:
@@ -134,33 +129,32 @@ def ablate(
             return None
         return values[0] if len(values) == 1 else values
 
-    try:
-        steered = _load_model(model)
-        means = None
-        if mean_prompts is not None:
-            means = compute_means(
-                steered,
-                _read_lines(mean_prompts),
-                layers=chosen_layers,
-                components=[component],
-                chat=chat,
-                cache=means_cache,
-            )
-        scan = ablation_scan(
+    if out is not None:
+        check_output_folder(out)
+    steered = _load_model(model)
+    means = None
+    if mean_prompts is not None:
+        means = compute_means(
             steered,
-            items,
-            metric=metric,
-            target=one_or_many(target),
-            foil=one_or_many(foil),
-            component=component,
+            _read_lines(mean_prompts),
             layers=chosen_layers,
-            heads=chosen_heads,
-            means=means,
-            batch_size=batch_size,
+            components=[component],
             chat=chat,
+            cache=means_cache,
         )
-    except SteerlabError as err:
-        raise _fail(err) from err
+    scan = ablation_scan(
+        steered,
+        items,
+        metric=metric,
+        target=one_or_many(target),
+        foil=one_or_many(foil),
+        component=component,
+        layers=chosen_layers,
+        heads=chosen_heads,
+        means=means,
+        batch_size=batch_size,
+        chat=chat,
+    )
     typer.echo(scan.format(top))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -213,25 +207,23 @@ def bake(
     from steerlab.editing import bake as bake_model
 
     chosen = _parse_ints(layers, "layers")
-    try:
-        vec = sl.SteeringVector.load(vector_file)
-        steered = _load_model(model)
-        vec.check_compatible(steered, force=force)
-        project_out = ablate_direction or vec.metadata.get("operation") == "project_out"
-        if project_out:
-            if chosen is not None:
-                vec = vec.select(chosen)
-            if len(vec.layers) != 1:
-                raise sl.InvalidInputError(
-                    f"--ablate needs one direction; the file has layers {list(vec.layers)}: pick "
-                    f"one with --layers"
-                )
-            edit: Any = DirectionalAblation.everywhere(vec)
-        else:
-            edit = sl.Steering(vec, strength=strength, layers=chosen)
-        path = bake_model(steered, edit, out, overwrite=overwrite)
-    except SteerlabError as err:
-        raise _fail(err) from err
+    check_output_folder(out)
+    vec = sl.SteeringVector.load(vector_file)
+    steered = _load_model(model)
+    vec.check_compatible(steered, force=force)
+    project_out = ablate_direction or vec.metadata.get("operation") == "project_out"
+    if project_out:
+        if chosen is not None:
+            vec = vec.select(chosen)
+        if len(vec.layers) != 1:
+            raise sl.InvalidInputError(
+                f"--ablate needs one direction; the file has layers {list(vec.layers)}: pick "
+                f"one with --layers"
+            )
+        edit: Any = DirectionalAblation.everywhere(vec)
+    else:
+        edit = sl.Steering(vec, strength=strength, layers=chosen)
+    path = bake_model(steered, edit, out, overwrite=overwrite)
     what = "directional ablation" if project_out else f"steering at strength {strength:g}"
     typer.echo(f"wrote {path} ({what}); load it with AutoModelForCausalLM.from_pretrained")
 
@@ -254,13 +246,11 @@ def export_gguf(
     from steerlab.editing import export_gguf as export
 
     chosen = _parse_ints(layers, "layers")
-    try:
-        vec = sl.SteeringVector.load(vector_file)
-        if chosen is not None:
-            vec = vec.select(chosen)
-        path = export(vec, out, strength=strength, model_hint=model_hint)
-    except (SteerlabError, KeyError) as err:
-        raise _fail(err) from err
+    check_output_file(out)
+    vec = sl.SteeringVector.load(vector_file)
+    if chosen is not None:
+        vec = vec.select(chosen)
+    path = export(vec, out, strength=strength, model_hint=model_hint)
     names = ", ".join(f"direction.{layer}" for layer in vec.layers)
     typer.echo(f"wrote {path} ({names}); use it with llama.cpp's --control-vector {path}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,13 @@ def _load(model: str | None) -> Any:
     return sl.load_model(model)
 
 
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what}: {text.strip()!r} is not an integer") from None
+
+
 def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     if text is None or text.strip() == "":
         return None
@@ -31,9 +39,9 @@ def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
         part = part.strip()
         if "-" in part[1:]:
             lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-            out.extend(range(int(lo), int(hi) + 1))
+            out.extend(range(_int(lo, "--layers"), _int(hi, "--layers") + 1))
         else:
-            out.append(int(part))
+            out.append(_int(part, "--layers"))
     return out
 
 
@@ -41,9 +49,11 @@ def _parse_positions(text: str) -> Any:
     if text in ("all", "last", "prompt", "generated"):
         return text
     if ":" in text:
-        parts = [int(p) if p.strip() else None for p in text.split(":")]
+        parts = [_int(p, "--positions") if p.strip() else None for p in text.split(":")]
+        if len(parts) > 3:
+            raise typer.BadParameter(f"--positions: {text!r} is not a slice like 2: or 1:5")
         return slice(*parts)
-    return [int(p) for p in text.split(",")]
+    return [_int(p, "--positions") for p in text.split(",")]
 
 
 def demo(
@@ -111,9 +121,6 @@ def generate(
     ] = False,
 ) -> None:
     """Generate text, optionally steered by a vector file."""
-    from rich.console import Console
-    from rich.table import Table
-
     import steerlab as sl
 
     steered_model = _load(model)
@@ -133,16 +140,31 @@ def generate(
         seed=seed,
     )
     texts = steered_model.generate(list(prompt), steering=steering, **options)
-    console = Console()
     if compare and steering is not None:
         baseline = steered_model.generate(list(prompt), **options)
-        table = Table("prompt", "unsteered", f"steered (x{strength:g})", show_lines=True)
-        for p, b, t in zip(prompt, baseline, texts):
-            table.add_row(p, b, t)
-        console.print(table)
+        _print_comparison(list(prompt), baseline, texts, strength)
         return
     for p, t in zip(prompt, texts):
-        console.print(f"[bold]{p}[/bold]{t}")
+        # user and model text are data: never markup, never wrapped (click drops the bold
+        # when the output is not a terminal)
+        typer.echo(typer.style(p, bold=True) + t)
+
+
+def _print_comparison(
+    prompts: list[str], baseline: list[str], steered: list[str], strength: float
+) -> None:
+    if not sys.stdout.isatty():
+        for p, b, t in zip(prompts, baseline, steered):
+            typer.echo(f"prompt: {p}\nunsteered: {b}\nsteered (x{strength:g}): {t}\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("prompt", "unsteered", f"steered (x{strength:g})", show_lines=True)
+    for p, b, t in zip(prompts, baseline, steered):
+        table.add_row(Text(p), Text(b), Text(t))  # Text: brackets in them are not markup
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

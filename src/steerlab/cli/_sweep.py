@@ -20,8 +20,6 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.errors import SteerlabError
-
 __all__ = ["register"]
 
 
@@ -191,33 +189,29 @@ def sweep(
     where = _positions(positions)
     targets, contrasts = _words(target_words), _words(contrast_words)
     prompts = _prompt_file(eval_prompts)
-    try:
-        import steerlab as sl
+    import steerlab as sl
 
-        steered_model = sl.load_model(model)
-        result = tune(
-            steered_model,
-            data,
-            layers=chosen,
-            strengths=values,
-            max_kl=max_kl,
-            test_fraction=test_fraction,
-            seed=seed,
-            method=method,
-            positions=where,
-            eval_prompts=prompts,
-            target_words=targets,
-            contrast_words=contrasts,
-            n_examples=examples,
-            max_new_tokens=max_new_tokens,
-            mode=mode,
-            chat=chat,
-            progress=progress,
-        )
-        paths = result.save(out)
-    except SteerlabError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=1) from None
+    steered_model = sl.load_model(model)
+    result = tune(
+        steered_model,
+        data,
+        layers=chosen,
+        strengths=values,
+        max_kl=max_kl,
+        test_fraction=test_fraction,
+        seed=seed,
+        method=method,
+        positions=where,
+        eval_prompts=prompts,
+        target_words=targets,
+        contrast_words=contrasts,
+        n_examples=examples,
+        max_new_tokens=max_new_tokens,
+        mode=mode,
+        chat=chat,
+        progress=progress,
+    )
+    paths = result.save(out)
     typer.echo(result.summary())
     for example in result.examples:
         typer.echo(f"\n> {example.prompt}")

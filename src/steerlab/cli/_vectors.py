@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.errors import SteerlabError
+from steerlab.cli._common import check_output_file, check_output_folder
 
 __all__ = ["parse_layers", "parse_positions", "register"]
 
@@ -126,11 +126,6 @@ def parse_positions(text: str) -> str | int:
         ) from None
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(code=1)
-
-
 def _load_model(name: str | None) -> Any:
     import steerlab
 
@@ -178,26 +173,24 @@ def compute(
         raise typer.BadParameter(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     layer_list = parse_layers(layers)
     where = parse_positions(positions)
-    try:
-        dataset = _load_data(data, positive, negative, paired)
-        lm = _load_model(model)
-        vec = compute_vector(
-            lm,
-            dataset,
-            layers=layer_list,
-            method=method,
-            positions=where,
-            seed=seed,
-            batch_size=batch_size,
-            chat=chat,
-        )
-        if normalize:
-            vec = vec.normalized()
-        if strength is not None:
-            vec = vec.with_metadata(recommended_strength=float(strength))
-        path = vec.save(out)
-    except SteerlabError as err:
-        raise _fail(err) from None
+    check_output_file(out)  # before minutes of computing, not after
+    dataset = _load_data(data, positive, negative, paired)
+    lm = _load_model(model)
+    vec = compute_vector(
+        lm,
+        dataset,
+        layers=layer_list,
+        method=method,
+        positions=where,
+        seed=seed,
+        batch_size=batch_size,
+        chat=chat,
+    )
+    if normalize:
+        vec = vec.normalized()
+    if strength is not None:
+        vec = vec.with_metadata(recommended_strength=float(strength))
+    path = vec.save(out)
     summary = vec.metadata["dataset"]
     typer.echo(
         f"wrote {path}: {method} on {summary['name']!r} ({summary['n_positive']} positive, "
@@ -239,49 +232,48 @@ def analyze(
     from steerlab.analysis import cosine_matrix, logit_lens, plot_norms
     from steerlab.vectors import SteeringVector
 
-    try:
-        vec = SteeringVector.load(vector)
-        chosen = parse_layers(layers)
-        if chosen is not None:
-            vec = vec.select([layer for layer in chosen])
+    if plots is not None:
+        check_output_folder(plots)
+    vec = SteeringVector.load(vector)
+    chosen = parse_layers(layers)
+    if chosen is not None:
+        vec = vec.select([layer for layer in chosen])
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+    meta = vec.metadata
+    dataset = meta.get("dataset") or {}
+    typer.echo(f"{vector}: {len(vec)} layer(s) of size {vec.d_model}")
+    for key in ("model_name", "method", "positions", "operation", "normalization"):
+        if key in meta:
+            typer.echo(f"  {key}: {meta[key]}")
+    if dataset:
+        typer.echo(f"  dataset: {dataset.get('name')} ({dataset.get('n_positive')} positive)")
+    for key in ("recommended_strength", "library_version", "created"):
+        if key in meta:
+            typer.echo(f"  {key}: {meta[key]}")
+    typer.echo("norms:")
+    for layer, norm in vec.norms().items():
+        typer.echo(f"  layer {layer:>3}: {norm:.4f}")
+    if len(vec) > 1:
+        matrix = cosine_matrix(vec)
+        typer.echo("cosine similarity across layers:")
+        typer.echo(matrix.table())
         if plots is not None:
-            plots.mkdir(parents=True, exist_ok=True)
-        meta = vec.metadata
-        dataset = meta.get("dataset") or {}
-        typer.echo(f"{vector}: {len(vec)} layer(s) of size {vec.d_model}")
-        for key in ("model_name", "method", "positions", "operation", "normalization"):
-            if key in meta:
-                typer.echo(f"  {key}: {meta[key]}")
-        if dataset:
-            typer.echo(f"  dataset: {dataset.get('name')} ({dataset.get('n_positive')} positive)")
-        for key in ("recommended_strength", "library_version", "created"):
-            if key in meta:
-                typer.echo(f"  {key}: {meta[key]}")
-        typer.echo("norms:")
-        for layer, norm in vec.norms().items():
-            typer.echo(f"  layer {layer:>3}: {norm:.4f}")
-        if len(vec) > 1:
-            matrix = cosine_matrix(vec)
-            typer.echo("cosine similarity across layers:")
-            typer.echo(matrix.table())
+            matrix.plot(plots / "cosine.png", title="Cosine similarity across layers")
+    if plots is not None:
+        plot_norms(vec, plots / "norms.png")
+    if lens:
+        lm = _load_model(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vec.check_compatible(lm, force=force)
+        for warning in caught:
+            typer.echo(f"warning: {warning.message}", err=True)
+        for layer in vec.layers:
+            result = logit_lens(lm, vec, layer, k, through_norm=through_norm)
+            typer.echo(result.table())
             if plots is not None:
-                matrix.plot(plots / "cosine.png", title="Cosine similarity across layers")
-        if plots is not None:
-            plot_norms(vec, plots / "norms.png")
-        if lens:
-            lm = _load_model(model)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                vec.check_compatible(lm, force=force)
-            for warning in caught:
-                typer.echo(f"warning: {warning.message}", err=True)
-            for layer in vec.layers:
-                result = logit_lens(lm, vec, layer, k, through_norm=through_norm)
-                typer.echo(result.table())
-                if plots is not None:
-                    result.plot(plots / f"logit_lens_layer{layer}.png")
-    except (SteerlabError, KeyError) as err:
-        raise _fail(err) from None
+                result.plot(plots / f"logit_lens_layer{layer}.png")
     if plots is not None:
         typer.echo(f"plots written to {plots}")
 
@@ -323,32 +315,32 @@ def scan(
         raise typer.BadParameter(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     layer_list = parse_layers(layers)
     where = parse_positions(positions)
-    try:
-        dataset = _load_data(data, positive, negative, paired)
-        lm = _load_model(model)
-        result = scan_layers(
-            lm,
-            dataset,
-            layers=layer_list,
-            method=method,
-            positions=where,
-            test_fraction=test_fraction,
-            seed=seed,
-            probe=probe,
-            batch_size=batch_size,
-            chat=chat,
-        )
-        typer.echo(result.table())
-        typer.echo(f"best layer (held-out Cohen's d): {result.best_layer()}")
-        if plot is not None:
-            typer.echo(f"plot written to {result.plot(plot)}")
-        if json_out is not None:
-            json_out.write_text(json.dumps(result.to_dict(), indent=2))
-            typer.echo(f"scores written to {json_out}")
-        if out is not None:
-            typer.echo(f"vector written to {result.vector.save(out)}")
-    except SteerlabError as err:
-        raise _fail(err) from None
+    for path in (plot, json_out, out):
+        if path is not None:
+            check_output_file(path)
+    dataset = _load_data(data, positive, negative, paired)
+    lm = _load_model(model)
+    result = scan_layers(
+        lm,
+        dataset,
+        layers=layer_list,
+        method=method,
+        positions=where,
+        test_fraction=test_fraction,
+        seed=seed,
+        probe=probe,
+        batch_size=batch_size,
+        chat=chat,
+    )
+    typer.echo(result.table())
+    typer.echo(f"best layer (held-out Cohen's d): {result.best_layer()}")
+    if plot is not None:
+        typer.echo(f"plot written to {result.plot(plot)}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        typer.echo(f"scores written to {json_out}")
+    if out is not None:
+        typer.echo(f"vector written to {result.vector.save(out)}")
 
 
 def register(app: typer.Typer) -> None:
