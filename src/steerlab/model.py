@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
@@ -153,11 +154,36 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
     return items
 
 
+def interactive() -> bool:
+    """True when someone can watch a progress bar: stderr is a terminal, or in a notebook.
+
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()):
+    ...     interactive() == ("ipykernel" in sys.modules)
+    True
+    """
+    stream = sys.stderr
+    try:
+        if stream is not None and stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        pass
+    return "ipykernel" in sys.modules
+
+
+# A bar appears only after the work has run this long, so quick calls never draw one.
+_PROGRESS_DELAY_S = 2.0
+
+
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
+    """A tqdm bar over ``total`` steps: ``enabled=None`` shows it on a terminal for long work
+    only (more than one step, still running after two seconds); True/False force it."""
     from tqdm.auto import tqdm
 
-    show = total > 4 if enabled is None else enabled
-    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+    if enabled is None:
+        show = total > 1 and interactive()
+        return tqdm(total=total, desc=desc, disable=not show, leave=False, delay=_PROGRESS_DELAY_S)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 class SteeredModel:
