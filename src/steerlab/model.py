@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -152,6 +153,24 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
         if not isinstance(prompt, str):
             raise InvalidInputError(f"prompt {i} is a {type(prompt).__name__}, not a string")
     return items
+
+
+def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"position_ids": position_ids}`` when ``hf_model.forward`` takes them, else ``{}``.
+
+    OPT before transformers 4.46 has no ``position_ids`` argument; it derives positions from
+    the attention mask, which gives the real tokens the same numbers.
+
+    >>> from steerlab.testing import tiny_hf_model
+    >>> sorted(position_kwargs(tiny_hf_model("llama"), torch.zeros(1, 2)))
+    ['position_ids']
+    """
+    try:
+        params = inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):
+        return {"position_ids": position_ids}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"position_ids": position_ids} if takes_any or "position_ids" in params else {}
 
 
 def interactive() -> bool:
@@ -459,8 +478,8 @@ class SteeredModel:
         return self.hf_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
             use_cache=False,
+            **position_kwargs(self.hf_model, batch.position_ids),
             **kwargs,
         )
 
