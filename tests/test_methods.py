@@ -119,6 +119,50 @@ def test_probe_matches_sklearn_on_the_same_split() -> None:
     assert result.info["n_train"] == 60 and result.info["n_test"] == 20
 
 
+def test_probe_exposes_its_split() -> None:
+    positive, negative, _ = _synthetic(n=12, d=8, shift=1.0)
+    result = run_method("probe", positive, negative, paired=False, seed=5, test_fraction=0.25)
+    (pos_train, pos_test), (neg_train, neg_test) = split_classes(
+        12, 12, paired=False, test_fraction=0.25, seed=5
+    )
+    assert result.info["split"] == {
+        "positive_train": pos_train,
+        "positive_test": pos_test,
+        "negative_train": neg_train,
+        "negative_test": neg_test,
+    }
+    assert len(pos_test) == 3 and pos_test != neg_test  # unpaired: each class split on its own
+
+
+def test_probe_with_test_fraction_zero_fits_every_row_like_the_seed() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    positive, negative, _ = _synthetic(n=20, d=8, shift=1.0)
+    result = run_method("probe", positive, negative, paired=True, test_fraction=0)
+    x = torch.cat([positive, negative]).double().numpy()
+    reference = LogisticRegression(max_iter=2000).fit(x, [1] * 20 + [0] * 20)
+    assert _cos(result.direction, torch.from_numpy(reference.coef_[0])) > 1 - 1e-6
+    assert result.info["heldout_accuracy"] is None and result.info["n_test"] == 0
+    assert result.info["split"]["positive_train"] == list(range(20))
+    assert result.info["train_accuracy"] == pytest.approx(reference.score(x, [1] * 20 + [0] * 20))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, True, "0.2"])
+def test_probe_rejects_a_bad_test_fraction(bad: Any) -> None:
+    positive, negative, _ = _synthetic(n=8, d=4)
+    with pytest.raises(InvalidInputError, match="test_fraction"):
+        run_method("probe", positive, negative, paired=True, test_fraction=bad)
+
+
+def test_probe_split_lands_in_the_saved_vector(tmp_path: Any) -> None:
+    model = tiny_model("gpt2")
+    pos, neg = ["i love it", "so happy", "great day"], ["i hate it", "so sad", "awful day"]
+    vec = compute_vector(model, pos, neg, layers=[1], method="probe", test_fraction=0)
+    vec.save(tmp_path / "p.safetensors")
+    info = sl.SteeringVector.load(tmp_path / "p.safetensors").metadata["layer_info"]["1"]
+    assert info["split"]["negative_train"] == [0, 1, 2] and info["heldout_accuracy"] is None
+
+
 def test_scale_unit_gives_unit_norm() -> None:
     positive, negative, _ = _synthetic(n=20, d=8)
     for method in ("pca", "pca_center", "probe"):

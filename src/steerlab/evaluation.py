@@ -71,6 +71,7 @@ from typing import Any
 import torch
 
 from steerlab.errors import InvalidInputError
+from steerlab.model import position_kwargs
 
 __all__ = [
     "AB_SUFFIX",
@@ -529,8 +530,8 @@ def perplexity(
         out = model.hf_model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            position_ids=position_ids.to(device),
             use_cache=False,
+            **position_kwargs(model.hf_model, position_ids.to(device)),
         )
         logp = out.logits.float().cpu().log_softmax(dim=-1)
         for row, (p, cont) in enumerate(zip(lengths, conts, strict=True)):

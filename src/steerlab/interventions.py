@@ -69,6 +69,7 @@ __all__ = [
     "install",
     "normalize_steering",
     "output_hidden",
+    "positions_without_2d_mask",
     "replace_output_hidden",
     "scoped_hooks",
     "strip_dispatchers",
@@ -174,11 +175,10 @@ class PositionTracker(threading.local):
             self.all_real = bool(current_real.all())
         else:
             offset = _cache_length(kwargs)
-            abs_index = torch.arange(offset, offset + length, device=ids.device).expand(
-                batch, length
+            abs_index, inferred = positions_without_2d_mask(
+                kwargs, batch, length, offset, ids.device
             )
-            inferred = torch.full((batch,), offset + length, dtype=torch.long, device=ids.device)
-            self.all_real = True
+            self.all_real = bool((abs_index >= 0).all())
         self.abs_index = abs_index
         override = self.prompt_lengths_override
         if override is not None and override.shape[0] == batch:
@@ -191,6 +191,51 @@ class PositionTracker(threading.local):
         if self.abs_index is None or self.prompt_lengths is None:
             raise RuntimeError("PositionTracker used outside a forward call")
         return positions.mask(self.abs_index, self.prompt_lengths)
+
+
+def positions_without_2d_mask(
+    kwargs: Mapping[str, Any], batch: int, length: int, offset: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(abs_index [batch, length], real tokens so far [batch])`` for a forward call whose
+    attention mask is not the usual 2-D padding mask.
+
+    Read, in order of preference, off:
+
+    * a 4-D mask ``[batch, 1, query, key]`` (what some models' ``generate`` builds before the
+      backbone runs, e.g. Gemma 2 with its ``HybridCache`` on transformers 4.x): the last query
+      attends to exactly the real keys up to it, padding excluded, so its row is the padding
+      mask; the current tokens sit at keys ``cache_position`` (or the last ``length`` keys);
+    * ``position_ids`` ``[batch, length]``: no padding information, every token counted real;
+    * otherwise ``offset .. offset + length - 1`` (``offset``: the KV cache length).
+
+    >>> mask = torch.tensor([[0, 1, 1], [1, 1, 1]]).bool()  # row 0 left-padded by one
+    >>> causal = torch.ones(3, 3).tril().bool()
+    >>> four_d = (mask[:, None, :] & causal[None])[:, None]
+    >>> cpu = torch.device("cpu")
+    >>> abs_index, real = positions_without_2d_mask({"attention_mask": four_d}, 2, 3, 0, cpu)
+    >>> abs_index.tolist(), real.tolist()
+    ([[-1, 0, 1], [0, 1, 2]], [2, 3])
+    """
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[0] == batch:
+        last = mask[:, 0, -1, :]
+        attended = last if last.dtype == torch.bool else last == 0
+        keys = attended.shape[1]
+        where = kwargs.get("cache_position")
+        if not (isinstance(where, torch.Tensor) and where.ndim == 1 and where.numel() == length):
+            where = torch.arange(keys - length, keys, device=attended.device)
+        where = where.to(attended.device).long()
+        cum = attended.long().cumsum(dim=1) - 1
+        current = attended[:, where]
+        abs_index = torch.where(current, cum[:, where], torch.full_like(cum[:, where], -1))
+        return abs_index, attended.long().sum(dim=1)
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
+        if position_ids.shape == (batch, length) or position_ids.shape == (1, length):
+            abs_index = position_ids.long().expand(batch, length)
+            return abs_index, abs_index[:, -1] + 1
+    abs_index = torch.arange(offset, offset + length, device=device).expand(batch, length)
+    return abs_index, torch.full((batch,), offset + length, dtype=torch.long, device=device)
 
 
 def _cache_length(kwargs: Mapping[str, Any]) -> int:

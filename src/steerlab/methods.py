@@ -247,6 +247,19 @@ def probe_accuracy(probe: Any, positive: torch.Tensor, negative: torch.Tensor) -
     return float(probe.score(features, labels))
 
 
+def _check_test_fraction(test_fraction: object) -> float:
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, (int, float))
+        or not 0 <= test_fraction < 1
+    ):
+        raise InvalidInputError(
+            f"test_fraction must be at least 0 and below 1 (0: no held-out rows), got "
+            f"{test_fraction!r}"
+        )
+    return float(test_fraction)
+
+
 @register_method("probe")
 def _probe_direction(
     positive: torch.Tensor,
@@ -263,11 +276,20 @@ def _probe_direction(
 
     The probe is trained on a seeded split (pairs stay on one side) and its accuracy measured
     on the held-out rest, so the reported ``heldout_accuracy`` belongs to the returned
-    direction. With fewer than two examples per class there is no split: the probe uses every
-    row and ``heldout_accuracy`` is ``None``. ``C`` is the inverse L2 regularisation strength.
+    direction. ``test_fraction=0`` fits on every row, as the seed does; so does a class with
+    fewer than two examples. Without held-out rows ``heldout_accuracy`` is ``None``. ``C`` is the
+    inverse L2 regularisation strength. ``info["split"]`` lists the row indices used:
+    ``{"positive_train", "positive_test", "negative_train", "negative_test"}``.
+
+    >>> import torch
+    >>> pos, neg = torch.randn(6, 4) + 2, torch.randn(6, 4) - 2
+    >>> info = METHODS["probe"](pos, neg, test_fraction=0).info
+    >>> info["split"]["positive_train"], info["heldout_accuracy"]
+    ([0, 1, 2, 3, 4, 5], None)
     """
+    test_fraction = _check_test_fraction(test_fraction)
     n_pos, n_neg = positive.shape[0], negative.shape[0]
-    if min(n_pos, n_neg) >= 2:
+    if test_fraction > 0 and min(n_pos, n_neg) >= 2:
         (pos_train, pos_test), (neg_train, neg_test) = split_classes(
             n_pos, n_neg, paired=paired, test_fraction=test_fraction, seed=seed
         )
@@ -281,6 +303,12 @@ def _probe_direction(
         "heldout_accuracy": heldout,
         "n_train": len(pos_train) + len(neg_train),
         "n_test": len(pos_test) + len(neg_test),
+        "split": {
+            "positive_train": pos_train,
+            "positive_test": pos_test,
+            "negative_train": neg_train,
+            "negative_test": neg_test,
+        },
     }
     axis = torch.from_numpy(probe.coef_[0].copy())
     if float(axis.norm()) == 0.0:

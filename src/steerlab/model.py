@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -158,11 +160,54 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
     return items
 
 
+def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"position_ids": position_ids}`` when ``hf_model.forward`` takes them, else ``{}``.
+
+    OPT before transformers 4.46 has no ``position_ids`` argument; it derives positions from
+    the attention mask, which gives the real tokens the same numbers.
+
+    >>> from steerlab.testing import tiny_hf_model
+    >>> sorted(position_kwargs(tiny_hf_model("llama"), torch.zeros(1, 2)))
+    ['position_ids']
+    """
+    try:
+        params = inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):
+        return {"position_ids": position_ids}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"position_ids": position_ids} if takes_any or "position_ids" in params else {}
+
+
+def interactive() -> bool:
+    """True when someone can watch a progress bar: stderr is a terminal, or in a notebook.
+
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()):
+    ...     interactive() == ("ipykernel" in sys.modules)
+    True
+    """
+    stream = sys.stderr
+    try:
+        if stream is not None and stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        pass
+    return "ipykernel" in sys.modules
+
+
+# A bar appears only after the work has run this long, so quick calls never draw one.
+_PROGRESS_DELAY_S = 2.0
+
+
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
+    """A tqdm bar over ``total`` steps: ``enabled=None`` shows it on a terminal for long work
+    only (more than one step, still running after two seconds); True/False force it."""
     from tqdm.auto import tqdm
 
-    show = total > 4 if enabled is None else enabled
-    return tqdm(total=total, desc=desc, disable=not show, leave=False)
+    if enabled is None:
+        show = total > 1 and interactive()
+        return tqdm(total=total, desc=desc, disable=not show, leave=False, delay=_PROGRESS_DELAY_S)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 class SteeredModel:
@@ -491,8 +536,8 @@ class SteeredModel:
         return self.hf_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
             use_cache=False,
+            **position_kwargs(self.hf_model, batch.position_ids),
             **kwargs,
         )
 

@@ -50,6 +50,8 @@ def tiny_tokenizer(*, with_pad: bool = True) -> Any:
     >>> tok = tiny_tokenizer()
     >>> tok.decode(tok("the cat sat")["input_ids"])
     'the cat sat'
+    >>> sorted(tok("the cat"))
+    ['attention_mask', 'input_ids']
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -63,7 +65,11 @@ def tiny_tokenizer(*, with_pad: bool = True) -> Any:
     specials: dict[str, str] = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
     if with_pad:
         specials["pad_token"] = "<pad>"
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, **specials)
+    # Only ids and mask: transformers < 5 would otherwise add token_type_ids, which decoder-only
+    # models do not take.
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, model_input_names=["input_ids", "attention_mask"], **specials
+    )
     tok.chat_template = (
         "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
         "{% if add_generation_prompt %}<s> answer : {% endif %}"

@@ -25,7 +25,9 @@ __all__ = ["register"]
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Model name or path (default: the embedded default model)."),
+    typer.Option(
+        "--model", help="Model folder, .gguf file or hub id (default: the embedded model)."
+    ),
 ]
 
 

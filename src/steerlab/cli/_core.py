@@ -13,15 +13,22 @@ __all__ = ["register"]
 ModelOption = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Model folder or cached hub id (default: embedded SmolLM2-135M)."
+        "--model",
+        "-m",
+        help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M).",
     ),
 ]
 
 
 def _load(model: str | None) -> Any:
+    """The model, or a one-line error and exit code 1 (never a traceback) when it cannot load."""
     import steerlab as sl
 
-    return sl.load_model(model)
+    try:
+        return sl.load_model(model)
+    except sl.SteerlabError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
 
 
 def _int(text: str, what: str) -> int:
@@ -78,10 +85,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the train/held-out split.")] = 0,
 ) -> None:
     """Build a sentiment vector, pick layer and strength, show steered text, measure the shift."""
-    import steerlab as sl
     from steerlab.demo import run_demo
 
-    loaded = sl.load_model(model)
+    loaded = _load(model)
     run_demo(
         model=loaded,
         layers=_parse_layers(layers, loaded.n_layers),

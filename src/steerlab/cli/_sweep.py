@@ -115,7 +115,9 @@ def sweep(
     ] = "sentiment",
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Model name or path (default: the embedded default model)."),
+        typer.Option(
+            "--model", help="Model folder, .gguf file or hub id (default: the embedded model)."
+        ),
     ] = None,
     layers: Annotated[
         str | None,

@@ -30,7 +30,9 @@ _RANGE = re.compile(r"(-?\d+)-(-?\d+)")
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Model name or path (default: the embedded default model)."),
+    typer.Option(
+        "--model", help="Model folder, .gguf file or hub id (default: the embedded model)."
+    ),
 ]
 DataOpt = Annotated[
     str | None,
