@@ -56,6 +56,7 @@ __all__ = [
     "StopMatcher",
     "TokenEvent",
     "TokenLogprob",
+    "TorchEngine",
     "VectorRegistry",
 ]
 
@@ -514,3 +515,543 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
     def submit(self, request: GenerationRequest) -> RequestStream: ...
+
+
+# --- the torch engine -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Readout:
+    layer: int
+    direction: Any  # unit float32 tensor [d_model]
+
+
+@dataclasses.dataclass
+class _Job:
+    """A request inside the torch engine (owned by the worker thread once queued)."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    prompt_ids: list[int]
+    steerings: list[Any]  # one Steering per entry, in list order
+    readouts: list[_Readout]
+    generator: Any  # torch.Generator or None (greedy)
+    matcher: StopMatcher
+    generated: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0  # tokens of this request in the KV cache
+    next_token: int = -1  # sampled, not yet fed to the model
+    cancelled: bool = False
+
+
+class TorchEngine:
+    """Serve a :class:`~steerlab.model.SteeredModel` with continuous batching and per-row steering.
+
+    One worker thread owns the model: it is the only code that installs hooks or runs a forward
+    pass, so nothing races on the model's modules. Each iteration it admits queued requests
+    (each prompt is prefilled alone, exactly as ``model.generate`` would run it, producing the
+    first token), then runs **one** decoding forward pass for every active request together:
+    the KV caches of all requests live in one left-padded cache, with a 2-D attention mask and
+    explicit ``position_ids`` per row, and each row gets its own steering through
+    :class:`~steerlab.interventions.RowSteering` with pinned per-row prompt lengths (so
+    ``"last"``, ``"prompt"``, ``"generated"``, indices and slices mean the same as in
+    ``model.generate``). Requests join and leave at step boundaries; the padded cache is rebuilt
+    only when the set of rows changes.
+
+    >>> from steerlab.testing import tiny_model
+    >>> engine = TorchEngine(tiny_model("llama"), max_batch=4)
+    >>> engine.start()
+    >>> events = list(engine.submit(GenerationRequest(prompt="the cat", max_tokens=3,
+    ...                                               temperature=0.0)))
+    >>> engine.shutdown()
+    >>> len(events), events[-1].finish_reason, events[-1].completion_tokens
+    (3, 'length', 3)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch: int = 32,
+        model_id: str | None = None,
+    ) -> None:
+        from steerlab.model import SteeredModel
+
+        if not isinstance(model, SteeredModel):
+            raise InvalidInputError(f"TorchEngine serves a SteeredModel, got {type(model)}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidInputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.model = model
+        self.model_id: str = model_id or model.name
+        self.max_batch = max_batch
+        self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
+        self._cond = threading.Condition()
+        self._pending: list[_Job] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._tokenizer_lock = threading.Lock()
+        self._counter = 0
+        # the batch (worker thread only)
+        self._rows: list[_Job] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        forward = getattr(model.hf_model, "forward", None)
+        import inspect
+
+        params = inspect.signature(forward).parameters if callable(forward) else {}
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        config = getattr(model.hf_model, "config", None)
+        self._max_positions = _max_positions(config)
+        self.steps = 0  # decoding forward passes run (for tests and benchmarks)
+        self.max_rows_seen = 0
+
+    # --- interface --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Decoder blocks of the served model."""
+        return int(self.model.n_layers)
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="steerlab-torch-engine", daemon=True
+            )
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the worker; every open stream ends with an :class:`EngineError`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            jobs, self._pending = self._pending, []
+        for job in jobs + self._rows:
+            job.stream.fail(EngineError("the engine was shut down"))
+        self._rows = []
+        self._cache = self._mask = None
+        self._thread = None
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate ``request`` and queue it; see :class:`Engine`."""
+        import torch
+
+        if not isinstance(request, GenerationRequest):
+            raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
+        request.check()
+        steerings = [self._steering(entry) for entry in request.steering]
+        readouts = [self._readout(entry) for entry in request.readout]
+        prompt_ids = self._encode(request)
+        if self._max_positions is not None:
+            total = len(prompt_ids) + request.max_tokens
+            if total > self._max_positions:
+                raise InvalidInputError(
+                    f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                    f"exceeds the model's context of {self._max_positions} tokens"
+                )
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator()
+            if request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(request.seed))
+        with self._cond:
+            if self._thread is None or self._stopping:
+                raise EngineError("the engine is not running (call start())")
+            self._counter += 1
+            request_id = f"req-{self._counter}"
+        job_box: list[_Job] = []
+        stream = RequestStream(request_id, on_cancel=lambda: self._cancel(job_box))
+        job = _Job(
+            request=request,
+            stream=stream,
+            prompt_ids=prompt_ids,
+            steerings=steerings,
+            readouts=readouts,
+            generator=generator,
+            matcher=StopMatcher(request.stop),
+        )
+        job_box.append(job)
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify_all()
+        return stream
+
+    # --- validation helpers (caller's thread) ------------------------------------------------
+    def _steering(self, entry: SteeringEntry) -> Any:
+        from steerlab.interventions import Steering
+
+        if not isinstance(entry, SteeringEntry):
+            raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
+        vector = self.vectors.get(entry.vector)
+        strength: Any = entry.strength
+        if isinstance(strength, Mapping):
+            strength = {int(k): float(v) for k, v in strength.items()}
+        options: dict[str, Any] = {"strength": strength, "positions": entry.positions}
+        if entry.op != "add":
+            if "op" not in {f.name for f in dataclasses.fields(Steering)}:
+                raise InvalidInputError(
+                    f"steering op {entry.op!r} is not supported by this engine (only 'add')"
+                )
+            options["op"] = entry.op
+        steering = Steering(vector, **options)
+        steering.layer_deltas(self.model.adapter)  # validates layers against the model
+        return steering
+
+    def _readout(self, entry: ReadoutEntry) -> _Readout:
+        import torch
+
+        from steerlab.interventions import direction_at
+
+        if not isinstance(entry, ReadoutEntry):
+            raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
+        vector = self.vectors.get(entry.vector)
+        layer = self.model.adapter.resolve_layer(entry.layer)
+        direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
+        direction = direction.detach().to(torch.float32).cpu()
+        norm = float(direction.norm())
+        if not norm > 0:
+            raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
+        return _Readout(layer=layer, direction=direction / norm)
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        with self._tokenizer_lock:
+            if request.chat and request.messages:
+                tokenizer = self.model.tokenizer
+                if not getattr(tokenizer, "chat_template", None):
+                    raise InvalidInputError("this model's tokenizer has no chat template")
+                text = tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in request.messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                ids = list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+                if not ids:
+                    raise InvalidInputError("the conversation has no tokens")
+                return [int(i) for i in ids]
+            batch = self.model.encode([request.prompt], chat=request.chat)
+        return [int(i) for i in batch.input_ids[0].tolist()]
+
+    def _cancel(self, box: list[_Job]) -> None:
+        with self._cond:
+            for job in box:
+                job.cancelled = True
+            self._cond.notify_all()
+
+    # --- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._pending and not self._rows:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    room = self.max_batch - len(self._rows)
+                    admitted, self._pending = self._pending[:room], self._pending[room:]
+                try:
+                    for job in admitted:
+                        if job.cancelled:
+                            self._finish_cancelled(job)
+                        else:
+                            self._prefill(job)
+                    self._drop_cancelled()
+                    if self._rows:
+                        self._decode_step()
+                except Exception as err:  # the model failed: end these requests, keep serving
+                    failed = [*self._rows, *(j for j in admitted if j not in self._rows)]
+                    self._rows = []
+                    self._cache = self._mask = None
+                    for job in failed:
+                        job.stream.fail(EngineError(f"generation failed: {err}"))
+
+    def _scope(self, rows: list[_Job]) -> Any:
+        """Install per-row steering for ``rows`` and pin their prompt lengths; a context."""
+        import contextlib
+
+        import torch
+
+        from steerlab.interventions import RowSteering, active_trackers, install
+
+        @contextlib.contextmanager
+        def scope() -> Iterator[None]:
+            depth = max((len(job.steerings) for job in rows), default=0)
+            interventions = [
+                RowSteering(
+                    tuple(job.steerings[k] if k < len(job.steerings) else None for job in rows)
+                )
+                for k in range(depth)
+            ]
+            adapter = self.model.adapter
+            handle = install(adapter, interventions) if interventions else None
+            trackers = active_trackers(adapter.backbone)
+            lengths = torch.tensor([len(job.prompt_ids) for job in rows])
+            for tracker in trackers:
+                tracker.prompt_lengths_override = lengths
+            try:
+                yield
+            finally:
+                for tracker in trackers:
+                    tracker.prompt_lengths_override = None
+                if handle is not None:
+                    handle.remove()
+
+        return scope()
+
+    def _forward(self, rows: list[_Job], ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """One forward pass under the rows' steering; returns (last logits, readout values)."""
+        import torch
+
+        from steerlab.interventions import output_hidden
+
+        device = self.model.device
+        wanted: dict[int, list[tuple[int, int, Any]]] = {}
+        for row, job in enumerate(rows):
+            for k, readout in enumerate(job.readouts):
+                wanted.setdefault(readout.layer, []).append((row, k, readout.direction))
+        values: dict[tuple[int, int], float] = {}
+        hooks = []
+
+        def make_hook(entries: list[tuple[int, int, Any]]) -> Any:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                last = output_hidden(output)[:, -1].detach().to(torch.float32).cpu()
+                for row, k, direction in entries:
+                    values[(row, k)] = float(last[row] @ direction)
+
+            return hook
+
+        with self._scope(rows):
+            try:
+                # after the steering hooks (installed first), so reads see the steered stream
+                for layer, entries in wanted.items():
+                    block = self.model.adapter.block(layer)
+                    hooks.append(block.register_forward_hook(make_hook(entries)))
+                out = self.model.hf_model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+            finally:
+                for handle in hooks:
+                    handle.remove()
+        logits = out.logits[:, -1].to(torch.float32).cpu()
+        readouts = [
+            tuple(values[(row, k)] for k in range(len(job.readouts)))
+            for row, job in enumerate(rows)
+        ]
+        return logits, readouts
+
+    def _new_cache(self, data: list[tuple[Any, Any]] | None = None) -> Any:
+        from transformers import DynamicCache
+
+        config = getattr(self.model.hf_model, "config", None)
+        try:
+            return DynamicCache(data, config=config) if data else DynamicCache(config=config)
+        except TypeError:  # transformers 4: no config argument
+            return DynamicCache(data) if data else DynamicCache()
+
+    @staticmethod
+    def _layers(cache: Any) -> list[tuple[Any, Any]]:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache))
+
+    def _prefill(self, job: _Job) -> None:
+        import torch
+
+        length = len(job.prompt_ids)
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long)
+        mask = torch.ones((1, length), dtype=torch.long)
+        positions = torch.arange(length)[None]
+        cache = self._new_cache()
+        logits, readouts = self._forward([job], ids, mask, positions, cache)
+        job.cached = length
+        if self._emit(job, logits[0], readouts[0]):
+            return
+        self._merge(job, cache)
+
+    def _merge(self, job: _Job, cache: Any) -> None:
+        """Add a prefilled request's cache to the batch cache (left padding to a common width)."""
+        import torch
+
+        new = self._layers(cache)
+        if not self._rows:
+            self._rows = [job]
+            self._cache = cache
+            self._mask = torch.ones((1, job.cached), dtype=torch.long)
+            return
+        old = self._layers(self._cache)
+        width = max(self._mask.shape[1], job.cached)
+        merged = [
+            (
+                torch.cat([_pad_left(ok, width), _pad_left(nk, width)], dim=0),
+                torch.cat([_pad_left(ov, width), _pad_left(nv, width)], dim=0),
+            )
+            for (ok, ov), (nk, nv) in zip(old, new)
+        ]
+        mask_old = _pad_left(self._mask, width)
+        mask_new = _pad_left(torch.ones((1, job.cached), dtype=torch.long), width)
+        self._cache = self._new_cache(merged)
+        self._mask = torch.cat([mask_old, mask_new], dim=0)
+        self._rows = [*self._rows, job]
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` of the batch, dropping padding columns no row needs."""
+        import torch
+
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0, 0]) if len(used) else 0
+        mask = mask[:, first:]
+        data = [
+            (
+                k.index_select(0, index.to(k.device))[:, :, first:].contiguous(),
+                v.index_select(0, index.to(v.device))[:, :, first:].contiguous(),
+            )
+            for k, v in self._layers(self._cache)
+        ]
+        self._cache = self._new_cache(data)
+        self._mask = mask
+        self._rows = [self._rows[i] for i in keep]
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, job in enumerate(self._rows) if not job.cancelled]
+        for job in self._rows:
+            if job.cancelled:
+                self._finish_cancelled(job)
+        self._keep(keep)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = self._rows
+        ids = torch.tensor([[job.next_token] for job in rows], dtype=torch.long)
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        positions = torch.tensor([[job.cached] for job in rows], dtype=torch.long)
+        logits, readouts = self._forward(rows, ids, mask, positions, self._cache)
+        self._mask = mask
+        self.steps += 1
+        keep = []
+        for row, job in enumerate(rows):
+            job.cached += 1
+            if not self._emit(job, logits[row], readouts[row]):
+                keep.append(row)
+        self._keep(keep)
+
+    # --- tokens out ------------------------------------------------------------------------------
+    def _emit(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
+        """Choose the next token of ``job`` from ``logits``, send its event; True when done."""
+        import torch
+
+        request = job.request
+        if job.generator is None:
+            token = int(torch.argmax(logits))
+        else:
+            token = _sample(logits, request.temperature, request.top_p, job.generator)
+        logprob: float | None = None
+        top: tuple[TokenLogprob, ...] = ()
+        tokenizer = self.model.tokenizer
+        if request.logprobs is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            logprob = float(logp[token])
+            if request.logprobs > 0:
+                values, indices = torch.topk(logp, request.logprobs)
+                with self._tokenizer_lock:
+                    top = tuple(
+                        TokenLogprob(tokenizer.decode([int(i)]), float(v), int(i))
+                        for v, i in zip(values, indices)
+                    )
+        job.generated.append(token)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        is_eos = eos is not None and (token == eos or (isinstance(eos, list) and token in eos))
+        finish: str | None = None
+        with self._tokenizer_lock:
+            text_ids = job.generated[:-1] if is_eos else job.generated
+            text = tokenizer.decode(text_ids, skip_special_tokens=True)
+            piece = "" if is_eos else tokenizer.decode([token], skip_special_tokens=True)
+        done = is_eos or len(job.generated) >= request.max_tokens
+        delta, stopped = job.matcher.feed(text, final=done)
+        if stopped or is_eos:
+            finish = "stop"
+        elif done:
+            finish = "length"
+        job.next_token = token
+        job.stream.put(
+            TokenEvent(
+                token_id=token,
+                text=delta,
+                token=piece,
+                logprob=logprob,
+                top_logprobs=top,
+                readout=readout,
+                finish_reason=finish,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.generated),
+            )
+        )
+        return finish is not None
+
+    def _finish_cancelled(self, job: _Job) -> None:
+        job.stream.put(
+            TokenEvent(
+                token_id=-1,
+                text="",
+                finish_reason="cancelled",
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.generated),
+            )
+        )
+
+
+def _pad_left(tensor: Any, width: int) -> Any:
+    """``tensor`` with zeros prepended along its sequence axis (dim 2 for caches, 1 for masks)."""
+    import torch
+
+    axis = 2 if tensor.ndim == 4 else 1
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    """Sample a token id from ``softmax(logits / temperature)`` within the ``top_p`` nucleus."""
+    import torch
+
+    probs = torch.softmax(logits.to(torch.float32) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _max_positions(config: Any) -> int | None:
+    """Longest sequence the batch cache can hold: the model's context, and below a sliding
+    window (the padded cache keeps one shared length per batch, so rows must never slide)."""
+    limits = [
+        value
+        for name in ("max_position_embeddings", "n_positions", "sliding_window")
+        if isinstance(value := getattr(config, name, None), int) and value > 0
+    ]
+    return min(limits) if limits else None
