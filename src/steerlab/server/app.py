@@ -21,7 +21,10 @@ import binascii
 import contextlib
 import json
 import secrets
-from collections.abc import AsyncIterator
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,7 @@ from steerlab.server.protocol import (
     now,
 )
 
-__all__ = ["STATIC_DIR", "create_app", "describe_vector"]
+__all__ = ["STATIC_DIR", "create_app", "describe_vector", "free_port", "serve_in_thread"]
 
 STATIC_DIR = Path(__file__).with_name("static")
 """The playground's files (shipped as package data)."""
@@ -494,3 +497,46 @@ async def _sse(
     finally:
         if last is None or last.finish_reason is None:
             events.cancel()
+
+
+# --- running in-process ---------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields its base URL.
+
+    Waits (at most ``timeout`` seconds) until the server accepts connections, and stops it on
+    exit with the same bounded wait (for notebooks, tests and benchmarks).
+
+    >>> import httpx
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.server.engine import TorchEngine
+    >>> with serve_in_thread(create_app(TorchEngine(tiny_model("gpt2")))) as url:
+    ...     httpx.get(url + "/health").json()["status"]
+    'ok'
+    """
+    import uvicorn
+
+    chosen = free_port(host) if port is None else port
+    config = uvicorn.Config(app, host=host, port=chosen, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="steerlab-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{chosen}")
+            time.sleep(0.02)
+        yield f"http://{host}:{chosen}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
