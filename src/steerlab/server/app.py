@@ -208,7 +208,11 @@ def create_app(
     # --- routes ----------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_id}
+        return {
+            "status": "ok",
+            "model": engine.model_id,
+            "limits": {"max_tokens_cap": max_tokens_cap, "max_strength": max_strength},
+        }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
