@@ -139,8 +139,20 @@ function colour(value, scale) {
   return `rgba(${r}, ${g}, ${b}, ${(Math.abs(t) * 0.85 + 0.05).toFixed(3)})`;
 }
 
+// one colour scale for both strips, so the panes' probe scores compare at a glance
+const strips = new Map();
+
 function renderStrip(strip, tokens) {
-  const scale = Math.max(1e-6, ...tokens.map((t) => Math.abs(t.value)));
+  strips.set(strip, tokens);
+  const all = [...strips.values()].flat();
+  const scale = Math.max(1e-6, ...all.map((t) => Math.abs(t.value)));
+  for (const [other, otherTokens] of strips) {
+    if (other !== strip) paintStrip(other, otherTokens, scale);
+  }
+  paintStrip(strip, tokens, scale);
+}
+
+function paintStrip(strip, tokens, scale) {
   strip.innerHTML = "";
   for (const t of tokens) {
     const span = document.createElement("span");
@@ -157,6 +169,7 @@ async function stream(body, pane, strip, usageBox) {
   pane.dataset.done = "false";
   pane.dataset.streaming = "true";
   strip.innerHTML = "";
+  strips.delete(strip);
   usageBox.textContent = "";
   const chat = body.messages !== undefined;
   const path = chat ? "/v1/chat/completions" : "/v1/completions";
