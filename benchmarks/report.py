@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,11 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
         lines += ["## Profiles of missed targets", ""]
         for key, profile in profiles.items():
             lines += [_profile_block(key, profile), ""]
+    server_results = ROOT / "benchmarks" / "results" / "server.json"
+    if server_results.exists():  # the server benchmark (benchmarks/server.py) keeps its section
+        from benchmarks.server import render as render_server
+
+        lines += [render_server(json.loads(server_results.read_text())), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

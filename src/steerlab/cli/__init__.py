@@ -2,7 +2,7 @@
 
 Each command group lives in its own module and registers itself on :data:`app`:
 ``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
-export-gguf) and ``_sweep`` (sweep).
+export-gguf), ``_sweep`` (sweep) and ``_serve`` (serve).
 
 Errors are handled in one place, :class:`_ErrorHandlingGroup`, for every command (so a new
 command needs no ``try``): a user's mistake prints one line on stderr, ``error: <message>``,
@@ -30,7 +30,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from steerlab.cli import _ablate, _core, _sweep, _vectors
+from steerlab.cli import _ablate, _core, _serve, _sweep, _vectors
 
 __all__ = ["app", "exit_code_for", "main"]
 
@@ -155,7 +155,7 @@ app = typer.Typer(
     cls=_ErrorHandlingGroup,
 )
 
-for _module in (_core, _vectors, _ablate, _sweep):
+for _module in (_core, _vectors, _ablate, _sweep, _serve):
     _module.register(app)
 
 

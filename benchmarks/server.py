@@ -1,0 +1,279 @@
+"""Benchmark ``steerlab serve``: throughput and latency of steered requests under concurrency.
+
+``python -m benchmarks.server [--model tiny:llama] [--requests 32] [--max-tokens 32]``
+
+The same set of requests (prompts x 8 different steering configurations: vectors, strengths,
+positions) is served end to end over HTTP (the real app under uvicorn, clients in threads,
+greedy decoding) at 1, 8 and 32 concurrent clients, steered and unsteered. Concurrency 1 is
+"one at a time": each request is served alone. Throughput is generated tokens / wall time;
+latency is each request's wall time. Conditions run in interleaved rounds and the medians over
+rounds are reported. Results go to ``benchmarks/results/server.json`` and the "Server" section
+of ``docs/benchmarks.md`` (between markers; the rest of the report is left alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import ROOT, load_average, machine_info
+
+RESULTS = ROOT / "benchmarks" / "results" / "server.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- server-benchmark:start -->", "<!-- server-benchmark:end -->"
+PROMPTS = [
+    "The movie last night was",
+    "Tell me about the weather this weekend.",
+    "My first day at the new job",
+    "The restaurant downtown is",
+    "Write a sentence about the sea.",
+    "The football match ended",
+    "Our trip to the coast",
+    "The customer service at the bank",
+]
+
+
+def _configs(names: list[str]) -> list[list[dict[str, Any]]]:
+    a, b = names[0], names[1 % len(names)]
+    return [
+        [{"vector": a, "strength": 4.0, "positions": "all"}],
+        [{"vector": a, "strength": -4.0, "positions": "all"}],
+        [{"vector": b, "strength": 6.0, "positions": "last"}],
+        [{"vector": b, "strength": -6.0, "positions": "generated"}],
+        [{"vector": a, "strength": 2.0, "positions": "prompt"}],
+        [{"vector": a, "strength": 8.0, "positions": "last"}],
+        [{"vector": b, "strength": 3.0, "positions": "all"}],
+        [
+            {"vector": a, "strength": 3.0, "positions": "all"},
+            {"vector": b, "strength": -3.0, "positions": "last"},
+        ],
+    ]
+
+
+def _load(model: str | None) -> Any:
+    import steerlab as sl
+
+    if model and model.startswith("tiny:"):
+        from steerlab.testing import tiny_model
+
+        return tiny_model(model.split(":", 1)[1])
+    return sl.load_model(model)
+
+
+def _vectors(model: Any) -> dict[str, Any]:
+    import steerlab as sl
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [model.n_layers // 3, model.n_layers // 2]
+    probe = model.activations(PROMPTS[:4], layers=layers)
+    out = {}
+    for i, layer in enumerate(layers):
+        direction = torch.randn(model.d_model, generator=gen)
+        scale = float(probe[layer].norm(dim=-1).mean()) / 8
+        out[f"v{i}"] = sl.SteeringVector({layer: direction / direction.norm() * scale})
+    return out
+
+
+def _run(url: str, jobs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def one(body: dict[str, Any]) -> None:
+        nonlocal tokens
+        start = time.perf_counter()
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=3600)
+        elapsed = time.perf_counter() - start
+        reply.raise_for_status()
+        with lock:
+            latencies.append(elapsed)
+            tokens += int(reply.json()["usage"]["completion_tokens"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, jobs))
+    wall = time.perf_counter() - start
+    ordered = sorted(latencies)
+    return {
+        "clients": clients,
+        "requests": len(jobs),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(ordered),
+        "p95_s": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the results dict (also written to disk)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
+    parser.add_argument("--model", default=None, help="model (default: the default model)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per condition")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
+    parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
+    parser.add_argument("--doc", default=str(DOC), help="report to update, or 'none'")
+    parser.add_argument("--out", default=str(RESULTS), help="results json, or 'none'")
+    args = parser.parse_args(argv)
+
+    from steerlab.server.app import create_app, serve_in_thread
+    from steerlab.server.engine import TorchEngine
+
+    torch.manual_seed(0)
+    model = _load(args.model)
+    levels = [int(c) for c in args.clients.split(",")]
+    engine = TorchEngine(model, max_batch=max(levels))
+    for name, vector in _vectors(model).items():
+        engine.vectors.register(name, vector)
+    configs = _configs(engine.vectors.names())
+    jobs_steered = [
+        {
+            "model": "default",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "steering": configs[i % len(configs)],
+        }
+        for i in range(args.requests)
+    ]
+    jobs_plain = [{k: v for k, v in job.items() if k != "steering"} for job in jobs_steered]
+    conditions = [(kind, c) for c in levels for kind in ("steered", "unsteered")]
+    runs: dict[str, list[dict[str, Any]]] = {f"{k}@{c}": [] for k, c in conditions}
+    load_start = load_average()
+    started = time.perf_counter()
+    with serve_in_thread(create_app(engine, max_tokens_cap=max(1024, args.max_tokens))) as url:
+        _run(url, jobs_steered[:4], 4)  # warm-up
+        for round_index in range(args.rounds):
+            order = (
+                conditions[round_index % len(conditions) :]
+                + conditions[: round_index % len(conditions)]
+            )
+            for kind, clients in order:
+                jobs = jobs_steered if kind == "steered" else jobs_plain
+                result = _run(url, jobs, clients)
+                runs[f"{kind}@{clients}"].append(result)
+                print(
+                    f"{kind:9s} clients={clients:3d} {result['tokens_per_s']:8.1f} tok/s "
+                    f"p50 {result['p50_s']:.2f}s p95 {result['p95_s']:.2f}s",
+                    flush=True,
+                )
+    summary = {
+        key: {
+            field: statistics.median(r[field] for r in results)
+            for field in ("tokens_per_s", "p50_s", "p95_s", "wall_s", "tokens")
+        }
+        for key, results in runs.items()
+    }
+    solo = summary["steered@1"]["tokens_per_s"] if "steered@1" in summary else None
+    for key, row in summary.items():
+        kind, clients = key.split("@")
+        row["vs_one_at_a_time"] = row["tokens_per_s"] / solo if solo else None
+        plain = summary.get(f"unsteered@{clients}")
+        row["steered_time_ratio"] = (
+            plain["tokens_per_s"] / row["tokens_per_s"] if kind == "steered" and plain else None
+        )
+    results = {
+        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "model": model.name,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "engine": {"decode_steps": engine.steps, "max_rows": engine.max_rows_seen},
+        "runs": runs,
+        "summary": summary,
+    }
+    if args.out != "none":
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    if args.doc != "none":
+        update_doc(Path(args.doc), results)
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section for ``docs/benchmarks.md``."""
+    summary = results["summary"]
+    top = max(int(k.split("@")[1]) for k in summary)
+    lines = [
+        START,
+        "## Server (`steerlab serve`)",
+        "",
+        f"`{results['command'].strip()}` ({results['date']}, {results['wall_s']:.0f} s wall): "
+        f"{results['requests']} completion requests of {results['max_tokens']} greedy tokens "
+        f"on {results['model']}, prompts x 8 steering configurations (2 vectors, strengths "
+        f"-8..8, positions all/last/prompt/generated, one request with two entries), sent "
+        f"over HTTP to the app under uvicorn by 1, 8 or 32 client threads; the unsteered run "
+        f"sends the same requests without `steering`. 1 client = one at a time. Medians over "
+        f"{results['rounds']} interleaved round(s). Load average at start/end: "
+        f"{results['load_average']['start']} / {results['load_average']['end']} "
+        f"(this machine has {results['machine'].get('logical_cpus', '?')} logical CPUs).",
+        "",
+        "| requests | clients | tokens/s | p50 latency (s) | p95 latency (s) | "
+        "x one-at-a-time | unsteered/steered speed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, row in sorted(summary.items(), key=lambda kv: (int(kv[0].split("@")[1]), kv[0])):
+        kind, clients = key.split("@")
+        ratio = row.get("steered_time_ratio")
+        lines.append(
+            f"| {kind} | {clients} | {row['tokens_per_s']:.1f} | {row['p50_s']:.2f} | "
+            f"{row['p95_s']:.2f} | {row['vs_one_at_a_time']:.2f} | "
+            f"{'' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    speedup = summary[f"steered@{top}"]["vs_one_at_a_time"]
+    overhead = summary[f"steered@{top}"]["steered_time_ratio"]
+    ratios = [r["steered_time_ratio"] for r in summary.values() if r.get("steered_time_ratio")]
+    load = (results.get("load_average") or {}).get("start") or [0.0]
+    cpus = results["machine"].get("logical_cpus") or 1
+    lines += [""]
+    if load[0] > cpus:
+        lines.append(
+            f"* Read with care: the load average ({load[0]}) was above the {cpus} CPUs (other "
+            f"jobs shared the machine), so absolute tokens/s are a fraction of an idle "
+            f"machine's, and the unsteered/steered ratios ({min(ratios):.2f}..{max(ratios):.2f} "
+            f"across concurrency levels) are run-to-run noise of that size, not a steering "
+            f"cost (the steering hooks add a few vector additions per step)."
+        )
+    lines += [
+        f"* Target: >= 4x the one-at-a-time throughput at {top} clients: "
+        f"**{speedup:.2f}x** ({'met' if speedup >= 4 else 'missed'}).",
+        f"* Target: steered within 1.05x of unsteered (time per token at {top} clients): "
+        f"**{overhead:.3f}** ({'met' if overhead <= 1.05 else 'missed'}).",
+        f"* Engine: {results['engine']['decode_steps']} batched decoding steps, up to "
+        f"{results['engine']['max_rows']} requests in one forward pass.",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, results: dict[str, Any]) -> None:
+    """Replace (or append) the server section of ``doc``."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = render(results)
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Smoke test of the server benchmark harness (benchmarks/server.py) on a tiny model: the
+results schema, the ratios and the report section (replaced in place, the rest kept)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import server as bench  # noqa: E402
+
+
+def test_server_benchmark_harness(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    out = tmp_path / "server.json"
+    args = [
+        "--model",
+        "tiny:llama",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "3",
+        "--clients",
+        "1,2",
+        "--doc",
+        str(doc),
+        "--out",
+        str(out),
+    ]
+    results = bench.main(args)
+    saved = json.loads(out.read_text())
+    assert set(saved["summary"]) == {"steered@1", "unsteered@1", "steered@2", "unsteered@2"}
+    row = saved["summary"]["steered@2"]
+    assert row["tokens"] == results["summary"]["unsteered@2"]["tokens"] > 0
+    assert saved["summary"]["steered@1"]["vs_one_at_a_time"] == pytest.approx(1.0)
+    assert row["steered_time_ratio"] == pytest.approx(
+        saved["summary"]["unsteered@2"]["tokens_per_s"] / row["tokens_per_s"]
+    )
+    bench.main(args)  # a second run replaces the section instead of appending another
+    text = doc.read_text()
+    assert text.count(bench.START) == 1 and "kept" in text
+    assert "| steered | 2 |" in text and "x one-at-a-time" in text

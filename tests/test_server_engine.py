@@ -1,0 +1,252 @@
+"""The torch engine without HTTP: scheduling (joins and leaves at step boundaries), parity with
+``model.generate`` per architecture, cancellation, sampling, validation, the vector registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab.errors import InvalidInputError, LayerIndexError, VectorFileError
+from steerlab.server.engine import (
+    EngineError,
+    GenerationRequest,
+    ReadoutEntry,
+    SteeringEntry,
+    StopMatcher,
+    TokenEvent,
+    TorchEngine,
+    VectorRegistry,
+)
+from steerlab.testing import tiny_model
+
+
+def _vec(d_model: int, layer: int, seed: int) -> sl.SteeringVector:
+    return sl.SteeringVector(
+        {layer: torch.randn(d_model, generator=torch.Generator().manual_seed(seed))}
+    )
+
+
+@pytest.fixture
+def engine() -> Iterator[TorchEngine]:
+    model = tiny_model("llama")
+    eng = TorchEngine(model, max_batch=8)
+    eng.vectors.register("a", _vec(model.d_model, 1, 0))
+    eng.vectors.register("b", _vec(model.d_model, 2, 1))
+    eng.start()
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+def _ids(events: list[TokenEvent], eos: int) -> list[int]:
+    ids = [e.token_id for e in events]
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def _reference(model: sl.SteeredModel, req: GenerationRequest, reg: VectorRegistry) -> list[int]:
+    steering = [
+        sl.Steering(reg.get(e.vector), strength=e.strength, positions=e.positions)
+        for e in req.steering
+    ]
+    out = model.generate_ids(
+        req.prompt,
+        steering=steering[0] if steering else None,
+        max_new_tokens=req.max_tokens,
+        chat=req.chat,
+    )
+    return [int(i) for i in out[0]]
+
+
+def test_requests_join_and_leave_at_step_boundaries(engine: TorchEngine) -> None:
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    long = GenerationRequest(
+        prompt="the cat sat",
+        max_tokens=30,
+        temperature=0.0,
+        steering=(SteeringEntry("a", 6.0, "generated"),),
+    )
+    short = GenerationRequest(
+        prompt="a dog", max_tokens=4, temperature=0.0, steering=(SteeringEntry("b", -5.0, "last"),)
+    )
+    late = GenerationRequest(prompt="my house is", max_tokens=6, temperature=0.0)
+    first = engine.submit(long)
+    got_long: list[TokenEvent] = []
+    iterator = iter(first)
+    for _ in range(3):
+        got_long.append(next(iterator))
+    second = engine.submit(short)
+    got_short = list(second)
+    third = engine.submit(late)
+    got_late = list(third)
+    got_long.extend(iterator)
+    # the long request was still generating while the others joined and left
+    assert got_long[-1].finish_reason is not None
+    assert engine.max_rows_seen >= 2
+    assert _ids(got_long, eos) == _reference(model, long, engine.vectors)
+    assert _ids(got_short, eos) == _reference(model, short, engine.vectors)
+    assert _ids(got_late, eos) == _reference(model, late, engine.vectors)
+    assert [e.completion_tokens for e in got_short] == list(range(1, len(got_short) + 1))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma2"])
+def test_batched_rows_equal_library_per_architecture(arch: str) -> None:
+    model = tiny_model(arch)
+    eng = TorchEngine(model, max_batch=6)
+    eng.vectors.register("a", _vec(model.d_model, 1, 3))
+    eng.vectors.register("b", _vec(model.d_model, 0, 4))
+    specs = [
+        (),
+        (SteeringEntry("a", 8.0, "all"),),
+        (SteeringEntry("b", 5.0, "last"),),
+        (SteeringEntry("a", {2: -6.0}, "generated"),),
+        (SteeringEntry("b", 4.0, [1, -1]),),
+    ]
+    prompts = ["the cat sat on", "a", "i think the movie was very good", "hello world"]
+    requests = [
+        GenerationRequest(
+            prompt=prompts[i % len(prompts)],
+            max_tokens=4 + 2 * (i % 3),
+            temperature=0.0,
+            steering=specs[i % len(specs)],
+            chat=i % 4 == 1,
+        )
+        for i in range(7)
+    ]
+    eng.start()
+    try:
+        streams = [eng.submit(r) for r in requests]
+        results = [list(s) for s in streams]
+    finally:
+        eng.shutdown()
+    eos = model.tokenizer.eos_token_id
+    for req, events in zip(requests, results):
+        assert _ids(events, eos) == _reference(model, req, eng.vectors), req
+        text = model.tokenizer.decode(_reference(model, req, eng.vectors), skip_special_tokens=True)
+        assert "".join(e.text for e in events) == text
+    assert eng.max_rows_seen >= 3
+
+
+def test_max_batch_bounds_the_rows(engine: TorchEngine) -> None:
+    small = TorchEngine(engine.model, max_batch=2)
+    small.vectors.register("a", engine.vectors.get("a"))
+    engine.shutdown()  # one engine per model at a time
+    small.start()
+    try:
+        reqs = [
+            GenerationRequest(
+                prompt=p,
+                max_tokens=5,
+                temperature=0.0,
+                steering=(SteeringEntry("a", float(i), "all"),),
+            )
+            for i, p in enumerate(["the cat", "a dog", "my house", "the sky", "fish"])
+        ]
+        outs = [list(s) for s in [small.submit(r) for r in reqs]]
+    finally:
+        small.shutdown()
+    assert small.max_rows_seen == 2
+    eos = engine.model.tokenizer.eos_token_id
+    for req, events in zip(reqs, outs):
+        assert _ids(events, eos) == _reference(engine.model, req, small.vectors)
+
+
+def test_cancel_ends_the_stream_and_frees_the_row(engine: TorchEngine) -> None:
+    stream = engine.submit(GenerationRequest(prompt="the cat", max_tokens=40, temperature=0.0))
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if len(seen) == 2:
+            stream.cancel()
+    assert seen[-1].finish_reason == "cancelled"
+    assert len(seen) < 40
+    after = list(engine.submit(GenerationRequest(prompt="a", max_tokens=2, temperature=0.0)))
+    assert after[-1].finish_reason in ("length", "stop")
+
+
+def test_sampling_seeded_and_independent_of_neighbours(engine: TorchEngine) -> None:
+    req = GenerationRequest(prompt="the cat", max_tokens=12, temperature=1.3, seed=5)
+    alone = [e.token_id for e in engine.submit(req)]
+    noise = [
+        engine.submit(GenerationRequest(prompt="a dog", max_tokens=12, temperature=2.0))
+        for _ in range(3)
+    ]
+    together = [e.token_id for e in engine.submit(req)]
+    for s in noise:
+        list(s)
+    assert alone == together
+    other = [
+        e.token_id
+        for e in engine.submit(
+            GenerationRequest(prompt="the cat", max_tokens=12, temperature=1.3, seed=6)
+        )
+    ]
+    assert other != alone
+
+
+def test_submit_validates_before_queueing(engine: TorchEngine) -> None:
+    with pytest.raises(InvalidInputError, match="unknown vector 'zzz'"):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("zzz"),)))
+    with pytest.raises(LayerIndexError):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", {9: 1.0}),)))
+    with pytest.raises(InvalidInputError, match="positions"):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", 1.0, "x"),)))
+    with pytest.raises(InvalidInputError, match="finite"):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", float("inf")),)))
+    with pytest.raises(InvalidInputError, match="op"):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", 1.0, op="zap"),)))
+    with pytest.raises(LayerIndexError):
+        engine.submit(GenerationRequest(prompt="a", readout=(ReadoutEntry("a", 5),)))
+    with pytest.raises(InvalidInputError, match="context"):
+        engine.submit(GenerationRequest(prompt="a", max_tokens=500))
+    with pytest.raises(InvalidInputError, match="top_p"):
+        engine.submit(GenerationRequest(prompt="a", top_p=0.0))
+    assert engine.max_rows_seen == 0  # nothing was queued
+
+
+def test_shutdown_fails_open_streams_and_refuses_new_work() -> None:
+    eng = TorchEngine(tiny_model("gpt2"), max_batch=2)
+    with pytest.raises(EngineError, match="not running"):
+        eng.submit(GenerationRequest(prompt="a"))
+    eng.start()
+    stream = eng.submit(GenerationRequest(prompt="the cat", max_tokens=120, temperature=0.0))
+    first = next(iter(stream))
+    eng.shutdown()
+    assert first.token_id >= 0
+    with pytest.raises(EngineError):
+        for _ in stream:
+            pass
+
+
+def test_registry_checks_like_loading_a_file(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    reg = TorchEngine(model).vectors
+    good = _vec(model.d_model, 1, 0).save(tmp_path / "good.safetensors")
+    reg.register_bytes("ok", good.read_bytes())
+    with pytest.raises(VectorFileError):
+        reg.register_bytes("broken", good.read_bytes()[:-3])
+    with pytest.raises(sl.VectorMismatchError, match="size"):
+        reg.register("small", sl.SteeringVector({0: torch.ones(5)}))
+    with pytest.raises(InvalidInputError, match="invalid vector name"):
+        reg.register("../evil", _vec(model.d_model, 1, 0))
+    (tmp_path / "sub").mkdir()
+    _vec(model.d_model, 0, 2).save(tmp_path / "sub" / "calm.safetensors")
+    assert reg.register_dir(tmp_path / "sub") == ["calm"]
+    assert reg.names() == ["calm", "ok"]
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    m = StopMatcher(("END",))
+    assert m.feed("abc E") == ("abc ", False)
+    assert m.feed("abc EN") == ("", False)
+    assert m.feed("abc ENx") == ("ENx", False)
+    assert m.feed("abc ENxEND more") == ("", True)
+    assert m.emitted == "abc ENx"
+    partial = StopMatcher()
+    assert partial.feed("caf\ufffd") == ("caf", False)
+    assert partial.feed("café") == ("é", False)
