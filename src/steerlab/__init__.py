@@ -46,11 +46,13 @@ from steerlab.errors import (
     VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.conditions import Condition, fit_condition
 from steerlab.evaluation import METRICS as EVAL_METRICS
 from steerlab.evaluation import evaluate, kl_divergence, logprob_diff, register_metric
 from steerlab.interventions import HookHandle, Intervention, RowSteering, Steering
 from steerlab.loading import DEFAULT_MODEL_ID, load_model
 from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
+from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
 from steerlab.positions import Positions
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
@@ -62,6 +64,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "EVAL_METRICS",
     "METHODS",
+    "OPERATORS",
     "AblationScan",
     "ActivationMeans",
     "ArchitectureSpec",
@@ -69,6 +72,7 @@ __all__ = [
     "Batch",
     "ContrastDataset",
     "ContrastPair",
+    "Condition",
     "CosineMatrix",
     "DataError",
     "DirectionalAblation",
@@ -84,6 +88,7 @@ __all__ = [
     "MeanAblation",
     "ModelAdapter",
     "ModelNotAvailableError",
+    "Operator",
     "Positions",
     "PrefixCache",
     "ReplaceActivation",
@@ -114,6 +119,7 @@ __all__ = [
     "evaluation",
     "evaluate",
     "export_gguf",
+    "fit_condition",
     "kl_divergence",
     "load_builtin",
     "load_dataset",
@@ -126,6 +132,7 @@ __all__ = [
     "register_architecture",
     "register_method",
     "register_metric",
+    "register_operator",
     "residual_norms",
     "scan_layers",
     "sweep",
