@@ -10,10 +10,26 @@ from steerlab.conditions import condition_score
 from steerlab.testing import hook_count, tiny_model
 
 PROMPTS = ["the cat sat on the mat", "a dog ran", "cat cat cat", "we go to the park now"]
-POS = ["the cat sat on the mat", "a cat and a cat", "cat cat cat", "my cat is here",
-       "the cat is old", "i love my cat", "a small cat sat", "cat and cat"]
-NEG = ["go go go now", "a dog ran far", "we go to the park", "now we go",
-       "the sun is hot", "rain and snow today", "they went to paris", "i read a book"]
+POS = [
+    "the cat sat on the mat",
+    "a cat and a cat",
+    "cat cat cat",
+    "my cat is here",
+    "the cat is old",
+    "i love my cat",
+    "a small cat sat",
+    "cat and cat",
+]
+NEG = [
+    "go go go now",
+    "a dog ran far",
+    "we go to the park",
+    "now we go",
+    "the sun is hot",
+    "rain and snow today",
+    "they went to paris",
+    "i read a book",
+]
 
 
 def _vector(model: sl.SteeredModel, layer: int) -> sl.SteeringVector:
@@ -64,8 +80,9 @@ def test_generation_gated_by_condition_cache_on_equals_off_and_solo() -> None:
         want = steered[row] if fires[row] else plain[row]
         assert gated[row].tolist() == want.tolist()
         assert nocache[row].tolist() == gated[row].tolist()
-        solo = model.generate_ids([PROMPTS[row]], max_new_tokens=6, steering=vec, strength=6.0,
-                                  when=cond)[0]
+        solo = model.generate_ids(
+            [PROMPTS[row]], max_new_tokens=6, steering=vec, strength=6.0, when=cond
+        )[0]
         assert solo.tolist() == gated[row].tolist()
 
 
@@ -138,7 +155,10 @@ def test_condition_files_round_trip_and_refuse_tampering(llama: sl.SteeredModel,
     back = sl.Condition.load(path)
     assert torch.equal(back.direction, cond.direction)
     assert (back.layer, back.threshold, back.comparison, back.scope) == (
-        cond.layer, cond.threshold, cond.comparison, cond.scope
+        cond.layer,
+        cond.threshold,
+        cond.comparison,
+        cond.scope,
     )
     assert back.metadata == cond.metadata
     data = bytearray(path.read_bytes())
@@ -162,6 +182,9 @@ def test_bad_conditions_are_clear_errors(llama: sl.SteeredModel) -> None:
     with pytest.raises(sl.InvalidInputError, match="Condition"):
         llama.logits(PROMPTS, steering=_vector(llama, 1), when="cats")
     with pytest.raises(sl.VectorMismatchError, match="size"):
-        llama.logits(PROMPTS, steering=_vector(llama, 1),
-                     when=sl.Condition(torch.ones(7), layer=0, threshold=0.1))
+        llama.logits(
+            PROMPTS,
+            steering=_vector(llama, 1),
+            when=sl.Condition(torch.ones(7), layer=0, threshold=0.1),
+        )
     assert hook_count(llama.hf_model) == 0

@@ -16,8 +16,15 @@ from steerlab.testing import hook_count, tiny_model
 PROMPTS = ["the cat sat on the", "a dog", "i love the movie so much"]
 LAYER = 1
 OPS = ("add", "add_norm", "clamp", "cap", "ablate", "rotate", "affine")
-STRENGTH = {"add": 2.5, "add_norm": 2.5, "clamp": 1.5, "cap": 0.2, "ablate": 7.0,
-            "rotate": 60.0, "affine": 0.5}
+STRENGTH = {
+    "add": 2.5,
+    "add_norm": 2.5,
+    "clamp": 1.5,
+    "cap": 0.2,
+    "ablate": 7.0,
+    "rotate": 60.0,
+    "affine": 0.5,
+}
 
 
 def _vector(model: sl.SteeredModel, seed: int = 1) -> sl.SteeringVector:
@@ -25,8 +32,10 @@ def _vector(model: sl.SteeredModel, seed: int = 1) -> sl.SteeringVector:
     d = model.d_model
     return sl.SteeringVector(
         {LAYER: torch.randn(d, generator=gen)},
-        extras={"reference": {LAYER: torch.randn(d, generator=gen)},
-                "plane": {LAYER: torch.randn(d, generator=gen)}},
+        extras={
+            "reference": {LAYER: torch.randn(d, generator=gen)},
+            "plane": {LAYER: torch.randn(d, generator=gen)},
+        },
     )
 
 
@@ -82,15 +91,19 @@ def test_operator_formula_on_activations_read_back(arch_model: sl.SteeredModel, 
     steered = _hidden(arch_model, steering=sl.Steering(vec, strength=s, op=op))
     for b, got in zip(base, steered, strict=True):
         want = _expected(op, b, vec, s)
-        assert torch.allclose(got.double(), want, atol=2e-5, rtol=1e-5), (op, (got - want).abs().max())
+        assert torch.allclose(got.double(), want, atol=2e-5, rtol=1e-5), (
+            op,
+            (got - want).abs().max(),
+        )
     # the defining property of each operator, measured on the steered activations
     u = vec[LAYER] / vec[LAYER].norm()
     flat_b, flat_s = torch.cat(base), torch.cat(steered)
     if op in ("add_norm", "rotate"):
         assert torch.allclose(flat_s.norm(dim=-1), flat_b.norm(dim=-1), rtol=1e-5)
     if op == "clamp":
-        assert torch.allclose(flat_s @ u, torch.full((len(flat_s),), s * float(vec[LAYER].norm())),
-                              atol=1e-4)
+        assert torch.allclose(
+            flat_s @ u, torch.full((len(flat_s),), s * float(vec[LAYER].norm())), atol=1e-4
+        )
     if op == "cap":
         limit = s * float(vec[LAYER].norm())
         assert bool(((flat_s @ u) <= limit + 1e-4).all())
@@ -162,7 +175,9 @@ def test_op_on_every_entry_point(llama: sl.SteeredModel) -> None:
     nxt = llama.next_token_logits(PROMPTS, steering=vec, strength=1.5, op="clamp")
     assert torch.allclose(nxt, want[:, -1], atol=1e-5)
     acts = llama.activations(PROMPTS, layers=[2], steering=vec, strength=1.5, op="clamp")
-    ref = llama.activations(PROMPTS, layers=[2], steering=sl.Steering(vec, strength=1.5, op="clamp"))
+    ref = llama.activations(
+        PROMPTS, layers=[2], steering=sl.Steering(vec, strength=1.5, op="clamp")
+    )
     assert torch.equal(acts[2], ref[2])
     texts = llama.generate(PROMPTS, max_new_tokens=3, steering=vec, strength=1.5, op="clamp")
     assert len(texts) == 3

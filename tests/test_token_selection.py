@@ -91,15 +91,22 @@ def test_first_k_leaves_the_prefix_of_the_generation_and_steers_only_k_tokens() 
     vec = _vector(model)
     plain = model.generate_ids(prompts, max_new_tokens=6)[0]
     # steering from the 3rd generated token on cannot change the first two
-    late = model.generate_ids(prompts, max_new_tokens=6, steering=vec, strength=8.0,
-                              positions=slice(len(_ids(model, prompts[0])) + 2, None))[0]
+    late = model.generate_ids(
+        prompts,
+        max_new_tokens=6,
+        steering=vec,
+        strength=8.0,
+        positions=slice(len(_ids(model, prompts[0])) + 2, None),
+    )[0]
     assert late[:3].tolist() == plain[:3].tolist()
     # first:2 equals steering exactly generated tokens P, P+1
     p = len(_ids(model, prompts[0]))
-    a = model.generate_ids(prompts, max_new_tokens=6, steering=vec, strength=8.0,
-                           positions="first:2")[0]
-    b = model.generate_ids(prompts, max_new_tokens=6, steering=vec, strength=8.0,
-                           positions=[p, p + 1])[0]
+    a = model.generate_ids(
+        prompts, max_new_tokens=6, steering=vec, strength=8.0, positions="first:2"
+    )[0]
+    b = model.generate_ids(
+        prompts, max_new_tokens=6, steering=vec, strength=8.0, positions=[p, p + 1]
+    )[0]
     assert a.tolist() == b.tolist()
 
 

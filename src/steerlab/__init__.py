@@ -31,6 +31,7 @@ from steerlab.analysis import (
     residual_norms,
     scan_layers,
 )
+from steerlab.conditions import Condition, fit_condition
 from steerlab.data import ContrastDataset, ContrastPair, load_builtin, load_dataset
 from steerlab.editing import EditedModel, bake, export_gguf, read_gguf
 from steerlab.errors import (
@@ -46,14 +47,13 @@ from steerlab.errors import (
     VectorFileNotFoundError,
     VectorMismatchError,
 )
-from steerlab.conditions import Condition, fit_condition
 from steerlab.evaluation import METRICS as EVAL_METRICS
 from steerlab.evaluation import evaluate, kl_divergence, logprob_diff, register_metric
 from steerlab.interventions import HookHandle, Intervention, RowSteering, Steering
 from steerlab.loading import DEFAULT_MODEL_ID, load_model
 from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
-from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
+from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.vectors import SteeringVector

@@ -421,8 +421,10 @@ def fit_condition(
         train_truth = truth[train_rows]
         for threshold in grid:
             for comparison in COMPARISONS:
-                fired = train_scores > threshold if comparison == "greater" else (
-                    train_scores < threshold
+                fired = (
+                    train_scores > threshold
+                    if comparison == "greater"
+                    else (train_scores < threshold)
                 )
                 f1 = _f1(fired, train_truth)
                 if best is None or f1 > best[0]:
@@ -432,14 +434,16 @@ def fit_condition(
     f1, layer, threshold, comparison = best
 
     def accuracy(rows: list[int]) -> float:
-        probe = Condition(directions[layer], layer=layer, threshold=threshold,
-                          comparison=comparison)
+        probe = Condition(
+            directions[layer], layer=layer, threshold=threshold, comparison=comparison
+        )
         fired = probe.test(scores[layer][rows])
         return float((fired == truth[rows]).float().mean())
 
     def f1_on(rows: list[int]) -> float:
-        probe = Condition(directions[layer], layer=layer, threshold=threshold,
-                          comparison=comparison)
+        probe = Condition(
+            directions[layer], layer=layer, threshold=threshold, comparison=comparison
+        )
         return _f1(probe.test(scores[layer][rows]), truth[rows])
 
     metadata = {

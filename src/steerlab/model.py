@@ -807,9 +807,9 @@ class SteeredModel:
         """Generate continuations (new text only), steering at every step.
 
         Keyword options: ``max_new_tokens`` (32), ``steering``/``strength``/``positions``/``op``/
-        ``when`` as in :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``, ``top_p``, ``top_k``,
-        ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply the chat template),
-        ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
+        ``when`` as in :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``,
+        ``top_p``, ``top_k``, ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply
+        the chat template), ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
 
         >>> from steerlab.testing import tiny_model
         >>> text = tiny_model("mistral").generate("the cat", max_new_tokens=3)

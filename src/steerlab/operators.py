@@ -285,10 +285,7 @@ class Rotate(Operator):
         b = _dot(hidden, p["b2"])
         radius = torch.sqrt(a * a + b * b)
         return (
-            hidden
-            - a * p["b1"]
-            - b * p["b2"]
-            + radius * (p["cos"] * p["b1"] + p["sin"] * p["b2"])
+            hidden - a * p["b1"] - b * p["b2"] + radius * (p["cos"] * p["b1"] + p["sin"] * p["b2"])
         )
 
 

@@ -63,8 +63,9 @@ _MODES = ("all", "last", "prompt", "generated")
 _MARKER_MODES = ("after", "between", "outside")
 
 PositionSpec = Union[
-    Literal["all", "last", "prompt", "generated"], int, Sequence[int], slice, "Positions"
+    Literal["all", "last", "prompt", "generated"], str, int, Sequence[int], slice, "Positions"
 ]
+"""What ``positions=`` accepts; strings beyond the four modes are the content-based specs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +312,9 @@ def _ends_at(ids: Sequence[int], i: int, variants: tuple[tuple[int, ...], ...]) 
     return False
 
 
-def marker_flags(positions: Positions, ids: Sequence[int], start: int = 0,
-                 state: bool = False) -> tuple[list[bool], bool]:
+def marker_flags(
+    positions: Positions, ids: Sequence[int], start: int = 0, state: bool = False
+) -> tuple[list[bool], bool]:
     """Selection flags of tokens ``start..`` of ``ids`` for a content spec, as tokens stream.
 
     ``state`` is the scan's state before ``start`` (``after``: found; ``between``/``outside``:

@@ -363,8 +363,10 @@ def sweep(
         for layer in resolved
         for s in values
     ]
-    op_name = "add" if not configs or all(c is None for c in configs) else next(
-        c.resolved_op for c in configs if c is not None
+    op_name = (
+        "add"
+        if not configs or all(c is None for c in configs)
+        else next(c.resolved_op for c in configs if c is not None)
     )
     beh, dmg, used = _score_configs(
         model,

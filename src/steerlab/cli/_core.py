@@ -116,8 +116,7 @@ def generate(
         Path | None,
         typer.Option(
             "--when",
-            help="Condition file (sl.fit_condition(...).save): steer only prompts that "
-            "satisfy it.",
+            help="Condition file (sl.fit_condition(...).save): steer only prompts that satisfy it.",
         ),
     ] = None,
     when_per_token: Annotated[
