@@ -306,6 +306,11 @@ def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan
     for item in interventions:
         name = type(item).__name__
         if isinstance(item, Steering):
+            if item.resolved_op != "add" or item.when is not None:
+                raise BakeError(
+                    f"only additive, unconditional steering can become a bias; this one uses "
+                    f"op={item.resolved_op!r}" + ("" if item.when is None else " with a condition")
+                )
             if not Positions.parse(item.positions).covers_everything:
                 raise BakeError(
                     f"only steering at every position can become a bias; this one acts on "
@@ -768,6 +773,8 @@ def export_gguf(
     if isinstance(steering, Steering):
         if not Positions.parse(steering.positions).covers_everything:
             raise InvalidInputError("llama.cpp applies control vectors at every token")
+        if steering.resolved_op != "add" or steering.when is not None:
+            raise InvalidInputError("llama.cpp control vectors are added, unconditionally")
         if isinstance(steering.strength, Mapping) or steering.layers is not None:
             raise InvalidInputError(
                 "export per-layer strengths as a vector: vec.scaled({layer: s, ...})"

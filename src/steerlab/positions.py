@@ -72,8 +72,9 @@ PositionSpec = Union[
 class Positions:
     """A parsed position spec (see the module docstring for the table).
 
-    >>> Positions.parse([0, -1])
-    Positions(mode='indices', indices=(0, -1), start=None, stop=None, step=1)
+    >>> Positions.parse([0, -1])  # doctest: +NORMALIZE_WHITESPACE
+    Positions(mode='indices', indices=(0, -1), start=None, stop=None, step=1,
+              markers=(), marker_ids=None)
     """
 
     mode: str
