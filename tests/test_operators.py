@@ -259,3 +259,55 @@ def test_operator_edit_reference_matches_hook(llama: sl.SteeredModel) -> None:
         ref = get_operator(op).edit(base, vec[LAYER], STRENGTH[op], extras)
         got = torch.cat(_hidden(llama, steering=vec, strength=STRENGTH[op], op=op))
         assert torch.allclose(got, ref, atol=1e-5), op
+
+
+def test_sweep_and_tune_compare_operators_on_the_same_data(llama: sl.SteeredModel) -> None:
+    from steerlab.evaluation import kl_task
+    from steerlab.sweeps import compare_operators, operator_table
+
+    vec = _vector(llama)
+    task = kl_task(PROMPTS)
+    results = compare_operators(
+        llama,
+        vec,
+        ops=["add", "clamp", "add_norm"],
+        strengths=[1.0, 2.0],
+        behaviour=task,
+        progress=False,
+    )
+    assert [r.op for r in results.values()] == ["add", "clamp", "add_norm"]
+    # each operator's sweep is that operator: the clamp column equals a direct clamp run
+    base = llama.next_token_logits(PROMPTS)
+    direct = llama.next_token_logits(PROMPTS, steering=vec, strength=2.0, op="clamp")
+    want = task.score(direct, base).double().mean()
+    assert results["clamp"].point(LAYER, 2.0).behaviour == pytest.approx(float(want), abs=1e-5)
+    assert (
+        results["add"].point(LAYER, 2.0).behaviour != results["clamp"].point(LAYER, 2.0).behaviour
+    )
+    assert "clamp" in operator_table(results, max_damage=100.0)
+    tuned = sl.tune(
+        llama,
+        "sentiment",
+        layers=[1],
+        strengths=[1.0],
+        op=["add", "clamp"],
+        n_examples=1,
+        max_new_tokens=3,
+        progress=False,
+    )
+    assert set(tuned.op_sweeps) == {"add", "clamp"} and tuned.op in ("add", "clamp")
+    assert "operators compared" in tuned.summary()
+    assert tuned.to_dict()["recommended"]["op"] == tuned.op
+
+
+def test_cli_takes_op_positions_and_when(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    out = CliRunner().invoke(app, ["generate", "--help"]).output
+    assert "--op" in out and "--when" in out and "outside:A,B" in out
+    out = CliRunner().invoke(app, ["sweep", "--help"]).output
+    assert "--op" in out
+    bad = CliRunner().invoke(app, ["sweep", "--op", "shove", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "shove" in bad.output
