@@ -268,7 +268,15 @@ def edit(
     items = list(steering) if isinstance(steering, tuple) else [steering]
     new: list[Intervention] = []
     for item in items:
-        new.extend(normalize_steering(item, strength=strength, positions=positions, layers=layers))
+        new.extend(
+            normalize_steering(
+                item,
+                strength=strength,
+                positions=positions,
+                layers=layers,
+                tokenizer=model.tokenizer,
+            )
+        )
     if isinstance(model, EditedModel):
         model._check_alive()
         return EditedModel(model.original, [*model.edits, *new])
