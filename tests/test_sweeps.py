@@ -443,6 +443,7 @@ def test_save_writes_every_output_and_a_self_contained_report(tuned: Any, tmp_pa
     assert data["recommended"] == {
         "layer": result.recommended[0],
         "strength": result.recommended[1],
+        "op": "add",
     }
     with paths["csv"].open() as handle:
         assert len(list(csv.DictReader(handle))) == 15

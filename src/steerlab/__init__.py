@@ -31,6 +31,7 @@ from steerlab.analysis import (
     residual_norms,
     scan_layers,
 )
+from steerlab.conditions import Condition, fit_condition
 from steerlab.data import ContrastDataset, ContrastPair, load_builtin, load_dataset
 from steerlab.editing import EditedModel, bake, export_gguf, read_gguf
 from steerlab.errors import (
@@ -54,6 +55,7 @@ from steerlab.interventions import HookHandle, Intervention, RowSteering, Steeri
 from steerlab.loading import DEFAULT_MODEL_ID, load_model
 from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
 from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
+from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.vectors import SteeringVector
@@ -64,6 +66,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "EVAL_METRICS",
     "METHODS",
+    "OPERATORS",
     "AblationScan",
     "ActivationMeans",
     "ArchitectureSpec",
@@ -71,6 +74,7 @@ __all__ = [
     "Batch",
     "ContrastDataset",
     "ContrastPair",
+    "Condition",
     "CosineMatrix",
     "DataError",
     "DirectionalAblation",
@@ -88,6 +92,7 @@ __all__ = [
     "MeanAblation",
     "ModelAdapter",
     "ModelNotAvailableError",
+    "Operator",
     "Positions",
     "PrefixCache",
     "ReplaceActivation",
@@ -118,6 +123,7 @@ __all__ = [
     "evaluation",
     "evaluate",
     "export_gguf",
+    "fit_condition",
     "kl_divergence",
     "load_builtin",
     "load_dataset",
@@ -130,6 +136,7 @@ __all__ = [
     "register_architecture",
     "register_method",
     "register_metric",
+    "register_operator",
     "residual_norms",
     "scan_layers",
     "sweep",

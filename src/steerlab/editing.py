@@ -321,7 +321,15 @@ def edit(
     items = list(steering) if isinstance(steering, tuple) else [steering]
     new: list[Intervention] = []
     for item in items:
-        new.extend(normalize_steering(item, strength=strength, positions=positions, layers=layers))
+        new.extend(
+            normalize_steering(
+                item,
+                strength=strength,
+                positions=positions,
+                layers=layers,
+                tokenizer=model.tokenizer,
+            )
+        )
     if isinstance(model, EditedModel):
         model._check_alive()
         return EditedModel(model.original, [*model.edits, *new])
@@ -359,6 +367,11 @@ def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan
     for item in interventions:
         name = type(item).__name__
         if isinstance(item, Steering):
+            if item.resolved_op != "add" or item.when is not None:
+                raise BakeError(
+                    f"only additive, unconditional steering can become a bias; this one uses "
+                    f"op={item.resolved_op!r}" + ("" if item.when is None else " with a condition")
+                )
             if not Positions.parse(item.positions).covers_everything:
                 raise BakeError(
                     f"only steering at every position can become a bias; this one acts on "
@@ -838,6 +851,8 @@ def export_gguf(
     if isinstance(steering, Steering):
         if not Positions.parse(steering.positions).covers_everything:
             raise InvalidInputError("llama.cpp applies control vectors at every token")
+        if steering.resolved_op != "add" or steering.when is not None:
+            raise InvalidInputError("llama.cpp control vectors are added, unconditionally")
         if isinstance(steering.strength, Mapping) or steering.layers is not None:
             raise InvalidInputError(
                 "export per-layer strengths as a vector: vec.scaled({layer: s, ...})"

@@ -50,7 +50,8 @@ from torch.utils.hooks import RemovableHandle
 from steerlab._checks import as_finite_float, as_int
 from steerlab.adapter import ModelAdapter
 from steerlab.errors import InvalidInputError, VectorMismatchError
-from steerlab.positions import Positions, PositionSpec
+from steerlab.operators import Add, Operator, _check_extras, get_operator, stack_params
+from steerlab.positions import Positions, PositionSpec, marker_flags
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -130,6 +131,9 @@ def count_hooks(module: nn.Module) -> int:
     return total
 
 
+_TRACKING_IDS: weakref.WeakSet[PositionTracker] = weakref.WeakSet()
+
+
 # --- position tracking --------------------------------------------------------------------------
 class PositionTracker(threading.local):
     """Knows, during each forward call, the absolute index of every token in the batch.
@@ -141,6 +145,13 @@ class PositionTracker(threading.local):
     The state is per thread (a :class:`threading.local`): one tracker serves steering installed
     for every thread, and two threads running forward passes at once never see each other's
     positions.
+
+    Token history: when an installed intervention selects tokens by content (``after:``,
+    ``between:``, ``outside:``) it sets ``track_ids``; the tracker then keeps each row's token
+    ids by absolute index (a new token is appended, a token that differs from the recorded one
+    at its index truncates the row's history there: a new sequence), so a mask at token ``i``
+    is computed from tokens ``0..i`` whether they arrive one per call (KV cache) or all at once.
+    Scans are incremental: each row's marker state is carried from one call to the next.
     """
 
     def __init__(self) -> None:
@@ -148,6 +159,23 @@ class PositionTracker(threading.local):
         self.prompt_lengths: torch.Tensor | None = None
         self.all_real: bool = True
         self.prompt_lengths_override: torch.Tensor | None = None
+        self.history: list[list[int]] | None = None
+        self._scans: dict[tuple[Positions, int], tuple[list[bool], bool]] = {}
+        self._masks: dict[Positions, torch.Tensor] = {}
+
+    # configuration, not state: shared by every thread (a data descriptor on the class, so the
+    # per-thread attribute dict never shadows it)
+    @property
+    def track_ids(self) -> bool:
+        """Whether this tracker records token ids (set when content-based positions are used)."""
+        return self in _TRACKING_IDS
+
+    @track_ids.setter
+    def track_ids(self, value: bool) -> None:
+        if value:
+            _TRACKING_IDS.add(self)
+        else:
+            _TRACKING_IDS.discard(self)
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook on the backbone (registered ``with_kwargs=True``)."""
@@ -180,17 +208,73 @@ class PositionTracker(threading.local):
             )
             self.all_real = bool((abs_index >= 0).all())
         self.abs_index = abs_index
+        self._masks = {}
+        if self.track_ids:
+            ids_now = kwargs.get("input_ids", args[0] if args else None)
+            self._record(ids_now if isinstance(ids_now, torch.Tensor) else None, abs_index)
         override = self.prompt_lengths_override
         if override is not None and override.shape[0] == batch:
             self.prompt_lengths = override.to(ids.device)
         elif offset == 0 or self.prompt_lengths is None or self.prompt_lengths.shape[0] != batch:
             self.prompt_lengths = inferred if offset == 0 else torch.full_like(inferred, offset)
 
+    def _record(self, ids: torch.Tensor | None, abs_index: torch.Tensor) -> None:
+        if ids is None or ids.ndim != 2:
+            self.history = None  # embeddings only: content specs refuse in mask()
+            return
+        batch = ids.shape[0]
+        if self.history is None or len(self.history) != batch:
+            self.history = [[] for _ in range(batch)]
+            self._scans = {}
+        for row, (tokens, indices) in enumerate(zip(ids.tolist(), abs_index.tolist())):
+            hist = self.history[row]
+            for token, index in zip(tokens, indices):
+                if index < 0:
+                    continue
+                if index < len(hist):
+                    if hist[index] == token:
+                        continue
+                    del hist[index:]
+                    for key in [k for k in self._scans if k[1] == row]:
+                        del self._scans[key]
+                if index != len(hist):
+                    raise InvalidInputError(
+                        f"token history of row {row} has {len(hist)} tokens but the call brings "
+                        f"token {index}; content-based positions need every token of the sequence"
+                    )
+                hist.append(int(token))
+
     def mask(self, positions: Positions) -> torch.Tensor:
         """Boolean ``[batch, seq]`` mask of the tokens ``positions`` selects in this call."""
         if self.abs_index is None or self.prompt_lengths is None:
             raise RuntimeError("PositionTracker used outside a forward call")
-        return positions.mask(self.abs_index, self.prompt_lengths)
+        if not positions.needs_ids:
+            return positions.mask(self.abs_index, self.prompt_lengths)
+        cached = self._masks.get(positions)
+        if cached is not None:
+            return cached
+        if self.history is None:
+            raise InvalidInputError(
+                f"positions {positions.describe()!r} need the token ids of the call (input_ids); "
+                f"this forward call has none"
+            )
+        out = torch.zeros(self.abs_index.shape, dtype=torch.bool)
+        index_rows = self.abs_index.cpu()
+        for row, hist in enumerate(self.history):
+            flags, state = self._scans.get((positions, row), ([], False))
+            if len(flags) < len(hist):
+                more, state = marker_flags(positions, hist, start=len(flags), state=state)
+                flags = flags + more
+                self._scans[(positions, row)] = (flags, state)
+            if not flags:
+                continue
+            table = torch.tensor(flags, dtype=torch.bool)
+            indices = index_rows[row]
+            real = indices >= 0
+            out[row] = real & table[indices.clamp(0, len(flags) - 1)]
+        out = out.to(self.abs_index.device)
+        self._masks[positions] = out
+        return out
 
 
 def positions_without_2d_mask(
@@ -621,24 +705,31 @@ def _finite(value: object, what: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Steering(Intervention):
-    """Add ``strength × vector`` to the residual stream at the vector's layers.
+    """Steer the residual stream at the vector's layers with an operator (default: add).
 
     ``strength`` is one number or a ``{layer: strength}`` mapping (the seed's per-layer weights);
     with a mapping, or with ``layers``, a single-layer vector is applied at each of those layers.
     Layers and strength keys must be integers; the mapping and ``layers`` are copied, so later
     changes to the caller's objects do not leak in.
+    ``op`` names a registered operator (:mod:`steerlab.operators`: ``"add"``, ``"add_norm"``,
+    ``"clamp"``, ``"cap"``, ``"ablate"``, ``"rotate"``, ``"affine"``); ``None`` means ``"add"``,
+    or ``"ablate"`` for a vector whose metadata says ``operation="project_out"``. ``when`` is a
+    :class:`~steerlab.conditions.Condition`: only rows whose prompt satisfies it (or, for a
+    per-token condition, only tokens where it fires) are steered.
 
     >>> import torch
     >>> from steerlab.vectors import SteeringVector
-    >>> s = Steering(SteeringVector({2: torch.ones(4)}), strength={6: 0.5, 8: 1.0})
-    >>> s.positions
-    'all'
+    >>> s = Steering(SteeringVector({2: torch.ones(4)}), strength={6: 0.5, 8: 1.0}, op="clamp")
+    >>> s.positions, s.resolved_op
+    ('all', 'clamp')
     """
 
     vector: SteeringVector
     strength: float | Mapping[int, float] = 1.0
     positions: PositionSpec = "all"
     layers: Sequence[int] | None = None
+    op: str | Operator | None = None
+    when: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, SteeringVector):
@@ -661,9 +752,29 @@ class Steering(Intervention):
             if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
                 raise InvalidInputError(f"layers must be a list of integers, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(as_int(x, "layer") for x in self.layers))
+        if self.op is not None:
+            get_operator(self.op)
+        if self.when is not None and not callable(getattr(self.when, "probe", None)):
+            raise InvalidInputError(
+                f"when= takes a Condition (sl.fit_condition / sl.Condition.load), not "
+                f"{type(self.when).__name__}"
+            )
 
-    def layer_deltas(self, adapter: ModelAdapter) -> dict[int, torch.Tensor]:
-        """``{resolved layer: strength × direction}`` in float32, validated against the model."""
+    @property
+    def operator(self) -> Operator:
+        """The operator this steering applies (``op``, or the vector's default)."""
+        if self.op is not None:
+            return get_operator(self.op)
+        if self.vector.metadata.get("operation") == "project_out":
+            return get_operator("ablate")
+        return get_operator("add")
+
+    @property
+    def resolved_op(self) -> str:
+        """Name of :attr:`operator`."""
+        return self.operator.name
+
+    def _targets(self, adapter: ModelAdapter) -> dict[int, tuple[float, dict[str, torch.Tensor]]]:
         vector = self.vector
         if vector.d_model != adapter.d_model:
             raise VectorMismatchError(
@@ -686,25 +797,45 @@ class Steering(Intervention):
                     f"negative indices; give each layer once"
                 )
             targets[layer], given[layer] = strength, raw
-        deltas: dict[int, torch.Tensor] = {}
         by_resolved = {resolved: vector.directions[raw] for raw, resolved in vec_layers.items()}
+        out: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
         for layer, strength in targets.items():
             direction = direction_at(by_resolved, layer, use="applied", known=vector.layers)
-            delta = direction.to(torch.float32) * strength
-            if not bool(torch.isfinite(delta).all()):
+            if not bool(torch.isfinite(direction.to(torch.float32) * strength).all()):
                 raise InvalidInputError(
                     f"strength {strength:g} at layer {layer} overflows float32 (strength x "
                     f"direction is not finite); use a smaller strength"
                 )
-            deltas[layer] = delta
-        return deltas
+            extras: dict[str, torch.Tensor] = {}
+            for name, per_layer in vector.extras.items():
+                resolved_extra = {adapter.resolve_layer(k): t for k, t in per_layer.items()}
+                if layer in resolved_extra or len(resolved_extra) == 1:
+                    extras[name] = direction_at(resolved_extra, layer, use="applied")
+            out[layer] = (strength, {"direction": direction, **extras})
+        return out
+
+    def layer_deltas(self, adapter: ModelAdapter) -> dict[int, torch.Tensor]:
+        """``{resolved layer: strength × direction}`` in float32, validated against the model."""
+        return {
+            layer: tensors["direction"].to(torch.float32) * strength
+            for layer, (strength, tensors) in self._targets(adapter).items()
+        }
+
+    def layer_params(self, adapter: ModelAdapter) -> dict[int, dict[str, torch.Tensor]]:
+        """``{resolved layer: operator constants}`` (see :meth:`Operator.params`), validated."""
+        op = self.operator
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, (strength, tensors) in self._targets(adapter).items():
+            extras = {k: v for k, v in tensors.items() if k != "direction"}
+            _check_extras(op, extras, layer)
+            try:
+                out[layer] = op.params(tensors["direction"].float(), strength, extras)
+            except VectorMismatchError as err:
+                raise VectorMismatchError(f"{err} (layer {layer})") from None
+        return out
 
     def hooks(self, adapter: ModelAdapter, tracker: PositionTracker) -> list[HookSpec]:
-        positions = Positions.parse(self.positions)
-        return [
-            HookSpec(adapter.block(layer), "forward", _AddHook(tracker, [(positions, delta[None])]))
-            for layer, delta in self.layer_deltas(adapter).items()
-        ]
+        return RowSteering((self,), uniform=True).hooks(adapter, tracker)
 
 
 SteeringLike = Union[SteeringVector, Steering]
@@ -741,78 +872,143 @@ def direction_at(
 class RowSteering(Intervention):
     """Per-row steering: row ``i`` of every batch gets ``rows[i]`` (or nothing when ``None``).
 
-    All rows share one hook per layer, so a batch of different vectors or strengths costs one
-    forward pass: the basis of batched sweeps and of serving many users at once.
+    All rows share one hook per layer, so a batch of different vectors, strengths, operators,
+    positions or conditions costs one forward pass: the basis of batched sweeps and of serving
+    many users at once. Rows are grouped by (operator, positions, condition); a row outside a
+    group is left bit-identical by it. ``uniform=True`` (one entry, used by :class:`Steering`)
+    applies that entry to every row of any batch.
     """
 
     rows: tuple[Steering | None, ...]
+    uniform: bool = False
 
     def slice(self, start: int, stop: int) -> RowSteering:
         """The rows ``start:stop`` (for running a long prompt list in chunks)."""
+        if self.uniform:
+            return self
         return RowSteering(self.rows[start:stop])
 
     def hooks(self, adapter: ModelAdapter, tracker: PositionTracker) -> list[HookSpec]:
         n_rows = len(self.rows)
-        per_layer: dict[int, dict[Positions, torch.Tensor]] = {}
+        # (op name, positions, condition identity) -> layer -> per-row constants
+        groups: dict[tuple[str, Positions, int], dict[int, list[dict[str, torch.Tensor] | None]]]
+        groups = {}
+        meta: dict[tuple[str, Positions, int], tuple[Operator, Positions, Any]] = {}
         for row, steering in enumerate(self.rows):
             if steering is None:
                 continue
             positions = Positions.parse(steering.positions)
-            for layer, delta in steering.layer_deltas(adapter).items():
-                terms = per_layer.setdefault(layer, {})
-                if positions not in terms:
-                    terms[positions] = torch.zeros(n_rows, adapter.d_model, dtype=torch.float32)
-                terms[positions][row] += delta
-        return [
-            HookSpec(
-                adapter.block(layer),
-                "forward",
-                _AddHook(tracker, list(terms.items()), per_row=True),
-            )
-            for layer, terms in sorted(per_layer.items())
+            op = steering.operator
+            key = (op.name, positions, id(steering.when))
+            meta[key] = (op, positions, steering.when)
+            per_layer = groups.setdefault(key, {})
+            for layer, params in steering.layer_params(adapter).items():
+                per_layer.setdefault(layer, [None] * n_rows)[row] = params
+        probes: dict[int, Any] = {}
+        specs_first: list[HookSpec] = []
+        terms_by_layer: dict[int, list[_Term]] = {}
+        for key, per_layer in groups.items():
+            op, positions, when = meta[key]
+            if positions.needs_ids:
+                if not positions.bound:
+                    raise InvalidInputError(
+                        f"positions {positions.describe()!r} name marker text; steerlab resolves "
+                        f"it with the model's tokenizer (model.steer/generate/logits), or give "
+                        f"token ids: Positions.after(ids=[...])"
+                    )
+                tracker.track_ids = True
+            probe = None
+            if when is not None:
+                if id(when) not in probes:
+                    probe_layer, probe_hook = when.probe(adapter, tracker)
+                    probes[id(when)] = (probe_layer, probe_hook)
+                    specs_first.append(HookSpec(adapter.block(probe_layer), "forward", probe_hook))
+                probe_layer, probe = probes[id(when)]
+                below = [layer for layer in per_layer if layer < probe_layer]
+                if below:
+                    raise InvalidInputError(
+                        f"a condition read at layer {probe_layer} cannot gate steering at layers "
+                        f"{sorted(below)} below it (the forward pass reaches them first); fit the "
+                        f"condition with layers=[...] at or below the steering layers"
+                    )
+            for layer, per_row in per_layer.items():
+                stacked = stack_params(op, per_row, adapter.d_model)
+                present = torch.tensor([p is not None for p in per_row], dtype=torch.bool)
+                terms_by_layer.setdefault(layer, []).append(
+                    _Term(op, positions, stacked, None if bool(present.all()) else present, probe)
+                )
+        return specs_first + [
+            HookSpec(adapter.block(layer), "forward", _SteerHook(tracker, terms, self.uniform))
+            for layer, terms in sorted(terms_by_layer.items())
         ]
 
 
-class _AddHook:
-    """Forward hook adding ``delta[row]`` at the selected positions of a block's output."""
+@dataclasses.dataclass
+class _Term:
+    """One operator applied to some rows at some positions (optionally gated by a probe)."""
 
-    def __init__(
-        self,
-        tracker: PositionTracker,
-        terms: list[tuple[Positions, torch.Tensor]],
-        *,
-        per_row: bool = False,
-    ):
+    op: Operator
+    positions: Positions
+    params: dict[str, torch.Tensor]  # [rows, k] float32
+    rows: torch.Tensor | None  # [rows] bool, None = every row
+    probe: Any = None
+
+
+class _SteerHook:
+    """Forward hook applying its terms (in order) at the selected tokens of a block's output."""
+
+    def __init__(self, tracker: PositionTracker, terms: list[_Term], uniform: bool):
         self.tracker = tracker
         self.terms = terms
-        # per-row terms must match the batch exactly: one entry is not "the same for all rows"
-        self.per_row = per_row
-        self._placed: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self.uniform = uniform
+        self._placed: dict[tuple[int, torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
-    def _delta(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        key = (index, like.device, like.dtype)
+    def _params(self, index: int, like: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+        key = (index, like.device, dtype)
         placed = self._placed.get(key)
         if placed is None:
             # Moving once per (device, dtype) keeps model-parallel models correct and cheap.
-            placed = self.terms[index][1].to(device=like.device, dtype=like.dtype)
+            term = self.terms[index]
+            placed = {
+                k: v.to(device=like.device, dtype=dtype)[:, None, :] for k, v in term.params.items()
+            }
+            if term.rows is not None:
+                placed["__rows__"] = term.rows.to(like.device)[:, None]
             self._placed[key] = placed
         return placed
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         hidden = output_hidden(output)
         batch = hidden.shape[0]
-        for index, (positions, _) in enumerate(self.terms):
-            delta = self._delta(index, hidden)
-            if delta.shape[0] != batch and (self.per_row or delta.shape[0] != 1):
+        for index, term in enumerate(self.terms):
+            is_add = isinstance(term.op, Add) and type(term.op) is Add
+            p = self._params(index, hidden, hidden.dtype if is_add else torch.float32)
+            n_rows = next(iter(p.values())).shape[0] if p else 1
+            if n_rows != batch and not (self.uniform and n_rows == 1):
                 raise InvalidInputError(
-                    f"per-row steering has {delta.shape[0]} entries but the batch has {batch} "
-                    f"rows (one entry per prompt, None for an unsteered one)"
+                    f"per-row steering has {n_rows} entries but the batch has {batch} rows (one "
+                    f"entry per prompt, None for an unsteered one)"
                 )
-            if positions.covers_everything and self.tracker.all_real:
-                hidden = hidden + delta[:, None, :]
-            else:
-                mask = self.tracker.mask(positions).to(hidden.device)
-                hidden = hidden + mask[..., None].to(hidden.dtype) * delta[:, None, :]
+            mask: torch.Tensor | None = None
+            if not (term.positions.covers_everything and self.tracker.all_real):
+                mask = self.tracker.mask(term.positions).to(hidden.device)
+            if term.probe is not None:
+                fired = term.probe.mask(hidden.shape[:2]).to(hidden.device)
+                mask = fired if mask is None else mask & fired
+            rows = p.get("__rows__")
+            if rows is not None:
+                mask = rows.expand(batch, hidden.shape[1]) if mask is None else mask & rows
+            if is_add:
+                # the historical exact path: h + delta in the model's dtype, zero elsewhere
+                delta = p["delta"]
+                if mask is None:
+                    hidden = hidden + delta
+                else:
+                    hidden = hidden + mask[..., None].to(hidden.dtype) * delta
+                continue
+            values = {k: v for k, v in p.items() if k != "__rows__"}
+            edited = term.op.apply(hidden.float(), values).to(hidden.dtype)
+            hidden = edited if mask is None else torch.where(mask[..., None], edited, hidden)
         return replace_output_hidden(output, hidden)
 
 
@@ -823,25 +1019,49 @@ def normalize_steering(
     positions: PositionSpec | None = None,
     layers: Sequence[int] | None = None,
     n_rows: int | None = None,
+    op: str | Operator | None = None,
+    when: Any = None,
+    tokenizer: Any = None,
 ) -> list[Intervention]:
     """Turn what users pass as ``steering=`` into a list of interventions.
 
     Accepts ``None``, a :class:`SteeringVector`, a :class:`Steering` or other
     :class:`Intervention`, or a list with one entry per row (``None`` for an unsteered row).
-    ``strength``/``positions``/``layers`` fill in for bare vectors.
+    ``strength``/``positions``/``layers``/``op`` fill in for bare vectors; ``when`` (a
+    condition) and ``positions``/``op`` also fill in for :class:`Steering` objects that left
+    them at their defaults. ``tokenizer`` turns text markers of content-based positions
+    (``"after:..."``) into token ids.
+
+    >>> import torch
+    >>> from steerlab.vectors import SteeringVector
+    >>> [s] = normalize_steering(SteeringVector({0: torch.ones(2)}), op="cap", strength=0.5)
+    >>> s.op, s.strength
+    ('cap', 0.5)
     """
     if steering is None:
         return []
+    if op is not None:
+        get_operator(op)
+
+    def bind(item: Steering) -> Steering:
+        spec = Positions.parse(item.positions)
+        if tokenizer is not None and not spec.bound:
+            item = dataclasses.replace(item, positions=spec.bind(tokenizer))
+        return item
 
     def one(item: Any) -> Intervention | None:
         if item is None:
             return None
         if isinstance(item, SteeringVector):
-            return Steering(
-                item,
-                strength=1.0 if strength is None else strength,
-                positions="all" if positions is None else positions,
-                layers=layers,
+            return bind(
+                Steering(
+                    item,
+                    strength=1.0 if strength is None else strength,
+                    positions="all" if positions is None else positions,
+                    layers=layers,
+                    op=op,
+                    when=when,
+                )
             )
         if isinstance(item, Intervention):
             if strength is not None or layers is not None:
@@ -849,8 +1069,19 @@ def normalize_steering(
                     "strength=/layers= apply to bare SteeringVectors; a Steering or other "
                     "intervention carries its own (use Steering(vec, strength=..., layers=...))"
                 )
-            if isinstance(item, Steering) and positions is not None and item.positions == "all":
-                return dataclasses.replace(item, positions=positions)
+            if isinstance(item, Steering):
+                changes: dict[str, Any] = {}
+                if positions is not None and item.positions == "all":
+                    changes["positions"] = positions
+                if op is not None and item.op is None:
+                    changes["op"] = op
+                if when is not None and item.when is None:
+                    changes["when"] = when
+                return bind(dataclasses.replace(item, **changes) if changes else item)
+            if when is not None or op is not None:
+                raise InvalidInputError(
+                    f"op=/when= apply to steering vectors, not to {type(item).__name__}"
+                )
             return item
         if isinstance(item, torch.Tensor):
             raise InvalidInputError(

@@ -544,10 +544,13 @@ def compute_vector(
         raise InvalidInputError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     inputs = resolve_inputs(positive, negative, paired=paired)
     resolved = model.adapter.resolve_layers(layers)
+    # mean_diff also records what the rotate/affine operators need (see below); the plane of
+    # angular steering is defined over every layer's candidate direction
+    read_layers = list(range(model.n_layers)) if method == "mean_diff" else resolved
     acts = extract_activations(
         model,
         inputs.positive + inputs.negative,
-        layers=resolved,
+        layers=read_layers,
         positions=positions,
         batch_size=batch_size,
         chat=chat,
@@ -581,7 +584,22 @@ def compute_vector(
         dataset=inputs.dataset,
         **extra,
     )
-    return SteeringVector(directions, metadata=metadata)
+    extras: dict[str, dict[int, torch.Tensor]] = {}
+    if method == "mean_diff":
+        # affine concept editing's reference: the mean activation of the negative prompts;
+        # angular steering's second basis vector, one for every layer (stored once)
+        from steerlab.operators import angular_plane
+
+        extras["reference"] = {
+            layer: acts[layer][n_pos:].double().mean(dim=0).float() for layer in resolved
+        }
+        if len(read_layers) >= 2:
+            plane = angular_plane(
+                {layer: acts[layer][:n_pos] for layer in read_layers},
+                {layer: acts[layer][n_pos:] for layer in read_layers},
+            )
+            extras["plane"] = {resolved[0]: plane}
+    return SteeringVector(directions, metadata=metadata, extras=extras)
 
 
 def _jsonable(value: Any) -> bool:

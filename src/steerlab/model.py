@@ -369,6 +369,8 @@ class SteeredModel:
         positions: PositionSpec | None = None,
         layers: Sequence[int] | None = None,
         force: bool = False,
+        op: str | None = None,
+        when: Any = None,
     ) -> HookHandle:
         """Steer every call, in every thread, until ``handle.remove()``.
 
@@ -386,7 +388,13 @@ class SteeredModel:
         False
         """
         interventions = normalize_steering(
-            steering, strength=strength, positions=positions, layers=layers
+            steering,
+            strength=strength,
+            positions=positions,
+            layers=layers,
+            op=op,
+            when=when,
+            tokenizer=self.tokenizer,
         )
         self.check_vectors(interventions, force=force)
         return self.add_interventions(interventions)
@@ -464,15 +472,21 @@ class SteeredModel:
         positions: PositionSpec | None = None,
         layers: Sequence[int] | None = None,
         force: bool = False,
+        op: str | None = None,
+        when: Any = None,
     ) -> Iterator[HookHandle]:
         """Steer every call inside the ``with`` block; hooks are removed on exit, even on error.
 
         ``steering`` is a :class:`~steerlab.vectors.SteeringVector`, a
         :class:`~steerlab.interventions.Steering`, any intervention, or a list with one entry
         per prompt row. ``strength`` is a number or ``{layer: strength}``; ``positions`` one of
-        ``"all"`` (default), ``"last"``, ``"prompt"``, ``"generated"``, indices or a slice.
-        A vector whose metadata says it was made for another model is refused unless
-        ``force=True``.
+        ``"all"`` (default), ``"last"``, ``"prompt"``, ``"generated"``, indices, a slice, or a
+        content-based spec (``"first:K"``, ``"after:TEXT"``, ``"between:A,B"``,
+        ``"outside:A,B"``, see :mod:`steerlab.positions`). ``op`` picks the operator
+        (:mod:`steerlab.operators`; default ``"add"``). ``when`` is a
+        :class:`~steerlab.conditions.Condition`: only rows whose prompt satisfies it are
+        steered (per-token conditions gate each token). A vector whose metadata says it was
+        made for another model is refused unless ``force=True``.
 
         Scope: the calls made in this thread (or asyncio task) inside the block, and nothing
         else. Other threads using the same model at the same time are not steered by it, so one
@@ -489,7 +503,13 @@ class SteeredModel:
         True
         """
         interventions = normalize_steering(
-            steering, strength=strength, positions=positions, layers=layers
+            steering,
+            strength=strength,
+            positions=positions,
+            layers=layers,
+            op=op,
+            when=when,
+            tokenizer=self.tokenizer,
         )
         self.check_vectors(interventions, force=force)
         with self._activate(interventions) as handle:
@@ -509,9 +529,18 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None,
         positions: PositionSpec | None,
         row_offset: int = 0,
+        op: str | None = None,
+        when: Any = None,
     ) -> Iterator[list[PositionTracker]]:
         """Per-call steering plus pinned prompt lengths for every installed tracker."""
-        per_call = normalize_steering(steering, strength=strength, positions=positions)
+        per_call = normalize_steering(
+            steering,
+            strength=strength,
+            positions=positions,
+            op=op,
+            when=when,
+            tokenizer=self.tokenizer,
+        )
         self.check_vectors(per_call)
         rows = batch.input_ids.shape[0]
         per_call = [
@@ -558,6 +587,8 @@ class SteeredModel:
         batch_size: int | None = None,
         padding_side: str = "left",
         chat: bool = False,
+        op: str | None = None,
+        when: Any = None,
     ) -> torch.Tensor:
         """Next-token logits ``[batch, seq, vocab]`` (float32, CPU), left-padded by default.
 
@@ -577,6 +608,8 @@ class SteeredModel:
             batch_size=batch_size,
             padding_side=padding_side,
             chat=chat,
+            op=op,
+            when=when,
         )
 
     def _run_chunks(
@@ -590,6 +623,8 @@ class SteeredModel:
         batch_size: int | None,
         padding_side: str = "left",
         chat: bool = False,
+        op: str | None = None,
+        when: Any = None,
     ) -> torch.Tensor:
         """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
         items = _check_prompts(prompts)
@@ -602,7 +637,13 @@ class SteeredModel:
         for start in range(0, len(items), size):
             chunk = batch.rows(start, start + size)
             with self._call_scope(
-                steering, chunk, strength=strength, positions=positions, row_offset=start
+                steering,
+                chunk,
+                strength=strength,
+                positions=positions,
+                row_offset=start,
+                op=op,
+                when=when,
             ):
                 outputs.append(run(chunk))
         return torch.cat(outputs, dim=0)
@@ -617,6 +658,8 @@ class SteeredModel:
         positions: PositionSpec | None = None,
         batch_size: int | None = None,
         chat: bool = False,
+        op: str | None = None,
+        when: Any = None,
     ) -> torch.Tensor:
         """Logits of the next token after each prompt, ``[batch, vocab]`` (float32, CPU).
 
@@ -636,6 +679,8 @@ class SteeredModel:
             positions=positions,
             batch_size=batch_size,
             chat=chat,
+            op=op,
+            when=when,
         )
 
     def _last_logits(self, batch: Batch) -> torch.Tensor:
@@ -758,6 +803,8 @@ class SteeredModel:
         padding_side: str = "left",
         chat: bool = False,
         progress: bool | None = None,
+        op: str | None = None,
+        when: Any = None,
     ) -> LayerActivations:
         """Residual-stream activations at the output of ``layers`` (default: all).
 
@@ -814,7 +861,13 @@ class SteeredModel:
                     return hook
 
                 with self._call_scope(
-                    steering, batch, strength=strength, positions=None, row_offset=start
+                    steering,
+                    batch,
+                    strength=strength,
+                    positions=None,
+                    row_offset=start,
+                    op=op,
+                    when=when,
                 ):
                     reads = [
                         HookSpec(self.adapter.block(layer), "forward", make_hook(layer))
@@ -848,10 +901,10 @@ class SteeredModel:
     def generate(self, prompts: Sequence[str] | str, **kwargs: Any) -> str | list[str]:
         """Generate continuations (new text only), steering at every step.
 
-        Keyword options: ``max_new_tokens`` (32), ``steering``/``strength``/``positions`` as in
-        :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``, ``top_p``, ``top_k``,
-        ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply the chat template),
-        ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
+        Keyword options: ``max_new_tokens`` (32), ``steering``/``strength``/``positions``/``op``/
+        ``when`` as in :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``,
+        ``top_p``, ``top_k``, ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply
+        the chat template), ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
 
         >>> from steerlab.testing import tiny_model
         >>> text = tiny_model("mistral").generate("the cat", max_new_tokens=3)
@@ -882,6 +935,8 @@ class SteeredModel:
         chat: bool = False,
         batch_size: int | None = None,
         use_cache: bool = True,
+        op: str | None = None,
+        when: Any = None,
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
         items = _check_prompts(prompts)
@@ -916,7 +971,13 @@ class SteeredModel:
             for start in range(0, len(items), size):
                 chunk = batch.rows(start, start + size).to(self.device)
                 with self._call_scope(
-                    steering, chunk, strength=strength, positions=positions, row_offset=start
+                    steering,
+                    chunk,
+                    strength=strength,
+                    positions=positions,
+                    row_offset=start,
+                    op=op,
+                    when=when,
                 ):
                     out = self.hf_model.generate(  # type: ignore[operator]
                         input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, **options

@@ -18,6 +18,28 @@ spec            tokens selected (P = number of prompt tokens of that row)
                 generated tokens)
 ==============  ========================================================================
 
+Token selection by content. These specs are strings, so the same text works in Python, on the
+command line (``--positions``) and in JSON requests; :class:`Positions` has a constructor for
+each. A marker is text, turned into token ids with the model's tokenizer when the steering is
+installed (also with a leading space, so ``" Yes"`` mid-sentence matches ``after:Yes``), or
+token ids given directly (``Positions.after(ids=[...])``). Markers are looked for in the whole
+sequence, prompt and generated tokens alike, and decided as tokens stream: whether token ``i``
+is selected depends only on tokens ``0..i``, so a KV cache changes nothing.
+
+========================  ==================================================================
+spec                      tokens selected
+========================  ==================================================================
+``"first:K"``             the first ``K`` generated tokens, ``P <= i < P+K``
+``"after:TEXT"``          from the token completing the first occurrence of ``TEXT`` on
+                          (that token included)
+``"between:A,B"``         inside ``A ... B`` blocks, both markers' completing tokens included;
+                          blocks may repeat; an unclosed block runs to the end
+``"outside:A,B"``         every real token not selected by ``between:A,B`` (steer everything
+                          but the reasoning: ``"outside:<think>,</think>"``)
+========================  ==================================================================
+
+``A`` is everything before the first comma (use the constructor for a marker with a comma).
+
 >>> import torch
 >>> pos = Positions.parse("last")
 >>> abs_index = torch.tensor([[-1, 0, 1, 2]])          # one left pad, three prompt tokens
@@ -36,21 +58,24 @@ import torch
 from steerlab._checks import as_int
 from steerlab.errors import InvalidInputError
 
-__all__ = ["PositionSpec", "Positions"]
+__all__ = ["PositionSpec", "Positions", "marker_flags"]
 
 _MODES = ("all", "last", "prompt", "generated")
+_MARKER_MODES = ("after", "between", "outside")
 
 PositionSpec = Union[
-    Literal["all", "last", "prompt", "generated"], int, Sequence[int], slice, "Positions"
+    Literal["all", "last", "prompt", "generated"], str, int, Sequence[int], slice, "Positions"
 ]
+"""What ``positions=`` accepts; strings beyond the four modes are the content-based specs."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Positions:
     """A parsed position spec (see the module docstring for the table).
 
-    >>> Positions.parse([0, -1])
-    Positions(mode='indices', indices=(0, -1), start=None, stop=None, step=1)
+    >>> Positions.parse([0, -1])  # doctest: +NORMALIZE_WHITESPACE
+    Positions(mode='indices', indices=(0, -1), start=None, stop=None, step=1,
+              markers=(), marker_ids=None)
     """
 
     mode: str
@@ -58,17 +83,108 @@ class Positions:
     start: int | None = None
     stop: int | None = None
     step: int = 1
+    markers: tuple[str, ...] = ()
+    marker_ids: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+
+    # --- constructors of the content-based specs ------------------------------------------
+    @classmethod
+    def first(cls, k: int) -> Positions:
+        """The first ``k`` generated tokens (``"first:K"``).
+
+        >>> Positions.first(2).mask(torch.tensor([[0, 1, 2, 3, 4]]), torch.tensor([2])).tolist()
+        [[False, False, True, True, False]]
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidInputError(f"first:K needs a non-negative int K, got {k!r}")
+        return cls(mode="first", indices=(k,))
+
+    @classmethod
+    def after(cls, text: str | None = None, *, ids: Sequence[int] | None = None) -> Positions:
+        """Every token from the first occurrence of ``text`` (or token ``ids``) on.
+
+        >>> Positions.after(ids=[7]).describe()
+        'after:@7'
+        """
+        return cls._markers("after", [(text, ids)])
+
+    @classmethod
+    def between(
+        cls,
+        start: str | None = None,
+        end: str | None = None,
+        *,
+        start_ids: Sequence[int] | None = None,
+        end_ids: Sequence[int] | None = None,
+    ) -> Positions:
+        """Tokens inside ``start ... end`` blocks, markers included (``"between:A,B"``)."""
+        return cls._markers("between", [(start, start_ids), (end, end_ids)])
+
+    @classmethod
+    def outside(
+        cls,
+        start: str | None = None,
+        end: str | None = None,
+        *,
+        start_ids: Sequence[int] | None = None,
+        end_ids: Sequence[int] | None = None,
+    ) -> Positions:
+        """Tokens outside ``start ... end`` blocks (``"outside:<think>,</think>"``)."""
+        return cls._markers("outside", [(start, start_ids), (end, end_ids)])
+
+    @classmethod
+    def _markers(
+        cls, mode: str, given: Sequence[tuple[str | None, Sequence[int] | None]]
+    ) -> Positions:
+        texts: list[str] = []
+        id_lists: list[tuple[tuple[int, ...], ...]] = []
+        for text, ids in given:
+            if (text is None) == (ids is None):
+                raise InvalidInputError(f"{mode}: give each marker as text or as ids=, not both")
+            if ids is not None:
+                values = tuple(int(i) for i in ids)
+                if not values or any(isinstance(i, bool) or i < 0 for i in ids):
+                    raise InvalidInputError(f"{mode}: marker ids must be non-empty token ids")
+                texts.append("@" + ",".join(str(i) for i in values))
+                id_lists.append((values,))
+            else:
+                if not isinstance(text, str) or text == "":
+                    raise InvalidInputError(f"{mode}: a marker must be non-empty text")
+                texts.append(text)
+                id_lists.append(())
+        bound = all(ids for ids in id_lists)
+        return cls(mode=mode, markers=tuple(texts), marker_ids=tuple(id_lists) if bound else None)
 
     @classmethod
     def parse(cls, spec: PositionSpec) -> Positions:
-        """Turn a user spec into :class:`Positions`, or raise ``InvalidInputError``."""
+        """Turn a user spec into :class:`Positions`, or raise ``InvalidInputError``.
+
+        >>> Positions.parse("between:<think>,</think>").markers
+        ('<think>', '</think>')
+        """
         if isinstance(spec, Positions):
             return spec
         if isinstance(spec, str):
+            head, sep, rest = spec.partition(":")
+            if sep and head == "first":
+                try:
+                    k = int(rest)
+                except ValueError:
+                    raise InvalidInputError(f"first:K needs an int, got {spec!r}") from None
+                return cls.first(k)
+            if sep and head == "after":
+                return cls.after(rest) if rest else cls.after("")
+            if sep and head in ("between", "outside"):
+                a, comma, b = rest.partition(",")
+                if not comma or not a or not b:
+                    raise InvalidInputError(
+                        f"{head} needs two markers separated by a comma, e.g. "
+                        f"'{head}:<think>,</think>'; got {spec!r}"
+                    )
+                return cls._markers(head, [(a, None), (b, None)])
             if spec not in _MODES:
                 raise InvalidInputError(
-                    f"unknown positions {spec!r}; use one of {', '.join(_MODES)}, an int, a list "
-                    f"of ints or a slice"
+                    f"unknown positions {spec!r}; use one of {', '.join(_MODES)}, first:K, "
+                    f"after:TEXT, between:A,B, outside:A,B, an int, a list of ints or a slice"
                 )
             return cls(mode=spec)
         if isinstance(spec, bool):
@@ -95,6 +211,43 @@ class Positions:
         """True when every real token is selected (lets hooks skip building a mask)."""
         return self.mode == "all"
 
+    @property
+    def needs_ids(self) -> bool:
+        """True for specs decided by token content (``after``/``between``/``outside``)."""
+        return self.mode in _MARKER_MODES
+
+    @property
+    def bound(self) -> bool:
+        """True when every marker has token ids (text markers get them from a tokenizer)."""
+        return not self.needs_ids or self.marker_ids is not None
+
+    def bind(self, tokenizer: object) -> Positions:
+        """A copy with text markers turned into token ids by ``tokenizer``.
+
+        Each text marker matches its tokenization with and without a leading space.
+
+        >>> from steerlab.testing import tiny_tokenizer
+        >>> Positions.parse("after:cat").bind(tiny_tokenizer()).bound
+        True
+        """
+        if self.bound:
+            return self
+        id_lists: list[tuple[tuple[int, ...], ...]] = []
+        for text in self.markers:
+            if text.startswith("@") and all(p.strip().isdigit() for p in text[1:].split(",")):
+                id_lists.append((tuple(int(p) for p in text[1:].split(",")),))
+                continue
+            variants: list[tuple[int, ...]] = []
+            for form in (text, " " + text):
+                encoded = tokenizer(form, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+                ids = tuple(int(i) for i in encoded)
+                if ids and ids not in variants:
+                    variants.append(ids)
+            if not variants:
+                raise InvalidInputError(f"marker {text!r} has no tokens")
+            id_lists.append(tuple(variants))
+        return dataclasses.replace(self, marker_ids=tuple(id_lists))
+
     def mask(self, abs_index: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
         """Boolean ``[batch, seq]`` mask of selected tokens.
 
@@ -105,6 +258,13 @@ class Positions:
         plen = prompt_lengths.to(abs_index.device).unsqueeze(-1)
         if self.mode == "all":
             return real
+        if self.mode == "first":
+            return real & (abs_index >= plen) & (abs_index < plen + self.indices[0])
+        if self.needs_ids:
+            raise InvalidInputError(
+                f"positions {self.describe()!r} are decided by token content; they need the "
+                f"token ids a PositionTracker records"
+            )
         if self.mode == "prompt":
             return real & (abs_index < plen)
         if self.mode == "generated":
@@ -128,7 +288,15 @@ class Positions:
         return selected
 
     def describe(self) -> str:
-        """Short text form, used in vector metadata and CLI output."""
+        """Short text form, used in vector metadata and CLI output (parses back).
+
+        >>> Positions.parse("outside:<think>,</think>").describe()
+        'outside:<think>,</think>'
+        """
+        if self.mode == "first":
+            return f"first:{self.indices[0]}"
+        if self.needs_ids:
+            return f"{self.mode}:" + ",".join(self.markers)
         if self.mode == "indices":
             return ",".join(str(i) for i in self.indices)
         if self.mode == "slice":
@@ -136,3 +304,47 @@ class Positions:
             b = "" if self.stop is None else str(self.stop)
             return f"{a}:{b}" + (f":{self.step}" if self.step != 1 else "")
         return self.mode
+
+
+def _ends_at(ids: Sequence[int], i: int, variants: tuple[tuple[int, ...], ...]) -> bool:
+    for variant in variants:
+        n = len(variant)
+        if n <= i + 1 and tuple(ids[i + 1 - n : i + 1]) == variant:
+            return True
+    return False
+
+
+def marker_flags(
+    positions: Positions, ids: Sequence[int], start: int = 0, state: bool = False
+) -> tuple[list[bool], bool]:
+    """Selection flags of tokens ``start..`` of ``ids`` for a content spec, as tokens stream.
+
+    ``state`` is the scan's state before ``start`` (``after``: found; ``between``/``outside``:
+    inside a block), so a scan continues where an earlier one stopped. Returns the flags and
+    the state after the last token.
+
+    >>> spec = Positions.between(start_ids=[5], end_ids=[6])
+    >>> marker_flags(spec, [1, 5, 2, 6, 3])[0]
+    [False, True, True, True, False]
+    """
+    if positions.marker_ids is None:
+        raise InvalidInputError(f"positions {positions.describe()!r} have no token ids yet")
+    flags: list[bool] = []
+    if positions.mode == "after":
+        (target,) = positions.marker_ids
+        for i in range(start, len(ids)):
+            state = state or _ends_at(ids, i, target)
+            flags.append(state)
+        return flags, state
+    opening, closing = positions.marker_ids
+    for i in range(start, len(ids)):
+        if not state and _ends_at(ids, i, opening):
+            state = True
+            selected = True
+        elif state and _ends_at(ids, i, closing):
+            selected = True
+            state = False
+        else:
+            selected = state
+        flags.append(selected if positions.mode == "between" else not selected)
+    return flags, state

@@ -77,7 +77,9 @@ __all__ = [
     "SweepResult",
     "TuneResult",
     "compare",
+    "compare_operators",
     "default_layers",
+    "operator_table",
     "split_prompts",
     "sweep",
     "tune",
@@ -136,6 +138,7 @@ class SweepResult:
     damage_metric: str
     mode: str
     seconds: float
+    op: str = "add"
 
     @property
     def baseline(self) -> float:
@@ -238,6 +241,7 @@ class SweepResult:
             "behaviour_metric": self.behaviour_metric,
             "damage_metric": self.damage_metric,
             "mode": self.mode,
+            "op": self.op,
             "seconds": self.seconds,
             "baseline": self.baseline,
             "points": self.to_records(),
@@ -267,7 +271,9 @@ def _layer_direction(vector: SteeringVector, layer: int) -> SteeringVector:
     if layer in vector.layers:
         return vector.select([layer])
     if len(vector.layers) == 1:
-        return SteeringVector({layer: vector[vector.layers[0]]}, metadata=vector.metadata)
+        return SteeringVector(
+            {layer: vector[vector.layers[0]]}, metadata=vector.metadata, extras=vector.extras
+        )
     raise VectorMismatchError(
         f"the vector has no direction for layer {layer} (it has {vector.layers}); a sweep uses "
         f"each layer's own direction, or one single-layer vector at every layer"
@@ -316,11 +322,14 @@ def sweep(
     max_rows: int = 128,
     chat: bool = False,
     progress: bool | None = None,
+    op: str | None = None,
 ) -> SweepResult:
     """Score ``behaviour`` and ``damage`` at every (layer, strength).
 
     At layer ``L`` the model is steered with ``strength × vector[L]`` added to the output of
-    block ``L`` at ``positions`` (a single-layer vector is used at every layer). ``damage``
+    block ``L`` at ``positions`` (a single-layer vector is used at every layer), or with the
+    operator ``op`` (:mod:`steerlab.operators`; strength 0 is always the unsteered model, for
+    every operator). ``damage``
     defaults to ``KL(unsteered || steered)`` on the behaviour prompts. Strength 0 is always
     included. ``mode`` is ``"prefix"`` (batched rows + prefix reuse, default), ``"batched"``
     (per-row batches, full forward passes) or ``"naive"`` (one configuration per pass); all
@@ -350,10 +359,15 @@ def sweep(
     directions = {layer: _layer_direction(vector, layer) for layer in resolved}
     values = _check_strengths(strengths)
     configs = [
-        Steering(directions[layer], s, positions) if s != 0.0 else None
+        Steering(directions[layer], s, positions, op=op) if s != 0.0 else None
         for layer in resolved
         for s in values
     ]
+    op_name = (
+        "add"
+        if not configs or all(c is None for c in configs)
+        else next(c.resolved_op for c in configs if c is not None)
+    )
     beh, dmg, used = _score_configs(
         model,
         configs,
@@ -375,7 +389,89 @@ def sweep(
         damage_metric=damage.label,
         mode=used,
         seconds=time.perf_counter() - start_time,
+        op=op_name,
     )
+
+
+def compare_operators(
+    model: Any,
+    vector: SteeringVector,
+    *,
+    ops: Sequence[str] = ("add", "add_norm", "clamp"),
+    behaviour: NextTokenTask,
+    damage: NextTokenTask | None = None,
+    layers: Sequence[int] | None = None,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    positions: Any = "all",
+    mode: str = "prefix",
+    chat: bool = False,
+    progress: bool | None = None,
+) -> dict[str, SweepResult]:
+    """One :func:`sweep` per operator on the same vector, prompts and grid: ``{op: result}``.
+
+    Read the results side by side with :func:`operator_table`.
+
+    >>> import torch, steerlab as sl
+    >>> from steerlab.evaluation import kl_task
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+    >>> results = compare_operators(model, vec, ops=["add", "clamp"], strengths=[1.0],
+    ...                             behaviour=kl_task(["the cat"]), progress=False)
+    >>> sorted(results), results["clamp"].op
+    (['add', 'clamp'], 'clamp')
+    """
+    from steerlab.operators import get_operator
+
+    names = [get_operator(op).name for op in ops]
+    if not names or len(set(names)) != len(names):
+        raise InvalidInputError(f"ops must be distinct operator names, got {list(ops)}")
+    return {
+        name: sweep(
+            model,
+            vector,
+            behaviour=behaviour,
+            damage=damage,
+            layers=layers,
+            strengths=strengths,
+            positions=positions,
+            mode=mode,
+            chat=chat,
+            progress=progress,
+            op=name,
+        )
+        for name in names
+    }
+
+
+def operator_table(results: Mapping[str, SweepResult], *, max_damage: float) -> str:
+    """One line per operator: its recommended (layer, strength), behaviour shift and damage.
+
+    >>> import torch, steerlab as sl
+    >>> from steerlab.evaluation import kl_task
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+    >>> results = compare_operators(model, vec, ops=["add", "cap"], strengths=[1.0],
+    ...                             behaviour=kl_task(["the cat"]), progress=False)
+    >>> operator_table(results, max_damage=100.0).splitlines()[0].split()[:3]
+    ['op', 'layer', 'strength']
+    """
+    rows = [("op", "layer", "strength", "behaviour", "shift", "damage")]
+    for name, result in results.items():
+        best = result.recommend(max_damage=max_damage)
+        rows.append(
+            (
+                name,
+                str(best.layer),
+                f"{best.strength:g}",
+                f"{best.behaviour:.4f}",
+                f"{best.shift:+.4f}",
+                f"{best.damage:.4f}",
+            )
+        )
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def _score_configs(
@@ -628,6 +724,9 @@ class TuneResult:
     examples: tuple[Example, ...]
     settings: Mapping[str, Any]
     seconds: float
+    op: str = "add"
+    op_sweeps: Mapping[str, SweepResult] = dataclasses.field(default_factory=dict)
+    """The train sweep of every operator compared (``tune(op=[...])``); ``sweep`` is ``op``'s."""
 
     @property
     def recommended_point(self) -> SweepPoint:
@@ -639,7 +738,7 @@ class TuneResult:
         """The vector at the recommended layer only (use it with the recommended strength)."""
         layer, strength = self.recommended
         return self.vector.select([layer]).with_metadata(
-            recommended_layer=layer, recommended_strength=strength
+            recommended_layer=layer, recommended_strength=strength, recommended_op=self.op
         )
 
     def table(self) -> str:
@@ -663,13 +762,19 @@ class TuneResult:
             "",
             self.table(),
             "",
-            f"recommended: layer {layer}, strength {strength:g} (train: behaviour "
+            f"recommended: op {self.op}, layer {layer}, strength {strength:g} (train: behaviour "
             f"{self.sweep.baseline:.3f} -> {point.behaviour:.3f}, shift {point.shift:+.3f}, "
             f"KL {point.damage:.3f})",
             f"held-out ({held.n_prompts} prompts): behaviour {held.baseline:.3f} -> "
             f"{held.steered:.3f}, shift {held.shift:+.3f} ± {held.shift_sem:.3f} (s.e.m.), "
             f"KL {held.damage:.3f} on {held.n_damage_prompts} prompts",
         ]
+        if len(self.op_sweeps) > 1:
+            lines[6:6] = [
+                "operators compared (best point of each within the budget):",
+                operator_table(self.op_sweeps, max_damage=self.max_kl),
+                "",
+            ]
         if strength == 0.0:
             lines.append(
                 "no steered point beat the unsteered model within the KL budget: try other "
@@ -690,8 +795,13 @@ class TuneResult:
             "dataset": self.dataset_name,
             "settings": dict(self.settings),
             "max_kl": self.max_kl,
-            "recommended": {"layer": self.recommended[0], "strength": self.recommended[1]},
+            "recommended": {
+                "layer": self.recommended[0],
+                "strength": self.recommended[1],
+                "op": self.op,
+            },
             "sweep": self.sweep.to_dict(),
+            "op_sweeps": {name: r.to_dict() for name, r in self.op_sweeps.items()},
             "heldout": self.heldout.to_dict(),
             "examples": [dataclasses.asdict(e) for e in self.examples],
             "seconds": self.seconds,
@@ -714,7 +824,9 @@ class TuneResult:
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         self.sweep.to_csv(paths["csv"])
         self.vector.with_metadata(
-            recommended_layer=self.recommended[0], recommended_strength=self.recommended[1]
+            recommended_layer=self.recommended[0],
+            recommended_strength=self.recommended[1],
+            recommended_op=self.op,
         ).save(paths["vector"])
         paths.update(report.write_report(self, folder))
         return paths
@@ -763,6 +875,7 @@ def tune(
     mode: str = "prefix",
     chat: bool = False,
     progress: bool | None = None,
+    op: str | Sequence[str] = "add",
 ) -> TuneResult:
     """Pick the layer and strength for a contrastive dataset and validate them on held-out data.
 
@@ -785,6 +898,11 @@ def tune(
     are generated greedily (``max_new_tokens``) without and with steering, and scored with
     ``generation_metrics`` (default: ``vader`` for sentiment plus ``keyword_rate`` for concept
     words; ``concept_similarity`` on request) and ``perplexity`` under the unsteered model.
+
+    ``op`` is an operator name (:mod:`steerlab.operators`) or a list of them: with a list the
+    train sweep runs once per operator on the same vector and prompts, the best point of all
+    operators within the budget is recommended (and validated), and :meth:`TuneResult.summary`
+    shows the operators side by side (``result.op_sweeps``).
 
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("llama")
@@ -838,17 +956,32 @@ def tune(
     # A/B prompts already carry the chat template when asked for; never apply it twice
     text_chat = chat and not data.answers
     common = {"positions": positions, "mode": mode, "chat": text_chat}
-    train_sweep = sweep(
-        model,
-        vector,
-        behaviour=plan.train,
-        damage=plan.train_damage,
-        layers=candidate_layers,
-        strengths=strengths,
-        progress=progress,
-        **common,
+    from steerlab.operators import get_operator
+
+    op_names = [get_operator(o).name for o in ([op] if isinstance(op, str) else list(op))]
+    if not op_names or len(set(op_names)) != len(op_names):
+        raise InvalidInputError(f"op must be an operator name or a list of distinct ones: {op!r}")
+    op_sweeps = {
+        name: sweep(
+            model,
+            vector,
+            behaviour=plan.train,
+            damage=plan.train_damage,
+            layers=candidate_layers,
+            strengths=strengths,
+            progress=progress,
+            op=name,
+            **common,
+        )
+        for name in op_names
+    }
+    bests = {name: r.recommend(max_damage=max_kl) for name, r in op_sweeps.items()}
+    best_op = max(
+        op_names,
+        key=lambda n: (bests[n].behaviour, -abs(bests[n].strength), -bests[n].layer),
     )
-    best = train_sweep.recommend(max_damage=max_kl)
+    train_sweep = op_sweeps[best_op]
+    best = bests[best_op]
     layer, strength = best.layer, best.strength
     held = sweep(
         model,
@@ -857,10 +990,11 @@ def tune(
         damage=plan.test_damage,
         strengths=[strength],
         progress=False,
+        op=best_op,
         **common,
     )
     held_point = held.point(layer, strength)
-    steering = Steering(vector.select([layer]), strength, positions)
+    steering = Steering(vector.select([layer]), strength, positions, op=best_op)
     examples, generation = _generate_examples(
         model,
         list(plan.test.prompts[:n_examples]),
@@ -885,6 +1019,7 @@ def tune(
         "layers": list(train_sweep.layers),
         "strengths": list(train_sweep.strengths),
         "method": method,
+        "ops": op_names,
         "vector_positions": vector_positions,
         "positions": str(positions),
         "test_fraction": test_fraction,
@@ -916,6 +1051,8 @@ def tune(
         examples=examples,
         settings=settings,
         seconds=time.perf_counter() - start_time,
+        op=best_op,
+        op_sweeps=op_sweeps,
     )
 
 

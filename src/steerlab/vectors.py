@@ -134,6 +134,7 @@ _OPERATIONS = ("add", "project_out")
 _RESERVED_KEYS = ("format", "schema_version", CHECKSUM_KEY)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYER_KEY = re.compile(r"layer\.(0|[1-9][0-9]*)")
+_EXTRA_KEY = re.compile(r"extra\.([a-z][a-z0-9_]*)\.(0|[1-9][0-9]*)")
 _MAX_HEADER = 64 * 1024 * 1024
 
 
@@ -170,6 +171,9 @@ class SteeringVector:
 
     directions: Mapping[int, torch.Tensor]
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extras: Mapping[str, Mapping[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    """Named per-layer tensors some operators need (``{"reference": {layer: mean}, "plane":
+    {layer: second basis vector}}``, see :mod:`steerlab.operators`); saved with the vector."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.directions, Mapping) or not self.directions:
@@ -188,6 +192,7 @@ class SteeringVector:
             d_model = tensor.shape[0]
             copied[layer] = tensor.detach().clone()
         object.__setattr__(self, "directions", copied)
+        object.__setattr__(self, "extras", _copy_extras(self.extras, d_model))
         # deep: nested metadata (dataset, layer_info) must not be shared with the caller
         object.__setattr__(self, "metadata", copy.deepcopy(dict(self.metadata)))
 
@@ -254,8 +259,12 @@ class SteeringVector:
 
     # --- transforms ---------------------------------------------------------------------------
     def _map(self, fn: Any, **meta: Any) -> SteeringVector:
+        # extras (reference mean, rotation plane) describe the activations, not the direction's
+        # scale, so they carry over unchanged
         return SteeringVector(
-            {k: fn(k, v) for k, v in self.directions.items()}, metadata={**self.metadata, **meta}
+            {k: fn(k, v) for k, v in self.directions.items()},
+            metadata={**self.metadata, **meta},
+            extras=self.extras,
         )
 
     def scaled(self, factor: float | Mapping[int, float]) -> SteeringVector:
@@ -305,11 +314,31 @@ class SteeringVector:
             raise LayerNotFoundError(
                 f"this vector has no direction for layers {missing}; it has {self.layers}"
             )
-        return SteeringVector({k: self.directions[k] for k in chosen}, metadata=self.metadata)
+        extras = {
+            name: {k: t for k, t in per_layer.items() if k in chosen or len(per_layer) == 1}
+            for name, per_layer in self.extras.items()
+        }
+        return SteeringVector(
+            {k: self.directions[k] for k in chosen}, metadata=self.metadata, extras=extras
+        )
 
     def with_metadata(self, **metadata: Any) -> SteeringVector:
         """A copy with metadata keys added or replaced."""
-        return SteeringVector(self.directions, metadata={**self.metadata, **metadata})
+        return SteeringVector(
+            self.directions, metadata={**self.metadata, **metadata}, extras=self.extras
+        )
+
+    def with_extras(self, **extras: Mapping[int, torch.Tensor]) -> SteeringVector:
+        """A copy with named per-layer extras added or replaced (``reference=``, ``plane=``).
+
+        >>> import torch
+        >>> v = SteeringVector({0: torch.ones(2)}).with_extras(reference={0: torch.zeros(2)})
+        >>> sorted(v.extras)
+        ['reference']
+        """
+        return SteeringVector(
+            self.directions, metadata=self.metadata, extras={**self.extras, **extras}
+        )
 
     # --- arithmetic -----------------------------------------------------------------------------
     def _combine(self, other: object, sign: float) -> SteeringVector:
@@ -599,6 +628,9 @@ class SteeringVector:
             f"layer.{layer}": t.detach().to("cpu").contiguous()
             for layer, t in self.directions.items()
         }
+        for name, per_layer in self.extras.items():
+            for layer, t in per_layer.items():
+                tensors[f"extra.{name}.{layer}"] = t.detach().to("cpu").contiguous()
         header[CHECKSUM_KEY] = file_checksum(tensors, header)
         data = safetensors_save(tensors, metadata=header)
         folder = target.parent if str(target.parent) else Path(".")
@@ -643,9 +675,16 @@ class SteeringVector:
         if version >= 2:
             assert isinstance(raw_meta, dict)
             check_file_checksum(tensors, raw_meta, file)
+        extras: dict[str, dict[int, torch.Tensor]] = {}
+        for name in [n for n in tensors if n.startswith("extra.")]:
+            match = _EXTRA_KEY.fullmatch(name)
+            if match is None:
+                raise VectorFileError(f"{file}: unexpected tensor {name!r}")
+            tensor = tensors.pop(name)
+            extras.setdefault(match.group(1), {})[int(match.group(2))] = tensor
         directions = _decode_tensors(tensors, metadata, file)
         try:
-            return cls(directions, metadata=metadata)
+            return cls(directions, metadata=metadata, extras=extras)
         except VectorMismatchError as err:
             raise VectorFileError(f"{file}: {err}") from None
 
@@ -818,6 +857,29 @@ def _finite_number(value: object, what: str) -> float:
     if not math.isfinite(number):
         raise VectorMismatchError(f"{what} must be finite, got {number}")
     return number
+
+
+def _copy_extras(
+    extras: Mapping[str, Mapping[int, torch.Tensor]], d_model: int | None
+) -> dict[str, dict[int, torch.Tensor]]:
+    if not isinstance(extras, Mapping):
+        raise VectorMismatchError(f"extras must be a mapping, got {type(extras).__name__}")
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for name, per_layer in extras.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise VectorMismatchError(f"extra names must be lower-case identifiers, got {name!r}")
+        if not isinstance(per_layer, Mapping) or not per_layer:
+            raise VectorMismatchError(f"extra {name!r} must map layers to tensors")
+        copied: dict[int, torch.Tensor] = {}
+        for layer, tensor in sorted(per_layer.items()):
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise VectorMismatchError(f"extra {name!r}: layer keys must be non-negative ints")
+            if not isinstance(tensor, torch.Tensor):
+                raise VectorMismatchError(f"extra {name!r} at layer {layer} is not a tensor")
+            _check_direction(layer, tensor, d_model)
+            copied[layer] = tensor.detach().clone()
+        out[name] = copied
+    return out
 
 
 # --- helpers of the transforms ------------------------------------------------------------------

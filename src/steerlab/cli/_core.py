@@ -55,6 +55,8 @@ def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 def _parse_positions(text: str) -> Any:
     if text in ("all", "last", "prompt", "generated"):
         return text
+    if text.split(":", 1)[0] in ("first", "after", "between", "outside"):
+        return text  # parsed (and checked) by steerlab.positions
     if ":" in text:
         parts = [_int(p, "--positions") if p.strip() else None for p in text.split(":")]
         if len(parts) > 3:
@@ -112,8 +114,30 @@ def generate(
     ] = None,
     strength: Annotated[float, typer.Option("--strength", "-s", help="Multiplier.")] = 1.0,
     positions: Annotated[
-        str, typer.Option(help="all | last | prompt | generated | 0,3 | 2:")
+        str,
+        typer.Option(
+            help="all | last | prompt | generated | 0,3 | 2: | first:K | after:TEXT | "
+            "between:A,B | outside:A,B"
+        ),
     ] = "all",
+    op: Annotated[
+        str | None,
+        typer.Option(
+            "--op",
+            help="Steering operator: add (default), add_norm, clamp, cap, ablate, rotate, "
+            "affine (a project_out vector defaults to ablate).",
+        ),
+    ] = None,
+    when: Annotated[
+        Path | None,
+        typer.Option(
+            "--when",
+            help="Condition file (sl.fit_condition(...).save): steer only prompts that satisfy it.",
+        ),
+    ] = None,
+    when_per_token: Annotated[
+        bool, typer.Option(help="Apply the --when condition token by token instead.")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 40,
     chat: Annotated[bool, typer.Option(help="Wrap prompts in the chat template.")] = False,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
@@ -135,8 +159,18 @@ def generate(
         vec = sl.SteeringVector.load(vector)
         vec.check_compatible(steered_model, force=force)
         chosen = _parse_layers(layers, steered_model.n_layers)
+        condition = None
+        if when is not None:
+            condition = sl.Condition.load(when)
+            if when_per_token:
+                condition = condition.per_token()
         steering = sl.Steering(
-            vec, strength=strength, positions=_parse_positions(positions), layers=chosen
+            vec,
+            strength=strength,
+            positions=_parse_positions(positions),
+            layers=chosen,
+            op=op,
+            when=condition,
         )
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,

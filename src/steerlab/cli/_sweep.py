@@ -68,6 +68,14 @@ def _layers(text: str | None) -> list[int] | None:
 def _positions(text: str) -> Any:
     if text in ("all", "last", "prompt", "generated"):
         return text
+    if text.split(":", 1)[0] in ("first", "after", "between", "outside"):
+        from steerlab.errors import SteerlabError
+        from steerlab.positions import Positions
+
+        try:
+            return Positions.parse(text)
+        except SteerlabError as err:
+            raise typer.BadParameter(f"positions: {err}") from None
     try:
         if ":" in text:
             bounds = [int(p) if p.strip() else None for p in text.split(":")]
@@ -77,7 +85,8 @@ def _positions(text: str) -> Any:
         return [int(p) for p in text.split(",")]
     except ValueError:
         raise typer.BadParameter(
-            f"positions: {text!r} is not all, last, prompt, generated, indices or a:b"
+            f"positions: {text!r} is not all, last, prompt, generated, indices, a:b, first:K, "
+            f"after:TEXT, between:A,B or outside:A,B"
         ) from None
 
 
@@ -141,8 +150,20 @@ def sweep(
         str, typer.Option(help="Direction method (mean_diff, pca, probe, ...).")
     ] = "mean_diff",
     positions: Annotated[
-        str, typer.Option(help="Where to steer: all | last | prompt | generated | 0,3 | 2:")
+        str,
+        typer.Option(
+            help="Where to steer: all | last | prompt | generated | 0,3 | 2: | first:K | "
+            "after:TEXT | between:A,B | outside:A,B"
+        ),
     ] = "all",
+    op: Annotated[
+        str,
+        typer.Option(
+            "--op",
+            help="Steering operator, or a comma-separated list to compare on the same data "
+            "(add, add_norm, clamp, cap, ablate, rotate, affine).",
+        ),
+    ] = "add",
     eval_prompts: Annotated[
         Path | None,
         typer.Option(
@@ -189,6 +210,12 @@ def sweep(
     values = _numbers(strengths, "strengths")
     chosen = _layers(layers)
     where = _positions(positions)
+    ops = [o.strip() for o in op.split(",") if o.strip()]
+    from steerlab.operators import OPERATORS
+
+    unknown = [o for o in ops if o not in OPERATORS]
+    if not ops or unknown:
+        raise typer.BadParameter(f"--op: unknown {unknown or op!r}; use {', '.join(OPERATORS)}")
     targets, contrasts = _words(target_words), _words(contrast_words)
     prompts = _prompt_file(eval_prompts)
     import steerlab as sl
@@ -212,6 +239,7 @@ def sweep(
         mode=mode,
         chat=chat,
         progress=progress,
+        op=ops[0] if len(ops) == 1 else ops,
     )
     paths = result.save(out)
     typer.echo(result.summary())

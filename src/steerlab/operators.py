@@ -1,0 +1,386 @@
+"""Steering operators: what a steering hook does with the residual stream ``h`` at a token.
+
+Adding ``s·v`` is one operator among several. Each operator is a small class with its formula
+in the docstring, registered under a name in :data:`OPERATORS`; ``op="clamp"`` on
+``model.steer``, on every per-call ``steering=``, on :class:`~steerlab.interventions.Steering`
+and in the CLI (``--op``) picks one. Throughout, ``v`` is the vector's direction at the layer,
+``u = v/‖v‖`` and ``s`` the (per-layer) strength:
+
+============  ============================================================================
+op            new residual ``h'`` at a selected token
+============  ============================================================================
+``add``       ``h + s·v`` (the default; CAA / ActAdd)
+``add_norm``  ``h + s·v`` rescaled to the norm ``h`` had (``‖h'‖ = ‖h‖``)
+``clamp``     component along ``u`` set to ``s·‖v‖``: ``h + (s‖v‖ − h·u)·u``
+``cap``       component along ``u`` limited to at most ``s·‖v‖``: ``h − max(0, h·u − s‖v‖)·u``
+``ablate``    component along ``u`` removed: ``h − (h·u)·u`` (strength ignored)
+``rotate``    angular steering (arXiv 2510.26243): the part of ``h`` in the plane of ``b1 = u``
+              and ``b2`` (the vector's ``plane`` extra, orthonormalised against ``b1``) is
+              turned to the angle ``s`` degrees from ``b1``, keeping its length
+``affine``    affine concept editing (arXiv 2411.09003): ``h − ((h − μ)·u)·u + s·v``, with
+              ``μ`` the reference mean (the vector's ``reference`` extra)
+============  ============================================================================
+
+A vector whose metadata says ``operation="project_out"`` (a refusal direction) uses ``ablate``
+when no ``op`` is given. ``rotate`` and ``affine`` need per-layer tensors stored with the
+vector (:attr:`~steerlab.vectors.SteeringVector.extras`): :func:`steerlab.compute_vector`
+with ``method="mean_diff"`` records both (``reference`` = the mean activation of the negative
+prompts, ``plane`` = the paper's second basis vector, see :func:`angular_plane`).
+
+A new operator is a subclass of :class:`Operator` with ``params`` (per-layer constants) and
+``apply`` (the formula), registered with :func:`register_operator`:
+
+>>> import torch
+>>> @register_operator("double_along")
+... class DoubleAlong(Operator):
+...     '''``h + (h·u)·u``: doubles the component along ``u``.'''
+...     def params(self, direction, strength, extras):
+...         return {"u": direction / direction.norm()}
+...     def apply(self, hidden, p):
+...         return hidden + (hidden * p["u"]).sum(-1, keepdim=True) * p["u"]
+>>> h = torch.tensor([[[3.0, 4.0]]])
+>>> get_operator("double_along").edit(h, torch.tensor([1.0, 0.0]), 1.0).tolist()
+[[[6.0, 4.0]]]
+>>> del OPERATORS["double_along"]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from steerlab.errors import InvalidInputError, VectorMismatchError
+
+__all__ = [
+    "OPERATORS",
+    "Ablate",
+    "Add",
+    "AddNorm",
+    "Affine",
+    "Cap",
+    "Clamp",
+    "Operator",
+    "Rotate",
+    "angular_plane",
+    "get_operator",
+    "operator_names",
+    "register_operator",
+]
+
+
+class Operator:
+    """How a steering direction edits the residual stream; subclass and register to add one.
+
+    :meth:`params` turns one layer's direction, strength and extras into constants (float32
+    tensors of shape ``[d_model]`` or ``[]``); :meth:`apply` computes the new residual from
+    ``hidden`` (``[..., d_model]`` float32) and those constants, broadcast with one row per
+    batch row (``[batch, 1, d_model]`` / ``[batch, 1, 1]``), so rows with different vectors
+    and strengths share one call. ``needs`` names the vector extras the operator reads;
+    ``uses_strength`` is False for operators that ignore the strength.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    uses_strength: ClassVar[bool] = True
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def edit(
+        self,
+        hidden: torch.Tensor,
+        direction: torch.Tensor,
+        strength: float,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The operator applied to every token of ``hidden`` (a reference for tests and users).
+
+        >>> import torch
+        >>> get_operator("ablate").edit(torch.tensor([[2.0, 5.0]]), torch.tensor([0.0, 3.0]),
+        ...                             0.0).tolist()
+        [[2.0, 0.0]]
+        """
+        p = self.params(direction.float(), float(strength), dict(extras or {}))
+        shaped = {k: v.float().reshape(-1) for k, v in p.items()}
+        return self.apply(hidden.float(), shaped).to(hidden.dtype)
+
+    def __repr__(self) -> str:
+        return f"<operator {self.name!r}>"
+
+
+OPERATORS: dict[str, Operator] = {}
+"""Registered operators by name (see :func:`register_operator`)."""
+
+_O = TypeVar("_O", bound=type[Operator])
+
+
+def register_operator(name: str) -> Callable[[_O], _O]:
+    """Class decorator registering an :class:`Operator` subclass under ``name``.
+
+    >>> @register_operator("noop")
+    ... class Noop(Operator):
+    ...     def params(self, direction, strength, extras):
+    ...         return {}
+    ...     def apply(self, hidden, p):
+    ...         return hidden
+    >>> "noop" in operator_names()
+    True
+    >>> del OPERATORS["noop"]
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"an operator name must be a non-empty string, got {name!r}")
+
+    def add(cls: _O) -> _O:
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise InvalidInputError(f"{cls!r} is not an Operator subclass")
+        cls.name = name
+        OPERATORS[name] = cls()
+        return cls
+
+    return add
+
+
+def operator_names() -> list[str]:
+    """Names of the registered operators, in registration order."""
+    return list(OPERATORS)
+
+
+def get_operator(op: str | Operator) -> Operator:
+    """The operator called ``op`` (an :class:`Operator` instance passes through).
+
+    >>> get_operator("clamp").name
+    'clamp'
+    """
+    if isinstance(op, Operator):
+        return op
+    if isinstance(op, str) and op in OPERATORS:
+        return OPERATORS[op]
+    raise InvalidInputError(f"unknown op {op!r}; available: {', '.join(OPERATORS)}")
+
+
+def _dot(hidden: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return (hidden * u).sum(dim=-1, keepdim=True)
+
+
+def _unit(direction: torch.Tensor, op: str) -> torch.Tensor:
+    norm = float(direction.double().norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        raise VectorMismatchError(f"op {op!r} needs a non-zero direction")
+    return (direction.double() / norm).float()
+
+
+# --- the operators -------------------------------------------------------------------------------
+@register_operator("add")
+class Add(Operator):
+    """``h' = h + s·v``."""
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {"delta": direction.float() * strength}
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return hidden + p["delta"]
+
+
+@register_operator("add_norm")
+class AddNorm(Operator):
+    """``h' = (h + s·v) · ‖h‖ / ‖h + s·v‖``: add, then restore the token's norm."""
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {"delta": direction.float() * strength}
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        added = hidden + p["delta"]
+        before = hidden.norm(dim=-1, keepdim=True)
+        after = added.norm(dim=-1, keepdim=True)
+        # a sum of exactly zero has no direction to rescale; it stays zero
+        return torch.where(after > 0, added * (before / after.clamp_min(1e-30)), added)
+
+
+@register_operator("clamp")
+class Clamp(Operator):
+    """``h' = h + (s·‖v‖ − h·u)·u``: the component along ``u`` set to ``s·‖v‖``."""
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        u = _unit(direction, self.name)
+        target = torch.tensor([strength * float(direction.double().norm())])
+        return {"u": u, "target": target}
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return hidden + (p["target"] - _dot(hidden, p["u"])) * p["u"]
+
+
+@register_operator("cap")
+class Cap(Clamp):
+    """``h' = h − max(0, h·u − s·‖v‖)·u``: the component along ``u`` limited to ``s·‖v‖``."""
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        excess = (_dot(hidden, p["u"]) - p["target"]).clamp_min(0.0)
+        return hidden - excess * p["u"]
+
+
+@register_operator("ablate")
+class Ablate(Operator):
+    """``h' = h − (h·u)·u``: directional ablation; the strength is ignored."""
+
+    uses_strength = False
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return {"u": _unit(direction, self.name)}
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return hidden - _dot(hidden, p["u"]) * p["u"]
+
+
+@register_operator("rotate")
+class Rotate(Operator):
+    """Angular steering (Vu & Nguyen, arXiv 2510.26243), ``s`` = the target angle in degrees.
+
+    With ``b1 = u`` and ``b2`` the vector's ``plane`` extra made orthonormal to ``b1``, the
+    projection ``P h = (h·b1) b1 + (h·b2) b2`` is replaced by a vector of the same length at
+    angle ``θ = s°`` from ``b1`` in that plane:
+    ``h' = h − P h + ‖P h‖ (cos θ · b1 + sin θ · b2)``. ``‖h'‖ = ‖h‖``; the component of ``h``
+    outside the plane is untouched. ``θ = 0`` turns the in-plane part onto the direction,
+    ``θ = 180`` onto its opposite.
+    """
+
+    needs = ("plane",)
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        b1 = _unit(direction, self.name).double()
+        second = extras["plane"].double()
+        b2 = second - (second @ b1) * b1
+        norm = float(b2.norm())
+        if norm < 1e-6 * max(1.0, float(second.norm())):
+            raise VectorMismatchError(
+                "op 'rotate': the plane vector is parallel to the direction, so they span no plane"
+            )
+        theta = math.radians(strength)
+        return {
+            "b1": b1.float(),
+            "b2": (b2 / norm).float(),
+            "cos": torch.tensor([math.cos(theta)]),
+            "sin": torch.tensor([math.sin(theta)]),
+        }
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        a = _dot(hidden, p["b1"])
+        b = _dot(hidden, p["b2"])
+        radius = torch.sqrt(a * a + b * b)
+        return (
+            hidden - a * p["b1"] - b * p["b2"] + radius * (p["cos"] * p["b1"] + p["sin"] * p["b2"])
+        )
+
+
+@register_operator("affine")
+class Affine(Operator):
+    """Affine concept editing (Marshall et al., arXiv 2411.09003), ``s`` = the paper's ``α``.
+
+    ``h' = h − proj_u(h) + proj_u(μ) + s·v = h − ((h − μ)·u)·u + s·v``, where ``μ`` is the
+    reference mean (the ``reference`` extra: the mean activation of the negative examples, the
+    paper's ``r⁻``) and ``v = r⁺ − r⁻``. ``s = 0`` sets every token's component along ``u`` to the
+    reference's (the concept erased, affinely); ``s = 1`` to that of the positive mean.
+    """
+
+    needs = ("reference",)
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        u = _unit(direction, self.name)
+        ref = float(extras["reference"].double() @ u.double())
+        return {"u": u, "ref": torch.tensor([ref]), "delta": direction.float() * strength}
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return hidden - (_dot(hidden, p["u"]) - p["ref"]) * p["u"] + p["delta"]
+
+
+# --- the angular-steering plane ------------------------------------------------------------------
+def angular_plane(
+    positive: Mapping[int, torch.Tensor], negative: Mapping[int, torch.Tensor]
+) -> torch.Tensor:
+    """The second basis vector of angular steering's plane (arXiv 2510.26243, §3).
+
+    ``positive``/``negative`` map every layer to the activations ``[n, d_model]`` of the two
+    classes. Per layer, each activation is scaled to unit norm, the class means are taken and
+    scaled to unit norm, and their difference is the layer's candidate direction; the first
+    principal component of the (mean-centred) candidates of all layers is returned, unit norm.
+    Needs at least two layers.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> pos = {k: torch.randn(4, 3, generator=g) + 2 for k in range(3)}
+    >>> neg = {k: torch.randn(4, 3, generator=g) for k in range(3)}
+    >>> round(float(angular_plane(pos, neg).norm()), 4)
+    1.0
+    """
+    layers = sorted(positive)
+    if len(layers) < 2:
+        raise InvalidInputError("the angular-steering plane needs activations of at least 2 layers")
+    rows = []
+    for layer in layers:
+        means = []
+        for acts in (positive[layer], negative[layer]):
+            x = acts.double()
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            mean = x.mean(dim=0)
+            means.append(mean / mean.norm().clamp_min(1e-30))
+        rows.append(means[0] - means[1])
+    candidates = torch.stack(rows)
+    centred = candidates - candidates.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    axis = vh[0]
+    # the SVD's sign is arbitrary; orient it with the mean candidate so files are reproducible
+    if float(axis @ candidates.mean(dim=0)) < 0:
+        axis = -axis
+    return (axis / axis.norm()).float()
+
+
+def stack_params(
+    op: Operator, per_row: Sequence[dict[str, torch.Tensor] | None], d_model: int
+) -> dict[str, torch.Tensor]:
+    """Per-row constants stacked to ``[rows, k]`` (zeros for rows the operator does not touch)."""
+    template = next(p for p in per_row if p is not None)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in template.items():
+        width = value.reshape(-1).shape[0]
+        stacked = torch.zeros(len(per_row), width, dtype=torch.float32)
+        for row, p in enumerate(per_row):
+            if p is not None:
+                stacked[row] = p[key].reshape(-1).float()
+        out[key] = stacked
+    return out
+
+
+def _check_extras(op: Operator, extras: Mapping[str, Any], layer: int) -> None:
+    missing = [name for name in op.needs if name not in extras]
+    if missing:
+        hint = {
+            "reference": "the reference mean (compute the vector with sl.compute_vector(..., "
+            "method='mean_diff'), which stores it, or add one with vec.with_extras(reference="
+            "{layer: mean}))",
+            "plane": "the second basis vector of the rotation plane (compute the vector with "
+            "sl.compute_vector(..., method='mean_diff'), which stores it, or add one with "
+            "vec.with_extras(plane={layer: vector}))",
+        }
+        raise VectorMismatchError(
+            f"op {op.name!r} needs {', '.join(hint.get(m, repr(m)) for m in missing)}; the vector "
+            f"has none at layer {layer}"
+        )
