@@ -1,0 +1,18 @@
+"""``steerlab serve``: an OpenAI-compatible HTTP server with per-request steering.
+
+Three layers, each replaceable on its own:
+
+* :mod:`steerlab.server.engine` -- the engine interface (:class:`Engine`, the typed
+  :class:`GenerationRequest` and the :class:`TokenEvent` stream it yields) and the torch engine,
+  which batches all active requests into one forward pass per decoding step;
+* :mod:`steerlab.server.protocol` -- pydantic models of OpenAI's request/response schema plus the
+  ``steering`` and ``readout`` fields;
+* :mod:`steerlab.server.app` -- the FastAPI application (:func:`create_app`) and the playground.
+
+The package needs the ``server`` extra (``pip install 'steerlab[server]'``); importing
+:mod:`steerlab.server.engine` alone needs only torch.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,1057 @@
+"""The engine boundary of ``steerlab serve``: typed requests in, a stream of token events out.
+
+The HTTP layer never touches a model. It builds a :class:`GenerationRequest` (vectors are named,
+not sent), calls :meth:`Engine.submit`, and iterates the returned :class:`RequestStream` of
+:class:`TokenEvent` objects, one per generated token. Any engine that implements :class:`Engine`
+can sit behind the server: :class:`TorchEngine` here (continuous batching over a
+:class:`~steerlab.model.SteeredModel`) and a vLLM engine.
+
+What every engine must guarantee:
+
+* ``submit`` validates the request before returning (unknown vector, bad positions, a vector
+  that does not fit the model, an unsupported ``op``) and raises
+  :class:`~steerlab.errors.InvalidInputError` for the caller's mistakes; nothing is queued then.
+* Steering means what it means in the library: for ``temperature == 0`` the token ids equal
+  ``model.generate_ids(prompt, steering=..., positions=..., max_new_tokens=max_tokens)``
+  (``chat=True`` with a single user turn), whatever else is being served at the same time.
+* Positions are absolute token indices over prompt + generated tokens of *that* request
+  (``"last"``, ``"prompt"``, ``"generated"``, ints, lists, slices: see
+  :mod:`steerlab.positions`).
+* The last event of a stream has ``finish_reason`` set (``"stop"``: end of sequence or a stop
+  string; ``"length"``: ``max_tokens`` reached; ``"cancelled"``) and nothing follows it.
+
+>>> req = GenerationRequest(prompt="the cat", max_tokens=4, temperature=0.0,
+...     steering=(SteeringEntry(vector="happy", strength=4.0, positions="last"),))
+>>> req.steering[0].op, req.chat
+('add', False)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+import queue
+import re
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from steerlab.errors import InvalidInputError, SteerlabError
+from steerlab.positions import Positions, PositionSpec
+from steerlab.vectors import SteeringVector
+
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "EngineError",
+    "FINISH_REASONS",
+    "GenerationRequest",
+    "ReadoutEntry",
+    "RequestStream",
+    "SteeringEntry",
+    "StopMatcher",
+    "TokenEvent",
+    "TokenLogprob",
+    "TorchEngine",
+    "VectorRegistry",
+]
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+"""Values of :attr:`TokenEvent.finish_reason` on the last event of a stream."""
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+class EngineError(SteerlabError, RuntimeError):
+    """The engine failed while serving a request (not the caller's fault), or is not running."""
+
+
+# --- requests ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SteeringEntry:
+    """One steering term of a request: the registered vector ``vector`` times ``strength``.
+
+    ``strength`` is a number or ``{layer: strength}`` (the vector's only direction is then used
+    at each of those layers, as in :class:`~steerlab.interventions.Steering`); ``positions`` is
+    any :data:`~steerlab.positions.PositionSpec`; ``op`` is the operation (``"add"``; engines
+    refuse ops they do not implement). Entries of one request compose in list order.
+
+    >>> SteeringEntry(vector="calm", strength={15: 4.0}).positions
+    'all'
+    """
+
+    vector: str
+    strength: float | Mapping[int, float] = 1.0
+    positions: PositionSpec = "all"
+    op: str = "add"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadoutEntry:
+    """A probe read on every generated token: the residual stream after block ``layer``
+    projected on the unit direction of the registered vector ``vector`` at that layer (its
+    only direction when it has one layer). See :attr:`TokenEvent.readout` for the exact
+    definition.
+
+    >>> ReadoutEntry(vector="calm", layer=15).layer
+    15
+    """
+
+    vector: str
+    layer: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation (``role`` is ``"system"``, ``"user"``, ``"assistant"``...).
+
+    >>> ChatMessage("user", "hello").role
+    'user'
+    """
+
+    role: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """Everything an engine needs to serve one completion.
+
+    ``chat=False``: ``prompt`` is tokenized as plain text (with the tokenizer's special tokens,
+    as ``model.generate(prompt)`` does). ``chat=True``: the conversation is ``messages`` or, when
+    that is empty, a single user turn ``prompt``; it is rendered with the model's chat template
+    (generation prompt added) and tokenized without extra special tokens, as
+    ``model.generate(prompt, chat=True)`` does.
+
+    ``temperature == 0`` is greedy decoding; otherwise tokens are sampled from
+    ``softmax(logits / temperature)`` restricted to the ``top_p`` nucleus, with a generator of
+    the request's own seeded by ``seed`` (``None``: a fresh random seed), so concurrent requests
+    never disturb each other's randomness. ``stop`` strings end the completion (the text stops
+    before the match). ``logprobs`` asks for that many top alternatives per token (``0``: only
+    the chosen token's log-probability; ``None``: none).
+
+    >>> GenerationRequest(prompt="hi").max_tokens
+    16
+    """
+
+    prompt: str
+    chat: bool = False
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    steering: tuple[SteeringEntry, ...] = ()
+    readout: tuple[ReadoutEntry, ...] = ()
+    logprobs: int | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+    def check(self, *, max_tokens_cap: int | None = None) -> None:
+        """Validate the plain fields (everything that does not need a model or registry).
+
+        >>> GenerationRequest(prompt="hi", max_tokens=0).check()
+        Traceback (most recent call last):
+            ...
+        steerlab.errors.InvalidInputError: max_tokens must be at least 1, got 0
+        """
+        if not isinstance(self.prompt, str):
+            raise InvalidInputError("prompt must be a string")
+        if not self.chat and not self.prompt:
+            raise InvalidInputError("the prompt is empty")
+        if self.chat and not self.messages and not self.prompt:
+            raise InvalidInputError("the conversation is empty")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise InvalidInputError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            raise InvalidInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if max_tokens_cap is not None and self.max_tokens > max_tokens_cap:
+            raise InvalidInputError(
+                f"max_tokens {self.max_tokens} is over this server's cap of {max_tokens_cap}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidInputError(
+                f"temperature must be a finite number >= 0, got {self.temperature}"
+            )
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidInputError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidInputError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for entry in self.steering:
+            Positions.parse(entry.positions)
+            strengths = (
+                entry.strength.values() if isinstance(entry.strength, Mapping) else [entry.strength]
+            )
+            for value in strengths:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InvalidInputError(f"strength must be a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise InvalidInputError(f"strength must be finite, got {value}")
+
+
+# --- events ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token (as text) and its log-probability under the model's unscaled distribution."""
+
+    token: str
+    logprob: float
+    token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request.
+
+    ``text`` is the text this token adds to the completion. It may be empty while characters
+    are held back (a partial UTF-8 sequence, or the start of a possible stop string) and may
+    carry several tokens' worth of text later; the concatenated ``text`` of all events is the
+    completion, exactly. ``token`` is this token alone decoded (for logprobs), ``logprob`` its
+    log-probability under ``log_softmax(logits)`` of the model (before temperature), and
+    ``top_logprobs`` the most likely alternatives when the request asked for them.
+
+    ``readout`` has one value per :class:`ReadoutEntry` of the request, in order: the residual
+    stream after block ``layer`` (after any steering there), at the position whose forward pass
+    produced this token (the last prompt token for the first generated token, then the previous
+    generated token), dotted with the unit-norm direction of the vector (float32).
+
+    ``prompt_tokens`` and ``completion_tokens`` are the usage so far (``completion_tokens``
+    counts every token the model generated, including a final end-of-sequence token).
+    ``finish_reason`` is set on the last event only.
+    """
+
+    token_id: int
+    text: str
+    token: str = ""
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    readout: tuple[float, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_END = object()
+
+
+class RequestStream:
+    """The events of one submitted request; iterate it (``async for`` or ``for``), or cancel it.
+
+    Engines feed it from their worker thread with :meth:`put` / :meth:`fail`; consumers read it
+    from an event loop or from a plain thread. :meth:`cancel` asks the engine to drop the
+    request at the next step boundary; the stream then ends with a ``"cancelled"`` event.
+
+    >>> stream = RequestStream("r1")
+    >>> stream.put(TokenEvent(token_id=5, text="hi", finish_reason="length"))
+    >>> [e.text for e in stream]
+    ['hi']
+    """
+
+    def __init__(self, request_id: str, on_cancel: Callable[[], None] | None = None) -> None:
+        self.request_id = request_id
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancelled = False
+        self._closed = False
+
+    # producer side (engine worker) ------------------------------------------------------------
+    def put(self, event: TokenEvent) -> None:
+        """Deliver one event (engine side). The event with ``finish_reason`` closes the stream."""
+        self._push(event)
+        if event.finish_reason is not None:
+            self._push(_END)
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error``, raised to the consumer (engine side)."""
+        self._push(error)
+
+    def _push(self, item: Any) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if item is _END or isinstance(item, BaseException):
+                self._closed = True
+            self._queue.put(item)
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's loop is gone; nobody is waiting any more
+                pass
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled
+
+    # consumer side ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the engine to stop generating for this request (idempotent)."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def _take(self, item: Any) -> TokenEvent:
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, TokenEvent)
+        return item
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            try:
+                yield self._take(self._queue.get())
+            except StopIteration:
+                return
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                wake = asyncio.Event()
+                with self._lock:
+                    if self._queue.empty():
+                        self._waiters.append((loop, wake))
+                    else:
+                        wake.set()
+                await wake.wait()
+                continue
+            try:
+                yield self._take(item)
+            except StopIteration:
+                return
+
+
+# --- the vector registry -------------------------------------------------------------------------
+class VectorRegistry:
+    """Named steering vectors a server can use: ``name -> SteeringVector``, thread-safe.
+
+    ``check`` (given by the engine) refuses vectors that do not fit the served model; it runs on
+    every registration. Files go through :meth:`SteeringVector.load`'s validation, bytes through
+    the very same code (written to a temporary file first).
+
+    >>> import torch
+    >>> reg = VectorRegistry()
+    >>> reg.register("calm", SteeringVector({1: torch.ones(4)}))
+    >>> "calm" in reg, reg.names()
+    (True, ['calm'])
+    >>> reg.register("calm", SteeringVector({1: torch.ones(4)}))
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: a vector named 'calm' is already registered
+    """
+
+    def __init__(self, check: Callable[[SteeringVector], None] | None = None) -> None:
+        self._check = check
+        self._vectors: dict[str, SteeringVector] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """``name`` if it is a valid vector name (letters, digits, ``_ . -``; 128 chars at most)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidInputError(
+                f"invalid vector name {name!r}: use letters, digits, '_', '.', '-' "
+                f"(at most 128 characters, not starting with '.' or '-')"
+            )
+        return name
+
+    def register(self, name: str, vector: SteeringVector) -> None:
+        """Add ``vector`` under ``name`` after checking it fits the model; names are unique."""
+        self.check_name(name)
+        if not isinstance(vector, SteeringVector):
+            raise InvalidInputError(f"not a SteeringVector: {type(vector).__name__}")
+        if self._check is not None:
+            self._check(vector)
+        with self._lock:
+            if name in self._vectors:
+                raise InvalidInputError(f"a vector named {name!r} is already registered")
+            self._vectors[name] = vector
+
+    def register_file(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Load a steerlab vector file and register it under ``name`` (default: the file stem)."""
+        file = Path(path)
+        chosen = file.stem if name is None else name
+        self.check_name(chosen)
+        self.register(chosen, SteeringVector.load(file))
+        return chosen
+
+    def register_bytes(self, name: str, data: bytes) -> None:
+        """Register the vector file whose content is ``data`` (as uploaded)."""
+        self.check_name(name)
+        with tempfile.TemporaryDirectory(prefix="steerlab-upload-") as folder:
+            file = Path(folder, f"{name}.safetensors")
+            file.write_bytes(data)
+            vector = SteeringVector.load(file)
+        self.register(name, vector)
+
+    def register_dir(self, folder: str | os.PathLike[str]) -> list[str]:
+        """Register every ``folder/*.safetensors`` under its stem; returns the names (sorted)."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise InvalidInputError(f"vector folder {path} does not exist")
+        return [self.register_file(file) for file in sorted(path.glob("*.safetensors"))]
+
+    def get(self, name: str) -> SteeringVector:
+        """The vector registered as ``name``, or ``InvalidInputError`` naming the known ones."""
+        with self._lock:
+            vector = self._vectors.get(name)
+            known = sorted(self._vectors)
+        if vector is None:
+            raise InvalidInputError(
+                f"unknown vector {name!r}; registered: {', '.join(known) or 'none'}"
+            )
+        return vector
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        with self._lock:
+            return sorted(self._vectors)
+
+    def items(self) -> list[tuple[str, SteeringVector]]:
+        """``(name, vector)`` pairs, sorted by name."""
+        with self._lock:
+            return sorted(self._vectors.items())
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._vectors
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._vectors)
+
+
+# --- stop strings and incremental text ------------------------------------------------------------
+class StopMatcher:
+    """Turns the decoded text so far into safe-to-emit deltas, honouring stop strings.
+
+    Feed it the full decoded completion after each token; it returns the new text that can be
+    sent (holding back a trailing partial UTF-8 character and any tail that could still become a
+    stop string) and whether a stop string matched (then the text ends right before it).
+
+    >>> m = StopMatcher(("\\n\\n",))
+    >>> m.feed("Hello"), m.feed("Hello\\n"), m.feed("Hello\\n\\nBye")
+    (('Hello', False), ('', False), ('', True))
+    >>> m.emitted
+    'Hello'
+    """
+
+    def __init__(self, stop: tuple[str, ...] = ()) -> None:
+        self.stop = tuple(stop)
+        self.emitted = ""
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def feed(self, text: str, *, final: bool = False) -> tuple[str, bool]:
+        """``(delta, stopped)`` for the full decoded text ``text``; ``final`` flushes all."""
+        cut: int | None = None
+        for s in self.stop:
+            # only search where a new match can start: the held-back tail plus the new text
+            at = text.find(s, max(0, len(self.emitted) - len(s)))
+            if at >= 0 and (cut is None or at < cut):
+                cut = at
+        if cut is not None:
+            return self._advance(text[:cut]), True
+        if final:
+            return self._advance(text), False
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            safe = len(text.rstrip("\ufffd"))
+        if self.stop:
+            for k in range(min(self._hold, safe), 0, -1):
+                tail = text[safe - k : safe]
+                if any(s.startswith(tail) for s in self.stop):
+                    safe -= k
+                    break
+        return self._advance(text[:safe]), False
+
+    def _advance(self, upto: str) -> str:
+        if len(upto) <= len(self.emitted) or not upto.startswith(self.emitted):
+            # the decoded prefix changed (a tokenizer that merges across tokens): send nothing
+            # more than what is consistent with what was already sent
+            return ""
+        delta = upto[len(self.emitted) :]
+        self.emitted = upto
+        return delta
+
+
+# --- the interface ------------------------------------------------------------------------------
+@runtime_checkable
+class Engine(Protocol):
+    """What the HTTP layer needs from an engine.
+
+    * ``model_id``: the served model's id (answers ``GET /v1/models``).
+    * ``vectors``: the :class:`VectorRegistry` of this engine (checks vectors against its model).
+    * ``n_layers``: decoder blocks of the model (to validate readout layers and strengths).
+    * :meth:`start` / :meth:`shutdown`: start the worker(s); stop them, ending every open stream.
+    * :meth:`submit`: validate ``request`` (raising ``InvalidInputError``) and queue it; the
+      returned :class:`RequestStream` yields its :class:`TokenEvent` objects.
+    """
+
+    model_id: str
+    vectors: VectorRegistry
+
+    @property
+    def n_layers(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> RequestStream: ...
+
+
+# --- the torch engine -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Readout:
+    layer: int
+    direction: Any  # unit float32 tensor [d_model]
+
+
+@dataclasses.dataclass
+class _Job:
+    """A request inside the torch engine (owned by the worker thread once queued)."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    prompt_ids: list[int]
+    steerings: list[Any]  # one Steering per entry, in list order
+    readouts: list[_Readout]
+    generator: Any  # torch.Generator or None (greedy)
+    matcher: StopMatcher
+    generated: list[int] = dataclasses.field(default_factory=list)
+    cached: int = 0  # tokens of this request in the KV cache
+    next_token: int = -1  # sampled, not yet fed to the model
+    cancelled: bool = False
+
+
+class TorchEngine:
+    """Serve a :class:`~steerlab.model.SteeredModel` with continuous batching and per-row steering.
+
+    One worker thread owns the model: it is the only code that installs hooks or runs a forward
+    pass, so nothing races on the model's modules. Each iteration it admits queued requests
+    (each prompt is prefilled alone, exactly as ``model.generate`` would run it, producing the
+    first token), then runs **one** decoding forward pass for every active request together:
+    the KV caches of all requests live in one left-padded cache, with a 2-D attention mask and
+    explicit ``position_ids`` per row, and each row gets its own steering through
+    :class:`~steerlab.interventions.RowSteering` with pinned per-row prompt lengths (so
+    ``"last"``, ``"prompt"``, ``"generated"``, indices and slices mean the same as in
+    ``model.generate``). Requests join and leave at step boundaries; the padded cache is rebuilt
+    only when the set of rows changes.
+
+    >>> from steerlab.testing import tiny_model
+    >>> engine = TorchEngine(tiny_model("llama"), max_batch=4)
+    >>> engine.start()
+    >>> events = list(engine.submit(GenerationRequest(prompt="the cat", max_tokens=3,
+    ...                                               temperature=0.0)))
+    >>> engine.shutdown()
+    >>> len(events), events[-1].finish_reason, events[-1].completion_tokens
+    (3, 'length', 3)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch: int = 32,
+        model_id: str | None = None,
+    ) -> None:
+        from steerlab.model import SteeredModel
+
+        if not isinstance(model, SteeredModel):
+            raise InvalidInputError(f"TorchEngine serves a SteeredModel, got {type(model)}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InvalidInputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.model = model
+        self.model_id: str = model_id or model.name
+        self.max_batch = max_batch
+        self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
+        self._cond = threading.Condition()
+        self._pending: list[_Job] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._tokenizer_lock = threading.Lock()
+        self._counter = 0
+        # the batch (worker thread only)
+        self._rows: list[_Job] = []
+        self._cache: Any = None
+        self._mask: Any = None
+        forward = getattr(model.hf_model, "forward", None)
+        import inspect
+
+        params = inspect.signature(forward).parameters if callable(forward) else {}
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        config = getattr(model.hf_model, "config", None)
+        self._max_positions = _max_positions(config)
+        self.steps = 0  # decoding forward passes run (for tests and benchmarks)
+        self.max_rows_seen = 0
+
+    # --- interface --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Decoder blocks of the served model."""
+        return int(self.model.n_layers)
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(
+                target=self._run, name="steerlab-torch-engine", daemon=True
+            )
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the worker; every open stream ends with an :class:`EngineError`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        with self._cond:
+            jobs, self._pending = self._pending, []
+        for job in jobs + self._rows:
+            job.stream.fail(EngineError("the engine was shut down"))
+        self._rows = []
+        self._cache = self._mask = None
+        self._thread = None
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate ``request`` and queue it; see :class:`Engine`."""
+        import torch
+
+        if not isinstance(request, GenerationRequest):
+            raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
+        request.check()
+        steerings = [self._steering(entry) for entry in request.steering]
+        readouts = [self._readout(entry) for entry in request.readout]
+        prompt_ids = self._encode(request)
+        if self._max_positions is not None:
+            total = len(prompt_ids) + request.max_tokens
+            if total > self._max_positions:
+                raise InvalidInputError(
+                    f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                    f"exceeds the model's context of {self._max_positions} tokens"
+                )
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator()
+            if request.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(request.seed))
+        with self._cond:
+            if self._thread is None or self._stopping:
+                raise EngineError("the engine is not running (call start())")
+            self._counter += 1
+            request_id = f"req-{self._counter}"
+        job_box: list[_Job] = []
+        stream = RequestStream(request_id, on_cancel=lambda: self._cancel(job_box))
+        job = _Job(
+            request=request,
+            stream=stream,
+            prompt_ids=prompt_ids,
+            steerings=steerings,
+            readouts=readouts,
+            generator=generator,
+            matcher=StopMatcher(request.stop),
+        )
+        job_box.append(job)
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify_all()
+        return stream
+
+    # --- validation helpers (caller's thread) ------------------------------------------------
+    def _steering(self, entry: SteeringEntry) -> Any:
+        from steerlab.interventions import Steering
+
+        if not isinstance(entry, SteeringEntry):
+            raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
+        vector = self.vectors.get(entry.vector)
+        strength: Any = entry.strength
+        if isinstance(strength, Mapping):
+            strength = {int(k): float(v) for k, v in strength.items()}
+        options: dict[str, Any] = {"strength": strength, "positions": entry.positions}
+        if entry.op != "add":
+            if "op" not in {f.name for f in dataclasses.fields(Steering)}:
+                raise InvalidInputError(
+                    f"steering op {entry.op!r} is not supported by this engine (only 'add')"
+                )
+            options["op"] = entry.op
+        steering = Steering(vector, **options)
+        steering.layer_deltas(self.model.adapter)  # validates layers against the model
+        return steering
+
+    def _readout(self, entry: ReadoutEntry) -> _Readout:
+        import torch
+
+        from steerlab.interventions import direction_at
+
+        if not isinstance(entry, ReadoutEntry):
+            raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
+        vector = self.vectors.get(entry.vector)
+        layer = self.model.adapter.resolve_layer(entry.layer)
+        direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
+        direction = direction.detach().to(torch.float32).cpu()
+        norm = float(direction.norm())
+        if not norm > 0:
+            raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
+        return _Readout(layer=layer, direction=direction / norm)
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        with self._tokenizer_lock:
+            if request.chat and request.messages:
+                tokenizer = self.model.tokenizer
+                if not getattr(tokenizer, "chat_template", None):
+                    raise InvalidInputError("this model's tokenizer has no chat template")
+                text = tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in request.messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+                ids = list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+                if not ids:
+                    raise InvalidInputError("the conversation has no tokens")
+                return [int(i) for i in ids]
+            batch = self.model.encode([request.prompt], chat=request.chat)
+        return [int(i) for i in batch.input_ids[0].tolist()]
+
+    def _cancel(self, box: list[_Job]) -> None:
+        with self._cond:
+            for job in box:
+                job.cancelled = True
+            self._cond.notify_all()
+
+    # --- the worker ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._pending and not self._rows:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    room = self.max_batch - len(self._rows)
+                    admitted, self._pending = self._pending[:room], self._pending[room:]
+                try:
+                    for job in admitted:
+                        if job.cancelled:
+                            self._finish_cancelled(job)
+                        else:
+                            self._prefill(job)
+                    self._drop_cancelled()
+                    if self._rows:
+                        self._decode_step()
+                except Exception as err:  # the model failed: end these requests, keep serving
+                    failed = [*self._rows, *(j for j in admitted if j not in self._rows)]
+                    self._rows = []
+                    self._cache = self._mask = None
+                    for job in failed:
+                        job.stream.fail(EngineError(f"generation failed: {err}"))
+
+    def _scope(self, rows: list[_Job]) -> Any:
+        """Install per-row steering for ``rows`` and pin their prompt lengths; a context."""
+        import contextlib
+
+        import torch
+
+        from steerlab.interventions import RowSteering, active_trackers, install
+
+        @contextlib.contextmanager
+        def scope() -> Iterator[None]:
+            depth = max((len(job.steerings) for job in rows), default=0)
+            interventions = [
+                RowSteering(
+                    tuple(job.steerings[k] if k < len(job.steerings) else None for job in rows)
+                )
+                for k in range(depth)
+            ]
+            adapter = self.model.adapter
+            handle = install(adapter, interventions) if interventions else None
+            trackers = active_trackers(adapter.backbone)
+            lengths = torch.tensor([len(job.prompt_ids) for job in rows])
+            for tracker in trackers:
+                tracker.prompt_lengths_override = lengths
+            try:
+                yield
+            finally:
+                for tracker in trackers:
+                    tracker.prompt_lengths_override = None
+                if handle is not None:
+                    handle.remove()
+
+        return scope()
+
+    def _forward(self, rows: list[_Job], ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """One forward pass under the rows' steering; returns (last logits, readout values)."""
+        import torch
+
+        from steerlab.interventions import output_hidden
+
+        device = self.model.device
+        wanted: dict[int, list[tuple[int, int, Any]]] = {}
+        for row, job in enumerate(rows):
+            for k, readout in enumerate(job.readouts):
+                wanted.setdefault(readout.layer, []).append((row, k, readout.direction))
+        values: dict[tuple[int, int], float] = {}
+        hooks = []
+
+        def make_hook(entries: list[tuple[int, int, Any]]) -> Any:
+            def hook(module: Any, args: Any, output: Any) -> None:
+                last = output_hidden(output)[:, -1].detach().to(torch.float32).cpu()
+                for row, k, direction in entries:
+                    values[(row, k)] = float(last[row] @ direction)
+
+            return hook
+
+        with self._scope(rows):
+            try:
+                # after the steering hooks (installed first), so reads see the steered stream
+                for layer, entries in wanted.items():
+                    block = self.model.adapter.block(layer)
+                    hooks.append(block.register_forward_hook(make_hook(entries)))
+                out = self.model.hf_model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+            finally:
+                for handle in hooks:
+                    handle.remove()
+        logits = out.logits[:, -1].to(torch.float32).cpu()
+        readouts = [
+            tuple(values[(row, k)] for k in range(len(job.readouts)))
+            for row, job in enumerate(rows)
+        ]
+        return logits, readouts
+
+    def _new_cache(self, data: list[tuple[Any, Any]] | None = None) -> Any:
+        from transformers import DynamicCache
+
+        config = getattr(self.model.hf_model, "config", None)
+        try:
+            return DynamicCache(data, config=config) if data else DynamicCache(config=config)
+        except TypeError:  # transformers 4: no config argument
+            return DynamicCache(data) if data else DynamicCache()
+
+    @staticmethod
+    def _layers(cache: Any) -> list[tuple[Any, Any]]:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache))
+
+    def _prefill(self, job: _Job) -> None:
+        import torch
+
+        length = len(job.prompt_ids)
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long)
+        mask = torch.ones((1, length), dtype=torch.long)
+        positions = torch.arange(length)[None]
+        cache = self._new_cache()
+        logits, readouts = self._forward([job], ids, mask, positions, cache)
+        job.cached = length
+        if self._emit(job, logits[0], readouts[0]):
+            return
+        self._merge(job, cache)
+
+    def _merge(self, job: _Job, cache: Any) -> None:
+        """Add a prefilled request's cache to the batch cache (left padding to a common width)."""
+        import torch
+
+        new = self._layers(cache)
+        if not self._rows:
+            self._rows = [job]
+            self._cache = cache
+            self._mask = torch.ones((1, job.cached), dtype=torch.long)
+            return
+        old = self._layers(self._cache)
+        width = max(self._mask.shape[1], job.cached)
+        merged = [
+            (
+                torch.cat([_pad_left(ok, width), _pad_left(nk, width)], dim=0),
+                torch.cat([_pad_left(ov, width), _pad_left(nv, width)], dim=0),
+            )
+            for (ok, ov), (nk, nv) in zip(old, new)
+        ]
+        mask_old = _pad_left(self._mask, width)
+        mask_new = _pad_left(torch.ones((1, job.cached), dtype=torch.long), width)
+        self._cache = self._new_cache(merged)
+        self._mask = torch.cat([mask_old, mask_new], dim=0)
+        self._rows = [*self._rows, job]
+        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` of the batch, dropping padding columns no row needs."""
+        import torch
+
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0, 0]) if len(used) else 0
+        mask = mask[:, first:]
+        data = [
+            (
+                k.index_select(0, index.to(k.device))[:, :, first:].contiguous(),
+                v.index_select(0, index.to(v.device))[:, :, first:].contiguous(),
+            )
+            for k, v in self._layers(self._cache)
+        ]
+        self._cache = self._new_cache(data)
+        self._mask = mask
+        self._rows = [self._rows[i] for i in keep]
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, job in enumerate(self._rows) if not job.cancelled]
+        for job in self._rows:
+            if job.cancelled:
+                self._finish_cancelled(job)
+        self._keep(keep)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        rows = self._rows
+        ids = torch.tensor([[job.next_token] for job in rows], dtype=torch.long)
+        mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        positions = torch.tensor([[job.cached] for job in rows], dtype=torch.long)
+        logits, readouts = self._forward(rows, ids, mask, positions, self._cache)
+        self._mask = mask
+        self.steps += 1
+        keep = []
+        for row, job in enumerate(rows):
+            job.cached += 1
+            if not self._emit(job, logits[row], readouts[row]):
+                keep.append(row)
+        self._keep(keep)
+
+    # --- tokens out ------------------------------------------------------------------------------
+    def _emit(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
+        """Choose the next token of ``job`` from ``logits``, send its event; True when done."""
+        import torch
+
+        request = job.request
+        if job.generator is None:
+            token = int(torch.argmax(logits))
+        else:
+            token = _sample(logits, request.temperature, request.top_p, job.generator)
+        logprob: float | None = None
+        top: tuple[TokenLogprob, ...] = ()
+        tokenizer = self.model.tokenizer
+        if request.logprobs is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            logprob = float(logp[token])
+            if request.logprobs > 0:
+                values, indices = torch.topk(logp, request.logprobs)
+                with self._tokenizer_lock:
+                    top = tuple(
+                        TokenLogprob(tokenizer.decode([int(i)]), float(v), int(i))
+                        for v, i in zip(values, indices)
+                    )
+        job.generated.append(token)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        is_eos = eos is not None and (token == eos or (isinstance(eos, list) and token in eos))
+        finish: str | None = None
+        with self._tokenizer_lock:
+            text_ids = job.generated[:-1] if is_eos else job.generated
+            text = tokenizer.decode(text_ids, skip_special_tokens=True)
+            piece = "" if is_eos else tokenizer.decode([token], skip_special_tokens=True)
+        done = is_eos or len(job.generated) >= request.max_tokens
+        delta, stopped = job.matcher.feed(text, final=done)
+        if stopped or is_eos:
+            finish = "stop"
+        elif done:
+            finish = "length"
+        job.next_token = token
+        job.stream.put(
+            TokenEvent(
+                token_id=token,
+                text=delta,
+                token=piece,
+                logprob=logprob,
+                top_logprobs=top,
+                readout=readout,
+                finish_reason=finish,
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.generated),
+            )
+        )
+        return finish is not None
+
+    def _finish_cancelled(self, job: _Job) -> None:
+        job.stream.put(
+            TokenEvent(
+                token_id=-1,
+                text="",
+                finish_reason="cancelled",
+                prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.generated),
+            )
+        )
+
+
+def _pad_left(tensor: Any, width: int) -> Any:
+    """``tensor`` with zeros prepended along its sequence axis (dim 2 for caches, 1 for masks)."""
+    import torch
+
+    axis = 2 if tensor.ndim == 4 else 1
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:
+    """Sample a token id from ``softmax(logits / temperature)`` within the ``top_p`` nucleus."""
+    import torch
+
+    probs = torch.softmax(logits.to(torch.float32) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _max_positions(config: Any) -> int | None:
+    """Longest sequence the batch cache can hold: the model's context, and below a sliding
+    window (the padded cache keeps one shared length per batch, so rows must never slide)."""
+    limits = [
+        value
+        for name in ("max_position_embeddings", "n_positions", "sliding_window")
+        if isinstance(value := getattr(config, name, None), int) and value > 0
+    ]
+    return min(limits) if limits else None
