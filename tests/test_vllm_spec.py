@@ -219,3 +219,16 @@ def test_per_row_steering_matches_the_torch_engine_rules() -> None:
     assert [len(r) for r in rows] == [1, 1, 1] and rows[0][0].positions == "last"
     with pytest.raises(sl.InvalidInputError):
         per_row_steering([vec], n_rows=2)
+
+
+def test_api_server_validator_refuses_bad_steering_and_passes_good() -> None:
+    from types import SimpleNamespace
+
+    from steerlab.vllm.validator import SteeringValidator
+
+    good = extra_args(sl.SteeringVector({1: torch.ones(3)}), positions="2:")
+    SteeringValidator.validate_params(SimpleNamespace(extra_args=good))
+    SteeringValidator.validate_params(SimpleNamespace(extra_args=None))
+    text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "ablate"}]})
+    with pytest.raises(ValueError, match="invalid steerlab steering: steering op 'ablate'"):
+        SteeringValidator.validate_params(SimpleNamespace(extra_args={"steerlab": text}))

@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import torch
 
-from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
+from steerlab.errors import InvalidInputError, LayerIndexError
 from steerlab.interventions import Steering
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
@@ -57,6 +57,7 @@ __all__ = [
     "resolve",
     "to_wire",
     "token_deltas",
+    "validate",
 ]
 
 EXTRA_ARGS_KEY = "steerlab"
@@ -248,6 +249,36 @@ def _entry(raw: Any) -> Steering:
     )
 
 
+def _entries(wire: Any) -> list[Any]:
+    if isinstance(wire, str):
+        try:
+            wire = json.loads(wire)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"steering is not valid JSON: {error}") from None
+    if isinstance(wire, list):
+        wire = {"steering": wire}
+    if not isinstance(wire, Mapping) or not isinstance(wire.get("steering", []), list):
+        raise InvalidInputError("steering must be {'steering': [entries]} or a list of entries")
+    return list(wire.get("steering", []))
+
+
+def validate(wire: Any) -> None:
+    """Check a request's steering without knowing the model (what an API server can check).
+
+    Everything but the model's layer count and hidden size: JSON, fields, op, numbers,
+    positions, registered names. The worker checks the rest (see :func:`resolve`).
+
+    >>> validate({"steering": [{"vector": {"0": [1.0]}, "positions": "sometimes"}]})
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: unknown positions 'sometimes'; use one of all, last, ...
+    """
+    if wire is None:
+        return
+    for raw in _entries(wire):
+        _entry(raw)
+
+
 def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
     """Validate a request's steering value and compute its per-layer deltas (float32).
 
@@ -262,23 +293,11 @@ def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
     """
     if wire is None:
         return []
-    if isinstance(wire, str):
-        try:
-            wire = json.loads(wire)
-        except json.JSONDecodeError as error:
-            raise InvalidInputError(f"steering is not valid JSON: {error}") from None
-    if isinstance(wire, list):
-        wire = {"steering": wire}
-    if not isinstance(wire, Mapping) or not isinstance(wire.get("steering", []), list):
-        raise InvalidInputError("steering must be {'steering': [entries]} or a list of entries")
     dims = _Dims(n_layers, d_model)
     out: list[ResolvedEntry] = []
-    for raw in wire.get("steering", []):
+    for raw in _entries(wire):
         term = _entry(raw)
-        try:
-            deltas = term.layer_deltas(cast(Any, dims))
-        except VectorMismatchError:
-            raise
+        deltas = term.layer_deltas(cast(Any, dims))
         out.append(ResolvedEntry(positions=Positions.parse(term.positions), deltas=deltas))
     return out
 
