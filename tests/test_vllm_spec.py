@@ -226,7 +226,7 @@ def test_api_server_validator_refuses_bad_steering_and_passes_good() -> None:
 
     from steerlab.vllm.validator import SteeringValidator
 
-    good = extra_args(sl.SteeringVector({1: torch.ones(3)}), positions="2:")
+    good = extra_args(sl.SteeringVector({1: torch.ones(3)}), positions=slice(2, None))
     SteeringValidator.validate_params(SimpleNamespace(extra_args=good))
     SteeringValidator.validate_params(SimpleNamespace(extra_args=None))
     text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "ablate"}]})
