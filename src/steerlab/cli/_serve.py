@@ -1,0 +1,109 @@
+"""``steerlab serve``: the OpenAI-compatible steered server (needs the ``server`` extra).
+
+>>> import typer
+>>> from typer.testing import CliRunner
+>>> app = typer.Typer()
+>>> register(app)
+>>> "--max-strength" in CliRunner().invoke(app, ["serve", "--help"]).output
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from steerlab.errors import SteerlabError
+
+__all__ = ["ENGINES", "register"]
+
+
+def _torch_engine(model: str | None, max_batch: int) -> Any:
+    import steerlab as sl
+    from steerlab.server.engine import TorchEngine
+
+    return TorchEngine(sl.load_model(model), max_batch=max_batch)
+
+
+ENGINES: dict[str, Callable[[str | None, int], Any]] = {"torch": _torch_engine}
+"""Engine factories by ``--engine`` name: ``(model name or path, max batch) -> Engine``."""
+
+
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model folder or cached hub id (default: SmolLM2)."),
+    ] = None,
+    vectors: Annotated[
+        Path | None,
+        typer.Option(help="Folder whose *.safetensors vectors are registered under their stems."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.", envvar=None),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 32,
+    max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens allowed.")] = 1024,
+    max_strength: Annotated[float, typer.Option(help="Largest |strength| allowed.")] = 64.0,
+    engine: Annotated[
+        str, typer.Option(hidden=True, help="Engine: torch (continuous batching on steerlab).")
+    ] = "torch",
+    log_level: Annotated[str, typer.Option(hidden=True, help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve the model over an OpenAI-compatible API with per-request steering (Ctrl-C stops)."""
+    try:
+        import uvicorn
+
+        from steerlab.server.app import create_app
+    except ImportError as err:
+        typer.echo(
+            f"error: the server needs its extra dependencies ({err.name} is missing): "
+            f"pip install 'steerlab[server]'",
+            err=True,
+        )
+        raise typer.Exit(code=1) from None
+    if engine not in ENGINES:
+        typer.echo(f"error: unknown engine {engine!r}; choose from {', '.join(ENGINES)}", err=True)
+        raise typer.Exit(code=1)
+    if max_batch < 1 or max_tokens_cap < 1 or not max_strength > 0:
+        typer.echo(
+            "error: --max-batch, --max-tokens-cap and --max-strength must be positive", err=True
+        )
+        raise typer.Exit(code=1)
+    try:
+        served = ENGINES[engine](model, max_batch)
+        names = served.vectors.register_dir(vectors) if vectors is not None else []
+        app = create_app(
+            served, api_key=api_key, max_tokens_cap=max_tokens_cap, max_strength=max_strength
+        )
+    except SteerlabError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(
+        f"steerlab serve: {served.model_id} with {len(names)} vector(s) "
+        f"({', '.join(names) or 'none'}) on http://{shown}:{port}  (playground: "
+        f"http://{shown}:{port}/ , API: http://{shown}:{port}/v1 ; Ctrl-C stops)",
+    )
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # a second Ctrl-C while shutting down
+        pass
+    if not server.started:
+        typer.echo(f"error: could not start the server on {host}:{port}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo("steerlab serve: stopped")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to ``app``."""
+    app.command("serve")(serve)

@@ -1,0 +1,542 @@
+"""The FastAPI application of ``steerlab serve``: a thin shell over an :class:`Engine`.
+
+Handlers parse and validate with pydantic (:mod:`steerlab.server.protocol`), hand a typed
+:class:`~steerlab.server.engine.GenerationRequest` to the engine, and stream what comes back
+(SSE framing by FastAPI's ``format_sse_event``). Every error is an OpenAI error object.
+
+>>> from fastapi.testclient import TestClient
+>>> from steerlab.testing import tiny_model
+>>> from steerlab.server.engine import TorchEngine
+>>> with TestClient(create_app(TorchEngine(tiny_model("llama")))) as client:
+...     reply = client.post("/v1/completions", json={"model": "default", "prompt": "the cat",
+...                                                  "max_tokens": 3, "temperature": 0})
+>>> reply.status_code, reply.json()["usage"]["completion_tokens"]
+(200, 3)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.sse import format_sse_event
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steerlab.errors import InvalidInputError, SteerlabError
+from steerlab.server.engine import Engine, EngineError, GenerationRequest, TokenEvent
+from steerlab.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ReadoutTrace,
+    TopLogprob,
+    Usage,
+    VectorUpload,
+    error_body,
+    new_id,
+    now,
+)
+
+__all__ = ["STATIC_DIR", "create_app", "describe_vector", "free_port", "serve_in_thread"]
+
+STATIC_DIR = Path(__file__).with_name("static")
+"""The playground's files (shipped as package data)."""
+
+_MAX_UPLOAD = 64 * 1024 * 1024
+
+
+class _HTTPError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, *, kind: str, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.code = code
+
+
+def describe_vector(name: str, vector: Any) -> dict[str, Any]:
+    """The ``/v1/vectors`` entry of a registered vector.
+
+    >>> import torch, steerlab as sl
+    >>> describe_vector("calm", sl.SteeringVector({3: torch.ones(4)}))["layers"]
+    [3]
+    """
+    meta = dict(vector.metadata)
+    scalars = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))}
+    return {
+        "id": name,
+        "object": "vector",
+        "layers": list(vector.layers),
+        "d_model": vector.d_model,
+        "method": meta.get("method"),
+        "model": meta.get("model_name"),
+        "norms": {str(k): round(v, 6) for k, v in vector.norms().items()},
+        "recommended_strength": meta.get("recommended_strength"),
+        "metadata": scalars,
+    }
+
+
+def create_app(
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_tokens_cap: int = 1024,
+    max_strength: float = 64.0,
+    default_max_tokens: int = 256,
+    manage_engine: bool = True,
+) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine``.
+
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>``.
+    ``max_tokens_cap`` and ``max_strength`` bound what one request may ask for (400 beyond).
+    ``default_max_tokens``: chat completions without ``max_tokens`` (completions default to 16,
+    as OpenAI's do), at most ``max_tokens_cap``.
+    ``manage_engine``: start the engine when the app starts and shut it down when it stops.
+    """
+    if max_tokens_cap < 1:
+        raise InvalidInputError(f"max_tokens_cap must be positive, got {max_tokens_cap}")
+    if not max_strength > 0:
+        raise InvalidInputError(f"max_strength must be positive, got {max_strength}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                engine.shutdown()
+
+    app = FastAPI(title="steerlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine = engine
+
+    # --- errors ------------------------------------------------------------------------------
+    def error_response(status: int, message: str, kind: str, code: str | None = None) -> Any:
+        return JSONResponse(error_body(message, kind=kind, code=code), status_code=status)
+
+    @app.exception_handler(_HTTPError)
+    async def on_http_error(_: Request, err: _HTTPError) -> Any:
+        return error_response(err.status, str(err), err.kind, err.code)
+
+    @app.exception_handler(SteerlabError)
+    async def on_steerlab_error(_: Request, err: SteerlabError) -> Any:
+        if isinstance(err, EngineError):
+            return error_response(503, str(err), "server_error", "engine_error")
+        return error_response(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, err: RequestValidationError) -> Any:
+        problems = err.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            message = "the request body is not valid JSON"
+            return error_response(400, message, "invalid_request_error")
+        parts = []
+        for problem in problems[:5]:
+            where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body")
+            parts.append(f"{where or 'body'}: {problem.get('msg', 'invalid')}")
+        return error_response(422, "; ".join(parts), "invalid_request_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette_error(_: Request, err: StarletteHTTPException) -> Any:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, err: Exception) -> Any:
+        return error_response(500, f"internal error: {type(err).__name__}", "server_error")
+
+    # --- auth and model ------------------------------------------------------------------------
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
+            raise _HTTPError(
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    def check_model(name: str) -> None:
+        if name not in (engine.model_id, "default"):
+            raise _HTTPError(
+                404,
+                f"the model {name!r} does not exist; this server serves {engine.model_id!r} "
+                f"(also reachable as 'default')",
+                kind="invalid_request_error",
+                code="model_not_found",
+            )
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": engine.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "steerlab",
+            "n_layers": engine.n_layers,
+        }
+
+    # --- routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.model_id}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    @app.get("/v1/vectors", dependencies=[Depends(authorize)])
+    async def vectors() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [describe_vector(name, vec) for name, vec in engine.vectors.items()],
+        }
+
+    @app.post("/v1/vectors", dependencies=[Depends(authorize)])
+    async def upload_vector(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidInputError("multipart upload needs a 'file' field with the vector")
+            data = await upload.read(_MAX_UPLOAD + 1)
+            name_field = form.get("name")
+            if isinstance(name_field, str) and name_field:
+                name = name_field
+            else:
+                name = Path(upload.filename or "").stem
+        else:
+            try:
+                body = VectorUpload.model_validate_json(await request.body())
+            except ValueError as err:
+                raise InvalidInputError(
+                    f"send multipart form data (file, name) or JSON {{'name', 'data': base64}}: "
+                    f"{str(err).splitlines()[0]}"
+                ) from None
+            try:
+                data = base64.b64decode(body.data, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInputError("'data' is not valid base64") from None
+            name = body.name
+        if len(data) > _MAX_UPLOAD:
+            raise InvalidInputError(f"vector files are limited to {_MAX_UPLOAD} bytes")
+        engine.vectors.register_bytes(name, data)
+        return describe_vector(name, engine.vectors.get(name))
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        gen = body.to_generation(default_max_tokens=16, max_strength=max_strength)
+        return await serve(request, gen, chat=False, stream=body.stream, usage_chunk=_usage(body))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        check_model(body.model)
+        gen = body.to_generation(
+            default_max_tokens=min(default_max_tokens, max_tokens_cap), max_strength=max_strength
+        )
+        return await serve(request, gen, chat=True, stream=body.stream, usage_chunk=_usage(body))
+
+    async def serve(
+        request: Request, gen: GenerationRequest, *, chat: bool, stream: bool, usage_chunk: bool
+    ) -> Any:
+        gen.check(max_tokens_cap=max_tokens_cap)
+        for entry in gen.readout:
+            if not -engine.n_layers <= entry.layer < engine.n_layers:
+                raise InvalidInputError(
+                    f"readout layer {entry.layer} is outside the model's {engine.n_layers} layers"
+                )
+        events = engine.submit(gen)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        created = now()
+        if stream:
+            return StreamingResponse(
+                _sse(events, gen, rid, created, engine.model_id, chat, usage_chunk),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        collected: list[TokenEvent] = []
+        try:
+            async for event in events:
+                collected.append(event)
+        finally:
+            if not collected or collected[-1].finish_reason is None:
+                events.cancel()
+        return _final(collected, gen, rid, created, engine.model_id, chat)
+
+    # --- playground ------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> Any:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _usage(body: Any) -> bool:
+    return bool(body.stream_options is not None and body.stream_options.include_usage)
+
+
+# --- building responses ------------------------------------------------------------------------
+def _readout(gen: GenerationRequest, events: list[TokenEvent]) -> list[ReadoutTrace] | None:
+    if not gen.readout:
+        return None
+    real = [e for e in events if e.finish_reason != "cancelled" or e.token_id >= 0]
+    return [
+        ReadoutTrace(
+            vector=entry.vector, layer=entry.layer, values=[e.readout[k] for e in real if e.readout]
+        )
+        for k, entry in enumerate(gen.readout)
+    ]
+
+
+def _tokens(events: list[TokenEvent]) -> list[TokenEvent]:
+    return [e for e in events if e.token_id >= 0]
+
+
+def _completion_logprobs(gen: GenerationRequest, events: list[TokenEvent]) -> Any:
+    if gen.logprobs is None:
+        return None
+    tokens = _tokens(events)
+    offsets, at = [], 0
+    for e in tokens:
+        offsets.append(at)
+        at += len(e.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in tokens],
+        token_logprobs=[e.logprob for e in tokens],
+        top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in tokens]
+        if gen.logprobs > 0
+        else None,
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(gen: GenerationRequest, events: list[TokenEvent]) -> Any:
+    if gen.logprobs is None:
+        return None
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=e.token,
+                logprob=e.logprob if e.logprob is not None else 0.0,
+                bytes=list(e.token.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()))
+                    for t in e.top_logprobs
+                ],
+            )
+            for e in _tokens(events)
+        ]
+    )
+
+
+def _usage_of(events: list[TokenEvent]) -> Usage:
+    last = events[-1] if events else None
+    prompt = last.prompt_tokens if last else 0
+    completion = last.completion_tokens if last else 0
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _final(
+    events: list[TokenEvent],
+    gen: GenerationRequest,
+    rid: str,
+    created: int,
+    model: str,
+    chat: bool,
+) -> dict[str, Any]:
+    text = "".join(e.text for e in events)
+    finish = events[-1].finish_reason if events else None
+    readout = _readout(gen, events)
+    if chat:
+        chat_response = ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=model,
+            choices=[
+                ChatChoice(
+                    message=ChatMessageOut(content=text),
+                    logprobs=_chat_logprobs(gen, events),
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    readout=readout,
+                )
+            ],
+            usage=_usage_of(events),
+        )
+        return chat_response.model_dump(exclude_none=True)
+    response = CompletionResponse(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[
+            CompletionChoice(
+                text=text,
+                logprobs=_completion_logprobs(gen, events),
+                finish_reason=finish,  # type: ignore[arg-type]
+                readout=readout,
+            )
+        ],
+        usage=_usage_of(events),
+    )
+    return response.model_dump(exclude_none=True)
+
+
+def _frame(payload: Any) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return format_sse_event(data_str=data)
+
+
+async def _sse(
+    events: Any,
+    gen: GenerationRequest,
+    rid: str,
+    created: int,
+    model: str,
+    chat: bool,
+    usage_chunk: bool,
+) -> AsyncIterator[bytes]:
+    """The SSE body: one chunk per generated token, then ``[DONE]``."""
+    last: TokenEvent | None = None
+    try:
+        if chat:
+            first = ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=model,
+                choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))],
+            )
+            yield _frame(first.model_dump(exclude_none=True))
+        try:
+            async for event in events:
+                last = event
+                batch = [event]
+                readout = _readout(gen, batch) if event.token_id >= 0 else None
+                if chat:
+                    chunk: Any = ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=model,
+                        choices=[
+                            ChatChunkChoice(
+                                delta=ChatDelta(content=event.text),
+                                logprobs=_chat_logprobs(gen, batch),
+                                finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                                readout=readout,
+                            )
+                        ],
+                    )
+                else:
+                    chunk = CompletionResponse(
+                        id=rid,
+                        created=created,
+                        model=model,
+                        choices=[
+                            CompletionChoice(
+                                text=event.text,
+                                logprobs=_completion_logprobs(gen, batch),
+                                finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                                readout=readout,
+                            )
+                        ],
+                    )
+                yield _frame(chunk.model_dump(exclude_none=True))
+        except SteerlabError as err:
+            yield _frame(error_body(str(err), kind="server_error", code="engine_error"))
+        if usage_chunk and last is not None:
+            usage = _usage_of([last]).model_dump()
+            kind = "chat.completion.chunk" if chat else "text_completion"
+            yield _frame(
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        yield _frame("[DONE]")
+    finally:
+        if last is None or last.finish_reason is None:
+            events.cancel()
+
+
+# --- running in-process ---------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields its base URL.
+
+    Waits (at most ``timeout`` seconds) until the server accepts connections, and stops it on
+    exit with the same bounded wait (for notebooks, tests and benchmarks).
+
+    >>> import httpx
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.server.engine import TorchEngine
+    >>> with serve_in_thread(create_app(TorchEngine(tiny_model("gpt2")))) as url:
+    ...     httpx.get(url + "/health").json()["status"]
+    'ok'
+    """
+    import uvicorn
+
+    chosen = free_port(host) if port is None else port
+    config = uvicorn.Config(app, host=host, port=chosen, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="steerlab-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{chosen}")
+            time.sleep(0.02)
+        yield f"http://{host}:{chosen}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
