@@ -232,3 +232,14 @@ def test_api_server_validator_refuses_bad_steering_and_passes_good() -> None:
     text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "ablate"}]})
     with pytest.raises(ValueError, match="invalid steerlab steering: steering op 'ablate'"):
         SteeringValidator.validate_params(SimpleNamespace(extra_args={"steerlab": text}))
+
+
+def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--tensor-parallel-size", "2"])
+    assert result.exit_code == 1
+    assert "apply to --engine vllm only" in result.output
+    assert "Traceback" not in result.output

