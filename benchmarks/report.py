@@ -319,6 +319,10 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
         lines += ["## Profiles of missed targets", ""]
         for key, profile in profiles.items():
             lines += [_profile_block(key, profile), ""]
+    # the vLLM engine's section is measured by benchmarks/vllm_bench.py in its own venv
+    vllm_section = Path(__file__).resolve().parent / "results" / "vllm.md"
+    if vllm_section.is_file():
+        lines += [vllm_section.read_text().rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

