@@ -73,11 +73,12 @@ def test_concurrent_steered_requests_equal_the_library(
     ]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda r: _run(engine, r), requests))
-    for (prompt, _, ref), events in zip(cases, results):
-        steer = (
-            None if ref is None else sl.Steering(vectors[ref[0]], strength=ref[1], positions=ref[2])
-        )
-        (want,) = model.generate_ids([prompt], steering=steer, max_new_tokens=12)
+    steers = [
+        None if ref is None else sl.Steering(vectors[ref[0]], strength=ref[1], positions=ref[2])
+        for _, _, ref in cases
+    ]
+    wants = model.generate_ids([p for p, _, _ in cases], steering=steers, max_new_tokens=12)
+    for (prompt, _, _), events, want in zip(cases, results, wants):
         got = [e.token_id for e in events if e.token_id >= 0]
         assert got == want.tolist(), prompt
         assert events[-1].finish_reason in ("length", "stop")
