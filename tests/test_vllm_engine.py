@@ -39,7 +39,8 @@ def engines() -> Iterator[tuple[Any, sl.SteeredModel]]:
     try:
         yield llm, model
     finally:
-        del llm
+        # stop the engine process now, not at interpreter exit: the next module starts its own
+        llm.llm_engine.engine_core.shutdown()
 
 
 def _vector(model: sl.SteeredModel, layers: list[int], seed: int) -> sl.SteeringVector:
