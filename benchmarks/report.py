@@ -325,6 +325,10 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
         from benchmarks.server import render as render_server
 
         lines += [render_server(json.loads(server_results.read_text())), ""]
+    # the vLLM engine's section is measured by benchmarks/vllm_bench.py in its own venv
+    vllm_section = Path(__file__).resolve().parent / "results" / "vllm.md"
+    if vllm_section.is_file():
+        lines += [vllm_section.read_text().rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

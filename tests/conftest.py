@@ -30,3 +30,22 @@ def llama() -> sl.SteeredModel:
 def default_model() -> Iterator[Any]:
     """The real embedded default model (SmolLM2-135M-Instruct); slow tier only."""
     yield sl.load_model()
+
+
+def _vllm_missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed in this environment; run `make test-vllm` (uses .venv-vllm)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.vllm`` tests, with the reason, where vLLM is not importable."""
+    reason = _vllm_missing()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)

@@ -28,8 +28,15 @@ def _torch_engine(model: str | None, max_batch: int) -> Any:
     return TorchEngine(sl.load_model(model), max_batch=max_batch)
 
 
-ENGINES: dict[str, Callable[[str | None, int], Any]] = {"torch": _torch_engine}
-"""Engine factories by ``--engine`` name: ``(model name or path, max batch) -> Engine``."""
+def _vllm_engine(model: str | None, max_batch: int, **vllm_options: Any) -> Any:
+    from steerlab.vllm.engine import VLLMEngine
+
+    return VLLMEngine(model, max_num_seqs=max_batch, **vllm_options)
+
+
+ENGINES: dict[str, Callable[..., Any]] = {"torch": _torch_engine, "vllm": _vllm_engine}
+"""Engine factories by ``--engine`` name: ``(model name or path, max batch) -> Engine``
+(the vLLM factory also takes the pass-through vLLM options as keywords)."""
 
 
 def serve(
@@ -53,8 +60,20 @@ def serve(
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens allowed.")] = 1024,
     max_strength: Annotated[float, typer.Option(help="Largest |strength| allowed.")] = 64.0,
     engine: Annotated[
-        str, typer.Option(hidden=True, help="Engine: torch (continuous batching on steerlab).")
+        str,
+        typer.Option(
+            help="Engine: torch (continuous batching on steerlab) or vllm (needs vLLM installed)."
+        ),
     ] = "torch",
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option(help="vLLM engine: GPUs (ranks) to shard the model over.")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="vLLM engine: weights dtype (auto, float32, bfloat16...).")
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="vLLM engine: context length (prompt + completion).")
+    ] = None,
     log_level: Annotated[str, typer.Option(hidden=True, help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve the model over an OpenAI-compatible API with per-request steering (Ctrl-C stops)."""
@@ -77,8 +96,20 @@ def serve(
             "error: --max-batch, --max-tokens-cap and --max-strength must be positive", err=True
         )
         raise typer.Exit(code=1)
+    vllm_options = {
+        key: value
+        for key, value in (
+            ("tensor_parallel_size", tensor_parallel_size),
+            ("dtype", dtype),
+            ("max_model_len", max_model_len),
+        )
+        if value is not None
+    }
+    if vllm_options and engine != "vllm":
+        typer.echo(f"error: {', '.join(vllm_options)} apply to --engine vllm only", err=True)
+        raise typer.Exit(code=1)
     try:
-        served = ENGINES[engine](model, max_batch)
+        served = ENGINES[engine](model, max_batch, **vllm_options)
         names = served.vectors.register_dir(vectors) if vectors is not None else []
         app = create_app(
             served, api_key=api_key, max_tokens_cap=max_tokens_cap, max_strength=max_strength

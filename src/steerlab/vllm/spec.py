@@ -1,0 +1,352 @@
+"""The wire format of per-request steering inside vLLM, and the per-token deltas it implies.
+
+A request carries its steering in ``SamplingParams.extra_args["steerlab"]`` (offline) or the
+OpenAI server's ``vllm_xargs`` (``vllm serve``), as plain JSON so it crosses process boundaries
+without pickling anything a client could abuse:
+
+.. code-block:: text
+
+    {"steering": [
+        {"vector": {"15": [0.1, ...]} | "NAME",   # directions per layer, or a registered name
+         "strength": 4.0 | {"15": 4.0},
+         "positions": "all" | "last" | "prompt" | "generated" | 3 | [0, -1] | "2:" | "0:8:2",
+         "layers": [15, 16] | null,
+         "op": "add"}
+    ]}
+
+The same value may be sent as a JSON string (``vllm_xargs`` only carries flat values). A vector
+given by ``NAME`` is read from ``$STEERLAB_VLLM_VECTORS/NAME.safetensors`` on the server, never
+from a client-chosen path.
+
+Inside the worker each entry becomes a :class:`ResolvedEntry`: its positions and a float32
+``strength × direction`` per resolved layer, computed by :class:`steerlab.interventions.Steering`
+itself, so layer/strength rules are the library's. :func:`token_deltas` then builds, for one step
+of vLLM's flattened batch, the ``[tokens, d_model]`` addition for each steered layer.
+
+>>> import torch
+>>> wire = to_wire([Steering(SteeringVector({1: torch.ones(2)}), strength=2.0, positions="last")])
+>>> entries = resolve(wire, n_layers=3, d_model=2)
+>>> entries[0].positions.mode, entries[0].deltas[1].tolist()
+('last', [2.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from steerlab.errors import InvalidInputError, LayerIndexError
+from steerlab.interventions import Steering
+from steerlab.positions import Positions, PositionSpec
+from steerlab.vectors import SteeringVector
+
+__all__ = [
+    "EXTRA_ARGS_KEY",
+    "VECTORS_ENV",
+    "ResolvedEntry",
+    "StepRequest",
+    "parse_positions",
+    "positions_to_wire",
+    "resolve",
+    "to_wire",
+    "token_deltas",
+    "validate",
+]
+
+EXTRA_ARGS_KEY = "steerlab"
+"""Key of ``SamplingParams.extra_args`` (and of ``vllm_xargs``) holding a request's steering."""
+
+VECTORS_ENV = "STEERLAB_VLLM_VECTORS"
+"""Environment variable naming the folder of vectors that requests may refer to by name."""
+
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(\d*)\s*)?$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+# --- positions ----------------------------------------------------------------------------------
+def parse_positions(value: Any) -> Positions:
+    """A wire (JSON) position spec as :class:`~steerlab.positions.Positions`.
+
+    Accepts what the library accepts, written with JSON values: mode names, ints, lists of ints,
+    ``"a:b"``/``"a:b:step"`` slices, and comma-separated index strings.
+
+    >>> parse_positions("2:").describe(), parse_positions("0,-1").describe()
+    ('2:', '0,-1')
+    """
+    if isinstance(value, Positions):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        match = _SLICE.match(text)
+        if match:
+            start, stop, step = (int(g) if g else None for g in match.groups())
+            return Positions.parse(slice(start, stop, step))
+        if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)*", text):
+            return Positions.parse([int(part) for part in text.split(",")])
+        return Positions.parse(cast(PositionSpec, text))
+    if isinstance(value, Mapping) and set(value) <= {"start", "stop", "step"}:
+        return Positions.parse(slice(value.get("start"), value.get("stop"), value.get("step")))
+    return Positions.parse(value)
+
+
+def positions_to_wire(spec: PositionSpec) -> str | int | list[int]:
+    """The JSON form of a position spec (inverse of :func:`parse_positions`).
+
+    >>> positions_to_wire(slice(2, None)), positions_to_wire([0, -1]), positions_to_wire("last")
+    ('2:', [0, -1], 'last')
+    """
+    parsed = Positions.parse(spec)
+    if parsed.mode == "indices":
+        return list(parsed.indices)
+    return parsed.describe()
+
+
+# --- client side ------------------------------------------------------------------------------
+def _strength_to_wire(strength: float | Mapping[int, float]) -> float | dict[str, float]:
+    if isinstance(strength, Mapping):
+        return {str(int(layer)): float(value) for layer, value in strength.items()}
+    return float(strength)
+
+
+def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
+    """Serialise steering terms (applied in list order) to the JSON value of ``extra_args``.
+
+    >>> import torch
+    >>> to_wire([Steering(SteeringVector({0: torch.tensor([1.0, 0.5])}))])["steering"][0]["vector"]
+    {'0': [1.0, 0.5]}
+    """
+    entries: list[dict[str, Any]] = []
+    for term in steering:
+        if not isinstance(term, Steering):
+            raise InvalidInputError(
+                f"vLLM steering takes Steering terms or SteeringVectors, got {type(term).__name__}"
+            )
+        vector = {
+            str(layer): term.vector.directions[layer].to(torch.float32).tolist()
+            for layer in term.vector.layers
+        }
+        entries.append(
+            {
+                "vector": vector,
+                "strength": _strength_to_wire(term.strength),
+                "positions": positions_to_wire(term.positions),
+                "layers": None if term.layers is None else [int(x) for x in term.layers],
+                "op": "add",
+            }
+        )
+    return {"steering": entries}
+
+
+# --- worker side --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ResolvedEntry:
+    """One steering term ready for the worker: positions and ``{layer: float32 delta}``."""
+
+    positions: Positions
+    deltas: Mapping[int, torch.Tensor]
+
+
+class _Dims:
+    """What :meth:`Steering.layer_deltas` needs of a model: its sizes and layer resolution."""
+
+    def __init__(self, n_layers: int, d_model: int) -> None:
+        self.n_layers = n_layers
+        self.d_model = d_model
+
+    def resolve_layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerIndexError(f"layer must be an int, got {layer!r}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise LayerIndexError(
+                f"layer {layer} is out of range for a model with {self.n_layers} layers "
+                f"(valid: {-self.n_layers}..{self.n_layers - 1})"
+            )
+        return layer % self.n_layers
+
+    def resolve_layers(self, layers: Sequence[int]) -> list[int]:
+        out: list[int] = []
+        for layer in layers:
+            resolved = self.resolve_layer(layer)
+            if resolved not in out:
+                out.append(resolved)
+        if not out:
+            raise LayerIndexError("the list of layers is empty")
+        return out
+
+
+def _int_key(key: Any, what: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} keys must be layer numbers, got {key!r}") from None
+
+
+def _load_named(name: str) -> SteeringVector:
+    folder = os.environ.get(VECTORS_ENV)
+    if not _NAME.match(name):
+        raise InvalidInputError(f"invalid vector name {name!r}")
+    if not folder:
+        raise InvalidInputError(
+            f"vector {name!r} is given by name but the server has no vector folder; start it "
+            f"with {VECTORS_ENV}=DIR (files DIR/NAME.safetensors) or send the directions"
+        )
+    file = Path(folder) / f"{name}.safetensors"
+    if not file.is_file():
+        raise InvalidInputError(f"unknown vector {name!r} (no {file})")
+    return SteeringVector.load(file)
+
+
+def _vector(raw: Any) -> SteeringVector:
+    if isinstance(raw, SteeringVector):
+        return raw
+    if isinstance(raw, str):
+        return _load_named(raw)
+    if not isinstance(raw, Mapping) or not raw:
+        raise InvalidInputError(
+            "a steering entry's 'vector' must be a registered name or {layer: [floats]}"
+        )
+    try:
+        directions = {
+            _int_key(layer, "vector"): torch.tensor(values, dtype=torch.float32)
+            for layer, values in raw.items()
+        }
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"a steering vector must hold lists of numbers: {error}") from None
+    return SteeringVector(directions)
+
+
+def _entry(raw: Any) -> Steering:
+    if not isinstance(raw, Mapping):
+        raise InvalidInputError(f"a steering entry must be an object, got {raw!r}")
+    unknown = set(raw) - {"vector", "strength", "positions", "layers", "op"}
+    if unknown:
+        raise InvalidInputError(f"unknown steering entry fields: {sorted(unknown)}")
+    op = raw.get("op", "add")
+    if op != "add":
+        raise InvalidInputError(
+            f"steering op {op!r} is not supported by the vLLM plugin (use 'add')"
+        )
+    strength = raw.get("strength", 1.0)
+    if isinstance(strength, Mapping):
+        strength = {_int_key(k, "strength"): v for k, v in strength.items()}
+    layers = raw.get("layers")
+    if layers is not None and (
+        not isinstance(layers, (list, tuple)) or any(isinstance(x, bool) for x in layers)
+    ):
+        raise InvalidInputError(f"'layers' must be a list of layer numbers, got {layers!r}")
+    return Steering(
+        _vector(raw.get("vector")),
+        strength=strength,
+        positions=parse_positions(raw.get("positions", "all")),
+        layers=None if layers is None else [_int_key(x, "layers") for x in layers],
+    )
+
+
+def _entries(wire: Any) -> list[Any]:
+    if isinstance(wire, str):
+        try:
+            wire = json.loads(wire)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"steering is not valid JSON: {error}") from None
+    if isinstance(wire, list):
+        wire = {"steering": wire}
+    if not isinstance(wire, Mapping) or not isinstance(wire.get("steering", []), list):
+        raise InvalidInputError("steering must be {'steering': [entries]} or a list of entries")
+    return list(wire.get("steering", []))
+
+
+def validate(wire: Any) -> None:
+    """Check a request's steering without knowing the model (what an API server can check).
+
+    Everything but the model's layer count and hidden size: JSON, fields, op, numbers,
+    positions, registered names. The worker checks the rest (see :func:`resolve`).
+
+    >>> validate({"steering": [{"vector": {"0": [1.0]}, "positions": "sometimes"}]})
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: unknown positions 'sometimes'; use one of all, last, ...
+    """
+    if wire is None:
+        return
+    for raw in _entries(wire):
+        _entry(raw)
+
+
+def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
+    """Validate a request's steering value and compute its per-layer deltas (float32).
+
+    ``wire`` is the dict of :func:`to_wire`, its JSON text, or ``None`` (no steering).
+
+    >>> resolve(None, n_layers=2, d_model=4)
+    []
+    >>> resolve({"steering": [{"vector": {"0": [1.0]}}]}, n_layers=2, d_model=4)
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.VectorMismatchError: steering vector has size 1 but the model's hidden size is 4
+    """
+    if wire is None:
+        return []
+    dims = _Dims(n_layers, d_model)
+    out: list[ResolvedEntry] = []
+    for raw in _entries(wire):
+        term = _entry(raw)
+        deltas = term.layer_deltas(cast(Any, dims))
+        out.append(ResolvedEntry(positions=Positions.parse(term.positions), deltas=deltas))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRequest:
+    """One request's share of a step: its tokens ``start:stop`` of the flattened batch."""
+
+    start: int
+    stop: int
+    prompt_len: int
+    entries: Sequence[ResolvedEntry]
+
+
+def token_deltas(
+    requests: Sequence[StepRequest],
+    positions: torch.Tensor,
+    *,
+    d_model: int,
+) -> dict[int, torch.Tensor]:
+    """``{layer: delta[tokens, d_model]}`` to add to the residual stream in one step.
+
+    ``positions`` holds the absolute index (prompt start = 0) of every token of the flattened
+    batch, as vLLM's model runner feeds it to the model; each request's entries apply to its own
+    tokens only, at the positions its specs select (``prompt_len`` is that request's prompt
+    length). Layers no entry touches are absent; tokens of unsteered requests get exact zeros.
+
+    >>> import torch
+    >>> e = ResolvedEntry(Positions.parse("generated"), {0: torch.ones(2)})
+    >>> d = token_deltas([StepRequest(0, 3, 2, [e])], torch.tensor([0, 1, 2]), d_model=2)
+    >>> d[0].tolist()
+    [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    """
+    total = int(positions.shape[-1])
+    out: dict[int, torch.Tensor] = {}
+    flat = positions.reshape(-1)[:total].to("cpu", torch.long)
+    for request in requests:
+        if not request.entries or request.stop <= request.start:
+            continue
+        abs_index = flat[request.start : request.stop].unsqueeze(0)
+        plen = torch.tensor([request.prompt_len])
+        for entry in request.entries:
+            mask = entry.positions.mask(abs_index, plen)[0]
+            if not bool(mask.any()):
+                continue
+            weight = mask.to(torch.float32)[:, None]
+            for layer, delta in entry.deltas.items():
+                target = out.get(layer)
+                if target is None:
+                    target = out[layer] = torch.zeros(total, d_model, dtype=torch.float32)
+                target[request.start : request.stop] += weight * delta[None, :]
+    return out

@@ -1,0 +1,127 @@
+"""``VLLMEngine`` behind the server's engine interface: concurrent steered requests == library.
+
+Runs from ``.venv-vllm`` (``make test-vllm``); skipped with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab.server.engine import (
+    Engine,
+    GenerationRequest,
+    ReadoutEntry,
+    SteeringEntry,
+    TokenEvent,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time", "I think that"]
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]]]:
+    from steerlab.vllm.engine import VLLMEngine
+
+    engine = VLLMEngine(dtype="float32", max_model_len=512, seed=0, gpu_memory_utilization=0.5)
+    model = sl.load_model()
+    gen = torch.Generator().manual_seed(5)
+    vectors = {
+        "one": sl.SteeringVector({15: torch.randn(model.d_model, generator=gen) / 2}),
+        "four": sl.SteeringVector(
+            {layer: torch.randn(model.d_model, generator=gen) / 2 for layer in (6, 10, 14, 18)}
+        ),
+    }
+    for name, vec in vectors.items():
+        engine.vectors.register(name, vec)
+    engine.start()
+    try:
+        yield engine, model, vectors
+    finally:
+        engine.shutdown()
+
+
+def _run(engine: Any, request: GenerationRequest) -> list[TokenEvent]:
+    return list(engine.submit(request))
+
+
+def test_concurrent_steered_requests_equal_the_library(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    engine, model, vectors = served
+    assert isinstance(engine, Engine)
+    cases: list[tuple[str, tuple[SteeringEntry, ...], Any]] = [
+        (PROMPTS[0], (), None),
+        (PROMPTS[1], (SteeringEntry("one", 8.0, "last"),), ("one", 8.0, "last")),
+        (PROMPTS[2], (SteeringEntry("four", 4.0, "all"),), ("four", 4.0, "all")),
+        (
+            PROMPTS[3],
+            (SteeringEntry("one", {15: 8.0}, "generated"),),
+            ("one", {15: 8.0}, "generated"),
+        ),
+    ]
+    requests = [
+        GenerationRequest(prompt=p, max_tokens=12, temperature=0.0, steering=s, logprobs=0)
+        for p, s, _ in cases
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda r: _run(engine, r), requests))
+    steers = [
+        None if ref is None else sl.Steering(vectors[ref[0]], strength=ref[1], positions=ref[2])
+        for _, _, ref in cases
+    ]
+    wants = model.generate_ids([p for p, _, _ in cases], steering=steers, max_new_tokens=12)
+    for (prompt, _, _), events, want in zip(cases, results, wants):
+        got = [e.token_id for e in events if e.token_id >= 0]
+        assert got == want.tolist(), prompt
+        assert events[-1].finish_reason in ("length", "stop")
+        assert "".join(e.text for e in events) == model.tokenizer.decode(
+            want.tolist(), skip_special_tokens=True
+        )
+        assert events[0].logprob is not None and events[0].logprob <= 0
+
+
+def test_stop_strings_and_errors(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    engine, _, _ = served
+    full = "".join(
+        e.text
+        for e in _run(engine, GenerationRequest(prompt=PROMPTS[2], max_tokens=12, temperature=0.0))
+    )
+    word = full.split()[1]
+    events = _run(
+        engine,
+        GenerationRequest(prompt=PROMPTS[2], max_tokens=12, temperature=0.0, stop=(word,)),
+    )
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == full[: full.index(word)]
+    with pytest.raises(sl.InvalidInputError, match="unknown vector"):
+        engine.submit(GenerationRequest(prompt="hi", steering=(SteeringEntry("nope"),)))
+    with pytest.raises(sl.LayerIndexError):
+        engine.submit(GenerationRequest(prompt="hi", steering=(SteeringEntry("one", {99: 1.0}),)))
+    with pytest.raises(sl.InvalidInputError, match="readout"):
+        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("one", 3),)))
+    with pytest.raises(sl.VectorMismatchError):
+        engine.vectors.register("small", sl.SteeringVector({1: torch.ones(8)}))
+
+
+def test_cancel_ends_the_stream(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    engine, _, _ = served
+    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], max_tokens=400, temperature=0.0))
+    events = []
+    for event in stream:
+        events.append(event)
+        if len(events) == 2:
+            stream.cancel()
+    assert events[-1].finish_reason == "cancelled"
+    assert len(events) < 400

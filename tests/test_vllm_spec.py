@@ -1,0 +1,245 @@
+"""The vLLM plugin's steering arithmetic, without vLLM: wire format, per-token deltas, layer hooks.
+
+These run in the main environment. The flattened-batch delta is checked against the torch
+engine's own hooks on a tiny Llama (same tokens, same positions); the tensor-parallel path is
+checked on a two-rank simulation of a row-parallel block.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import steerlab as sl
+from steerlab.positions import Positions
+from steerlab.vllm import extra_args, per_row_steering
+from steerlab.vllm.plugin import RunnerSteering, add_to_block_output, decoder_layers
+from steerlab.vllm.spec import (
+    StepRequest,
+    parse_positions,
+    positions_to_wire,
+    resolve,
+    to_wire,
+    token_deltas,
+)
+
+SPECS: list[Any] = ["all", "last", "prompt", "generated", 1, [0, -1], slice(2, None), slice(-2, 5)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_positions_round_trip(spec: Any) -> None:
+    wire = json.loads(json.dumps(positions_to_wire(spec)))
+    assert parse_positions(wire) == Positions.parse(spec)
+
+
+def test_wire_round_trip_gives_library_deltas() -> None:
+    vec = sl.SteeringVector({2: torch.randn(8), 3: torch.randn(8)})
+    terms = [
+        sl.Steering(vec, strength=1.5, positions="last"),
+        sl.Steering(vec.select([2]), strength={-1: 2.0, 1: -1.0}, positions=slice(1, None)),
+    ]
+    wire = json.loads(json.dumps(to_wire(terms)))
+    entries = resolve(json.dumps(wire), n_layers=4, d_model=8)
+    assert entries[0].positions == Positions.parse("last")
+    assert torch.equal(entries[0].deltas[2], vec[2] * 1.5)
+    assert torch.equal(entries[1].deltas[3], vec[2] * 2.0)
+    assert torch.equal(entries[1].deltas[1], vec[2] * -1.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        ({"steering": [{"vector": {"0": [1.0, 2.0]}, "op": "ablate"}]}, sl.InvalidInputError),
+        ({"steering": [{"vector": {"9": [1.0, 2.0]}}]}, sl.LayerIndexError),
+        ({"steering": [{"vector": {"0": [1.0]}}]}, sl.VectorMismatchError),
+        ({"steering": [{"vector": {"0": [1.0, 2.0]}, "strength": "x"}]}, sl.InvalidInputError),
+        (
+            {"steering": [{"vector": {"0": [1.0, 2.0]}, "positions": "middle"}]},
+            sl.InvalidInputError,
+        ),
+        ({"steering": [{"vector": "happy"}]}, sl.InvalidInputError),
+        ("{not json", sl.InvalidInputError),
+    ],
+)
+def test_bad_wire_values_raise(raw: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        resolve(raw, n_layers=4, d_model=2)
+
+
+def test_named_vector_reads_only_the_configured_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vec = sl.SteeringVector({1: torch.arange(4.0)})
+    vec.save(tmp_path / "calm.safetensors")
+    monkeypatch.setenv("STEERLAB_VLLM_VECTORS", str(tmp_path))
+    (entry,) = resolve([{"vector": "calm", "strength": 2.0}], n_layers=3, d_model=4)
+    assert torch.equal(entry.deltas[1], torch.arange(4.0) * 2)
+    with pytest.raises(sl.InvalidInputError):
+        resolve([{"vector": "../calm"}], n_layers=3, d_model=4)
+
+
+def test_flattened_batch_deltas_equal_torch_engine_hooks() -> None:
+    """Three requests in one flattened step (chunked prefill, decode, prefill from a cached
+    prefix) get exactly the additions the torch engine's per-row hook makes at those tokens."""
+    model = sl.testing.tiny_model("llama")
+    d, layer = model.d_model, 1
+    vecs = [sl.SteeringVector({layer: torch.randn(d)}) for _ in range(3)]
+    specs: list[Any] = ["last", slice(2, None), [0, -1]]
+    terms = [sl.Steering(v, strength=2.0, positions=p) for v, p in zip(vecs, specs)]
+    # (prompt length, first absolute position this step, tokens this step)
+    layout = [(6, 0, 4), (5, 7, 1), (9, 4, 5)]
+    positions = torch.cat([torch.arange(a, a + n) for _, a, n in layout])
+    requests, start = [], 0
+    for (plen, _, n), term in zip(layout, terms):
+        entries = resolve(to_wire([term]), n_layers=model.n_layers, d_model=d)
+        requests.append(StepRequest(start, start + n, plen, entries))
+        start += n
+    got = token_deltas(requests, positions, d_model=d)[layer]
+    # the library's rule: each row's Positions.mask over its absolute indices
+    start = 0
+    for (plen, a, n), term in zip(layout, terms):
+        mask = Positions.parse(term.positions).mask(
+            torch.arange(a, a + n)[None], torch.tensor([plen])
+        )[0]
+        want = mask[:, None].float() * (term.vector[layer] * 2.0)[None]
+        assert torch.equal(got[start : start + n], want)
+        start += n
+    assert got.abs().sum() > 0
+
+
+class _Block(nn.Module):
+    """A vLLM-style block: returns ``(hidden, residual)`` whose sum is the residual stream."""
+
+    def __init__(self, d: int, ranks: int = 1) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d, bias=False)
+        self.ranks = ranks
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> Any:
+        residual = hidden if residual is None else hidden + residual
+        act = torch.relu(self.up(residual))
+        # row-parallel down projection: each rank owns a slice of the inner dimension, then
+        # an all-reduce (the sum) makes the output whole on every rank
+        parts = torch.chunk(torch.arange(act.shape[-1]), self.ranks)
+        out = sum(act[:, p] @ self.down.weight[:, p].T for p in parts)
+        return out, residual
+
+
+class _Net(nn.Module):
+    def __init__(self, d: int, ranks: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(d, ranks) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, residual = x, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return hidden + residual
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_hooks_add_to_the_block_output_under_tensor_parallel_blocks(ranks: int) -> None:
+    """The delta lands on the whole residual stream, the same on every simulated rank."""
+    torch.manual_seed(0)
+    d = 6
+    net = _Net(d, ranks)
+    x = torch.randn(5, d)
+    delta = torch.randn(5, d)
+    # reference: add the delta to the block output (hidden + residual) of block 1, by hand
+    with torch.no_grad():
+        h, r = x, None
+        for index, layer in enumerate(net.layers):
+            h, r = layer(h, r)
+            if index == 1:
+                h, r = torch.zeros_like(h), h + r + delta
+        want = h + r
+    state = RunnerSteering(net, n_layers=3, d_model=d)
+    try:
+        state.active = {1: delta}
+        with torch.no_grad():
+            got = net(x)
+        state.active = None
+        with torch.no_grad():
+            plain = net(x)
+    finally:
+        state.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(plain, got)
+    assert all(not layer._forward_hooks for layer in net.layers)
+
+
+def test_add_to_block_output_shapes() -> None:
+    out = add_to_block_output(torch.zeros(2, 3), torch.ones(4, 3))  # padded delta is cut
+    assert out.tolist() == [[1.0] * 3] * 2
+    with pytest.raises(sl.SteerlabError):
+        add_to_block_output("nope", torch.ones(1))
+    with pytest.raises(sl.SteerlabError):
+        decoder_layers(nn.Linear(2, 2), 5)
+
+
+def test_runner_state_ignores_unsteered_and_caches_specs() -> None:
+    net = _Net(4, 1)
+    state = RunnerSteering(net, n_layers=3, d_model=4)
+    try:
+        raw = extra_args(sl.SteeringVector({2: torch.ones(4)}), positions="generated")["steerlab"]
+        positions = torch.tensor([0, 1, 2, 5])
+        plan = state.plan(
+            [("a", None, 0, 3, 3), ("b", raw, 3, 4, 3)],
+            positions,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+        assert plan is not None and set(plan) == {2}
+        assert plan[2][:3].abs().sum() == 0 and plan[2][3].tolist() == [1.0] * 4
+        assert (
+            state.plan(
+                [("a", None, 0, 4, 4)], positions, device=torch.device("cpu"), dtype=torch.float32
+            )
+            is None
+        )
+        bad = {"steering": [{"vector": {"0": [1.0]}}]}
+        assert (
+            state.plan(
+                [("c", bad, 0, 4, 2)], positions, device=torch.device("cpu"), dtype=torch.float32
+            )
+            is None
+        )
+    finally:
+        state.remove()
+
+
+def test_per_row_steering_matches_the_torch_engine_rules() -> None:
+    vec = sl.SteeringVector({0: torch.ones(2)})
+    rows = per_row_steering(vec, n_rows=3, strength=2.0, positions="last")
+    assert [len(r) for r in rows] == [1, 1, 1] and rows[0][0].positions == "last"
+    with pytest.raises(sl.InvalidInputError):
+        per_row_steering([vec], n_rows=2)
+
+
+def test_api_server_validator_refuses_bad_steering_and_passes_good() -> None:
+    from types import SimpleNamespace
+
+    from steerlab.vllm.validator import SteeringValidator
+
+    good = extra_args(sl.SteeringVector({1: torch.ones(3)}), positions=slice(2, None))
+    SteeringValidator.validate_params(SimpleNamespace(extra_args=good))
+    SteeringValidator.validate_params(SimpleNamespace(extra_args=None))
+    text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "ablate"}]})
+    with pytest.raises(ValueError, match="invalid steerlab steering: steering op 'ablate'"):
+        SteeringValidator.validate_params(SimpleNamespace(extra_args={"steerlab": text}))
+
+
+def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
+    from typer.testing import CliRunner
+
+    from steerlab.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--tensor-parallel-size", "2"])
+    assert result.exit_code == 1
+    assert "apply to --engine vllm only" in result.output
+    assert "Traceback" not in result.output
