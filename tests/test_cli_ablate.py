@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import steerlab as sl
 from steerlab.ablation import ZeroAblation, ablation_scan
-from steerlab.cli import _ablate
+from steerlab.cli import ErrorHandlingGroup, _ablate
 from steerlab.editing import read_gguf
 from steerlab.testing import tiny_hf_model, tiny_tokenizer
 
@@ -23,7 +23,7 @@ PROMPTS = ["the cat sat on the", "a dog ran to the big"]
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer()
+    app = typer.Typer(cls=ErrorHandlingGroup)  # the real CLI's error handling
     _ablate.register(app)
     return app
 
@@ -103,7 +103,7 @@ def test_ablate_mean_and_loss(app: typer.Typer, model_dir: Path, tmp_path: Path)
 def test_ablate_errors(app: typer.Typer, model_dir: Path) -> None:
     runner = CliRunner()
     missing = runner.invoke(app, ["ablate", *PROMPTS, "--model", str(model_dir)])
-    assert missing.exit_code == 1 and "needs target" in missing.output
+    assert missing.exit_code == 2 and "needs target" in missing.output
     none = runner.invoke(app, ["ablate", "--target", "x", "--model", str(model_dir)])
     assert none.exit_code != 0
 
@@ -139,7 +139,7 @@ def test_bake_command(app: typer.Typer, model_dir: Path, tmp_path: Path) -> None
         app,
         ["bake", str(tmp_path / "vec.safetensors"), "--out", str(out), "--model", str(model_dir)],
     )
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_bake_ablate_direction(app: typer.Typer, model_dir: Path, tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_export_gguf_command(app: typer.Typer, tmp_path: Path) -> None:
     refused = runner.invoke(
         app, ["export-gguf", str(tmp_path / "vec.safetensors"), "--out", str(tmp_path / "a.gguf")]
     )
-    assert refused.exit_code == 1 and "layer 0" in refused.output
+    assert refused.exit_code == 2 and "layer 0" in refused.output
     result = runner.invoke(
         app,
         [

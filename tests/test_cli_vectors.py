@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 import steerlab
-from steerlab.cli import _vectors
+from steerlab.cli import ErrorHandlingGroup, _vectors
 from steerlab.data import load_builtin
 from steerlab.methods import compute_vector
 from steerlab.testing import tiny_model
@@ -23,7 +23,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def app() -> typer.Typer:
-    app = typer.Typer()
+    app = typer.Typer(cls=ErrorHandlingGroup)  # the real CLI's error handling
     _vectors.register(app)
     return app
 
@@ -101,7 +101,7 @@ def test_compute_bad_options_are_usage_errors(
     assert not (tmp_path / "v.safetensors").exists()
 
 
-def test_compute_library_errors_exit_1(
+def test_compute_library_errors_exit_1_or_2(
     app: typer.Typer, loaded: dict[str, Any], tmp_path: Path
 ) -> None:
     result = runner.invoke(
@@ -112,7 +112,7 @@ def test_compute_library_errors_exit_1(
     result = runner.invoke(
         app, ["compute", "-d", "sentiment", "-l", "7", "-o", str(tmp_path / "v.safetensors")]
     )
-    assert result.exit_code == 1 and "out of range" in result.output
+    assert result.exit_code == 2 and "out of range" in result.output
 
 
 def test_analyze_shows_lens_norms_cosines_and_plots(
@@ -164,7 +164,7 @@ def test_analyze_bad_files(app: typer.Typer, loaded: dict[str, Any], tmp_path: P
     result = runner.invoke(app, ["analyze", str(bad), "--no-lens"])
     assert result.exit_code == 1 and "error:" in result.output
     missing = runner.invoke(app, ["analyze", str(tmp_path / "none.safetensors"), "--no-lens"])
-    assert missing.exit_code == 1 and "no vector file" in missing.output
+    assert missing.exit_code == 2 and "no vector file" in missing.output
     good = SteeringVector({0: torch.ones(32)}).save(tmp_path / "v.safetensors")
     wrong_layer = runner.invoke(app, ["analyze", str(good), "-l", "2", "--no-lens"])
     assert wrong_layer.exit_code == 1 and "no direction" in wrong_layer.output

@@ -4,7 +4,7 @@ Each command group lives in its own module and registers itself on :data:`app`:
 ``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
 export-gguf) and ``_sweep`` (sweep).
 
-Errors are handled in one place, :class:`_ErrorHandlingGroup`, for every command (so a new
+Errors are handled in one place, :class:`ErrorHandlingGroup`, for every command (so a new
 command needs no ``try``): a user's mistake prints one line on stderr, ``error: <message>``,
 and exits with 2 for bad usage (unknown option, bad value: click usage errors,
 :class:`~steerlab.errors.InvalidInputError`, :class:`~steerlab.errors.LayerIndexError`) or 1
@@ -32,12 +32,12 @@ from typer.core import TyperGroup
 
 from steerlab.cli import _ablate, _core, _sweep, _vectors
 
-__all__ = ["app", "exit_code_for", "main"]
+__all__ = ["ErrorHandlingGroup", "app", "exit_code_for", "main"]
 
 try:  # typer vendors click; its "no arguments: show the help" signal is not public
     from typer._click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
 except ImportError:  # pragma: no cover - older typer on the real click
-    from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
+    from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp  # type: ignore[assignment]
 
 DEBUG_ENV = "STEERLAB_DEBUG"
 
@@ -96,7 +96,7 @@ def _debug_requested(args: list[str]) -> bool:
     return found or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-class _ErrorHandlingGroup(TyperGroup):
+class ErrorHandlingGroup(TyperGroup):
     """The command group: runs a command, turns any error into one line on stderr."""
 
     def main(  # type: ignore[override]
@@ -152,7 +152,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    cls=_ErrorHandlingGroup,
+    cls=ErrorHandlingGroup,
 )
 
 for _module in (_core, _vectors, _ablate, _sweep):
