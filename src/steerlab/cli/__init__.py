@@ -15,9 +15,12 @@ line) or ``STEERLAB_DEBUG=1`` is set.
 >>> from typer.testing import CliRunner
 >>> "demo" in CliRunner().invoke(app, ["--help"]).output
 True
->>> result = CliRunner().invoke(app, ["generate", "hi", "--layers", "x", "-v", "nothing"])
+>>> result = CliRunner().invoke(app, ["analyze", "nothing.safetensors", "--no-lens"])
 >>> result.exit_code, result.stderr.strip()
-(2, "error: no vector file at nothing (see 'steerlab generate --help')")
+(2, 'error: no vector file at nothing.safetensors')
+>>> result = CliRunner().invoke(app, ["analyze", "--zzz"])
+>>> result.exit_code, result.stderr.strip()
+(2, "error: No such option: --zzz (see 'steerlab analyze --help')")
 """
 
 from __future__ import annotations
