@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import steerlab as sl
 from steerlab.ablation import ZeroAblation, ablation_scan
-from steerlab.cli import app as steerlab_app
+from steerlab.cli import ErrorHandlingGroup, _ablate
 from steerlab.editing import read_gguf
 from steerlab.testing import tiny_hf_model, tiny_tokenizer
 
@@ -23,8 +23,9 @@ PROMPTS = ["the cat sat on the", "a dog ran to the big"]
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    # the real application: its command group turns errors into one line and an exit code
-    return steerlab_app
+    app = typer.Typer(cls=ErrorHandlingGroup)  # the real CLI's error handling
+    _ablate.register(app)
+    return app
 
 
 @pytest.fixture(scope="module")

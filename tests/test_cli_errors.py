@@ -19,7 +19,7 @@ import typer
 from typer.testing import CliRunner
 
 import steerlab as sl
-from steerlab.cli import app, exit_code_for
+from steerlab.cli import ErrorHandlingGroup, app, exit_code_for
 from steerlab.testing import tiny_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -112,7 +112,7 @@ def test_a_new_command_gets_the_handler_for_free() -> None:
     def shout(word: str) -> None:
         raise sl.InvalidInputError(f"cannot shout {word!r}")
 
-    local = typer.Typer(cls=type(typer.main.get_group(app)))
+    local = typer.Typer(cls=ErrorHandlingGroup)
     local.command("shout")(shout)
     local.command("other")(lambda: None)
     result = CliRunner().invoke(local, ["shout", "x"])

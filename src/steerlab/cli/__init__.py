@@ -4,7 +4,7 @@ Each command group lives in its own module and registers itself on :data:`app`:
 ``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
 export-gguf), ``_sweep`` (sweep) and ``_serve`` (serve).
 
-Errors are handled in one place, :class:`_ErrorHandlingGroup`, for every command (so a new
+Errors are handled in one place, :class:`ErrorHandlingGroup`, for every command (so a new
 command needs no ``try``): a user's mistake prints one line on stderr, ``error: <message>``,
 and exits with 2 for bad usage (unknown option, bad value: click usage errors,
 :class:`~steerlab.errors.InvalidInputError`, :class:`~steerlab.errors.LayerIndexError`) or 1
@@ -15,9 +15,12 @@ line) or ``STEERLAB_DEBUG=1`` is set.
 >>> from typer.testing import CliRunner
 >>> "demo" in CliRunner().invoke(app, ["--help"]).output
 True
->>> result = CliRunner().invoke(app, ["generate", "hi", "--layers", "x", "-v", "nothing"])
+>>> result = CliRunner().invoke(app, ["analyze", "nothing.safetensors", "--no-lens"])
 >>> result.exit_code, result.stderr.strip()
-(2, "error: no vector file at nothing (see 'steerlab generate --help')")
+(2, 'error: no vector file at nothing.safetensors')
+>>> result = CliRunner().invoke(app, ["analyze", "--zzz"])
+>>> result.exit_code, result.stderr.strip()
+(2, "error: No such option: --zzz (see 'steerlab analyze --help')")
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typer.core import TyperGroup
 
 from steerlab.cli import _ablate, _core, _serve, _sweep, _vectors
 
-__all__ = ["app", "exit_code_for", "main"]
+__all__ = ["ErrorHandlingGroup", "app", "exit_code_for", "main"]
 
 try:  # typer vendors click; its "no arguments: show the help" signal is not public
     from typer._click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
@@ -96,7 +99,7 @@ def _debug_requested(args: list[str]) -> bool:
     return found or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-class _ErrorHandlingGroup(TyperGroup):
+class ErrorHandlingGroup(TyperGroup):
     """The command group: runs a command, turns any error into one line on stderr."""
 
     def main(  # type: ignore[override]
@@ -152,7 +155,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    cls=_ErrorHandlingGroup,
+    cls=ErrorHandlingGroup,
 )
 
 for _module in (_core, _vectors, _ablate, _sweep, _serve):
