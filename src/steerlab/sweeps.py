@@ -762,7 +762,7 @@ class TuneResult:
             "",
             self.table(),
             "",
-            f"recommended: op {self.op}, layer {layer}, strength {strength:g} (train: behaviour "
+            f"recommended: layer {layer}, strength {strength:g}, op {self.op} (train: behaviour "
             f"{self.sweep.baseline:.3f} -> {point.behaviour:.3f}, shift {point.shift:+.3f}, "
             f"KL {point.damage:.3f})",
             f"held-out ({held.n_prompts} prompts): behaviour {held.baseline:.3f} -> "
