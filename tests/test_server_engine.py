@@ -250,3 +250,31 @@ def test_stop_matcher_holds_back_partial_matches() -> None:
     partial = StopMatcher()
     assert partial.feed("caf\ufffd") == ("caf", False)
     assert partial.feed("café") == ("é", False)
+
+
+def test_operators_and_first_k_positions_equal_the_library(engine: TorchEngine) -> None:
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    for op, positions in (("clamp", "last"), ("add_norm", "first:2"), ("add", "first:3")):
+        req = GenerationRequest(
+            prompt="the cat sat",
+            max_tokens=6,
+            temperature=0.0,
+            steering=(SteeringEntry("a", 3.0, positions, op=op),),
+        )
+        steering = sl.Steering(engine.vectors.get("a"), strength=3.0, positions=positions, op=op)
+        expected = [
+            int(i) for i in model.generate_ids(req.prompt, steering=steering, max_new_tokens=6)[0]
+        ]
+        assert _ids(list(engine.submit(req)), eos) == expected, (op, positions)
+
+
+def test_text_selected_positions_are_refused_with_a_clear_error(engine: TorchEngine) -> None:
+    req = GenerationRequest(
+        prompt="the cat sat",
+        max_tokens=4,
+        temperature=0.0,
+        steering=(SteeringEntry("a", 3.0, "after:cat"),),
+    )
+    with pytest.raises(InvalidInputError, match="select tokens by their text"):
+        engine.submit(req)

@@ -691,6 +691,16 @@ class TorchEngine:
         strength: Any = entry.strength
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
+        from steerlab.positions import Positions
+
+        if Positions.parse(entry.positions).needs_ids:
+            # their token-id history lives in a position tracker, which this engine rebuilds at
+            # every step as rows join and leave: refused rather than computed wrongly
+            raise InvalidInputError(
+                f"positions {entry.positions!r} select tokens by their text; the server engine "
+                f"supports index-based positions (all, last, prompt, generated, first:K, indices, "
+                f"slices) only"
+            )
         options: dict[str, Any] = {"strength": strength, "positions": entry.positions}
         if entry.op != "add":
             if "op" not in {f.name for f in dataclasses.fields(Steering)}:
@@ -777,7 +787,7 @@ class TorchEngine:
 
         import torch
 
-        from steerlab.interventions import RowSteering, active_trackers, install
+        from steerlab.interventions import RowSteering, activate, active_trackers
 
         @contextlib.contextmanager
         def scope() -> Iterator[None]:
@@ -789,18 +799,18 @@ class TorchEngine:
                 for k in range(depth)
             ]
             adapter = self.model.adapter
-            handle = install(adapter, interventions) if interventions else None
-            trackers = active_trackers(adapter.backbone)
-            lengths = torch.tensor([len(job.prompt_ids) for job in rows])
-            for tracker in trackers:
-                tracker.prompt_lengths_override = lengths
-            try:
-                yield
-            finally:
-                for tracker in trackers:
-                    tracker.prompt_lengths_override = None
-                if handle is not None:
-                    handle.remove()
+            # activated in the worker thread only: a program that also calls the model from
+            # other threads never sees the served requests' steering
+            with activate(adapter, interventions) if interventions else contextlib.nullcontext():
+                trackers = active_trackers(adapter.backbone)
+                lengths = torch.tensor([len(job.prompt_ids) for job in rows])
+                try:
+                    for tracker in trackers:
+                        tracker.prompt_lengths_override = lengths
+                    yield
+                finally:
+                    for tracker in trackers:
+                        tracker.prompt_lengths_override = None
 
         return scope()
 
