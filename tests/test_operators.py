@@ -157,12 +157,11 @@ def test_per_row_mixing_of_operators_in_one_batch(llama: sl.SteeredModel) -> Non
 def test_row_steering_refuses_a_batch_of_another_size(llama: sl.SteeredModel) -> None:
     vec = _vector(llama)
     with pytest.raises(sl.InvalidInputError, match="rows"):
-        llama.add_interventions([RowSteering((sl.Steering(vec, op="clamp"),))])
+        handle = llama.add_interventions([RowSteering((sl.Steering(vec, op="clamp"),))])
         try:
             llama.logits(PROMPTS)
         finally:
-            for handle in list(llama._handles):
-                handle.remove()
+            handle.remove()
     assert hook_count(llama.hf_model) == 0
 
 
