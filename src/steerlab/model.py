@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,7 +46,7 @@ from steerlab.vectors import SteeringVector
 if TYPE_CHECKING:
     from steerlab.editing import EditedModel
 
-__all__ = ["Batch", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
+__all__ = ["Batch", "LastTokenCache", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
 
 _REDUCTIONS = ("last", "mean", "all")
 
@@ -112,6 +113,21 @@ class PrefixCache:
     layer: int
     hidden: torch.Tensor
     block_inputs: Mapping[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    logits: torch.Tensor
+    exact: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LastTokenCache:
+    """What :meth:`SteeredModel.run_last` needs to re-run only the last token of each prompt.
+
+    ``past`` is the unsteered key/value cache of every prompt minus its last token (left
+    padding puts every last token in the final column); ``logits`` the unsteered next-token
+    logits; ``exact`` whether replaying the last token over ``past`` reproduced them.
+    """
+
+    batch: Batch
+    past: Any
     logits: torch.Tensor
     exact: bool
 
@@ -641,6 +657,156 @@ class SteeredModel:
                     args = (hidden, *args[1:])
                 hidden = output_hidden(self.adapter.block(index)(*args, **kwargs))
             return self.adapter.logits_from_final_hidden(hidden[:, -1:]).squeeze(1).float().cpu()
+
+    # --- last-position reuse -------------------------------------------------------------------
+    @torch.no_grad()
+    def last_token_cache(
+        self, prompts: Sequence[str] | str, *, chat: bool = False
+    ) -> LastTokenCache:
+        """Run the prompts once, unsteered, and keep the key/value cache of all but the last token.
+
+        Steering that only touches the last prompt position cannot change anything before it
+        (attention is causal), so :meth:`run_last` re-runs that one token per configuration over
+        this cache: ``T`` times fewer token-block passes than a full forward pass for prompts of
+        ``T`` tokens. ``cache.exact`` is False when the replayed last token did not reproduce the
+        full pass (a prompt of one token, or a model whose cache cannot be cropped); callers then
+        use full passes.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> cache = model.last_token_cache(["the cat sat", "a dog"])
+        >>> cache.exact, tuple(cache.logits.shape) == (2, model.hf_model.config.vocab_size)
+        (True, True)
+        """
+        items = _check_prompts(prompts)
+        batch = self.encode(items, chat=chat)
+        device_batch = batch.to(self.device)
+        with self._call_scope(None, batch, strength=None, positions=None):
+            try:
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids,
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            except TypeError:  # models without logits_to_keep
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids,
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids,
+                    use_cache=True,
+                )
+        logits = out.logits[:, -1].float().cpu()
+        past = getattr(out, "past_key_values", None)
+        if past is None:
+            past = getattr(out, "cache", None)
+        exact = (
+            past is not None
+            and callable(getattr(past, "crop", None))
+            and callable(getattr(past, "reorder_cache", None))
+            and bool(getattr(past, "is_croppable", True))
+            and int(batch.prompt_lengths.min()) >= 2
+        )
+        if exact:
+            past.crop(-1)  # negative: drop that many tokens (every transformers version)
+        cache = LastTokenCache(batch=batch, past=past, logits=logits, exact=exact)
+        if exact:
+            replayed = self.run_last(cache)
+            exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
+        return dataclasses.replace(cache, exact=exact)
+
+    def _cache_argument(self) -> str:
+        """The keyword this model's forward takes its key/value cache by (renamed in 2026)."""
+        import inspect
+
+        params = inspect.signature(self.hf_model.forward).parameters
+        return "cache" if "cache" in params and "past_key_values" not in params else (
+            "past_key_values"
+        )
+
+    @torch.no_grad()
+    def run_last(
+        self,
+        cache: LastTokenCache,
+        *,
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        last_ids: Sequence[int] | torch.Tensor | None = None,
+        capture: Sequence[int] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token.
+
+        Row ``c * n + i`` is prompt ``i`` under configuration ``c`` (as in :meth:`run_from`).
+        Only steering of the last position is exact here: anything it would do to earlier
+        positions is not applied (they come from the cache). ``last_ids`` replaces the last
+        token of each of the ``n`` prompts (same prefix, another final token: the CAA answer
+        letters ``A`` and ``B`` share everything before the letter). With ``capture`` layers,
+        also returns ``{layer: Tensor[repeat * n, d_model]}``, the block outputs at that token.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> cache = model.last_token_cache(["the cat sat"])
+        >>> bool(torch.allclose(model.run_last(cache), model.next_token_logits(["the cat sat"]),
+        ...                     atol=1e-5))
+        True
+        """
+        if repeat < 1:
+            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        if not cache.exact and cache.past is None:
+            raise InvalidInputError("this LastTokenCache holds no key/value cache")
+        n = cache.batch.input_ids.shape[0]
+        self._check_steering_rows(steering, n * repeat)
+        ids = cache.batch.input_ids
+        if last_ids is not None:
+            replacement = torch.as_tensor(last_ids, dtype=torch.long).reshape(-1)
+            if replacement.shape[0] != n:
+                raise InvalidInputError(f"last_ids has {replacement.shape[0]} ids for {n} prompts")
+            ids = ids.clone()
+            ids[:, -1] = replacement
+        expanded = Batch(
+            ids.repeat(repeat, 1),
+            cache.batch.attention_mask.repeat(repeat, 1),
+            cache.batch.position_ids.repeat(repeat, 1),
+            cache.batch.prompt_lengths.repeat(repeat),
+            cache.batch.padding_side,
+        )
+        # the forward pass appends to the cache: every call works on its own tiled copy
+        past = copy.deepcopy(cache.past)
+        if repeat > 1:
+            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
+        device_batch = expanded.to(self.device)
+        layers = self.adapter.resolve_layers(list(capture)) if capture else []
+        captured: dict[int, torch.Tensor] = {}
+
+        def make_capture(index: int) -> Any:
+            def grab(module: nn.Module, args: Any, output: Any) -> None:
+                captured[index] = output_hidden(output)[:, -1].float().cpu()
+
+            return grab
+
+        with self._call_scope(steering, expanded, strength=strength, positions=positions):
+            handles = [
+                self.adapter.block(layer).register_forward_hook(make_capture(layer))
+                for layer in layers
+            ]
+            try:
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids[:, -1:],
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids[:, -1:],
+                    use_cache=True,
+                    **{self._cache_argument(): past},
+                )
+            finally:
+                for handle in handles:
+                    handle.remove()
+        logits = out.logits[:, -1].float().cpu()
+        if capture:
+            return logits, captured
+        return logits
 
     @torch.no_grad()
     def activations(
