@@ -201,7 +201,7 @@ def caa_vector(
     layers: Sequence[int] | None = None,
     method: str = "mean_diff",
     chat: bool | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
     seed: int = 0,
 ) -> SteeringVector:
     """The CAA vector of A/B items at every layer: activations at the answer letter.
@@ -215,11 +215,15 @@ def caa_vector(
     use_chat = _use_chat(model, chat)
     resolved = model.adapter.resolve_layers(layers)
     prompts, _ = caa_prompts(model, dataset.prompts, chat=use_chat)
+    # similar lengths share a batch (less padding); the method sees the pairs in this order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    prompts = [prompts[i] for i in order]
+    answers_all = [dataset.answers[i] for i in order]
     pos_acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in resolved}
     neg_acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in resolved}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        answers = dataset.answers[start : start + batch_size]
+        answers = answers_all[start : start + batch_size]
         pos_texts = [p + answer_letter(a) for p, (a, _) in zip(chunk, answers, strict=True)]
         neg_texts = [p + answer_letter(b) for p, (_, b) in zip(chunk, answers, strict=True)]
         pos_ids = [answer_token_id(model.tokenizer, p, answer_letter(a)) for p, (a, _) in
@@ -392,6 +396,7 @@ def evaluate_caa(
     chat: bool | None = None,
     vector: SteeringVector | None = None,
     model_name: str | None = None,
+    chunk_size: int = 8,
     progress: bool | None = None,
 ) -> CAAResult:
     """Reproduce one CAA behaviour: p(matching answer) at each multiplier (see the module doc).
@@ -414,6 +419,8 @@ def evaluate_caa(
     swept = sorted(set(model.adapter.resolve_layers(list(sweep_layers)))) if sweep_layers else []
     fixed = None if layer == "best" else model.adapter.resolve_layer(layer)
     needed = sorted(set(swept) | ({fixed} if fixed is not None else set()))
+    if chunk_size < 1:
+        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     test = load_caa_split(behaviour, "test", data=data, limit=limit)
     if vector is None:
         train = load_caa_split(behaviour, "generate", data=data, limit=train_limit)
@@ -422,27 +429,36 @@ def evaluate_caa(
     if missing:
         raise InvalidInputError(f"the vector has no direction for layer(s) {missing}")
     prompts, n_after = caa_prompts(model, test.prompts, chat=use_chat)
-    task = ab_task(model, test.prompts, test.answers, chat=use_chat)
     positions: Any = "last" if n_after == 1 else slice(-n_after, None)
-    # p(matching) at every (layer, multiplier) in one sweep; a last-position sweep re-runs only
-    # the answer token over the question's key/value cache
-    neutral_prompts = neutral_corpus(8)
-    result = sweep(
-        model,
-        vector,
-        behaviour=task,
-        damage=kl_task(neutral_prompts),
-        layers=needed,
-        strengths=values,
-        positions=positions,
-        progress=progress,
-    )
+    # p(matching) at every (layer, multiplier) in one sweep per chunk of similar-length items
+    # (less padding); a last-position sweep re-runs only the answer token over the question's
+    # key/value cache. Its damage column is the KL of the test prompts' next token (free).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores = torch.empty(len(needed), len(values), len(prompts))
+    modes = set()
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        task = ab_task(
+            model, [test.prompts[i] for i in idx], [test.answers[i] for i in idx], chat=use_chat
+        )
+        result = sweep(
+            model,
+            vector,
+            behaviour=task,
+            damage=kl_task(task.prompts),
+            layers=needed,
+            strengths=values,
+            positions=positions,
+            progress=progress,
+        )
+        modes.add(result.mode)
+        columns = [result.strengths.index(m + 0.0) for m in values]
+        scores[:, :, idx] = result.behaviour_scores[:, columns]
     table: dict[int, tuple[CAAPoint, ...]] = {}
-    for i, at in enumerate(result.layers):
+    for i, at in enumerate(needed):
         points = []
-        for m in values:
-            scores = result.behaviour_scores[i, result.strengths.index(m + 0.0)]
-            mean, sem = _mean_sem(scores)
+        for j, m in enumerate(values):
+            mean, sem = _mean_sem(scores[i, j])
             points.append(CAAPoint(multiplier=m, p_matching=mean, n=len(test), p_sem=sem))
         table[at] = tuple(points)
     chosen = fixed if fixed is not None else _best_layer({x: table[x] for x in swept})
@@ -463,7 +479,7 @@ def evaluate_caa(
         "n_train": _n_pairs(vector),
         "steered_positions": "last" if n_after == 1 else f"last {n_after}",
         "layer_choice": "fixed" if fixed is not None else "best of the sweep (largest gap)",
-        "sweep_mode": result.mode,
+        "sweep_mode": ",".join(sorted(modes)),
         "normalization": vector.metadata.get("normalization"),
     }
     return CAAResult(
@@ -521,31 +537,6 @@ def open_ended_items(dataset: ContrastDataset) -> list[tuple[str, str, str]]:
     return items
 
 
-@torch.no_grad()
-def _answer_logprobs(
-    model: Any, prompts: Sequence[str], answers: Sequence[str], steering: Steering | None
-) -> torch.Tensor:
-    """Sum of log p(answer tokens | prompt), steering every answer token."""
-    tok = model.tokenizer
-    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
-    lengths = []
-    for prompt, text in zip(prompts, texts, strict=True):
-        head = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        full = len(tok(text, add_special_tokens=False)["input_ids"])
-        lengths.append(max(1, full - head))
-    rows = (
-        None
-        if steering is None
-        else [dataclasses.replace(steering, positions=slice(-k, None)) for k in lengths]
-    )
-    batch = model.encode(texts)
-    logits = model.logits(texts, steering=rows)
-    logp = logits[:, :-1].double().log_softmax(dim=-1)
-    targets = batch.input_ids[:, 1:]
-    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
-    return torch.stack([picked[i, -k:].sum() for i, k in enumerate(lengths)])
-
-
 def _open_ended(
     model: Any,
     test: ContrastDataset,
@@ -559,11 +550,25 @@ def _open_ended(
     if not items:
         raise DataError(f"no item of {test.name!r} has readable choices for the open-ended score")
     stems = [model.format_chat(s) if chat else s + "\n\nAnswer: " for s, _, _ in items]
+    tok = model.tokenizer
+    match_ids, other_ids = [], []
+    for stem, (_, match_text, other_text) in zip(stems, items, strict=True):
+        head = tok(stem, add_special_tokens=False)["input_ids"]
+        for text, out in ((match_text, match_ids), (other_text, other_ids)):
+            full = tok(stem + text, add_special_tokens=False)["input_ids"]
+            if list(full[: len(head)]) != list(head) or len(full) == len(head):
+                raise DataError(f"answer {text!r} does not tokenize as a continuation")
+            out.append(full[len(head) :])
+    cache = model.prompt_cache(stems)
+    n = len(items)
     rows = []
     for m in multipliers:
-        steering = Steering(vector, m) if m != 0 else None
-        match = _answer_logprobs(model, stems, [a for _, a, _ in items], steering)
-        other = _answer_logprobs(model, stems, [b for _, _, b in items], steering)
+        # CAA steers the tokens after the instruction: here every answer token
+        steer = [Steering(vector, m, "generated") if m != 0 else None] * (2 * n)
+        scores = model.score_continuations(
+            cache, match_ids + other_ids, repeat=2, steering=steer if m != 0 else None
+        )
+        match, other = scores[:n], scores[n:]
         diff = match - other
         mean, sem = _mean_sem(diff)
         rows.append(

@@ -809,6 +809,111 @@ class SteeredModel:
         return logits
 
     @torch.no_grad()
+    def prompt_cache(self, prompts: Sequence[str] | str, *, chat: bool = False) -> LastTokenCache:
+        """Run the prompts once, unsteered, keeping the key/value cache of *every* prompt token.
+
+        :meth:`score_continuations` then scores continuations after them under steering that
+        only touches the continuation (``positions="generated"``), without re-running the
+        prompts. ``cache.logits`` are the unsteered next-token logits after each prompt.
+
+        >>> from steerlab.testing import tiny_model
+        >>> cache = tiny_model("llama").prompt_cache(["the cat", "a dog ran"])
+        >>> cache.exact, cache.logits.shape[0]
+        (True, 2)
+        """
+        items = _check_prompts(prompts)
+        batch = self.encode(items, chat=chat)
+        device_batch = batch.to(self.device)
+        with self._call_scope(None, batch, strength=None, positions=None):
+            out = self.hf_model(
+                input_ids=device_batch.input_ids,
+                attention_mask=device_batch.attention_mask,
+                position_ids=device_batch.position_ids,
+                use_cache=True,
+            )
+        past = getattr(out, "past_key_values", None)
+        if past is None:
+            past = getattr(out, "cache", None)
+        exact = past is not None and callable(getattr(past, "reorder_cache", None))
+        return LastTokenCache(
+            batch=batch, past=past, logits=out.logits[:, -1].float().cpu(), exact=exact
+        )
+
+    @torch.no_grad()
+    def score_continuations(
+        self,
+        cache: LastTokenCache,
+        continuations: Sequence[Sequence[int]],
+        *,
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+    ) -> torch.Tensor:
+        """Sum of log p(continuation tokens) after each cached prompt: ``Tensor[repeat * n]``.
+
+        Row ``c * n + i`` scores ``continuations[c * n + i]`` (token ids) after prompt ``i`` of
+        a :meth:`prompt_cache`, under per-row ``steering`` (as in :meth:`run_from`). Only
+        steering of the continuation is applied (the prompt comes from the cache): use
+        ``positions="generated"``. The first token is scored from ``cache.logits``. float64.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> cache = model.prompt_cache(["the cat"])
+        >>> ids = model.tokenizer(" sat on", add_special_tokens=False)["input_ids"]
+        >>> bool(model.score_continuations(cache, [ids])[0] < 0)
+        True
+        """
+        if repeat < 1:
+            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        if not cache.exact or cache.past is None:
+            raise InvalidInputError("this cache cannot be reused (no reorderable key/value cache)")
+        n = cache.batch.input_ids.shape[0]
+        rows = n * repeat
+        if len(continuations) != rows:
+            raise InvalidInputError(f"{len(continuations)} continuations for {rows} rows")
+        tails = [torch.as_tensor(list(c), dtype=torch.long) for c in continuations]
+        if any(t.numel() == 0 for t in tails):
+            raise InvalidInputError("every continuation needs at least one token")
+        self._check_steering_rows(steering, rows)
+        width = max(t.numel() for t in tails)
+        tail_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        tail_mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, tail in enumerate(tails):
+            tail_ids[row, : tail.numel()] = tail
+            tail_mask[row, : tail.numel()] = 1
+        lengths = cache.batch.prompt_lengths.repeat(repeat)
+        tail_pos = lengths[:, None] + torch.arange(width)[None, :]
+        expanded = Batch(
+            torch.cat([cache.batch.input_ids.repeat(repeat, 1), tail_ids], dim=1),
+            torch.cat([cache.batch.attention_mask.repeat(repeat, 1), tail_mask], dim=1),
+            torch.cat([cache.batch.position_ids.repeat(repeat, 1), tail_pos], dim=1),
+            lengths,
+            cache.batch.padding_side,
+        )
+        past = copy.deepcopy(cache.past)
+        if repeat > 1:
+            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
+        device_batch = expanded.to(self.device)
+        with self._call_scope(steering, expanded, strength=strength, positions=positions):
+            out = self.hf_model(
+                input_ids=device_batch.input_ids[:, -width:],
+                attention_mask=device_batch.attention_mask,
+                position_ids=device_batch.position_ids[:, -width:],
+                use_cache=True,
+                **{self._cache_argument(): past},
+            )
+        logp = out.logits.double().cpu().log_softmax(dim=-1)
+        first = cache.logits.double().log_softmax(dim=-1).repeat(repeat, 1)
+        totals = torch.empty(rows, dtype=torch.float64)
+        for row, tail in enumerate(tails):
+            total = first[row, tail[0]]
+            if tail.numel() > 1:
+                total = total + logp[row, : tail.numel() - 1].gather(1, tail[1:, None]).sum()
+            totals[row] = total
+        return totals
+
+    @torch.no_grad()
     def activations(
         self,
         prompts: Sequence[str] | str,

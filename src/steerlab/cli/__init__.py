@@ -2,7 +2,7 @@
 
 Each command group lives in its own module and registers itself on :data:`app`:
 ``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
-export-gguf) and ``_sweep`` (sweep).
+export-gguf), ``_sweep`` (sweep) and ``_eval`` (eval caa, eval concept).
 
 >>> from typer.testing import CliRunner
 >>> "demo" in CliRunner().invoke(app, ["--help"]).output
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from steerlab.cli import _ablate, _core, _sweep, _vectors
+from steerlab.cli import _ablate, _core, _eval, _sweep, _vectors
 
 __all__ = ["app", "main"]
 
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (_core, _vectors, _ablate, _sweep):
+for _module in (_core, _vectors, _ablate, _sweep, _eval):
     _module.register(app)
 
 
