@@ -79,7 +79,7 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         results.append(data)
         cells = ", ".join(f"{p['p_matching']:.3f}" for p in data["results"])
         log(f"caa {behaviour}: layer {result.layer}: {cells} ({time.perf_counter() - start:.0f} s)")
-        _save(OUT / "caa.json", results)
+        _save(Path(args.caa_json), results)
     return results
 
 
@@ -98,6 +98,7 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             instructions=instructions,
             max_new_tokens=args.max_new_tokens,
             damage_passages=args.damage_passages,
+            max_pairs=args.max_pairs,
             model_name="SmolLM2-135M-Instruct",
         )
         results.append(result.to_dict())
@@ -108,6 +109,10 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         _save(OUT / "concepts.json", results)
     return results
+
+
+def _previous(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text())) if path.is_file() else []
 
 
 def _save(path: Path, data: Any) -> None:
@@ -218,9 +223,7 @@ def _p(result: dict[str, Any], m: float, key: str = "results") -> float:
     return float(next(p["p_matching"] for p in result[key] if p["multiplier"] == m))
 
 
-def render(
-    caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict[str, Any]
-) -> str:
+def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     paper = paper_table(meta.get("data"))
     lines = [
         "# Evidence: CAA's behaviour table and an AxBench-style concept evaluation",
@@ -319,9 +322,9 @@ def render(
         steered = [r for r in result["rows"] if r["name"] not in ("unsteered", "prompting")]
         best = max(steered, key=lambda r: r["combined"]) if steered else None
         if "prompting" in rows and best is not None:
-            winner = "prompting" if rows["prompting"]["combined"] >= best["combined"] else best[
-                "name"
-            ]
+            winner = (
+                "prompting" if rows["prompting"]["combined"] >= best["combined"] else best["name"]
+            )
             wins.append(f"{result['concept']}: {winner}")
     lines += [
         "",
@@ -357,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strengths", default="4,8")
     parser.add_argument("--instructions", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--caa-json", default=str(OUT / "caa.json"), help="where CAA results go")
+    parser.add_argument("--max-pairs", type=int, default=None, help="contrast pairs per concept")
     parser.add_argument("--skip-caa", action="store_true")
     parser.add_argument("--skip-concepts", action="store_true")
     parser.add_argument("--render-only", action="store_true")
@@ -366,21 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     meta_path = OUT / "meta.json"
     if args.render_only:
-        caa = json.loads((OUT / "caa.json").read_text())
-        concepts = json.loads((OUT / "concepts.json").read_text())
+        caa = _previous(OUT / "caa.json")
+        concepts = _previous(OUT / "concepts.json")
         meta = json.loads(meta_path.read_text())
     else:
         torch.manual_seed(0)
         model = sl.load_model()
-        caa = (
-            json.loads((OUT / "caa.json").read_text())
-            if args.skip_caa
-            else run_caa(model, args)
-        )
+        caa = _previous(OUT / "caa.json") if args.skip_caa else run_caa(model, args)
         concepts = (
-            json.loads((OUT / "concepts.json").read_text())
-            if args.skip_concepts
-            else run_concepts(model, args)
+            _previous(OUT / "concepts.json") if args.skip_concepts else run_concepts(model, args)
         )
         meta = {
             "model": "SmolLM2-135M-Instruct",
@@ -402,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.max_new_tokens} new tokens, greedy"
             ),
         }
+        if meta_path.is_file() and (args.skip_caa or args.skip_concepts):
+            previous = json.loads(meta_path.read_text())
+            keep = "caa_sizes" if args.skip_caa else "concept_sizes"
+            meta[keep] = previous.get(keep, meta[keep])
         _save(meta_path, meta)
     if caa:
         caa_figure(caa, OUT / "caa_layers.png")

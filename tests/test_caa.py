@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import steerlab as sl
-from steerlab.data import ContrastDataset
 from steerlab.caa import (
     CAA_BEHAVIOURS,
     evaluate_caa,
@@ -23,6 +22,7 @@ from steerlab.caa import (
     normalize_across,
     open_ended_items,
 )
+from steerlab.data import ContrastDataset
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.testing import tiny_model
 

@@ -193,7 +193,7 @@ def caa_prompts(model: Any, questions: Sequence[str], *, chat: bool) -> tuple[li
     return prompts, counts.pop()
 
 
-# --- the vector ------------------------------------------------------------------------------------
+# --- the vector ----------------------------------------------------------------------------------
 def caa_vector(
     model: Any,
     dataset: ContrastDataset,
@@ -302,7 +302,7 @@ def normalize_across(vectors: Mapping[str, SteeringVector]) -> dict[str, Steerin
     }
 
 
-# --- results ---------------------------------------------------------------------------------------
+# --- results -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CAAPoint:
     """One multiplier: mean p(matching) over ``n`` items, and the damage on neutral text."""
@@ -361,7 +361,7 @@ class CAAResult:
         return out
 
 
-# --- evaluation ------------------------------------------------------------------------------------
+# --- evaluation ----------------------------------------------------------------------------------
 def _mean_sem(values: torch.Tensor) -> tuple[float, float]:
     v = values.double()
     sem = float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
@@ -500,7 +500,7 @@ def _n_pairs(vector: SteeringVector) -> int | None:
     return None
 
 
-# --- open-ended variant ----------------------------------------------------------------------------
+# --- open-ended variant --------------------------------------------------------------------------
 _CHOICE = re.compile(r"^\s*\(([A-Za-z]+)\)\s*(.+?)\s*$")
 
 

@@ -46,7 +46,7 @@ import torch
 from steerlab.data import ContrastDataset, concept_words, load_builtin
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.interventions import Steering
-from steerlab.methods import compute_vector
+from steerlab.methods import extract_activations, run_method
 from steerlab.scorers import (
     embedding_score,
     fluency_scores,
@@ -57,7 +57,7 @@ from steerlab.scorers import (
     sentiment_score,
     words_score,
 )
-from steerlab.vectors import SteeringVector
+from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [
     "OPERATORS",
@@ -206,7 +206,7 @@ def available_operators() -> tuple[str, ...]:
     return tuple(found) or ("add",)
 
 
-# --- results ---------------------------------------------------------------------------------------
+# --- results -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ConceptRow:
     """One candidate on the held-out instructions (means over them).
@@ -264,7 +264,7 @@ class ConceptResult:
         return max(self.rows, key=lambda r: r.combined)
 
 
-# --- evaluation ------------------------------------------------------------------------------------
+# --- evaluation ----------------------------------------------------------------------------------
 def _score_block(
     model: Any, concept: Concept, instructions: Sequence[str], texts: Sequence[str]
 ) -> dict[str, torch.Tensor]:
@@ -317,6 +317,31 @@ def _sem(values: torch.Tensor) -> float:
     return float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
 
 
+def _vectors(
+    model: Any,
+    dataset: ContrastDataset,
+    layer: int,
+    methods: Sequence[str],
+    *,
+    progress: bool | None,
+) -> dict[str, SteeringVector]:
+    """One activation pass, every method on it (as :func:`~steerlab.methods.compute_vector`)."""
+    acts = extract_activations(
+        model, list(dataset.positive + dataset.negative), layers=[layer], progress=progress
+    )
+    n = len(dataset.positive)
+    out = {}
+    for method in methods:
+        result = run_method(method, acts[layer][:n], acts[layer][n:], paired=True, seed=0)
+        metadata = vector_metadata(
+            model,
+            method=method,
+            dataset={"name": dataset.name, "n_pairs": n, "paired": True},
+        )
+        out[method] = SteeringVector({layer: result.direction.float()}, metadata=metadata)
+    return out
+
+
 def evaluate_concept(
     model: Any,
     concept: Concept | str,
@@ -332,13 +357,15 @@ def evaluate_concept(
     damage: bool = True,
     damage_passages: int | None = 8,
     batch_size: int = 32,
+    max_pairs: int | None = None,
     model_name: str | None = None,
     progress: bool | None = None,
 ) -> ConceptResult:
     """Run the AxBench-style protocol for one concept (see the module docstring).
 
     ``instructions`` default to :func:`concept_instructions`; the first ``n_train`` (default
-    half) choose each candidate's strength, the rest are the report. ``operators`` default to
+    half) choose each candidate's strength, the rest are the report. ``max_pairs`` uses the
+    first pairs of the concept only (CPU budgets). ``operators`` default to
     :func:`available_operators`. Rows: ``unsteered``, ``prompting`` (if asked), then one per
     method × operator (``"pca"``, ``"pca+clamp"``...).
     """
@@ -359,12 +386,17 @@ def evaluate_concept(
         raise InvalidInputError("strengths must be non-zero finite numbers")
     ops = tuple(available_operators() if operators is None else operators)
     layer = model.adapter.resolve_layer(layer)
-    vectors = {
-        method: compute_vector(
-            model, concept.dataset, layers=[layer], method=method, progress=progress
+    dataset = concept.dataset
+    if max_pairs is not None:
+        if max_pairs < 2:
+            raise InvalidInputError(f"max_pairs must be at least 2, got {max_pairs}")
+        dataset = ContrastDataset(
+            name=dataset.name,
+            positive=dataset.positive[:max_pairs],
+            negative=dataset.negative[:max_pairs],
+            paired=True,
         )
-        for method in methods
-    }
+    vectors = _vectors(model, dataset, layer, methods, progress=progress)
     candidates = [
         (method if op == "add" else f"{method}+{op}", vectors[method], op)
         for method in methods
@@ -406,9 +438,7 @@ def evaluate_concept(
     if damage:
         names = [entry[0] for entry in report]
         configs_damage = [final.get(n) for n in names]
-        measured = neutral_damage(
-            model, configs_damage, passages=neutral_corpus(damage_passages)
-        )
+        measured = neutral_damage(model, configs_damage, passages=neutral_corpus(damage_passages))
         damages = {n: (d.kl, d.perplexity) for n, d in zip(names, measured, strict=True)}
     result_rows = []
     n = len(test)

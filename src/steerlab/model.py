@@ -721,8 +721,10 @@ class SteeredModel:
         import inspect
 
         params = inspect.signature(self.hf_model.forward).parameters
-        return "cache" if "cache" in params and "past_key_values" not in params else (
-            "past_key_values"
+        return (
+            "cache"
+            if "cache" in params and "past_key_values" not in params
+            else ("past_key_values")
         )
 
     @torch.no_grad()

@@ -87,7 +87,7 @@ def _texts(texts: Sequence[str]) -> list[str]:
     return items
 
 
-# --- concept presence ------------------------------------------------------------------------------
+# --- concept presence ----------------------------------------------------------------------------
 def words_score(texts: Sequence[str], *, words: Sequence[str]) -> torch.Tensor:
     """``min(1, k / 2)`` per text, ``k`` the number of its words found in ``words``.
 
@@ -137,7 +137,7 @@ def embedding_score(
     return ((1.0 + diff) / 2.0).clamp(0.0, 1.0).float()
 
 
-# --- fluency ---------------------------------------------------------------------------------------
+# --- fluency -------------------------------------------------------------------------------------
 def repetition_rate(text: str, *, n: int = 3) -> float:
     """Share of a text's word ``n``-grams that repeat an earlier one (0 for short texts).
 
@@ -262,7 +262,7 @@ def harmonic_mean(*scores: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, len(scores) / inv, torch.zeros_like(inv)).float()
 
 
-# --- damage on neutral text ------------------------------------------------------------------------
+# --- damage on neutral text ----------------------------------------------------------------------
 def neutral_corpus(limit: int | None = None) -> list[str]:
     """The neutral passages shipped with steerlab (first ``limit`` of them), one per line.
 

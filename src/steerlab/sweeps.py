@@ -332,7 +332,8 @@ def sweep(
     included. ``mode`` is ``"prefix"`` (batched rows + prefix reuse, default), ``"batched"``
     (per-row batches, full forward passes) or ``"naive"`` (one configuration per pass); all
     three give the same numbers. With ``positions="last"`` (or ``-1``) ``"prefix"`` runs as
-    ``"last"``: only the last token is re-run per configuration, over a key/value cache. At most ``max_rows`` prompt rows go in one batch.
+    ``"last"``: only the last token is re-run per configuration, over a key/value cache. At
+    most ``max_rows`` prompt rows go in one batch.
 
     >>> import torch, steerlab as sl
     >>> from steerlab.evaluation import kl_task

@@ -157,8 +157,14 @@ def caa(
             raise typer.BadParameter(f"--{name} must be positive")
     try:
         import steerlab as sl
-        from steerlab.caa import CAA_BEHAVIOURS, evaluate_caa, normalize_across
-        from steerlab.caa import caa_vector, find_caa_data, load_caa_split
+        from steerlab.caa import (
+            CAA_BEHAVIOURS,
+            caa_vector,
+            evaluate_caa,
+            find_caa_data,
+            load_caa_split,
+            normalize_across,
+        )
 
         root = find_caa_data(data)
         behaviours = list(CAA_BEHAVIOURS) if behaviour == "all" else [behaviour]
