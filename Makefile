@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench bench-last evidence clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+# last-position sweep: one-at-a-time vs re-running the last token over the KV cache
+bench-last: install
+	$(BIN)/python -m benchmarks.last_position
+
+# the CAA table and the concept evaluation on the default model -> docs/evidence.md (not in test;
+# needs ../shared/data/CAA; sizes: python -m benchmarks.evidence --help)
+evidence: install
+	$(BIN)/python -m benchmarks.evidence $(EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
