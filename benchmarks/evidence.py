@@ -115,6 +115,22 @@ def _previous(path: Path) -> list[dict[str, Any]]:
     return list(json.loads(path.read_text())) if path.is_file() else []
 
 
+def _merged_caa() -> list[dict[str, Any]]:
+    """``caa.json`` plus any ``caa-*.json`` written by runs split over processes, one entry per
+    behaviour in the paper's order."""
+    from steerlab.caa import CAA_BEHAVIOURS
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in [OUT / "caa.json", *sorted(OUT.glob("caa-*.json"))]:
+        for entry in _previous(path):
+            found[entry["behaviour"]] = entry
+    order = {b: i for i, b in enumerate(CAA_BEHAVIOURS)}
+    merged = sorted(found.values(), key=lambda e: order.get(e["behaviour"], len(order)))
+    if merged:
+        _save(OUT / "caa.json", merged)
+    return merged
+
+
 def _save(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -268,6 +284,20 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
             f"{_fmt(_p(r, 1.0))} | {gap:+.3f} | {_fmt(ref.get(-1.0))} | {_fmt(ref.get(0.0))} | "
             f"{_fmt(ref.get(1.0))} | {kl} | {ppl} | {opened} |"
         )
+    from steerlab.caa import CAA_BEHAVIOURS
+
+    missing = [b for b in CAA_BEHAVIOURS if b not in {r["behaviour"] for r in caa}]
+    if missing:
+        lines += [
+            "",
+            f"Not run in this budget: {', '.join(missing)} (their paper numbers: "
+            + "; ".join(
+                f"{b} {_fmt(paper.get(b, {}).get(-1.0))} / {_fmt(paper.get(b, {}).get(0.0))} / "
+                f"{_fmt(paper.get(b, {}).get(1.0))}"
+                for b in missing
+            )
+            + ").",
+        ]
     paper_gaps = {b: v[1.0] - v[-1.0] for b, v in paper.items() if 1.0 in v and -1.0 in v}
     ours = {r["behaviour"]: _p(r, 1.0) - _p(r, -1.0) for r in caa}
     same_sign = [b for b in ours if b in paper_gaps and ours[b] * paper_gaps[b] > 0]
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     meta_path = OUT / "meta.json"
     if args.render_only:
-        caa = _previous(OUT / "caa.json")
+        caa = _merged_caa()
         concepts = _previous(OUT / "concepts.json")
         meta = json.loads(meta_path.read_text())
     else:

@@ -99,7 +99,7 @@ def test_capture_and_last_ids_match_ordinary_calls() -> None:
     swapped = ["the food is good ( two", "my day was ( two"]
     cache = model.last_token_cache(prompts)
     two = model.tokenizer.convert_tokens_to_ids("two")
-    logits, acts = model.run_last(cache, last_ids=[two, two], capture=[0, 2])
+    logits, acts = model.run_last_with_activations(cache, layers=[0, 2], last_ids=[two, two])
     torch.testing.assert_close(logits, model.next_token_logits(swapped), atol=1e-5, rtol=0)
     reference = model.activations(swapped, layers=[0, 2], positions="last")
     for layer in (0, 2):

@@ -232,8 +232,8 @@ def caa_vector(
                    zip(chunk, answers, strict=True)]  # fmt: skip
         cache = model.last_token_cache(pos_texts) if _single_token_letters(model, chunk) else None
         if cache is not None and cache.exact:
-            _, pos = model.run_last(cache, last_ids=pos_ids, capture=resolved)
-            _, neg = model.run_last(cache, last_ids=neg_ids, capture=resolved)
+            _, pos = model.run_last_with_activations(cache, layers=resolved, last_ids=pos_ids)
+            _, neg = model.run_last_with_activations(cache, layers=resolved, last_ids=neg_ids)
         else:
             pos = model.activations(pos_texts, layers=resolved, positions="last", progress=False)
             neg = model.activations(neg_texts, layers=resolved, positions="last", progress=False)
@@ -551,7 +551,8 @@ def _open_ended(
         raise DataError(f"no item of {test.name!r} has readable choices for the open-ended score")
     stems = [model.format_chat(s) if chat else s + "\n\nAnswer: " for s, _, _ in items]
     tok = model.tokenizer
-    match_ids, other_ids = [], []
+    match_ids: list[list[int]] = []
+    other_ids: list[list[int]] = []
     for stem, (_, match_text, other_text) in zip(stems, items, strict=True):
         head = tok(stem, add_special_tokens=False)["input_ids"]
         for text, out in ((match_text, match_ids), (other_text, other_ids)):

@@ -708,7 +708,7 @@ class SteeredModel:
             and bool(getattr(past, "is_croppable", True))
             and int(batch.prompt_lengths.min()) >= 2
         )
-        if exact:
+        if exact and past is not None:
             past.crop(-1)  # negative: drop that many tokens (every transformers version)
         cache = LastTokenCache(batch=batch, past=past, logits=logits, exact=exact)
         if exact:
@@ -737,16 +737,14 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None = None,
         positions: PositionSpec | None = None,
         last_ids: Sequence[int] | torch.Tensor | None = None,
-        capture: Sequence[int] = (),
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    ) -> torch.Tensor:
         """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token.
 
         Row ``c * n + i`` is prompt ``i`` under configuration ``c`` (as in :meth:`run_from`).
         Only steering of the last position is exact here: anything it would do to earlier
         positions is not applied (they come from the cache). ``last_ids`` replaces the last
         token of each of the ``n`` prompts (same prefix, another final token: the CAA answer
-        letters ``A`` and ``B`` share everything before the letter). With ``capture`` layers,
-        also returns ``{layer: Tensor[repeat * n, d_model]}``, the block outputs at that token.
+        letters ``A`` and ``B`` share everything before the letter).
 
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("gpt2")
@@ -755,9 +753,42 @@ class SteeredModel:
         ...                     atol=1e-5))
         True
         """
+        logits, _ = self.run_last_with_activations(
+            cache,
+            layers=(),
+            repeat=repeat,
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            last_ids=last_ids,
+        )
+        return logits
+
+    @torch.no_grad()
+    def run_last_with_activations(
+        self,
+        cache: LastTokenCache,
+        *,
+        layers: Sequence[int],
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        last_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`run_last` plus the block outputs at the re-run token:
+        ``(logits, {layer: Tensor[repeat * n, d_model]})`` (float32, CPU).
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> logits, acts = model.run_last_with_activations(
+        ...     model.last_token_cache(["the cat sat"]), layers=[1])
+        >>> tuple(acts[1].shape) == (1, model.d_model)
+        True
+        """
         if repeat < 1:
             raise InvalidInputError(f"repeat must be positive, got {repeat}")
-        if not cache.exact and cache.past is None:
+        if cache.past is None:
             raise InvalidInputError("this LastTokenCache holds no key/value cache")
         n = cache.batch.input_ids.shape[0]
         self._check_steering_rows(steering, n * repeat)
@@ -780,7 +811,7 @@ class SteeredModel:
         if repeat > 1:
             past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
         device_batch = expanded.to(self.device)
-        layers = self.adapter.resolve_layers(list(capture)) if capture else []
+        wanted = self.adapter.resolve_layers(list(layers)) if layers else []
         captured: dict[int, torch.Tensor] = {}
 
         def make_capture(index: int) -> Any:
@@ -792,7 +823,7 @@ class SteeredModel:
         with self._call_scope(steering, expanded, strength=strength, positions=positions):
             handles = [
                 self.adapter.block(layer).register_forward_hook(make_capture(layer))
-                for layer in layers
+                for layer in wanted
             ]
             try:
                 out = self.hf_model(
@@ -805,10 +836,7 @@ class SteeredModel:
             finally:
                 for handle in handles:
                     handle.remove()
-        logits = out.logits[:, -1].float().cpu()
-        if capture:
-            return logits, captured
-        return logits
+        return out.logits[:, -1].float().cpu(), captured
 
     @torch.no_grad()
     def prompt_cache(self, prompts: Sequence[str] | str, *, chat: bool = False) -> LastTokenCache:
