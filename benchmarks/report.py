@@ -296,6 +296,7 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
             "run's key/value cache when the intervention touches only the last position.",
             "",
         ]
+    lines += last_position_section()
     lines += ["## Workloads", ""]
     for workload, data in results.get("workloads", {}).items():
         lines += [f"### {_TITLES.get(workload, workload)}", ""]
@@ -330,6 +331,49 @@ def render(results: dict[str, Any], *, results_path: Path | None = None) -> str:
     if vllm_section.is_file():
         lines += [vllm_section.read_text().rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+LAST_POSITION_RESULTS = Path(__file__).resolve().parent / "results" / "last_position.json"
+
+
+def last_position_section(path: Path = LAST_POSITION_RESULTS) -> list[str]:
+    """The section on last-position sweeps (``python -m benchmarks.last_position``), if run."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    med = data["medians"]
+    layers = data["layers"]
+    return [
+        "### Last-position sweeps: re-running one token over the key/value cache",
+        "",
+        "When every configuration steers only the last prompt position (the seed's `[:, -1]`, "
+        "CAA's answer token), nothing before that position can change, so `sweeps.sweep` "
+        "(mode `prefix`, upgraded to `last`) runs the prompts once with a key/value cache and "
+        "re-runs only the last token per configuration (`model.last_token_cache` / "
+        "`model.run_last`). Counting token-block passes as above, one-at-a-time costs "
+        "`configs x layers x T` for prompts of `T` tokens; the last-token path costs one clean "
+        "pass `layers x T`, one exactness replay `layers x 1` and `configs x layers x 1`: at "
+        f"most **{data['block_pass_bound']:.2f}x** here ({data['configs']} configurations = "
+        f"{len(layers)} layers x {len(data['strengths'])} strengths, {data['prompts']} prompts "
+        f"of {data['mean_prompt_tokens']:.1f} tokens on average; attention over the cache "
+        "counted as free).",
+        "",
+        "| variant | median s | / last |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {value:.2f} | {value / med['last']:.2f} |" for name, value in med.items()],
+        "",
+        f"Measured: **{data['speedup_last_vs_one_at_a_time']:.2f}x** faster than one-at-a-time "
+        f"(target >= 5x), {data['speedup_last_vs_batched']:.2f}x faster than all configurations "
+        "as rows of full passes. Exactness: one row (first prompt, layer "
+        f"{layers[len(layers) // 2]}, strength {data['strengths'][-1]:g}) differs from the full "
+        f"recomputation by {data['max_abs_diff_one_row_vs_full']:.2e} in the logits; the whole "
+        f"behaviour grid from the naive sweep's by {data['max_abs_diff_grid_vs_naive']:.2e}. "
+        f"Run {data['when']} (`python -m benchmarks.last_position`, {data['repeats']} timed "
+        f"repeat(s) after a warm-up, load average {data['load_average']}: a busy shared "
+        "machine, so the seconds are inflated; the ratio is of runs interleaved in one "
+        "process). Raw: `benchmarks/results/last_position.json`.",
+        "",
+    ]
 
 
 def _memory_table(data: dict[str, Any]) -> str:

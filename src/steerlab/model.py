@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import sys
@@ -52,7 +53,7 @@ from steerlab.vectors import SteeringVector
 if TYPE_CHECKING:
     from steerlab.editing import EditedModel
 
-__all__ = ["Batch", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
+__all__ = ["Batch", "LastTokenCache", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
 
 _REDUCTIONS = ("last", "mean", "all")
 
@@ -119,6 +120,21 @@ class PrefixCache:
     layer: int
     hidden: torch.Tensor
     block_inputs: Mapping[int, tuple[tuple[Any, ...], dict[str, Any]]]
+    logits: torch.Tensor
+    exact: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LastTokenCache:
+    """What :meth:`SteeredModel.run_last` needs to re-run only the last token of each prompt.
+
+    ``past`` is the unsteered key/value cache of every prompt minus its last token (left
+    padding puts every last token in the final column); ``logits`` the unsteered next-token
+    logits; ``exact`` whether replaying the last token over ``past`` reproduced them.
+    """
+
+    batch: Batch
+    past: Any
     logits: torch.Tensor
     exact: bool
 
@@ -789,6 +805,291 @@ class SteeredModel:
                     args = (hidden, *args[1:])
                 hidden = output_hidden(self.adapter.block(index)(*args, **kwargs))
             return self.adapter.logits_from_final_hidden(hidden[:, -1:]).squeeze(1).float().cpu()
+
+    # --- last-position reuse -------------------------------------------------------------------
+    @torch.no_grad()
+    def last_token_cache(
+        self, prompts: Sequence[str] | str, *, chat: bool = False
+    ) -> LastTokenCache:
+        """Run the prompts once, unsteered, and keep the key/value cache of all but the last token.
+
+        Steering that only touches the last prompt position cannot change anything before it
+        (attention is causal), so :meth:`run_last` re-runs that one token per configuration over
+        this cache: ``T`` times fewer token-block passes than a full forward pass for prompts of
+        ``T`` tokens. ``cache.exact`` is False when the replayed last token did not reproduce the
+        full pass (a prompt of one token, or a model whose cache cannot be cropped); callers then
+        use full passes.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> cache = model.last_token_cache(["the cat sat", "a dog"])
+        >>> cache.exact, tuple(cache.logits.shape) == (2, model.hf_model.config.vocab_size)
+        (True, True)
+        """
+        items = _check_prompts(prompts)
+        batch = self.encode(items, chat=chat)
+        device_batch = batch.to(self.device)
+        with self._call_scope(None, batch, strength=None, positions=None):
+            try:
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids,
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            except TypeError:  # models without logits_to_keep
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids,
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids,
+                    use_cache=True,
+                )
+        logits = out.logits[:, -1].float().cpu()
+        past = getattr(out, "past_key_values", None)
+        if past is None:
+            past = getattr(out, "cache", None)
+        exact = (
+            past is not None
+            and callable(getattr(past, "crop", None))
+            and callable(getattr(past, "reorder_cache", None))
+            and bool(getattr(past, "is_croppable", True))
+            and int(batch.prompt_lengths.min()) >= 2
+        )
+        if exact and past is not None:
+            past.crop(-1)  # negative: drop that many tokens (every transformers version)
+        cache = LastTokenCache(batch=batch, past=past, logits=logits, exact=exact)
+        if exact:
+            replayed = self.run_last(cache)
+            exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
+        return dataclasses.replace(cache, exact=exact)
+
+    def _cache_argument(self) -> str:
+        """The keyword this model's forward takes its key/value cache by (renamed in 2026)."""
+        import inspect
+
+        params = inspect.signature(self.hf_model.forward).parameters
+        return (
+            "cache"
+            if "cache" in params and "past_key_values" not in params
+            else ("past_key_values")
+        )
+
+    @torch.no_grad()
+    def run_last(
+        self,
+        cache: LastTokenCache,
+        *,
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        last_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token.
+
+        Row ``c * n + i`` is prompt ``i`` under configuration ``c`` (as in :meth:`run_from`).
+        Only steering of the last position is exact here: anything it would do to earlier
+        positions is not applied (they come from the cache). ``last_ids`` replaces the last
+        token of each of the ``n`` prompts (same prefix, another final token: the CAA answer
+        letters ``A`` and ``B`` share everything before the letter).
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> cache = model.last_token_cache(["the cat sat"])
+        >>> bool(torch.allclose(model.run_last(cache), model.next_token_logits(["the cat sat"]),
+        ...                     atol=1e-5))
+        True
+        """
+        logits, _ = self.run_last_with_activations(
+            cache,
+            layers=(),
+            repeat=repeat,
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            last_ids=last_ids,
+        )
+        return logits
+
+    @torch.no_grad()
+    def run_last_with_activations(
+        self,
+        cache: LastTokenCache,
+        *,
+        layers: Sequence[int],
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        last_ids: Sequence[int] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`run_last` plus the block outputs at the re-run token:
+        ``(logits, {layer: Tensor[repeat * n, d_model]})`` (float32, CPU).
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> logits, acts = model.run_last_with_activations(
+        ...     model.last_token_cache(["the cat sat"]), layers=[1])
+        >>> tuple(acts[1].shape) == (1, model.d_model)
+        True
+        """
+        if repeat < 1:
+            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        if cache.past is None:
+            raise InvalidInputError("this LastTokenCache holds no key/value cache")
+        n = cache.batch.input_ids.shape[0]
+        self._check_steering_rows(steering, n * repeat)
+        ids = cache.batch.input_ids
+        if last_ids is not None:
+            replacement = torch.as_tensor(last_ids, dtype=torch.long).reshape(-1)
+            if replacement.shape[0] != n:
+                raise InvalidInputError(f"last_ids has {replacement.shape[0]} ids for {n} prompts")
+            ids = ids.clone()
+            ids[:, -1] = replacement
+        expanded = Batch(
+            ids.repeat(repeat, 1),
+            cache.batch.attention_mask.repeat(repeat, 1),
+            cache.batch.position_ids.repeat(repeat, 1),
+            cache.batch.prompt_lengths.repeat(repeat),
+            cache.batch.padding_side,
+        )
+        # the forward pass appends to the cache: every call works on its own tiled copy
+        past = copy.deepcopy(cache.past)
+        if repeat > 1:
+            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
+        device_batch = expanded.to(self.device)
+        wanted = self.adapter.resolve_layers(list(layers)) if layers else []
+        captured: dict[int, torch.Tensor] = {}
+
+        def make_capture(index: int) -> Any:
+            def grab(module: nn.Module, args: Any, output: Any) -> None:
+                captured[index] = output_hidden(output)[:, -1].float().cpu()
+
+            return grab
+
+        with self._call_scope(steering, expanded, strength=strength, positions=positions):
+            handles = [
+                self.adapter.block(layer).register_forward_hook(make_capture(layer))
+                for layer in wanted
+            ]
+            try:
+                out = self.hf_model(
+                    input_ids=device_batch.input_ids[:, -1:],
+                    attention_mask=device_batch.attention_mask,
+                    position_ids=device_batch.position_ids[:, -1:],
+                    use_cache=True,
+                    **{self._cache_argument(): past},
+                )
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return out.logits[:, -1].float().cpu(), captured
+
+    @torch.no_grad()
+    def prompt_cache(self, prompts: Sequence[str] | str, *, chat: bool = False) -> LastTokenCache:
+        """Run the prompts once, unsteered, keeping the key/value cache of *every* prompt token.
+
+        :meth:`score_continuations` then scores continuations after them under steering that
+        only touches the continuation (``positions="generated"``), without re-running the
+        prompts. ``cache.logits`` are the unsteered next-token logits after each prompt.
+
+        >>> from steerlab.testing import tiny_model
+        >>> cache = tiny_model("llama").prompt_cache(["the cat", "a dog ran"])
+        >>> cache.exact, cache.logits.shape[0]
+        (True, 2)
+        """
+        items = _check_prompts(prompts)
+        batch = self.encode(items, chat=chat)
+        device_batch = batch.to(self.device)
+        with self._call_scope(None, batch, strength=None, positions=None):
+            out = self.hf_model(
+                input_ids=device_batch.input_ids,
+                attention_mask=device_batch.attention_mask,
+                position_ids=device_batch.position_ids,
+                use_cache=True,
+            )
+        past = getattr(out, "past_key_values", None)
+        if past is None:
+            past = getattr(out, "cache", None)
+        exact = past is not None and callable(getattr(past, "reorder_cache", None))
+        return LastTokenCache(
+            batch=batch, past=past, logits=out.logits[:, -1].float().cpu(), exact=exact
+        )
+
+    @torch.no_grad()
+    def score_continuations(
+        self,
+        cache: LastTokenCache,
+        continuations: Sequence[Sequence[int]],
+        *,
+        repeat: int = 1,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+    ) -> torch.Tensor:
+        """Sum of log p(continuation tokens) after each cached prompt: ``Tensor[repeat * n]``.
+
+        Row ``c * n + i`` scores ``continuations[c * n + i]`` (token ids) after prompt ``i`` of
+        a :meth:`prompt_cache`, under per-row ``steering`` (as in :meth:`run_from`). Only
+        steering of the continuation is applied (the prompt comes from the cache): use
+        ``positions="generated"``. The first token is scored from ``cache.logits``. float64.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("llama")
+        >>> cache = model.prompt_cache(["the cat"])
+        >>> ids = model.tokenizer(" sat on", add_special_tokens=False)["input_ids"]
+        >>> bool(model.score_continuations(cache, [ids])[0] < 0)
+        True
+        """
+        if repeat < 1:
+            raise InvalidInputError(f"repeat must be positive, got {repeat}")
+        if not cache.exact or cache.past is None:
+            raise InvalidInputError("this cache cannot be reused (no reorderable key/value cache)")
+        n = cache.batch.input_ids.shape[0]
+        rows = n * repeat
+        if len(continuations) != rows:
+            raise InvalidInputError(f"{len(continuations)} continuations for {rows} rows")
+        tails = [torch.as_tensor(list(c), dtype=torch.long) for c in continuations]
+        if any(t.numel() == 0 for t in tails):
+            raise InvalidInputError("every continuation needs at least one token")
+        self._check_steering_rows(steering, rows)
+        width = max(t.numel() for t in tails)
+        tail_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        tail_mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, tail in enumerate(tails):
+            tail_ids[row, : tail.numel()] = tail
+            tail_mask[row, : tail.numel()] = 1
+        lengths = cache.batch.prompt_lengths.repeat(repeat)
+        tail_pos = lengths[:, None] + torch.arange(width)[None, :]
+        expanded = Batch(
+            torch.cat([cache.batch.input_ids.repeat(repeat, 1), tail_ids], dim=1),
+            torch.cat([cache.batch.attention_mask.repeat(repeat, 1), tail_mask], dim=1),
+            torch.cat([cache.batch.position_ids.repeat(repeat, 1), tail_pos], dim=1),
+            lengths,
+            cache.batch.padding_side,
+        )
+        past = copy.deepcopy(cache.past)
+        if repeat > 1:
+            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
+        device_batch = expanded.to(self.device)
+        with self._call_scope(steering, expanded, strength=strength, positions=positions):
+            out = self.hf_model(
+                input_ids=device_batch.input_ids[:, -width:],
+                attention_mask=device_batch.attention_mask,
+                position_ids=device_batch.position_ids[:, -width:],
+                use_cache=True,
+                **{self._cache_argument(): past},
+            )
+        logp = out.logits.double().cpu().log_softmax(dim=-1)
+        first = cache.logits.double().log_softmax(dim=-1).repeat(repeat, 1)
+        totals = torch.empty(rows, dtype=torch.float64)
+        for row, tail in enumerate(tails):
+            total = first[row, tail[0]]
+            if tail.numel() > 1:
+                total = total + logp[row, : tail.numel() - 1].gather(1, tail[1:, None]).sum()
+            totals[row] = total
+        return totals
 
     @torch.no_grad()
     def activations(

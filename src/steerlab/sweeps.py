@@ -19,7 +19,12 @@ once, the inputs of every block from the lowest swept layer up are kept
 (:meth:`~steerlab.model.SteeredModel.prefix_cache`), and each layer's batch re-runs only the
 blocks from that layer on (:meth:`~steerlab.model.SteeredModel.run_from`). ``mode="batched"``
 (per-row batches, full forward passes) and ``mode="naive"`` (one configuration per forward pass)
-compute the same numbers more slowly; the tests hold all three equal.
+compute the same numbers more slowly; the tests hold all three equal. When every configuration
+steers only the last prompt position (``positions="last"`` or ``-1``: the seed's ``[:, -1]``,
+CAA's answer token), ``"prefix"`` becomes ``"last"``: the unsteered prompts run once with a
+key/value cache (:meth:`~steerlab.model.SteeredModel.last_token_cache`) and each configuration
+re-runs only the last token over it (:meth:`~steerlab.model.SteeredModel.run_last`), since
+nothing before the steered position can change.
 
 >>> import torch, steerlab as sl
 >>> from steerlab.evaluation import concept_task
@@ -64,7 +69,8 @@ from steerlab.evaluation import (
     perplexity,
 )
 from steerlab.interventions import Steering
-from steerlab.model import PrefixCache, _progress
+from steerlab.model import LastTokenCache, PrefixCache, _progress
+from steerlab.positions import Positions
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -81,11 +87,12 @@ __all__ = [
     "default_layers",
     "operator_table",
     "split_prompts",
+    "steers_last_only",
     "sweep",
     "tune",
 ]
 
-MODES = ("prefix", "batched", "naive")
+MODES = ("prefix", "last", "batched", "naive")
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Multipliers of the raw (un-normalised) vector; 0 is the unsteered model."""
 DEFAULT_MAX_KL = 0.5
@@ -333,7 +340,9 @@ def sweep(
     defaults to ``KL(unsteered || steered)`` on the behaviour prompts. Strength 0 is always
     included. ``mode`` is ``"prefix"`` (batched rows + prefix reuse, default), ``"batched"``
     (per-row batches, full forward passes) or ``"naive"`` (one configuration per pass); all
-    three give the same numbers. At most ``max_rows`` prompt rows go in one batch.
+    three give the same numbers. With ``positions="last"`` (or ``-1``) ``"prefix"`` runs as
+    ``"last"``: only the last token is re-run per configuration, over a key/value cache. At
+    most ``max_rows`` prompt rows go in one batch.
 
     >>> import torch, steerlab as sl
     >>> from steerlab.evaluation import kl_task
@@ -502,6 +511,26 @@ def _score_configs(
     prompts, beh_rows, dmg_rows = _merge_prompts(behaviour.prompts, damage.prompts)
     n = len(prompts)
     steered_layers = sorted({layer for layer in lowest if layer is not None})
+    last_only = all(c is None or steers_last_only(c) for c in configs)
+    if mode == "last" and not last_only:
+        raise InvalidInputError(
+            "mode='last' re-runs only the last prompt token, so every configuration must steer "
+            "positions='last' (or -1) alone; use mode='prefix' for other positions"
+        )
+    if mode == "prefix" and last_only and steered_layers:
+        mode = "last"
+    if mode == "last" and steered_layers:
+        last = model.last_token_cache(prompts, chat=chat)
+        if last.exact:
+            return _score_last(model, configs, last, behaviour, damage, max_rows, progress, desc)
+        warnings.warn(
+            "re-running the last token over the key/value cache does not reproduce this "
+            "model's forward pass; using prefix replay instead (mode='prefix')",
+            stacklevel=3,
+        )
+        mode = "prefix"
+    if mode == "last":  # nothing steered at all
+        mode = "prefix"
     cache: PrefixCache | None = None
     if mode == "prefix" and steered_layers:
         cache = model.prefix_cache(prompts, layer=steered_layers[0], chat=chat)
@@ -552,6 +581,60 @@ def _score_configs(
     finally:
         bar.close()
     return beh, dmg, mode
+
+
+def steers_last_only(config: Steering) -> bool:
+    """Whether a configuration touches the last prompt position and nothing else.
+
+    >>> import torch, steerlab as sl
+    >>> vec = sl.SteeringVector({0: torch.ones(4)})
+    >>> steers_last_only(Steering(vec, 1.0, "last")), steers_last_only(Steering(vec, 1.0, -1))
+    (True, True)
+    >>> steers_last_only(Steering(vec, 1.0, "all"))
+    False
+    """
+    where = Positions.parse(config.positions)
+    return where.mode == "last" or (where.mode == "indices" and where.indices == (-1,))
+
+
+def _score_last(
+    model: Any,
+    configs: Sequence[Steering | None],
+    cache: LastTokenCache,
+    behaviour: NextTokenTask,
+    damage: NextTokenTask,
+    max_rows: int,
+    progress: bool | None,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """:func:`_score_configs` for last-position configurations: one token per row re-run."""
+    prompts, beh_rows, dmg_rows = _merge_prompts(behaviour.prompts, damage.prompts)
+    n = len(prompts)
+    base = cache.logits
+    beh = torch.empty(len(configs), len(beh_rows))
+    dmg = torch.empty(len(configs), len(dmg_rows))
+
+    def record(index: int, logits: torch.Tensor) -> None:
+        beh[index] = behaviour.score(logits[beh_rows], base[beh_rows])
+        dmg[index] = damage.score(logits[dmg_rows], base[dmg_rows])
+
+    steered = [i for i, c in enumerate(configs) if c is not None]
+    for i, config in enumerate(configs):
+        if config is None:
+            record(i, base)
+    per_batch = max(1, max_rows // n)
+    bar = _progress(len(steered), desc, progress)
+    try:
+        for k in range(0, len(steered), per_batch):
+            chunk = steered[k : k + per_batch]
+            rows = [configs[i] for i in chunk for _ in prompts]
+            out = model.run_last(cache, repeat=len(chunk), steering=rows)
+            for c, index in enumerate(chunk):
+                record(index, out[c * n : (c + 1) * n])
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return beh, dmg, "last"
 
 
 def compare(

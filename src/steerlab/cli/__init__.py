@@ -2,7 +2,8 @@
 
 Each command group lives in its own module and registers itself on :data:`app`:
 ``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
-export-gguf), ``_sweep`` (sweep) and ``_serve`` (serve).
+export-gguf), ``_sweep`` (sweep), ``_serve`` (serve) and ``_eval``
+(eval caa, eval concept).
 
 Errors are handled in one place, :class:`ErrorHandlingGroup`, for every command (so a new
 command needs no ``try``): a user's mistake prints one line on stderr, ``error: <message>``,
@@ -33,7 +34,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from steerlab.cli import _ablate, _core, _serve, _sweep, _vectors
+from steerlab.cli import _ablate, _core, _eval, _serve, _sweep, _vectors
 
 __all__ = ["ErrorHandlingGroup", "app", "exit_code_for", "main"]
 
@@ -158,7 +159,7 @@ app = typer.Typer(
     cls=ErrorHandlingGroup,
 )
 
-for _module in (_core, _vectors, _ablate, _sweep, _serve):
+for _module in (_core, _vectors, _ablate, _sweep, _serve, _eval):
     _module.register(app)
 
 

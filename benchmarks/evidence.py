@@ -1,0 +1,476 @@
+"""``make evidence``: the CAA behaviour table and the concept evaluation on the default model.
+
+Runs :func:`steerlab.caa.evaluate_caa` for the seven CAA behaviours (vectors normalised across
+behaviours per layer, a layer sweep, multipliers -1/0/+1, the open-ended variant and the damage
+metrics) and :func:`steerlab.concepts.evaluate_concept` for sentiment, formality and a topic
+(food), then writes ``docs/evidence.md`` with tables, figures (``docs/evidence/*.png``) and the
+raw JSON (``docs/evidence/*.json``). Sizes are options so the run fits a shared 2-core machine
+(``--help``); the defaults take about half an hour there.
+
+    python -m benchmarks.evidence                 # everything, default sizes
+    python -m benchmarks.evidence --render-only   # rebuild docs/evidence.md from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+OUT = DOCS / "evidence"
+PAPER_TSV = "RESULTS_layer13_llama2-7b-chat_ab.tsv"
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", flush=True)
+
+
+# --- runs -----------------------------------------------------------------------------------------
+def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from steerlab.caa import (
+        CAA_BEHAVIOURS,
+        caa_vector,
+        evaluate_caa,
+        find_caa_data,
+        load_caa_split,
+        normalize_across,
+    )
+
+    root = find_caa_data(args.data)
+    layers = list(range(args.first_layer, model.n_layers, args.layer_step))
+    behaviours = list(CAA_BEHAVIOURS) if args.behaviours == "all" else args.behaviours.split(",")
+    raw = {}
+    for behaviour in behaviours:
+        start = time.perf_counter()
+        train = load_caa_split(behaviour, "generate", data=root, limit=args.train_limit)
+        raw[behaviour] = caa_vector(model, train, layers=layers)
+        log(f"caa vector {behaviour}: {len(train)} pairs, {time.perf_counter() - start:.0f} s")
+    vectors = normalize_across(raw) if len(raw) > 1 else raw
+    results = []
+    for behaviour in behaviours:
+        start = time.perf_counter()
+        result = evaluate_caa(
+            model,
+            behaviour,
+            data=root,
+            layer="best",
+            sweep_layers=layers,
+            multipliers=[-1.0, 0.0, 1.0],
+            limit=args.limit,
+            open_ended=True,
+            open_limit=args.open_limit,
+            damage_passages=args.damage_passages,
+            vector=vectors[behaviour],
+            model_name="SmolLM2-135M-Instruct",
+        )
+        data = result.to_dict()
+        data["settings"]["n_train"] = args.train_limit
+        results.append(data)
+        cells = ", ".join(f"{p['p_matching']:.3f}" for p in data["results"])
+        log(f"caa {behaviour}: layer {result.layer}: {cells} ({time.perf_counter() - start:.0f} s)")
+        _save(Path(args.caa_json), results)
+    return results
+
+
+def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from steerlab.concepts import concept_instructions, evaluate_concept
+
+    instructions = concept_instructions()[: args.instructions]
+    results = []
+    for name in args.concepts.split(","):
+        start = time.perf_counter()
+        result = evaluate_concept(
+            model,
+            name,
+            layer=args.concept_layer,
+            strengths=[float(s) for s in args.strengths.split(",")],
+            instructions=instructions,
+            max_new_tokens=args.max_new_tokens,
+            damage_passages=args.damage_passages,
+            max_pairs=args.max_pairs,
+            model_name="SmolLM2-135M-Instruct",
+        )
+        results.append(result.to_dict())
+        best = result.best()
+        log(
+            f"concept {name}: best {best.name} {best.combined:.3f} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        _save(OUT / "concepts.json", results)
+    return results
+
+
+def _previous(path: Path) -> list[dict[str, Any]]:
+    return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def _merged_caa() -> list[dict[str, Any]]:
+    """``caa.json`` plus any ``caa-*.json`` written by runs split over processes, one entry per
+    behaviour in the paper's order."""
+    from steerlab.caa import CAA_BEHAVIOURS
+
+    found: dict[str, dict[str, Any]] = {}
+    for path in [OUT / "caa.json", *sorted(OUT.glob("caa-*.json"))]:
+        for entry in _previous(path):
+            found[entry["behaviour"]] = entry
+    order = {b: i for i, b in enumerate(CAA_BEHAVIOURS)}
+    merged = sorted(found.values(), key=lambda e: order.get(e["behaviour"], len(order)))
+    if merged:
+        _save(OUT / "caa.json", merged)
+    return merged
+
+
+def _save(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+# --- the paper's numbers ----------------------------------------------------------------------
+def paper_table(data: str | None) -> dict[str, dict[float, float]]:
+    """``{behaviour: {multiplier: p}}`` of the paper's layer-13, no-system-prompt rows."""
+    from steerlab.caa import find_caa_data
+
+    try:
+        path = find_caa_data(data) / PAPER_TSV
+        lines = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line and not line.startswith("#")
+        ]
+    except Exception:  # the table is context, not a requirement of the run
+        return {}
+    table: dict[str, dict[float, float]] = {}
+    for row in csv.DictReader(lines, delimiter="\t"):
+        if row["system_prompt"] == "None":
+            table.setdefault(row["behavior"], {})[float(row["multiplier"])] = float(
+                row["p_matching"]
+            )
+    return table
+
+
+# --- figures --------------------------------------------------------------------------------------
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
+    """One panel per behaviour: p(matching) over layers at x-1, x0, x+1."""
+    n = len(results)
+    cols = 4 if n > 4 else n
+    rows = math.ceil(n / cols)
+    figure = _figure(3.2 * cols, 2.6 * rows)
+    styles = {-1.0: ("tab:blue", "x-1"), 0.0: ("0.5", "x0"), 1.0: ("tab:red", "x+1")}
+    for k, result in enumerate(results):
+        ax = figure.add_subplot(rows, cols, k + 1)
+        sweep = result.get("layer_sweep", [])
+        layers = [entry["layer"] for entry in sweep]
+        for m, (colour, label) in styles.items():
+            values = [
+                next(p["p_matching"] for p in entry["results"] if p["multiplier"] == m)
+                for entry in sweep
+            ]
+            ax.plot(layers, values, marker="o", markersize=3, color=colour, label=label)
+        ax.axvline(result["layer"], color="0.8", linestyle="--", linewidth=1)
+        ax.set_title(result["behaviour"], fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_ylabel("p(matching)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", bbox_inches="tight")
+
+
+def concept_figure(results: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: held-out combined score per candidate, one group per concept."""
+    names: list[str] = []
+    for result in results:
+        for row in result["rows"]:
+            if row["name"] not in names:
+                names.append(row["name"])
+    figure = _figure(1.6 + 1.1 * len(results) * max(1, len(names)) / 3, 3.2)
+    ax = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(names)
+    colours = {"unsteered": "0.6", "prompting": "tab:green"}
+    for j, name in enumerate(names):
+        xs, ys, errs = [], [], []
+        for i, result in enumerate(results):
+            row = next((r for r in result["rows"] if r["name"] == name), None)
+            if row is None:
+                continue
+            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            ys.append(row["combined"])
+            errs.append(row["combined_sem"])
+        ax.bar(xs, ys, width=width, yerr=errs, label=name, color=colours.get(name), capsize=2)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([r["concept"] for r in results])
+    ax.set_ylabel("held-out combined score (harmonic mean)")
+    ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, format="png", bbox_inches="tight")
+
+
+# --- the page ---------------------------------------------------------------------------------
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _p(result: dict[str, Any], m: float, key: str = "results") -> float:
+    return float(next(p["p_matching"] for p in result[key] if p["multiplier"] == m))
+
+
+def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    paper = paper_table(meta.get("data"))
+    lines = [
+        "# Evidence: CAA's behaviour table and an AxBench-style concept evaluation",
+        "",
+        "<!-- generated by `make evidence` (python -m benchmarks.evidence); the reading is "
+        "written in benchmarks/evidence.py -->",
+        "",
+        f"Model: {meta['model']} ({meta['n_layers']} layers). Run: {meta['when']}, "
+        f"{meta['seconds']:.0f} s on {meta['machine']}. Command: `{meta['command']}`. Raw "
+        "numbers: `docs/evidence/caa.json`, `docs/evidence/concepts.json`.",
+        "",
+        "## 1. CAA reproduction (Rimsky/Panickssery et al. 2024)",
+        "",
+        "Protocol as in the paper's code (see `steerlab.caa`): the vector is the mean difference "
+        "of the residual stream at the answer letter over the generate split (chat template, the "
+        "assistant's reply `(A` vs `(B`), the seven behaviours' vectors rescaled per layer to "
+        "their mean norm; on the A/B test split the prompt ends with `(` and the vector is added "
+        "at the positions after the instruction (here: that one token); the score is "
+        "p(matching letter) / (p(A) + p(B)), averaged over items.",
+        "",
+        f"Sizes (CPU budget): {meta['caa_sizes']}. The layer is the one of the sweep where "
+        "p(x+1) - p(x-1) is largest, chosen on the same test items (no separate validation "
+        "split: optimistic for the best-layer column, not for the sweep plots).",
+        "",
+        "| behaviour | layer | x-1 | x0 | x+1 | +1 minus -1 | paper x-1 | paper x0 | paper x+1 "
+        "| KL neutral x-1 / x+1 | ppl neutral x-1 / x0 / x+1 | open-ended p x-1 / x0 / x+1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in caa:
+        ref = paper.get(r["behaviour"], {})
+        pts = {p["multiplier"]: p for p in r["results"]}
+        gap = _p(r, 1.0) - _p(r, -1.0)
+        kl = f"{_fmt(pts[-1.0].get('kl_neutral'))} / {_fmt(pts[1.0].get('kl_neutral'))}"
+        ppl = " / ".join(_fmt(pts[m].get("perplexity_neutral"), 2) for m in (-1.0, 0.0, 1.0))
+        opened = (
+            " / ".join(_fmt(_p(r, m, "open_ended")) for m in (-1.0, 0.0, 1.0))
+            if r.get("open_ended")
+            else "–"
+        )
+        lines.append(
+            f"| {r['behaviour']} | {r['layer']} | {_fmt(_p(r, -1.0))} | {_fmt(_p(r, 0.0))} | "
+            f"{_fmt(_p(r, 1.0))} | {gap:+.3f} | {_fmt(ref.get(-1.0))} | {_fmt(ref.get(0.0))} | "
+            f"{_fmt(ref.get(1.0))} | {kl} | {ppl} | {opened} |"
+        )
+    from steerlab.caa import CAA_BEHAVIOURS
+
+    missing = [b for b in CAA_BEHAVIOURS if b not in {r["behaviour"] for r in caa}]
+    if missing:
+        lines += [
+            "",
+            f"Not run in this budget: {', '.join(missing)} (their paper numbers: "
+            + "; ".join(
+                f"{b} {_fmt(paper.get(b, {}).get(-1.0))} / {_fmt(paper.get(b, {}).get(0.0))} / "
+                f"{_fmt(paper.get(b, {}).get(1.0))}"
+                for b in missing
+            )
+            + ").",
+        ]
+    paper_gaps = {b: v[1.0] - v[-1.0] for b, v in paper.items() if 1.0 in v and -1.0 in v}
+    ours = {r["behaviour"]: _p(r, 1.0) - _p(r, -1.0) for r in caa}
+    same_sign = [b for b in ours if b in paper_gaps and ours[b] * paper_gaps[b] > 0]
+    monotone = [r["behaviour"] for r in caa if _p(r, -1.0) < _p(r, 0.0) < _p(r, 1.0)]
+    sems = [p.get("p_sem", 0.0) for r in caa for p in r["results"]]
+    lines += [
+        "",
+        "Paper columns: Llama-2-7b-chat, layer 13, no system prompt, 50 items "
+        "(`RESULTS_layer13_llama2-7b-chat_ab.tsv`). Damage: steering left on at every token "
+        "of the shipped neutral corpus; `ppl` x0 is the unsteered perplexity. Open-ended: "
+        "mean sigmoid(log p(matching answer text) - log p(other answer text)), steering every "
+        "answer token, choices removed from the question.",
+        "",
+        f"Measured: the effect has the paper's sign for {len(same_sign)} of {len(ours)} "
+        f"behaviours ({', '.join(same_sign) or 'none'}); p(matching) rises monotonically "
+        f"-1 < 0 < +1 for {len(monotone)} ({', '.join(monotone) or 'none'}). Typical standard "
+        f"error of one cell: {_fmt(sorted(sems)[len(sems) // 2] if sems else None)}.",
+        "",
+        "![p(matching) over layers per behaviour](evidence/caa_layers.png)",
+        "",
+        "## 2. AxBench-style concept evaluation",
+        "",
+        "For each concept the vector comes from its contrastive prompts at one layer; each "
+        "candidate (method x operator) generates greedy continuations of everyday "
+        "instructions with the steering at every position; each continuation is scored for "
+        "concept presence, fluency and instruction relevance (each in [0, 1], definitions in "
+        "`steerlab.scorers`), combined by their harmonic mean; the strength is chosen on the "
+        "first half of the instructions and the table reports the second half. Prompting = "
+        "the instruction plus a hint asking for the concept, unsteered, judged against the "
+        "original instruction.",
+        "",
+        f"Sizes: {meta['concept_sizes']}. Operators compared: "
+        f"{', '.join(concepts[0]['settings']['operators']) if concepts else '–'}"
+        " (clamp and add_norm appear when `Steering` accepts `op=`).",
+        "",
+        "| concept | candidate | strength | concept | fluency | relevance | combined | "
+        "ppl (unsteered judge) | KL neutral | example (held-out) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for result in concepts:
+        for row in result["rows"]:
+            example = row["example"].replace("|", "/").replace("\n", " ")[:90]
+            lines.append(
+                f"| {result['concept']} | {row['name']} | {row['strength']:g} | "
+                f"{_fmt(row['concept'], 2)} | {_fmt(row['fluency'], 2)} | "
+                f"{_fmt(row['relevance'], 2)} | **{_fmt(row['combined'])}** | "
+                f"{_fmt(row['perplexity'], 1)} | {_fmt(row['kl_neutral'])} | {example} |"
+            )
+    wins = []
+    for result in concepts:
+        rows = {r["name"]: r for r in result["rows"]}
+        steered = [r for r in result["rows"] if r["name"] not in ("unsteered", "prompting")]
+        best = max(steered, key=lambda r: r["combined"]) if steered else None
+        if "prompting" in rows and best is not None:
+            winner = (
+                "prompting" if rows["prompting"]["combined"] >= best["combined"] else best["name"]
+            )
+            wins.append(f"{result['concept']}: {winner}")
+    lines += [
+        "",
+        f"Best held-out combined score per concept: {'; '.join(wins) or '–'}.",
+        "",
+        "![held-out combined score per concept and candidate](evidence/concepts.png)",
+        "",
+        "## Reading",
+        "",
+        READING.strip(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+READING = """
+**Status of this page: a partial run.** The shared 2-core machine ran at a load average of ~22
+during the hour available, so each process got ~7% of a core: only the behaviours and concepts
+listed above finished, on 8 generate pairs and 8 test items each (standard errors ~0.05-0.1 per
+cell). `make evidence` (defaults: 32 pairs, 16 items, all seven behaviours, three concepts) is
+the full run; on a quiet machine it takes about half an hour.
+
+What the finished rows say, within that noise:
+
+* **CAA does not reproduce at this size and budget.** At the selected layer p(matching) rises
+  x-1 < x0 < x+1 by 3-4 points for every finished behaviour (the paper's sign; Llama-2-7b-chat at
+  layer 13 moves 15-40 points), but that layer was picked as the largest gap among ten on the
+  same 8 items, and the layer plot shows x+1 and x-1 crossing back and forth within a few points
+  at nearly every layer: the selected gaps are consistent with noise. At x0 the 135M model sits
+  near 0.5 on these items: it barely reads the A/B format, so there is little preference to move.
+* **The open-ended variant does not follow the A/B effect** on these 4 items: flat for
+  coordinate-other-ais and survival-instinct, and *opposite* for corrigible-neutral-HHH. With a
+  vector read at the answer letter, steering the answer *text* is out of distribution; the paper
+  also reports weaker open-ended than A/B effects.
+* **Damage is small at x±1**: KL 0.07-0.16 nats per token on neutral text, perplexity 20.6 ->
+  21-28.
+* **Concepts (sentiment finished):** the unsteered model already writes upbeat text (VADER
+  concept score 0.81), so the headroom is small. Prompting raises concept presence most (0.88)
+  but loses fluency and relevance, so its combined score (0.85) is below the unsteered one.
+  The probe direction at strength 4 is the only candidate above the unsteered model (0.92 vs
+  0.89) with KL 0.08 on neutral text; mean_diff and pca at strength 8 lose fluency and
+  relevance (0.71, 0.78) for no concept gain. That is AxBench's pattern in a weak form: steering
+  by a raw mean difference damages more than it adds; here prompting did not win on the
+  combined score either, because its answers drift from the instruction.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="CAA data folder (default ../shared/data/CAA)")
+    parser.add_argument("--behaviours", default="all")
+    parser.add_argument("--limit", type=int, default=16, help="A/B test items per behaviour")
+    parser.add_argument("--train-limit", type=int, default=32, help="generate items per behaviour")
+    parser.add_argument("--open-limit", type=int, default=8, help="open-ended items")
+    parser.add_argument("--first-layer", type=int, default=0)
+    parser.add_argument("--layer-step", type=int, default=3)
+    parser.add_argument("--damage-passages", type=int, default=4)
+    parser.add_argument("--concepts", default="sentiment,formality,food")
+    parser.add_argument("--concept-layer", type=int, default=12)
+    parser.add_argument("--strengths", default="4,8")
+    parser.add_argument("--instructions", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--caa-json", default=str(OUT / "caa.json"), help="where CAA results go")
+    parser.add_argument("--max-pairs", type=int, default=None, help="contrast pairs per concept")
+    parser.add_argument("--skip-caa", action="store_true")
+    parser.add_argument("--skip-concepts", action="store_true")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args(argv)
+    import steerlab as sl
+
+    start = time.perf_counter()
+    meta_path = OUT / "meta.json"
+    if args.render_only:
+        caa = _merged_caa()
+        concepts = _previous(OUT / "concepts.json")
+        meta = json.loads(meta_path.read_text())
+    else:
+        torch.manual_seed(0)
+        model = sl.load_model()
+        caa = _previous(OUT / "caa.json") if args.skip_caa else run_caa(model, args)
+        concepts = (
+            _previous(OUT / "concepts.json") if args.skip_concepts else run_concepts(model, args)
+        )
+        meta = {
+            "model": "SmolLM2-135M-Instruct",
+            "n_layers": model.n_layers,
+            "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": time.perf_counter() - start,
+            "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+            "command": "make evidence",
+            "data": args.data,
+            "caa_sizes": (
+                f"{args.train_limit} generate pairs and {args.limit} A/B test items per "
+                f"behaviour (of 290-1000 and 50), {args.open_limit} open-ended items, layers "
+                f"{args.first_layer}..{model.n_layers - 1} step {args.layer_step}, "
+                f"{args.damage_passages} neutral passages"
+            ),
+            "concept_sizes": (
+                f"layer {args.concept_layer}, strengths {args.strengths} (x the raw vector), "
+                f"{args.instructions} instructions (half train, half held out), "
+                f"{args.max_new_tokens} new tokens, greedy"
+            ),
+        }
+        if meta_path.is_file() and (args.skip_caa or args.skip_concepts):
+            previous = json.loads(meta_path.read_text())
+            keep = "caa_sizes" if args.skip_caa else "concept_sizes"
+            meta[keep] = previous.get(keep, meta[keep])
+        _save(meta_path, meta)
+    if caa:
+        caa_figure(caa, OUT / "caa_layers.png")
+    if concepts:
+        concept_figure(concepts, OUT / "concepts.png")
+    (DOCS / "evidence.md").write_text(render(caa, concepts, meta), encoding="utf-8")
+    log(f"wrote {DOCS / 'evidence.md'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,483 @@
+"""AxBench-style concept evaluation: steer open generations, score them, compare with prompting.
+
+AxBench (Wu et al. 2025) asks of a steering method what a user would: given an instruction, does
+the steered continuation show the concept, stay fluent, and still answer the instruction? Its
+headline is that plain prompting ("mention food in your answer") beats every representation-
+steering method. This module runs that protocol offline:
+
+1. a :class:`Concept` is contrastive prompts (the vector's data), a concept scorer (a word list,
+   VADER sentiment, or embedding similarity through ``steerlab[embeddings]``) and a prompt hint
+   for the prompting baseline;
+2. for every candidate (a method: ``mean_diff``, ``pca``, ``probe``; times an operator when
+   :class:`~steerlab.interventions.Steering` accepts ``op=``: ``add``, ``clamp``, ``add_norm``)
+   and every strength, greedy continuations of the *train* instructions are scored with
+   :mod:`steerlab.scorers`: concept presence, fluency and instruction relevance, each in
+   ``[0, 1]``, combined per continuation by their harmonic mean (AxBench's rule);
+3. the strength with the best mean combined score on the train instructions is kept and the
+   candidate is reported on the *held-out* instructions, beside the unsteered model and the
+   prompting baseline (the instruction plus the hint, unsteered), all scored the same way
+   against the original instruction;
+4. every row also carries the damage on the neutral corpus (KL and perplexity with the steering
+   left on at every token; 0 and the unsteered perplexity for prompting).
+
+>>> from steerlab.testing import tiny_model
+>>> model = tiny_model("llama")
+>>> concept = Concept(name="toy", positive=("i love the food",), negative=("i hate the road",),
+...                   scorer="words", words=("food",), hint="talk about food")
+>>> result = evaluate_concept(model, concept, layer=1, methods=("mean_diff",), strengths=(4.0,),
+...     instructions=["the cat", "a dog", "the city", "my day"], max_new_tokens=3,
+...     damage=False, progress=False)
+>>> [row.name for row in result.rows]
+['unsteered', 'prompting', 'mean_diff']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+
+from steerlab.data import ContrastDataset, concept_words, load_builtin
+from steerlab.errors import DataError, InvalidInputError
+from steerlab.interventions import Steering
+from steerlab.methods import extract_activations, run_method
+from steerlab.scorers import (
+    embedding_score,
+    fluency_scores,
+    harmonic_mean,
+    neutral_corpus,
+    neutral_damage,
+    relevance_scores,
+    sentiment_score,
+    words_score,
+)
+from steerlab.vectors import SteeringVector, vector_metadata
+
+__all__ = [
+    "OPERATORS",
+    "SCORERS",
+    "Concept",
+    "ConceptResult",
+    "ConceptRow",
+    "available_operators",
+    "builtin_concepts",
+    "concept_instructions",
+    "evaluate_concept",
+    "score_texts",
+]
+
+SCORERS = ("words", "vader", "embedding")
+OPERATORS = ("add", "clamp", "add_norm")
+"""Operators compared when :class:`~steerlab.interventions.Steering` takes ``op=``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """A concept: contrastive prompts (``positive`` shows it), how to score it, how to ask for it.
+
+    ``scorer``: ``"words"`` (``words`` found in the text), ``"vader"`` (sentiment toward
+    ``sign``) or ``"embedding"`` (similarity to ``positive`` vs ``negative``). ``hint`` is added
+    to the instruction for the prompting baseline.
+    """
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    scorer: str
+    words: tuple[str, ...] = ()
+    hint: str = ""
+    sign: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise InvalidInputError(f"scorer must be one of {SCORERS}, not {self.scorer!r}")
+        if self.scorer == "words" and not self.words:
+            raise InvalidInputError(f"concept {self.name!r}: the words scorer needs words")
+        if len(self.positive) != len(self.negative) or not self.positive:
+            raise InvalidInputError(
+                f"concept {self.name!r} needs paired prompts ({len(self.positive)} positive, "
+                f"{len(self.negative)} negative)"
+            )
+        object.__setattr__(self, "positive", tuple(self.positive))
+        object.__setattr__(self, "negative", tuple(self.negative))
+        object.__setattr__(self, "words", tuple(self.words))
+
+    @property
+    def dataset(self) -> ContrastDataset:
+        """The contrastive pairs as a paired dataset."""
+        return ContrastDataset(
+            name=self.name, positive=self.positive, negative=self.negative, paired=True
+        )
+
+
+def _read_json(name: str) -> Any:
+    path = resources.files("steerlab.datasets").joinpath(f"concepts/{name}.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"built-in concept data {name!r} cannot be read: {err}") from None
+
+
+@functools.cache
+def builtin_concepts() -> dict[str, Concept]:
+    """The concepts shipped with steerlab: ``sentiment`` (VADER), ``formality`` and ``food``
+    (word lists).
+
+    >>> sorted(builtin_concepts())
+    ['food', 'formality', 'sentiment']
+    """
+    sentiment = load_builtin("sentiment")
+    formality = load_builtin("formality")
+    formal_words, _ = concept_words("formality")
+    food = _read_json("food")
+    return {
+        "sentiment": Concept(
+            name="sentiment",
+            positive=sentiment.positive,
+            negative=sentiment.negative,
+            scorer="vader",
+            hint="Answer in a very happy, positive and enthusiastic tone.",
+        ),
+        "formality": Concept(
+            name="formality",
+            positive=formality.positive,
+            negative=formality.negative,
+            scorer="words",
+            words=tuple(w.strip() for w in formal_words),
+            hint="Answer in a very formal, polite and official register.",
+        ),
+        "food": Concept(
+            name="food",
+            positive=tuple(p["positive"] for p in food["pairs"]),
+            negative=tuple(p["negative"] for p in food["pairs"]),
+            scorer="words",
+            words=tuple(w.strip() for w in food["positive_words"]),
+            hint="Talk about food in your answer.",
+        ),
+    }
+
+
+def concept_instructions() -> list[str]:
+    """The 16 shipped instructions (first half: strength selection; second half: report).
+
+    >>> len(concept_instructions())
+    16
+    """
+    return list(_read_json("instructions")["instructions"])
+
+
+def score_texts(concept: Concept, texts: Sequence[str]) -> torch.Tensor:
+    """Concept presence of each text in ``[0, 1]`` with the concept's scorer.
+
+    >>> food = builtin_concepts()["food"]
+    >>> score_texts(food, ["We ate bread and soup.", "The train left."]).tolist()
+    [1.0, 0.0]
+    """
+    if concept.scorer == "words":
+        return words_score(texts, words=concept.words)
+    if concept.scorer == "vader":
+        return sentiment_score(texts, sign=concept.sign)
+    return embedding_score(texts, positive=concept.positive, negative=concept.negative)
+
+
+def available_operators() -> tuple[str, ...]:
+    """The operators :class:`~steerlab.interventions.Steering` accepts here (``("add",)`` when
+    it has no ``op=`` field).
+
+    >>> "add" in available_operators()
+    True
+    """
+    if "op" not in {f.name for f in dataclasses.fields(Steering)}:
+        return ("add",)
+    probe = SteeringVector({0: torch.ones(2)})
+    found = []
+    for op in OPERATORS:
+        try:
+            Steering(probe, 1.0, "all", op=op)  # type: ignore[call-arg]
+        except (TypeError, ValueError):
+            continue
+        found.append(op)
+    return tuple(found) or ("add",)
+
+
+# --- results -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ConceptRow:
+    """One candidate on the held-out instructions (means over them).
+
+    ``concept``, ``fluency``, ``relevance`` and ``combined`` (their harmonic mean per text, then
+    averaged) are in ``[0, 1]``; ``perplexity`` is the mean perplexity of the continuations under
+    the unsteered model; ``train_combined`` the score that chose ``strength``.
+    """
+
+    name: str
+    strength: float
+    concept: float
+    fluency: float
+    relevance: float
+    combined: float
+    combined_sem: float
+    perplexity: float
+    repetition: float
+    compression: float
+    train_combined: float
+    kl_neutral: float | None = None
+    perplexity_neutral: float | None = None
+    example: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a flat dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptResult:
+    """Every candidate of one concept, with the train curves behind the chosen strengths."""
+
+    concept: str
+    layer: int
+    model: str
+    rows: tuple[ConceptRow, ...]
+    train_curves: Mapping[str, tuple[tuple[float, float], ...]]
+    settings: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``concept``, ``layer``, ``model``, ``rows``, ``train_curves``,
+        ``settings``."""
+        return {
+            "concept": self.concept,
+            "layer": self.layer,
+            "model": self.model,
+            "rows": [r.to_dict() for r in self.rows],
+            "train_curves": {k: [list(p) for p in v] for k, v in self.train_curves.items()},
+            "settings": dict(self.settings),
+        }
+
+    def best(self) -> ConceptRow:
+        """The row with the highest held-out combined score."""
+        return max(self.rows, key=lambda r: r.combined)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+def _score_block(
+    model: Any, concept: Concept, instructions: Sequence[str], texts: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    fluency = fluency_scores(model, instructions, texts, chat=_chat(model))
+    relevance = relevance_scores(model, instructions, texts, chat=_chat(model))
+    presence = score_texts(concept, texts)
+    return {
+        **fluency,
+        "relevance": relevance,
+        "concept": presence,
+        "combined": harmonic_mean(presence, fluency["fluency"], relevance),
+    }
+
+
+def _chat(model: Any) -> bool:
+    return getattr(model.tokenizer, "chat_template", None) is not None
+
+
+def _generate(
+    model: Any,
+    prompts: Sequence[str],
+    steering: Sequence[Steering | None],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    ids = model.generate_ids(
+        list(prompts),
+        steering=list(steering) if any(s is not None for s in steering) else None,
+        max_new_tokens=max_new_tokens,
+        chat=_chat(model),
+        batch_size=batch_size,
+    )
+    return [str(model.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
+
+
+def _steering(vector: SteeringVector, strength: float, op: str) -> Steering:
+    if op == "add":
+        return Steering(vector, strength, "all")
+    return Steering(vector, strength, "all", op=op)  # type: ignore[call-arg]
+
+
+def _mean(values: torch.Tensor) -> float:
+    finite = values.double()[torch.isfinite(values.double())]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _sem(values: torch.Tensor) -> float:
+    v = values.double()
+    return float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+
+
+def _vectors(
+    model: Any,
+    dataset: ContrastDataset,
+    layer: int,
+    methods: Sequence[str],
+    *,
+    progress: bool | None,
+) -> dict[str, SteeringVector]:
+    """One activation pass, every method on it (as :func:`~steerlab.methods.compute_vector`)."""
+    acts = extract_activations(
+        model, list(dataset.positive + dataset.negative), layers=[layer], progress=progress
+    )
+    n = len(dataset.positive)
+    out = {}
+    for method in methods:
+        result = run_method(method, acts[layer][:n], acts[layer][n:], paired=True, seed=0)
+        metadata = vector_metadata(
+            model,
+            method=method,
+            dataset={"name": dataset.name, "n_pairs": n, "paired": True},
+        )
+        out[method] = SteeringVector({layer: result.direction.float()}, metadata=metadata)
+    return out
+
+
+def evaluate_concept(
+    model: Any,
+    concept: Concept | str,
+    *,
+    layer: int,
+    methods: Sequence[str] = ("mean_diff", "pca", "probe"),
+    operators: Sequence[str] | None = None,
+    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    instructions: Sequence[str] | None = None,
+    n_train: int | None = None,
+    max_new_tokens: int = 24,
+    prompting: bool = True,
+    damage: bool = True,
+    damage_passages: int | None = 8,
+    batch_size: int = 32,
+    max_pairs: int | None = None,
+    model_name: str | None = None,
+    progress: bool | None = None,
+) -> ConceptResult:
+    """Run the AxBench-style protocol for one concept (see the module docstring).
+
+    ``instructions`` default to :func:`concept_instructions`; the first ``n_train`` (default
+    half) choose each candidate's strength, the rest are the report. ``max_pairs`` uses the
+    first pairs of the concept only (CPU budgets). ``operators`` default to
+    :func:`available_operators`. Rows: ``unsteered``, ``prompting`` (if asked), then one per
+    method × operator (``"pca"``, ``"pca+clamp"``...).
+    """
+    if isinstance(concept, str):
+        known = builtin_concepts()
+        if concept not in known:
+            raise InvalidInputError(f"unknown concept {concept!r}; built-in: {sorted(known)}")
+        concept = known[concept]
+    items = concept_instructions() if instructions is None else list(instructions)
+    if len(items) < 2:
+        raise InvalidInputError("the concept evaluation needs at least 2 instructions")
+    cut = len(items) // 2 if n_train is None else n_train
+    if not 1 <= cut < len(items):
+        raise InvalidInputError(f"n_train must be between 1 and {len(items) - 1}, got {cut}")
+    train, test = items[:cut], items[cut:]
+    values = [float(s) for s in strengths]
+    if not values or any(not math.isfinite(s) or s == 0 for s in values):
+        raise InvalidInputError("strengths must be non-zero finite numbers")
+    ops = tuple(available_operators() if operators is None else operators)
+    layer = model.adapter.resolve_layer(layer)
+    dataset = concept.dataset
+    if max_pairs is not None:
+        if max_pairs < 2:
+            raise InvalidInputError(f"max_pairs must be at least 2, got {max_pairs}")
+        dataset = ContrastDataset(
+            name=dataset.name,
+            positive=dataset.positive[:max_pairs],
+            negative=dataset.negative[:max_pairs],
+            paired=True,
+        )
+    vectors = _vectors(model, dataset, layer, methods, progress=progress)
+    candidates = [
+        (method if op == "add" else f"{method}+{op}", vectors[method], op)
+        for method in methods
+        for op in ops
+    ]
+    # every (candidate, strength) on the train instructions: rows of one batched generation
+    configs = [(name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in values]
+    prompts = [p for _ in configs for p in train]
+    rows = [c[2] for c in configs for _ in train]
+    texts = _generate(model, prompts, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    scored = _score_block(model, concept, prompts, texts)["combined"]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    chosen: dict[str, tuple[float, float]] = {}
+    for k, (name, s, _) in enumerate(configs):
+        mean = _mean(scored[k * len(train) : (k + 1) * len(train)])
+        curves.setdefault(name, []).append((s, mean))
+        if name not in chosen or mean > chosen[name][1]:
+            chosen[name] = (s, mean)
+    # held-out report: unsteered, prompting, every candidate at its chosen strength
+    report: list[tuple[str, float, list[str], list[Steering | None], float]] = [
+        ("unsteered", 0.0, list(test), [None] * len(test), math.nan)
+    ]
+    if prompting:
+        hinted = [f"{t} {concept.hint}".strip() for t in test]
+        report.append(("prompting", 0.0, hinted, [None] * len(test), math.nan))
+    final: dict[str, Steering] = {}
+    for name, vec, op in candidates:
+        s, train_score = chosen[name]
+        final[name] = _steering(vec, s, op)
+        report.append((name, s, list(test), [final[name]] * len(test), train_score))
+    all_prompts = [p for entry in report for p in entry[2]]
+    all_rows = [r for entry in report for r in entry[3]]
+    outputs = _generate(
+        model, all_prompts, all_rows, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    # every continuation is judged against the original instruction, prompting included
+    judged = _score_block(model, concept, list(test) * len(report), outputs)
+    damages: dict[str, tuple[float, float]] = {}
+    if damage:
+        names = [entry[0] for entry in report]
+        configs_damage = [final.get(n) for n in names]
+        measured = neutral_damage(model, configs_damage, passages=neutral_corpus(damage_passages))
+        damages = {n: (d.kl, d.perplexity) for n, d in zip(names, measured, strict=True)}
+    result_rows = []
+    n = len(test)
+    for k, (name, s, _, _, train_score) in enumerate(report):
+        part = {key: value[k * n : (k + 1) * n] for key, value in judged.items()}
+        kl, ppl = damages.get(name, (None, None))
+        result_rows.append(
+            ConceptRow(
+                name=name,
+                strength=s,
+                concept=_mean(part["concept"]),
+                fluency=_mean(part["fluency"]),
+                relevance=_mean(part["relevance"]),
+                combined=_mean(part["combined"]),
+                combined_sem=_sem(part["combined"]),
+                perplexity=_mean(part["perplexity"]),
+                repetition=_mean(part["repetition"]),
+                compression=_mean(part["compression"]),
+                train_combined=train_score,
+                kl_neutral=kl,
+                perplexity_neutral=ppl,
+                example=outputs[k * n].strip(),
+            )
+        )
+    return ConceptResult(
+        concept=concept.name,
+        layer=layer,
+        model=model_name or str(getattr(model, "name", "model")),
+        rows=tuple(result_rows),
+        train_curves={k: tuple(v) for k, v in curves.items()},
+        settings={
+            "methods": list(methods),
+            "operators": list(ops),
+            "strengths": values,
+            "n_train_instructions": len(train),
+            "n_test_instructions": len(test),
+            "max_new_tokens": max_new_tokens,
+            "scorer": concept.scorer,
+            "hint": concept.hint,
+            "positions": "all",
+        },
+    )
