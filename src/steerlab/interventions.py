@@ -45,7 +45,6 @@ from typing import Any, Generic, TypeVar, Union
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from steerlab._checks import as_finite_float, as_int
 from steerlab.adapter import ModelAdapter
@@ -445,9 +444,10 @@ class ScopedStack(Generic[_T]):
             self._var.set(previous)
 
 
-_GLOBAL_PLAN: tuple[_Installation, ...] = ()
+# Appended to and removed from in single list operations (atomic under the GIL), read as a
+# tuple snapshot: no lock, so no interrupt can leave one held.
+_GLOBAL_PLAN: list[_Installation] = []
 _CONTEXT_PLAN: ScopedStack[_Installation] = ScopedStack("steerlab_plan")
-_LOCK = threading.RLock()
 
 
 class _Dispatcher:
@@ -464,9 +464,11 @@ class _Dispatcher:
         context = _CONTEXT_PLAN.items()
         if not _GLOBAL_PLAN and not context:
             return None
+        if _canonical(module, self.kind) is not self:
+            return None  # a duplicate left by two first-time installs racing: inert
         key = (id(module), self.kind)
         result: Any = None
-        for plan in (_GLOBAL_PLAN, context):
+        for plan in (tuple(_GLOBAL_PLAN), context):
             for installation in plan:
                 if self.kind == "forward_pre_kwargs" and installation.backbone is module:
                     tracker = installation.tracker
@@ -490,10 +492,15 @@ class _Dispatcher:
         return rest[0] if self.kind == "forward_pre" else rest
 
 
-# module -> {kind: torch handle}; weak so a model that goes away takes its dispatchers with it
-_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, dict[str, RemovableHandle]] = (
-    weakref.WeakKeyDictionary()
-)
+# The canonical dispatcher of each (module, kind) lives in the module's own __dict__ under this
+# name, claimed with dict.setdefault (one atomic step): no lock, and a deep copy of the model
+# carries copies that only ever look up the copy's own (absent) plans.
+_DISPATCHER_ATTR = "_steerlab_dispatchers"
+
+
+def _canonical(module: nn.Module, kind: str) -> _Dispatcher | None:
+    entry = module.__dict__.get(_DISPATCHER_ATTR, {}).get(kind)
+    return None if entry is None else entry[0]
 
 
 def _hook_dict(module: nn.Module, kind: str) -> Any:
@@ -509,38 +516,35 @@ def _ensure_dispatchers(installation: _Installation) -> None:
     needed: list[tuple[nn.Module, str]] = [(spec.module, spec.kind) for spec in installation.specs]
     if installation.backbone is not None:
         needed.insert(0, (installation.backbone, "forward_pre_kwargs"))
-    # PyTorch snapshots a module's hooks before running them, and OrderedDict.move_to_end is
-    # one atomic step, so doing this while another thread is inside a forward pass is safe; the
-    # lock keeps two installers from racing.
-    with _LOCK:
-        for module, kind in needed:
-            have = _DISPATCHERS.setdefault(module, {})
-            hooks = _hook_dict(module, kind)
-            handle = have.get(kind)
-            if handle is None or handle.id not in hooks:
-                dispatcher = _Dispatcher(kind)
-                if kind == "forward":
-                    handle = module.register_forward_hook(dispatcher)
-                elif kind == "forward_pre":
-                    handle = module.register_forward_pre_hook(dispatcher)
-                else:
-                    handle = module.register_forward_pre_hook(dispatcher, with_kwargs=True)
-                have[kind] = handle
-            elif next(reversed(hooks)) != handle.id:
-                hooks.move_to_end(handle.id)
-
-
-def _without(plan: tuple[_Installation, ...], item: _Installation) -> tuple[_Installation, ...]:
-    return tuple(entry for entry in plan if entry is not item)
-
-
-def _set_global(plan: tuple[_Installation, ...]) -> None:
-    global _GLOBAL_PLAN
-    _GLOBAL_PLAN = plan
+    # PyTorch snapshots a module's hooks before running them, and each step here (register,
+    # setdefault, move_to_end) is one atomic operation, so this is safe while other threads run
+    # forward passes or install too. A dispatcher is registered before it is claimed, so
+    # whichever claim wins, the winner is already in place when any installer returns.
+    for module, kind in needed:
+        table = module.__dict__.setdefault(_DISPATCHER_ATTR, {})
+        hooks = _hook_dict(module, kind)
+        entry = table.get(kind)
+        if entry is None or entry[1].id not in hooks:
+            dispatcher = _Dispatcher(kind)
+            if kind == "forward":
+                handle = module.register_forward_hook(dispatcher)
+            elif kind == "forward_pre":
+                handle = module.register_forward_pre_hook(dispatcher)
+            else:
+                handle = module.register_forward_pre_hook(dispatcher, with_kwargs=True)
+            if entry is None:
+                winner = table.setdefault(kind, (dispatcher, handle))
+            else:  # the claimed one was stripped from the hooks: replace the claim
+                table[kind] = winner = (dispatcher, handle)
+            if winner[0] is not dispatcher:
+                handle.remove()  # another thread's claim won; ours would only be inert
+            entry = winner
+        if next(reversed(hooks), None) != entry[1].id and entry[1].id in hooks:
+            hooks.move_to_end(entry[1].id)
 
 
 def _active_installations() -> tuple[_Installation, ...]:
-    return _GLOBAL_PLAN + _CONTEXT_PLAN.items()
+    return (*_GLOBAL_PLAN, *_CONTEXT_PLAN.items())
 
 
 def active_trackers(backbone: nn.Module) -> list[PositionTracker]:
@@ -561,6 +565,7 @@ def strip_dispatchers(module: nn.Module) -> int:
     """
     removed = 0
     for sub in module.modules():
+        sub.__dict__.pop(_DISPATCHER_ATTR, None)
         for name in ("_forward_hooks", "_forward_pre_hooks"):
             hooks = getattr(sub, name)
             for key in [k for k, fn in hooks.items() if isinstance(fn, _Dispatcher)]:
@@ -602,8 +607,8 @@ class HookHandle:
         if installation is None:
             return
         if self._scope == "global":
-            with _LOCK:
-                _set_global(_without(_GLOBAL_PLAN, installation))
+            with contextlib.suppress(ValueError):  # already gone: idempotent
+                _GLOBAL_PLAN.remove(installation)
         else:
             _CONTEXT_PLAN.discard(installation)
         self._installation = None
@@ -649,8 +654,7 @@ def install(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> Hoo
     installation = _prepare(adapter, interventions)
     handle = HookHandle(installation, scope="global")
     try:
-        with _LOCK:
-            _set_global((*_GLOBAL_PLAN, installation))
+        _GLOBAL_PLAN.append(installation)
         return handle
     except BaseException:
         handle.remove()
