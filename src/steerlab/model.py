@@ -968,12 +968,11 @@ class SteeredModel:
 
             return grab
 
+        reads = [
+            HookSpec(self.adapter.block(layer), "forward", make_capture(layer)) for layer in wanted
+        ]
         with self._call_scope(steering, expanded, strength=strength, positions=positions):
-            handles = [
-                self.adapter.block(layer).register_forward_hook(make_capture(layer))
-                for layer in wanted
-            ]
-            try:
+            with scoped_hooks(reads):
                 out = self.hf_model(
                     input_ids=device_batch.input_ids[:, -1:],
                     attention_mask=device_batch.attention_mask,
@@ -981,9 +980,6 @@ class SteeredModel:
                     use_cache=True,
                     **{self._cache_argument(): past},
                 )
-            finally:
-                for handle in handles:
-                    handle.remove()
         return out.logits[:, -1].float().cpu(), captured
 
     @torch.no_grad()

@@ -818,7 +818,7 @@ class TorchEngine:
         """One forward pass under the rows' steering; returns (last logits, readout values)."""
         import torch
 
-        from steerlab.interventions import output_hidden
+        from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
 
         device = self.model.device
         wanted: dict[int, list[tuple[int, int, Any]]] = {}
@@ -826,7 +826,6 @@ class TorchEngine:
             for k, readout in enumerate(job.readouts):
                 wanted.setdefault(readout.layer, []).append((row, k, readout.direction))
         values: dict[tuple[int, int], float] = {}
-        hooks = []
 
         def make_hook(entries: list[tuple[int, int, Any]]) -> Any:
             def hook(module: Any, args: Any, output: Any) -> None:
@@ -836,23 +835,20 @@ class TorchEngine:
 
             return hook
 
-        with self._scope(rows):
-            try:
-                # after the steering hooks (installed first), so reads see the steered stream
-                for layer, entries in wanted.items():
-                    block = self.model.adapter.block(layer)
-                    hooks.append(block.register_forward_hook(make_hook(entries)))
-                out = self.model.hf_model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{self._cache_kwarg: cache},
-                )
-            finally:
-                for handle in hooks:
-                    handle.remove()
+        # activated after the steering (this thread only), so reads see the steered stream
+        reads = [
+            HookSpec(self.model.adapter.block(layer), "forward", make_hook(entries))
+            for layer, entries in wanted.items()
+        ]
+        with self._scope(rows), scoped_hooks(reads):
+            out = self.model.hf_model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            )
         logits = out.logits[:, -1].to(torch.float32).cpu()
         readouts = [
             tuple(values[(row, k)] for k in range(len(job.readouts)))
