@@ -413,7 +413,9 @@ ATTACKS: list[Attack] = [
     Attack("a + b of different models", _sum_other_model, VME, ("different models",)),
     Attack(
         "project_out vector added",
-        lambda c: c.model.logits(["a"], steering=c.vec.with_metadata(operation="project_out")),
+        lambda c: c.model.logits(
+            ["a"], steering=c.vec.with_metadata(operation="project_out"), op="add"
+        ),
         VME,
         ("project_out", "DirectionalAblation"),
     ),

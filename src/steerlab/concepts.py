@@ -27,8 +27,8 @@ steering method. This module runs that protocol offline:
 >>> result = evaluate_concept(model, concept, layer=1, methods=("mean_diff",), strengths=(4.0,),
 ...     instructions=["the cat", "a dog", "the city", "my day"], max_new_tokens=3,
 ...     damage=False, progress=False)
->>> [row.name for row in result.rows]
-['unsteered', 'prompting', 'mean_diff']
+>>> [row.name for row in result.rows]   # the clamp/add_norm operators compared beside add
+['unsteered', 'prompting', 'mean_diff', 'mean_diff+clamp', 'mean_diff+add_norm']
 """
 
 from __future__ import annotations

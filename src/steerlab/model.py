@@ -421,14 +421,16 @@ class SteeredModel:
         Vectors record the model they came from (layer count, an unembedding fingerprint);
         ``force=True`` applies them anyway with a warning. Each vector is checked once.
         """
-        vectors: list[SteeringVector] = []
+        steerings: list[Steering] = []
         for item in interventions:
             if isinstance(item, Steering):
-                vectors.append(item.vector)
+                steerings.append(item)
             elif isinstance(item, RowSteering):
-                vectors.extend(row.vector for row in item.rows if row is not None)
-        for vector in vectors:
-            if vector.metadata.get("operation") == "project_out":
+                steerings.extend(row for row in item.rows if row is not None)
+        for steering in steerings:
+            vector = steering.vector
+            # such a vector ablates by default (op=None); only an explicit op="add" adds it
+            if vector.metadata.get("operation") == "project_out" and steering.resolved_op == "add":
                 message = (
                     "this vector is marked operation='project_out' (a direction to ablate): "
                     "project it out with sl.DirectionalAblation(vec), or mark it for steering "
