@@ -243,3 +243,22 @@ def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
     assert result.exit_code == 1
     assert "apply to --engine vllm only" in result.output
     assert "Traceback" not in result.output
+
+
+def test_operators_conditions_and_text_positions_are_refused_not_added() -> None:
+    import pytest as _pytest
+    import torch as _torch
+
+    from steerlab.errors import InvalidInputError as _Invalid
+    from steerlab.interventions import Steering as _Steering
+    from steerlab.vectors import SteeringVector as _Vector
+    from steerlab.vllm.spec import to_wire as _to_wire
+
+    vec = _Vector({0: _torch.tensor([1.0, 0.5])})
+    with _pytest.raises(_Invalid, match="op='clamp'"):
+        _to_wire([_Steering(vec, op="clamp")])
+    with _pytest.raises(_Invalid, match="op='ablate'"):  # project_out vectors ablate by default
+        _to_wire([_Steering(vec.with_metadata(operation="project_out"))])
+    with _pytest.raises(_Invalid, match="by their text"):
+        _to_wire([_Steering(vec, positions="after:cat")])
+    assert _to_wire([_Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"

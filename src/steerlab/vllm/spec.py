@@ -128,6 +128,17 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             raise InvalidInputError(
                 f"vLLM steering takes Steering terms or SteeringVectors, got {type(term).__name__}"
             )
+        # the plugin adds; anything else would be applied wrongly, so it is refused here
+        if term.resolved_op != "add" or term.when is not None:
+            raise InvalidInputError(
+                f"the vLLM plugin applies op='add' without conditions; this steering has "
+                f"op={term.resolved_op!r}{' and a when= condition' if term.when else ''}"
+            )
+        if Positions.parse(term.positions).needs_ids:
+            raise InvalidInputError(
+                f"positions {term.positions!r} select tokens by their text, which the vLLM "
+                f"plugin does not support (use index-based positions)"
+            )
         vector = {
             str(layer): term.vector.directions[layer].to(torch.float32).tolist()
             for layer in term.vector.layers
