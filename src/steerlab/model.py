@@ -403,6 +403,30 @@ class SteeredModel:
         >>> handle.remove(); handle.active
         False
         """
+        interventions = self._checked_steering(
+            steering,
+            strength=strength,
+            positions=positions,
+            layers=layers,
+            op=op,
+            when=when,
+            force=force,
+        )
+        return self.add_interventions(interventions)
+
+    def _checked_steering(
+        self,
+        steering: Any,
+        *,
+        strength: float | Mapping[int, float] | None,
+        positions: PositionSpec | None,
+        layers: Sequence[int] | None,
+        op: str | None,
+        when: Any,
+        force: bool,
+    ) -> list[Intervention]:
+        """``steering`` as interventions, its vectors checked against this model (``steer`` and
+        ``add_steering`` differ only in the scope they activate them in)."""
         interventions = normalize_steering(
             steering,
             strength=strength,
@@ -413,7 +437,7 @@ class SteeredModel:
             tokenizer=self.tokenizer,
         )
         self.check_vectors(interventions, force=force)
-        return self.add_interventions(interventions)
+        return interventions
 
     def check_vectors(self, interventions: Sequence[Intervention], *, force: bool = False) -> None:
         """Refuse steering vectors whose metadata says they were made for another model.
@@ -520,16 +544,15 @@ class SteeredModel:
         >>> bool((steered != model.logits(["the cat"])).any())
         True
         """
-        interventions = normalize_steering(
+        interventions = self._checked_steering(
             steering,
             strength=strength,
             positions=positions,
             layers=layers,
             op=op,
             when=when,
-            tokenizer=self.tokenizer,
+            force=force,
         )
-        self.check_vectors(interventions, force=force)
         with self._activate(interventions) as handle:
             yield handle
 
