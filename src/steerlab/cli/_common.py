@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import typer
 
 from steerlab.errors import FileWriteError
 
-__all__ = ["check_output_file", "check_output_folder"]
+__all__ = ["check_output_file", "check_output_folder", "parse_numbers"]
 
 
 def check_output_file(path: Path) -> Path:
@@ -38,3 +41,22 @@ def check_output_folder(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise FileWriteError(f"cannot write into {path}: it is a file, not a folder")
     return path
+
+
+def parse_numbers(text: str, what: str) -> list[float]:
+    """Comma-separated finite numbers of a CLI option (``what`` names it in the error)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{what}: {part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{what}: {part!r} is not finite")
+        values.append(value)
+    if not values:
+        raise typer.BadParameter(f"{what}: give at least one number")
+    return values

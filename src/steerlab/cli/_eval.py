@@ -14,12 +14,12 @@ True
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from steerlab.cli._common import parse_numbers
 from steerlab.errors import SteerlabError
 
 __all__ = ["register"]
@@ -29,24 +29,6 @@ eval_app = typer.Typer(
     help="Evaluate steering the way papers do: CAA's A/B table, AxBench-style concepts.",
     no_args_is_help=True,
 )
-
-
-def _numbers(text: str, what: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise typer.BadParameter(f"{what}: {part!r} is not a number") from None
-        if not math.isfinite(value):
-            raise typer.BadParameter(f"{what}: {part!r} is not finite")
-        values.append(value)
-    if not values:
-        raise typer.BadParameter(f"{what}: give at least one number")
-    return values
 
 
 def _layer_list(text: str | None) -> list[int] | None:
@@ -149,7 +131,7 @@ def caa(
     ] = False,
 ) -> None:
     """Reproduce CAA's A/B behaviour table: p(answer matching the behaviour) per multiplier."""
-    values = _numbers(multipliers, "multipliers")
+    values = parse_numbers(multipliers, "multipliers")
     chosen = _layer(layer)
     swept = _layer_list(sweep_layers)
     for name, value in (("limit", limit), ("train-limit", train_limit), ("open-limit", open_limit)):
@@ -249,7 +231,7 @@ def concept(
     ] = False,
 ) -> None:
     """AxBench-style: steer continuations of instructions, score concept x fluency x relevance."""
-    values = _numbers(strengths, "strengths")
+    values = parse_numbers(strengths, "strengths")
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     if not chosen:
         raise typer.BadParameter("methods: give at least one")

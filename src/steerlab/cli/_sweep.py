@@ -20,25 +20,9 @@ from typing import Annotated, Any
 
 import typer
 
+from steerlab.cli._common import parse_numbers
+
 __all__ = ["register"]
-
-
-def _numbers(text: str, what: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise typer.BadParameter(f"{what}: {part!r} is not a number") from None
-        if not math.isfinite(value):
-            raise typer.BadParameter(f"{what}: {part!r} is not finite")
-        values.append(value)
-    if not values:
-        raise typer.BadParameter(f"{what}: give at least one number")
-    return values
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -207,7 +191,7 @@ def sweep(
         raise typer.BadParameter(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if max_kl < 0 or not math.isfinite(max_kl):
         raise typer.BadParameter("--max-kl must be a non-negative number")
-    values = _numbers(strengths, "strengths")
+    values = parse_numbers(strengths, "strengths")
     chosen = _layers(layers)
     where = _positions(positions)
     ops = [o.strip() for o in op.split(",") if o.strip()]
