@@ -45,6 +45,21 @@ def block_pass_bound(n_layers: int, configs: int, tokens: float) -> float:
     return one_at_a_time / fast
 
 
+def _float64_row_diff(model: Any, prompts: list[str], vector: Any, strength: float) -> float:
+    """The one-row check in float64, where rounding cannot hide a wrong algorithm: the
+    last-token path must equal the full pass to ~1e-12, not just to fp32's ~1e-5."""
+    import steerlab as sl
+
+    model.hf_model.to(torch.float64)
+    try:
+        steering = sl.Steering(vector, strength, "last")
+        full = model.next_token_logits(prompts[:1], steering=steering)
+        fast = model.run_last(model.last_token_cache(prompts), steering=[steering] * len(prompts))
+        return float((fast[0].double() - full[0].double()).abs().max())
+    finally:
+        model.hf_model.to(torch.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
@@ -102,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         steering=[sl.Steering(vector.select([layer]), strength, "last")] * len(prompts),
     )
     row_diff = float((fast_rows[0] - steered[0]).abs().max())
+    # fp32 rounding alone: the same full pass, the row batched with the others vs solo
+    batched_full = model.next_token_logits(
+        prompts, steering=sl.Steering(vector.select([layer]), strength, "last")
+    )
+    fp32_floor = float((batched_full[0] - steered[0]).abs().max())
+    fp64_diff = _float64_row_diff(model, prompts, vector.select([layer]), strength)
     grid_diff = float(
         (results["last"].behaviour_scores - results["one_at_a_time"].behaviour_scores).abs().max()
     )
@@ -125,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode_used": results["last"].mode,
         "max_abs_diff_one_row_vs_full": row_diff,
         "max_abs_diff_grid_vs_naive": grid_diff,
+        "fp32_floor_batched_vs_solo_full": fp32_floor,
+        "max_abs_diff_one_row_vs_full_float64": fp64_diff,
         "load_average": list(__import__("os").getloadavg()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

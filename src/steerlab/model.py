@@ -162,6 +162,15 @@ class _StopForward(Exception):
     """Raised by a capture hook once the deepest requested layer has run."""
 
 
+def _output_cache(out: Any) -> Any:
+    """The key/value cache a forward pass returned: ``out.cache`` on transformers releases
+    that renamed it (reading the old ``past_key_values`` there warns), else the old name."""
+    keys = out.keys() if callable(getattr(out, "keys", None)) else ()
+    if "cache" in keys:
+        return out["cache"]
+    return getattr(out, "past_key_values", None)
+
+
 def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -871,9 +880,7 @@ class SteeredModel:
                     use_cache=True,
                 )
         logits = out.logits[:, -1].float().cpu()
-        past = getattr(out, "past_key_values", None)
-        if past is None:
-            past = getattr(out, "cache", None)
+        past = _output_cache(out)
         exact = (
             past is not None
             and callable(getattr(past, "crop", None))
@@ -1030,9 +1037,7 @@ class SteeredModel:
                 position_ids=device_batch.position_ids,
                 use_cache=True,
             )
-        past = getattr(out, "past_key_values", None)
-        if past is None:
-            past = getattr(out, "cache", None)
+        past = _output_cache(out)
         exact = past is not None and callable(getattr(past, "reorder_cache", None))
         return LastTokenCache(
             batch=batch, past=past, logits=out.logits[:, -1].float().cpu(), exact=exact
