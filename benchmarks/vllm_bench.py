@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import statistics
@@ -65,19 +66,18 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - start
 
 
-def offline(llm: Any, model: sl.SteeredModel, sizes: list[int], new: int, rounds: int) -> Any:
+def offline_vllm(llm: Any, model: sl.SteeredModel, sizes: list[int], new: int, rounds: int) -> Any:
+    """Seconds per batch size: vLLM unsteered and steered (8 configs), rounds interleaved."""
     import vllm
     from vllm.inputs import TokensPrompt
 
-    import steerlab.vllm as slv
     from steerlab.vllm.spec import EXTRA_ARGS_KEY, to_wire
 
     steers = configs(model)
     tok = llm.get_tokenizer()
-    rows = []
-    for n in sizes:
-        items = prompts(n)
-        reqs = [TokensPrompt(prompt_token_ids=tok(p)["input_ids"]) for p in items]
+
+    def runs(n: int) -> dict[str, Callable[[], Any]]:
+        reqs = [TokensPrompt(prompt_token_ids=tok(p)["input_ids"]) for p in prompts(n)]
         plain = vllm.SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
         steered = [
             vllm.SamplingParams(
@@ -88,15 +88,52 @@ def offline(llm: Any, model: sl.SteeredModel, sizes: list[int], new: int, rounds
             )
             for i in range(n)
         ]
-        assert slv.EXTRA_ARGS_KEY == EXTRA_ARGS_KEY
-        times: dict[str, list[float]] = {"vllm": [], "vllm_steered": [], "torch_steered": []}
-        llm.generate(reqs, plain, use_tqdm=False)  # warm-up
-        for _ in range(rounds):
-            times["vllm"].append(timed(llm.generate, reqs, plain, use_tqdm=False))
-            times["vllm_steered"].append(timed(llm.generate, reqs, steered, use_tqdm=False))
-            steering = [steers[i % 8] for i in range(n)]
-            times["torch_steered"].append(timed(_torch_generate, model, items, steering, new))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        return {
+            "vllm": functools.partial(llm.generate, reqs, plain, use_tqdm=False),
+            "vllm_steered": functools.partial(llm.generate, reqs, steered, use_tqdm=False),
+        }
+
+    return _timed_rows(runs, sizes, rounds)
+
+
+def offline_torch(model: sl.SteeredModel, sizes: list[int], new: int, rounds: int) -> Any:
+    """Seconds per batch size: steerlab's torch generate, unsteered and with the same 8 configs."""
+    steers = configs(model)
+
+    def runs(n: int) -> dict[str, Callable[[], Any]]:
+        items = prompts(n)
+        steering = [steers[i % 8] for i in range(n)]
+        return {
+            "torch": functools.partial(_torch_generate, model, items, None, new),
+            "torch_steered": functools.partial(_torch_generate, model, items, steering, new),
+        }
+
+    return _timed_rows(runs, sizes, rounds)
+
+
+def _timed_rows(
+    make_runs: Callable[[int], dict[str, Callable[[], Any]]], sizes: list[int], rounds: int
+) -> dict[int, dict[str, float]]:
+    """Median seconds per variant and size; one warm-up each, then rounds in rotating order."""
+    out: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        runs = make_runs(n)
+        for fn in runs.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                times[name].append(timed(runs[name]))
+        out[n] = {k: statistics.median(v) for k, v in times.items()}
+        print(json.dumps({"batch": n, "seconds": out[n]}), flush=True)
+    return out
+
+
+def offline_rows(seconds: dict[int, dict[str, float]], new: int) -> list[dict[str, Any]]:
+    """The offline table's rows from both engines' medians."""
+    rows = []
+    for n, med in sorted(seconds.items()):
         rows.append(
             {
                 "batch": n,
@@ -104,16 +141,21 @@ def offline(llm: Any, model: sl.SteeredModel, sizes: list[int], new: int, rounds
                 "seconds": med,
                 "tokens_per_s": {k: n * new / v for k, v in med.items()},
                 "steered_over_unsteered": med["vllm_steered"] / med["vllm"],
+                "torch_steered_over_unsteered": med["torch_steered"] / med["torch"],
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _torch_generate(model: sl.SteeredModel, items: list[str], steering: list[Any], new: int) -> Any:
+def _torch_generate(
+    model: sl.SteeredModel, items: list[str], steering: list[Any] | None, new: int
+) -> Any:
     # exactly `new` tokens per row (EOS ignored), per-row steering, as vLLM's ignore_eos runs
+    import contextlib
+
     batch = model.encode(items)
-    with model.steer(steering), torch.no_grad():
+    scope = model.steer(steering) if steering else contextlib.nullcontext()
+    with scope, torch.no_grad():
         return model.hf_model.generate(  # type: ignore[operator]
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -172,7 +214,13 @@ def main() -> None:
     parser.add_argument(
         "--render", action="store_true", help="write results/vllm.{json,md} and the doc section"
     )
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="only render (with --render) a saved run"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        publish(json.loads(args.from_json.read_text()))
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import steerlab.vllm as slv
@@ -183,52 +231,112 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average_start": list(os.getloadavg()),
         "command": "python -m benchmarks.vllm_bench " + " ".join(sys.argv[1:]),
+        # vLLM-CPU binds its worker's OpenMP threads to cores (and may reserve one for the
+        # front end): how many cores each engine computes on is part of the result
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("VLLM_", "OMP_"))},
     }
+    # One engine alive at a time: an idle vLLM engine core keeps its CPU threads busy, so a
+    # torch measurement beside it would time the contention, not the engine.
+    sizes = [int(x) for x in args.sizes.split(",")]
     llm = slv.load(max_model_len=512, max_num_seqs=64, seed=0)
-    results["offline"] = offline(
-        llm, model, [int(x) for x in args.sizes.split(",")], args.new, args.rounds
-    )
+    seconds = offline_vllm(llm, model, sizes, args.new, args.rounds)
     llm.llm_engine.engine_core.shutdown()
     del llm
+    for n, med in offline_torch(model, sizes, args.new, args.rounds).items():
+        seconds[n].update(med)
+    results["offline"] = offline_rows(seconds, args.new)
     if not args.skip_clients:
         from steerlab.server.engine import TorchEngine
         from steerlab.vllm.engine import VLLMEngine
 
-        vengine = VLLMEngine(dtype="float32", max_model_len=512, max_num_seqs=64, seed=0)
-        tengine = TorchEngine(model, max_batch=64)
-        for i, steer in enumerate(configs(model)):
-            scaled = steer.vector.scaled(float(steer.strength))  # type: ignore[arg-type]
-            vengine.vectors.register(f"cfg{i}", scaled)
-            tengine.vectors.register(f"cfg{i}", scaled)
-        vengine.start()
-        tengine.start()
-        try:
-            results["clients"] = clients(
-                {"vllm": vengine, "torch": tengine},
-                model,
-                [int(x) for x in args.clients.split(",")],
-                args.new,
+        counts = [int(x) for x in args.clients.split(",")]
+        per_engine: dict[str, list[dict[str, Any]]] = {}
+        for name in ("vllm", "torch"):
+            engine: Any = (
+                VLLMEngine(dtype="float32", max_model_len=512, max_num_seqs=64, seed=0)
+                if name == "vllm"
+                else TorchEngine(model, max_batch=64)
             )
-        finally:
-            vengine.shutdown()
-            tengine.shutdown()
+            for i, steer in enumerate(configs(model)):
+                engine.vectors.register(
+                    f"cfg{i}",
+                    steer.vector.scaled(float(steer.strength)),  # type: ignore[arg-type]
+                )
+            engine.start()
+            try:
+                per_engine[name] = clients({name: engine}, model, counts, args.new)
+            finally:
+                engine.shutdown()
+        results["clients"] = [
+            {"clients": c, "vllm": v["vllm"], "torch": t["torch"]}
+            for c, v, t in zip(counts, per_engine["vllm"], per_engine["torch"], strict=True)
+        ]
     results["load_average_end"] = list(os.getloadavg())
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text)
     print(text)
     if args.render:
-        section = render(results)
-        (RESULTS / "vllm.json").write_text(text)
-        (RESULTS / "vllm.md").write_text(section)
-        doc = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-        body = doc.read_text()
-        cut = body.find(SECTION_TITLE)
-        doc.write_text((body[:cut] if cut >= 0 else body.rstrip() + "\n\n") + section)
+        publish(results)
 
 
 SECTION_TITLE = "## vLLM engine"
 RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PLOT = "vllm_throughput.png"
+
+
+def publish(results: dict[str, Any]) -> None:
+    """Write results/vllm.{json,md}, the throughput plot and the section of docs/benchmarks.md."""
+    section = render(results)
+    (RESULTS / "vllm.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "vllm.md").write_text(section)
+    plot(results, DOCS / PLOT)
+    doc = DOCS / "benchmarks.md"
+    body = doc.read_text()
+    cut = body.find(SECTION_TITLE)
+    doc.write_text((body[:cut] if cut >= 0 else body.rstrip() + "\n\n") + section)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Tokens per second against batch size (offline) and concurrent clients (engines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("offline", "batch", "requests in one offline batch")]
+    if results.get("clients"):
+        panels.append(("clients", "clients", "concurrent clients (engine interface)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, x_key, xlabel) in zip(axes[0], panels, strict=True):
+        rows = results[key]
+        xs = [row[x_key] for row in rows]
+        names = (
+            list(rows[0]["tokens_per_s"])
+            if key == "offline"
+            else [k for k in rows[0] if k != "clients"]
+        )
+        for name in names:
+            ys = [
+                row["tokens_per_s"][name] if key == "offline" else row[name]["tokens_per_s"]
+                for row in rows
+            ]
+            ax.plot(xs, ys, marker="o", label=name.replace("_", " "))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("generated tokens / s")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"vLLM-CPU vs steerlab's torch engine, {results['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load(values: list[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -239,27 +347,46 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Measured by `benchmarks/vllm_bench.py` in `.venv-vllm` (vllm-cpu 0.32.0, fp32, eager "
         f"mode, greedy, exactly {new} new tokens per request, default model). Load average at "
-        f"start {results['load_average_start']}, at end {results['load_average_end']} on "
-        f"{os.cpu_count()} CPUs (above the CPU count, other processes competed; ratios from "
-        "interleaved rounds, medians). Command: "
-        f"`{results['command']}`.",
+        f"start {_load(results['load_average_start'])}, at end "
+        f"{_load(results['load_average_end'])} on {os.cpu_count()} CPUs ("
+        + (
+            "above the CPU count: other processes competed"
+            if max(results["load_average_start"][0], results["load_average_end"][0])
+            > (os.cpu_count() or 1) + 0.5
+            else "a quiet machine"
+        )
+        + "; ratios from rounds interleaved in rotating order, medians). Command: "
+        f"`{results['command']}`"
+        + (
+            " with " + ", ".join(f"`{k}={v}`" for k, v in results["env"].items())
+            if results.get("env")
+            else ""
+        )
+        + f"; torch used {results['threads']} thread(s).",
         "",
         "### Offline batches: steered vs unsteered vLLM, and the torch engine",
         "",
         "Steered: 8 different configurations (4 layers each, positions alternating "
         "`last`/`all`) spread over the batch. Torch: `model.generate`-equivalent with per-row "
-        "steering (HF generate under `model.steer([...])`, KV cache).",
+        "steering (HF generate under `model.steer([...])`, KV cache). One engine is alive at a "
+        "time (an idle vLLM engine core keeps CPU threads busy): each engine's steered and "
+        "unsteered runs are interleaved; the two engines are measured one after the other.",
         "",
-        "| batch | vLLM tok/s | vLLM steered tok/s | steered / unsteered time "
-        "| torch steered tok/s |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| batch | vLLM tok/s | vLLM steered tok/s | vLLM steered / unsteered time "
+        "(target <= 1.05) | torch tok/s | torch steered tok/s | torch steered / unsteered |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["offline"]:
         tps = row["tokens_per_s"]
+        ratio = row["steered_over_unsteered"]
+        torch_ratio = row.get("torch_steered_over_unsteered")
         lines.append(
             f"| {row['batch']} | {tps['vllm']:.1f} | {tps['vllm_steered']:.1f} | "
-            f"{row['steered_over_unsteered']:.3f} | {tps['torch_steered']:.1f} |"
+            f"{ratio:.3f} ({'pass' if ratio <= 1.05 else 'MISS'}) | "
+            f"{tps.get('torch', float('nan')):.1f} | {tps['torch_steered']:.1f} | "
+            + (f"{torch_ratio:.3f} |" if torch_ratio is not None else "– |")
         )
+    lines += ["", f"![tokens per second against load]({PLOT})"]
     if results.get("clients"):
         lines += [
             "",
