@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
+from steerlab.checks import check_prompts
 from steerlab.errors import (
     FileWriteError,
     InvalidInputError,
@@ -1101,10 +1102,10 @@ def compute_means(
     >>> m.sites, tuple(m.per_position[("head", 1)].shape)
     ([('attn', 0), ('attn', 1), ('head', 0), ('head', 1)], (3, 32))
     """
-    from steerlab.model import _check_prompts, _progress
+    from steerlab.model import _progress
     from steerlab.vectors import model_identity
 
-    items = _check_prompts(prompts)
+    items = check_prompts(prompts)
     comps = [_check_component(c) for c in dict.fromkeys(components)]
     if not comps:
         raise InvalidInputError("components is empty")
@@ -1540,9 +1541,9 @@ def ablation_scan(
     >>> tuple(scan.scores.shape), scan.path
     ((3, 4), 'fast')
     """
-    from steerlab.model import _check_prompts, _progress
+    from steerlab.model import _progress
 
-    items = _check_prompts(prompts)
+    items = check_prompts(prompts)
     _check_component(component)
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be positive, got {batch_size}")

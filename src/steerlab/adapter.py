@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from steerlab._checks import as_int
+from steerlab.checks import as_int
 from steerlab.errors import LayerIndexError, UnsupportedModelError
 
 __all__ = [

@@ -375,11 +375,12 @@ def fit_condition(
     holds ``train_f1``, ``train_accuracy``, ``heldout_accuracy``, ``heldout_f1`` and the split
     sizes. ``scope="token"`` returns the per-token gate of the same probe.
     """
-    from steerlab.methods import _strings, run_method, split_classes
+    from steerlab.checks import check_prompt_list
+    from steerlab.methods import run_method, split_classes
     from steerlab.vectors import model_identity
 
-    pos = list(_strings(positive_prompts, "positive"))
-    neg = list(_strings(negative_prompts, "negative"))
+    pos = list(check_prompt_list(positive_prompts, "positive"))
+    neg = list(check_prompt_list(negative_prompts, "negative"))
     if scope not in SCOPES:
         raise InvalidInputError(f"scope must be one of {SCOPES}, not {scope!r}")
     grid = tuple(CAST_THRESHOLDS if thresholds is None else (float(t) for t in thresholds))

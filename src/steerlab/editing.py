@@ -63,7 +63,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab._checks import as_finite_float
 from steerlab.ablation import (
     DirectionalAblation,
     MeanAblation,
@@ -71,6 +70,7 @@ from steerlab.ablation import (
     ZeroAblation,
 )
 from steerlab.adapter import ModelAdapter
+from steerlab.checks import as_finite_float
 from steerlab.errors import (
     BakeError,
     EditRemovedError,

@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from steerlab.checks import check_texts
 from steerlab.errors import InvalidInputError
 from steerlab.model import position_kwargs
 
@@ -366,16 +367,6 @@ def kl_divergence(steered: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 # --- text metrics --------------------------------------------------------------------------------
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise InvalidInputError("texts must be a list of strings, not one string")
-    items = list(texts)
-    for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise InvalidInputError(f"text {i} is a {type(text).__name__}, not a string")
-    return items
-
-
 @functools.lru_cache(maxsize=1)
 def _vader() -> Any:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -393,7 +384,7 @@ def vader_sentiment(texts: Sequence[str]) -> torch.Tensor:
     """
     analyzer = _vader()
     return torch.tensor(
-        [float(analyzer.polarity_scores(t)["compound"]) for t in _check_texts(texts)],
+        [float(analyzer.polarity_scores(t)["compound"]) for t in check_texts(texts)],
         dtype=torch.float32,
     )
 
@@ -414,7 +405,7 @@ def keyword_rate(texts: Sequence[str], *, words: Sequence[str]) -> torch.Tensor:
     if not vocabulary:
         raise InvalidInputError("keyword_rate needs at least one non-empty word")
     rates = []
-    for text in _check_texts(texts):
+    for text in check_texts(texts):
         found = _WORD.findall(text.lower())
         rates.append(sum(w in vocabulary for w in found) / len(found) if found else 0.0)
     return torch.tensor(rates, dtype=torch.float32)
@@ -467,8 +458,8 @@ def concept_similarity(
     >>> concept_similarity(["I love it"], positive=["joy"], negative=["grief"])  # doctest: +SKIP
     tensor([0.1...])
     """
-    items = _check_texts(texts)
-    pos, neg = _check_texts(positive), _check_texts(negative)
+    items = check_texts(texts)
+    pos, neg = check_texts(positive), check_texts(negative)
     if not pos or not neg:
         raise InvalidInputError("concept_similarity needs positive and negative examples")
     if not items:
@@ -505,7 +496,7 @@ def perplexity(
     >>> bool(perplexity(model, ["the cat"], ids)[0] > 1.0)
     True
     """
-    items = _check_texts(prompts)
+    items = check_texts(prompts)
     if len(items) != len(new_ids):
         raise InvalidInputError(f"{len(items)} prompts but {len(new_ids)} continuations")
     results: list[float] = []

@@ -46,8 +46,8 @@ from typing import Any, Generic, TypeVar, Union
 import torch
 from torch import nn
 
-from steerlab._checks import as_finite_float, as_int
 from steerlab.adapter import ModelAdapter
+from steerlab.checks import as_finite_float, as_int
 from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.operators import Add, Operator, _check_extras, get_operator, stack_params
 from steerlab.positions import Positions, PositionSpec, marker_flags

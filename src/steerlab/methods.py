@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from steerlab.checks import check_prompt_list
 from steerlab.errors import InvalidInputError
 from steerlab.vectors import SteeringVector, vector_metadata
 
@@ -362,19 +363,6 @@ class ContrastInputs:
     dataset: Mapping[str, Any]
 
 
-def _strings(items: object, what: str) -> tuple[str, ...]:
-    if isinstance(items, str):
-        raise InvalidInputError(f"{what} prompts must be a list of strings, not one string")
-    if not isinstance(items, Sequence):
-        raise InvalidInputError(f"{what} prompts must be a list of strings, got {type(items)}")
-    if len(items) == 0:
-        raise InvalidInputError(f"the {what} prompt list is empty")
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise InvalidInputError(f"{what} prompt {i} is a {type(item).__name__}, not a string")
-    return tuple(items)
-
-
 def resolve_inputs(
     positive: Any, negative: Any = None, *, paired: bool | None = None
 ) -> ContrastInputs:
@@ -394,8 +382,8 @@ def resolve_inputs(
     dataset: dict[str, Any]
     if negative is None:
         if hasattr(positive, "positive") and hasattr(positive, "negative"):
-            pos = _strings(list(positive.positive), "positive")
-            neg = _strings(list(positive.negative), "negative")
+            pos = check_prompt_list(list(positive.positive), "positive")
+            neg = check_prompt_list(list(positive.negative), "negative")
             own = bool(getattr(positive, "paired", len(pos) == len(neg)))
             dataset = {
                 "name": str(getattr(positive, "name", "")),
@@ -419,7 +407,10 @@ def resolve_inputs(
                         f"list of ContrastPair / (positive, negative) tuples, got "
                         f"{type(item).__name__}"
                     )
-            pos, neg = _strings(pos_list, "positive"), _strings(neg_list, "negative")
+            pos, neg = (
+                check_prompt_list(pos_list, "positive"),
+                check_prompt_list(neg_list, "negative"),
+            )
             dataset = {"name": "pairs", "description": "", "source": "python"}
             if paired is None:
                 paired = True
@@ -428,7 +419,7 @@ def resolve_inputs(
                 "give positive and negative prompt lists, a ContrastDataset, or a list of pairs"
             )
     else:
-        pos, neg = _strings(positive, "positive"), _strings(negative, "negative")
+        pos, neg = check_prompt_list(positive, "positive"), check_prompt_list(negative, "negative")
         dataset = {"name": "prompts", "description": "", "source": "python"}
         if paired is None:
             paired = len(pos) == len(neg)

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, overload
 import torch
 from torch import nn
 
-from steerlab._checks import as_finite_float, as_int, as_positive_int
 from steerlab.adapter import ModelAdapter
+from steerlab.checks import as_finite_float, as_int, as_positive_int, check_prompts
 from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
@@ -169,20 +169,6 @@ def _output_cache(out: Any) -> Any:
     if "cache" in keys:
         return out["cache"]
     return getattr(out, "past_key_values", None)
-
-
-def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence):
-        raise InvalidInputError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    items = list(prompts)
-    if not items:
-        raise InvalidInputError("the prompt list is empty")
-    for i, prompt in enumerate(items):
-        if not isinstance(prompt, str):
-            raise InvalidInputError(f"prompt {i} is a {type(prompt).__name__}, not a string")
-    return items
 
 
 def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -351,7 +337,7 @@ class SteeredModel:
         >>> b.attention_mask.tolist()
         [[0, 0, 1], [1, 1, 1]]
         """
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         if padding_side not in ("left", "right"):
             raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         reserve = as_int(reserve, "reserve")
@@ -677,7 +663,7 @@ class SteeredModel:
         when: Any = None,
     ) -> torch.Tensor:
         """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         if batch_size is not None:
             batch_size = as_positive_int(batch_size, "batch_size")
         self._check_steering_rows(steering, len(items))
@@ -758,7 +744,7 @@ class SteeredModel:
         >>> cache.exact, tuple(cache.hidden.shape)
         (True, (2, 3, 32))
         """
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         start_layer = self.adapter.resolve_layer(layer)
         batch = self.encode(items, chat=chat).to(self.device)
         inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
@@ -860,7 +846,7 @@ class SteeredModel:
         >>> cache.exact, tuple(cache.logits.shape) == (2, model.hf_model.config.vocab_size)
         (True, True)
         """
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         batch = self.encode(items, chat=chat)
         device_batch = batch.to(self.device)
         with self._call_scope(None, batch, strength=None, positions=None):
@@ -1027,7 +1013,7 @@ class SteeredModel:
         >>> cache.exact, cache.logits.shape[0]
         (True, 2)
         """
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         batch = self.encode(items, chat=chat)
         device_batch = batch.to(self.device)
         with self._call_scope(None, batch, strength=None, positions=None):
@@ -1148,7 +1134,7 @@ class SteeredModel:
         >>> sorted(acts), tuple(acts[-1].shape)
         ([0, 2], (2, 32))
         """
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         if isinstance(positions, bool) or not (
             positions in _REDUCTIONS or isinstance(positions, int)
         ):
@@ -1266,7 +1252,7 @@ class SteeredModel:
         when: Any = None,
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
-        items = _check_prompts(prompts)
+        items = check_prompts(prompts)
         max_new_tokens = as_int(max_new_tokens, "max_new_tokens")
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -55,7 +55,7 @@ from typing import Literal, Union
 
 import torch
 
-from steerlab._checks import as_int
+from steerlab.checks import as_int
 from steerlab.errors import InvalidInputError
 
 __all__ = ["PositionSpec", "Positions", "marker_flags"]

@@ -51,8 +51,9 @@ from typing import Any
 
 import torch
 
+from steerlab.checks import check_texts
 from steerlab.errors import InvalidInputError
-from steerlab.evaluation import _check_texts, concept_similarity, vader_sentiment
+from steerlab.evaluation import concept_similarity, vader_sentiment
 
 __all__ = [
     "GENERIC_PROMPT",
@@ -93,7 +94,7 @@ def words_score(texts: Sequence[str], *, words: Sequence[str]) -> torch.Tensor:
     if not vocabulary:
         raise InvalidInputError("words_score needs at least one non-empty word")
     scores = []
-    for text in _check_texts(texts):
+    for text in check_texts(texts):
         found = sum(w in vocabulary for w in _WORD.findall(text.lower()))
         scores.append(min(1.0, found / 2))
     return torch.tensor(scores, dtype=torch.float32)
@@ -108,7 +109,7 @@ def sentiment_score(texts: Sequence[str], *, sign: int = 1) -> torch.Tensor:
     """
     if sign not in (1, -1):
         raise InvalidInputError(f"sign must be 1 or -1, got {sign!r}")
-    compound = vader_sentiment(_check_texts(texts))
+    compound = vader_sentiment(check_texts(texts))
     return ((sign * compound + 1.0) / 2.0).float()
 
 
@@ -123,7 +124,7 @@ def embedding_score(
     >>> embedding_score(["I love it"], positive=["joy"], negative=["grief"])  # doctest: +SKIP
     tensor([0.5...])
     """
-    diff = concept_similarity(_check_texts(texts), positive=positive, negative=negative)
+    diff = concept_similarity(check_texts(texts), positive=positive, negative=negative)
     return ((1.0 + diff) / 2.0).clamp(0.0, 1.0).float()
 
 
@@ -170,8 +171,8 @@ def continuation_logprobs(
     """
     from steerlab.evaluation import perplexity
 
-    items = _check_texts(prompts)
-    conts = _check_texts(continuations)
+    items = check_texts(prompts)
+    conts = check_texts(continuations)
     if len(items) != len(conts):
         raise InvalidInputError(f"{len(items)} prompts but {len(conts)} continuations")
     ids = [
@@ -199,7 +200,7 @@ def fluency_scores(
     >>> sorted(out), 0.0 <= float(out["fluency"][0]) <= 1.0
     (['compression', 'fluency', 'perplexity', 'repetition'], True)
     """
-    items = _check_texts(texts)
+    items = check_texts(texts)
     logp, counts = continuation_logprobs(model, prompts, items, chat=chat)
     ppl = torch.where(counts > 0, torch.exp(-logp / counts.clamp(min=1)), torch.tensor(math.inf))
     rep = torch.tensor([repetition_rate(t) for t in items], dtype=torch.float64)
@@ -230,7 +231,7 @@ def relevance_scores(
     >>> 0.0 < float(r[0]) < 1.0
     True
     """
-    items = _check_texts(texts)
+    items = check_texts(texts)
     asked, counts = continuation_logprobs(model, instructions, items, chat=chat)
     plain, _ = continuation_logprobs(model, [generic] * len(items), items, chat=chat)
     pmi = (asked - plain) / counts.clamp(min=1)
@@ -328,7 +329,7 @@ def neutral_damage(
     >>> none.kl, strong.kl > 0, none.perplexity == none.base_perplexity
     (0.0, True, True)
     """
-    texts = neutral_corpus() if passages is None else _check_texts(passages)
+    texts = neutral_corpus() if passages is None else check_texts(passages)
     if not texts:
         raise InvalidInputError("neutral_damage needs at least one passage")
     batch = model.encode(texts)

@@ -211,7 +211,7 @@ class SteeringVector:
         >>> SteeringVector.from_tensor(torch.zeros(8), layers=[6, 8]).layers
         (6, 8)
         """
-        from steerlab._checks import as_int
+        from steerlab.checks import as_int
 
         try:
             keys = [as_int(layer, "layer") for layer in layers]
