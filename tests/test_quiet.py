@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import steerlab as sl
-from steerlab import model as model_module
+from steerlab import progress
 from steerlab.testing import tiny_model
 
 PROMPTS = [f"the cat sat on day {w}" for w in ("one", "two", "three", "four", "five", "six")]
@@ -32,14 +32,14 @@ def test_long_work_from_a_script_prints_nothing(capfd: pytest.CaptureFixture[str
 def test_a_terminal_sees_bars_for_long_work_only(monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    bar = model_module._progress(10, "work", None)
-    assert not bar.disable and bar.delay == model_module._PROGRESS_DELAY_S > 0
+    bar = progress.progress_bar(10, "work", None)
+    assert not bar.disable and bar.delay == progress._PROGRESS_DELAY_S > 0
     bar.close()
-    one_step = model_module._progress(1, "work", None)
+    one_step = progress.progress_bar(1, "work", None)
     assert one_step.disable  # a single step is not long work
     one_step.close()
     # Past the delay the bar is drawn on the terminal.
-    monkeypatch.setattr(model_module, "_PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(progress, "_PROGRESS_DELAY_S", 0.0)
     tiny_model("gpt2").activations(PROMPTS, layers=[1], batch_size=1)
     assert "activations" in terminal.getvalue()
 
@@ -47,19 +47,19 @@ def test_a_terminal_sees_bars_for_long_work_only(monkeypatch: pytest.MonkeyPatch
 def test_progress_flag_overrides_the_terminal_check(monkeypatch: pytest.MonkeyPatch) -> None:
     piped = io.StringIO()
     monkeypatch.setattr(sys, "stderr", piped)
-    assert model_module._progress(10, "work", None).disable
-    forced = model_module._progress(1, "work", True)
+    assert progress.progress_bar(10, "work", None).disable
+    forced = progress.progress_bar(1, "work", True)
     assert not forced.disable and forced.delay == 0
     forced.close()
     monkeypatch.setattr(sys, "stderr", _Terminal())
-    assert model_module._progress(10, "work", False).disable
+    assert progress.progress_bar(10, "work", False).disable
 
 
 def test_interactive_follows_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     monkeypatch.setattr(sys, "stderr", _Terminal())
-    assert model_module.interactive()
+    assert progress.interactive()
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert not model_module.interactive()
+    assert not progress.interactive()
     monkeypatch.setattr(sys, "stderr", None)
-    assert not model_module.interactive()
+    assert not progress.interactive()

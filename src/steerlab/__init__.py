@@ -59,8 +59,7 @@ from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.vectors import SteeringVector
-
-__version__ = "0.1.0"
+from steerlab.version import __version__
 
 __all__ = [
     "DEFAULT_MODEL_ID",

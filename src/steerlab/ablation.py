@@ -85,6 +85,7 @@ from steerlab.interventions import (
 )
 from steerlab.model import tile_rows
 from steerlab.positions import Positions, PositionSpec
+from steerlab.progress import progress_bar
 from steerlab.vectors import (
     CHECKSUM_KEY,
     MAX_LAYER,
@@ -1102,7 +1103,6 @@ def compute_means(
     >>> m.sites, tuple(m.per_position[("head", 1)].shape)
     ([('attn', 0), ('attn', 1), ('head', 0), ('head', 1)], (3, 32))
     """
-    from steerlab.model import _progress
     from steerlab.vectors import model_identity
 
     items = check_prompts(prompts)
@@ -1137,7 +1137,7 @@ def compute_means(
 
     acc = _MeanAccumulator(per_position=per_position, max_length=max_length)
     deepest = max(wanted)
-    bar = _progress(len(items), "means", progress)
+    bar = progress_bar(len(items), "means", progress)
     try:
         for start in range(0, len(items), batch_size):
             batch = model.encode(items[start : start + batch_size], chat=chat)
@@ -1541,7 +1541,6 @@ def ablation_scan(
     >>> tuple(scan.scores.shape), scan.path
     ((3, 4), 'fast')
     """
-    from steerlab.model import _progress
 
     items = check_prompts(prompts)
     _check_component(component)
@@ -1570,7 +1569,7 @@ def ablation_scan(
     path_used = "fast" if use_fast else "full"
     chunk = max(1, min(batch_size, n_prompts))
     total = len(scan_layers) * n_units * n_prompts
-    bar = _progress(total, "ablation scan", progress)
+    bar = progress_bar(total, "ablation scan", progress)
     try:
         for start in range(0, n_prompts, chunk):
             batch = model.encode(items[start : start + chunk], chat=chat)

@@ -100,6 +100,7 @@ from steerlab.vectors import (
     check_file_checksum,
     file_checksum,
 )
+from steerlab.version import __version__
 
 __all__ = [
     "BAKE_TOLERANCE",
@@ -762,14 +763,12 @@ def bake(
         baked.save_pretrained(staging)  # type: ignore[operator]
         if save_tokenizer and callable(getattr(base.tokenizer, "save_pretrained", None)):
             base.tokenizer.save_pretrained(staging)
-        import steerlab
-
         provenance = {
             "source_model": base.name,
             "model_type": adapter.model_type,
             "edits": plan.summary,
             "verified_max_abs_logit_diff": max_diff,
-            "library": f"steerlab {getattr(steerlab, '__version__', '?')}",
+            "library": f"steerlab {__version__}",
         }
         (staging / _PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         _replace_dir(staging, target)

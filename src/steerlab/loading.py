@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from steerlab.errors import InvalidInputError, ModelNotAvailableError, UnsupportedModelError
-from steerlab.model import SteeredModel, interactive
+from steerlab.model import SteeredModel
+from steerlab.progress import interactive
 
 __all__ = [
     "DEFAULT_MODEL_ID",

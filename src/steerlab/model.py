@@ -21,7 +21,6 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +47,7 @@ from steerlab.interventions import (
     scoped_hooks,
 )
 from steerlab.positions import PositionSpec
+from steerlab.progress import progress_bar
 from steerlab.vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -187,38 +187,6 @@ def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str
         return {"position_ids": position_ids}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"position_ids": position_ids} if takes_any or "position_ids" in params else {}
-
-
-def interactive() -> bool:
-    """True when someone can watch a progress bar: stderr is a terminal, or in a notebook.
-
-    >>> import contextlib, io
-    >>> with contextlib.redirect_stderr(io.StringIO()):
-    ...     interactive() == ("ipykernel" in sys.modules)
-    True
-    """
-    stream = sys.stderr
-    try:
-        if stream is not None and stream.isatty():
-            return True
-    except (AttributeError, ValueError):  # a replaced or closed stream
-        pass
-    return "ipykernel" in sys.modules
-
-
-# A bar appears only after the work has run this long, so quick calls never draw one.
-_PROGRESS_DELAY_S = 2.0
-
-
-def _progress(total: int, desc: str, enabled: bool | None) -> Any:
-    """A tqdm bar over ``total`` steps: ``enabled=None`` shows it on a terminal for long work
-    only (more than one step, still running after two seconds); True/False force it."""
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        show = total > 1 and interactive()
-        return tqdm(total=total, desc=desc, disable=not show, leave=False, delay=_PROGRESS_DELAY_S)
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
 class SteeredModel:
@@ -1153,7 +1121,7 @@ class SteeredModel:
                 layer: torch.empty(len(items), self.d_model, dtype=torch.float32)
                 for layer in wanted
             }
-        bar = _progress(len(items), "activations", progress)
+        bar = progress_bar(len(items), "activations", progress)
         try:
             for start in range(0, len(items), batch_size):
                 chunk_prompts = items[start : start + batch_size]

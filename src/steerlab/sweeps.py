@@ -69,8 +69,9 @@ from steerlab.evaluation import (
     perplexity,
 )
 from steerlab.interventions import Steering
-from steerlab.model import LastTokenCache, PrefixCache, _progress
+from steerlab.model import LastTokenCache, PrefixCache
 from steerlab.positions import Positions
+from steerlab.progress import progress_bar
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -559,7 +560,7 @@ def _score_configs(
         else [[i for i, low in enumerate(lowest) if low is not None]]
     )
     per_batch = 1 if mode == "naive" else max(1, max_rows // n)
-    bar = _progress(sum(len(g) for g in groups), desc, progress)
+    bar = progress_bar(sum(len(g) for g in groups), desc, progress)
     try:
         for group in groups:
             for k in range(0, len(group), per_batch):
@@ -623,7 +624,7 @@ def _score_last(
         if config is None:
             record(i, base)
     per_batch = max(1, max_rows // n)
-    bar = _progress(len(steered), desc, progress)
+    bar = progress_bar(len(steered), desc, progress)
     try:
         for k in range(0, len(steered), per_batch):
             chunk = steered[k : k + per_batch]

@@ -87,6 +87,7 @@ from typing import Any
 
 import torch
 
+from steerlab.checks import as_int
 from steerlab.errors import (
     FileWriteError,
     InvalidInputError,
@@ -95,6 +96,7 @@ from steerlab.errors import (
     VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.version import __version__
 
 __all__ = [
     "CHECKSUM_KEY",
@@ -211,8 +213,6 @@ class SteeringVector:
         >>> SteeringVector.from_tensor(torch.zeros(8), layers=[6, 8]).layers
         (6, 8)
         """
-        from steerlab.checks import as_int
-
         try:
             keys = [as_int(layer, "layer") for layer in layers]
         except InvalidInputError as err:
@@ -1160,8 +1160,6 @@ def vector_metadata(
     >>> meta["site"], meta["layer_convention"], meta["operation"]
     ('block_output', 'output of block L, 0-based', 'add')
     """
-    import steerlab  # lazily: steerlab/__init__ imports this module
-
     if operation not in _OPERATIONS:
         raise VectorMismatchError(f"operation must be one of {_OPERATIONS}, not {operation!r}")
     meta: dict[str, Any] = {
@@ -1173,7 +1171,7 @@ def vector_metadata(
         "positions": positions,
         "normalization": normalization,
         "dataset": dict(dataset) if dataset is not None else None,
-        "library_version": str(getattr(steerlab, "__version__", "unknown")),
+        "library_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if recommended_strength is not None:
