@@ -1151,9 +1151,9 @@ def compute_means(
                     else:
                         reads.append(HookSpec(module, "forward", acc.hook(component, layer)))
             reads.append(HookSpec(adapter.block(deepest), "forward", _stop_hook))
-            with model._call_scope(None, batch, strength=None, positions=None):
+            with model.call_scope(batch):
                 with scoped_hooks(reads), torch.no_grad(), contextlib.suppress(_StopForward):
-                    model._forward(batch)
+                    model.forward_batch(batch)
             bar.update(batch.input_ids.shape[0])
     finally:
         bar.close()
@@ -1688,15 +1688,15 @@ def _full_logits(
     tail: _Tail | None,
 ) -> torch.Tensor:
     extra: dict[str, Any] = {"logits_to_keep": 1} if last_only else {}
-    with model._call_scope(None, batch, strength=None, positions=None):
+    with model.call_scope(batch):
         with activate(model.adapter, interventions) if interventions else contextlib.nullcontext():
             with tail.capture() if tail is not None else contextlib.nullcontext():
                 try:
-                    out = model._forward(batch, **extra)
+                    out = model.forward_batch(batch, **extra)
                 except TypeError:
                     if not extra:
                         raise
-                    out = model._forward(batch)
+                    out = model.forward_batch(batch)
     logits = out.logits
     if last_only:
         logits = logits[:, -1:]

@@ -49,7 +49,7 @@ from torch import nn
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_finite_float, as_int
 from steerlab.errors import InvalidInputError, VectorMismatchError
-from steerlab.operators import Add, Operator, _check_extras, get_operator, stack_params
+from steerlab.operators import Add, Operator, check_extras, get_operator, stack_params
 from steerlab.positions import Positions, PositionSpec, marker_flags
 from steerlab.vectors import SteeringVector
 
@@ -831,7 +831,7 @@ class Steering(Intervention):
         out: dict[int, dict[str, torch.Tensor]] = {}
         for layer, (strength, tensors) in self._targets(adapter).items():
             extras = {k: v for k, v in tensors.items() if k != "direction"}
-            _check_extras(op, extras, layer)
+            check_extras(op, extras, layer)
             try:
                 out[layer] = op.params(tensors["direction"].float(), strength, extras)
             except VectorMismatchError as err:

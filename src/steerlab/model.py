@@ -574,6 +574,34 @@ class SteeredModel:
             **kwargs,
         )
 
+    def call_scope(self, batch: Batch) -> contextlib.AbstractContextManager[list[PositionTracker]]:
+        """What every call of this model runs under, for code that runs an encoded batch itself
+        (with hooks of its own, as :func:`steerlab.ablation.compute_means` does).
+
+        For a ``with`` block: installs the steering recorded on this model (``add_steering``,
+        ``steer`` in this context; an edited model's edits first) and pins every position
+        tracker to ``batch``'s prompt lengths; yields the active trackers. Run the batch with
+        :meth:`forward_batch` inside it.
+
+        >>> from steerlab.testing import tiny_model
+        >>> model = tiny_model("gpt2")
+        >>> batch = model.encode(["the cat sat", "a dog"])
+        >>> with model.call_scope(batch), torch.no_grad():
+        ...     logits = model.forward_batch(batch).logits.float().cpu()
+        >>> bool(torch.equal(logits, model.logits(["the cat sat", "a dog"])))
+        True
+        """
+        return self._call_scope(None, batch, strength=None, positions=None)
+
+    def forward_batch(self, batch: Batch, **kwargs: Any) -> Any:
+        """``hf_model``'s output for a batch from :meth:`encode`: moved to the model's device,
+        no KV cache, position ids where the model takes them; ``kwargs`` go to ``hf_model``.
+
+        Installs nothing itself: inside :meth:`call_scope` it runs with the model's steering
+        (see the example there).
+        """
+        return self._forward(batch, **kwargs)
+
     def _check_steering_rows(self, steering: Any, n_rows: int) -> None:
         if isinstance(steering, (list, tuple)) and len(steering) != n_rows:
             raise InvalidInputError(

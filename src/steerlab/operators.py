@@ -65,6 +65,7 @@ __all__ = [
     "Operator",
     "Rotate",
     "angular_plane",
+    "check_extras",
     "get_operator",
     "operator_names",
     "register_operator",
@@ -369,7 +370,17 @@ def stack_params(
     return out
 
 
-def _check_extras(op: Operator, extras: Mapping[str, Any], layer: int) -> None:
+def check_extras(op: Operator, extras: Mapping[str, Any], layer: int) -> None:
+    """Refuse a vector that lacks an extra ``op`` reads (``op.needs``) at ``layer``, saying how
+    to get one.
+
+    >>> import torch
+    >>> check_extras(get_operator("add"), {}, 3)  # add needs nothing
+    >>> check_extras(get_operator("affine"), {}, 3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.VectorMismatchError: op 'affine' needs the reference mean (...)...
+    """
     missing = [name for name in op.needs if name not in extras]
     if missing:
         hint = {
