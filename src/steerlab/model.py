@@ -24,20 +24,21 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_finite_float, as_int, as_positive_int, check_prompts
-from steerlab.errors import InvalidInputError, VectorMismatchError
+from steerlab.errors import EditRemovedError, InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
     HookSpec,
     Intervention,
     PositionTracker,
     RowSteering,
+    ScopedStack,
     Steering,
     activate,
     active_trackers,
@@ -50,10 +51,16 @@ from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
 from steerlab.vectors import SteeringVector
 
-if TYPE_CHECKING:
-    from steerlab.editing import EditedModel
-
-__all__ = ["Batch", "LastTokenCache", "LayerActivations", "PrefixCache", "SteeredModel", "wrap"]
+__all__ = [
+    "Batch",
+    "EditedModel",
+    "LastTokenCache",
+    "LayerActivations",
+    "PrefixCache",
+    "SteeredModel",
+    "edit",
+    "wrap",
+]
 
 _REDUCTIONS = ("last", "mean", "all")
 
@@ -455,7 +462,7 @@ class SteeredModel:
     ) -> EditedModel:
         """A view of this model that stays edited on every call (the seed's ``model.edit()``).
 
-        The original stays untouched and un-hooked; see :func:`steerlab.editing.edit`.
+        The original stays untouched and un-hooked; see :func:`edit`.
 
         >>> import torch, steerlab as sl
         >>> from steerlab.testing import tiny_model
@@ -464,8 +471,6 @@ class SteeredModel:
         >>> bool((edited.logits(["the cat"]) != model.logits(["the cat"])).any())
         True
         """
-        from steerlab.editing import edit
-
         return edit(self, steering, strength=strength, positions=positions, layers=layers)
 
     @contextlib.contextmanager
@@ -1366,3 +1371,228 @@ def wrap(
     2
     """
     return SteeredModel(hf_model, tokenizer, layers_path=layers_path, name=name)
+
+
+# --- edited models --------------------------------------------------------------------------------
+class _RecordedHandle(HookHandle):
+    """Handle of steering recorded on an :class:`EditedModel` for every thread (applied per
+    call, after the edits)."""
+
+    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
+        super().__init__(None)
+        self._owner = owner
+        self._entry = entry
+
+    @property
+    def active(self) -> bool:
+        return any(item is self._entry for item in self._owner._steering)
+
+    def remove(self) -> None:
+        self._owner._steering = tuple(
+            item for item in self._owner._steering if item is not self._entry
+        )
+
+
+class _ScopedHandle(HookHandle):
+    """Handle of steering recorded on an :class:`EditedModel` for this context only."""
+
+    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
+        super().__init__(None)
+        self._owner = owner
+        self._entry = entry
+
+    @property
+    def active(self) -> bool:
+        return any(item is self._entry for item in self._owner._scoped.items())
+
+    def remove(self) -> None:
+        self._owner._scoped.discard(self._entry)
+
+
+class EditedModel(SteeredModel):
+    """A model that stays edited: every call runs with the edits' hooks installed.
+
+    Built by :func:`edit` (or ``model.edit(...)``). Shares ``hf_model``, ``tokenizer`` and
+    ``adapter`` with the original; nothing is copied and nothing stays installed between calls.
+    Steering installed on the original (``model.steer``) still applies, before the edits; steering
+    of this object (``edited.steer``, ``steering=``) applies after them. After :meth:`remove`
+    (or leaving its ``with`` block) using it raises :class:`~steerlab.errors.EditRemovedError`.
+
+    >>> import torch, steerlab as sl
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("gpt2")
+    >>> with edit(model, sl.SteeringVector({0: torch.ones(model.d_model)})) as edited:
+    ...     text = edited.generate("the cat", max_new_tokens=3)
+    >>> edited.removed
+    True
+    """
+
+    def __init__(self, original: SteeredModel, edits: Sequence[Intervention]) -> None:
+        # Deliberately not calling SteeredModel.__init__: everything is shared, nothing rebuilt
+        # (attributes SteeredModel may grow later come along with the copy of its __dict__).
+        self.__dict__.update(vars(original))
+        self.hf_model = original.hf_model
+        self.tokenizer = original.tokenizer
+        self.adapter = original.adapter
+        self.name = original.name
+        self._original = original
+        self._edits: tuple[Intervention, ...] = tuple(edits)
+        # steering recorded for every thread (add_steering), replaced whole, never mutated
+        self._steering: tuple[tuple[Intervention, ...], ...] = ()
+        # steering of ``with edited.steer(...)``: this thread / task only
+        self._scoped: ScopedStack[tuple[Intervention, ...]] = ScopedStack(
+            f"steerlab_edit_{id(self)}"
+        )
+        self._removed = False
+
+    @property
+    def original(self) -> SteeredModel:
+        """The unedited model this one was made from."""
+        return self._original
+
+    @property
+    def edits(self) -> tuple[Intervention, ...]:
+        """The interventions applied to every call, in order."""
+        return self._edits
+
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`remove` was called."""
+        return self._removed
+
+    def __repr__(self) -> str:
+        names = ", ".join(type(e).__name__ for e in self._edits)
+        state = ", removed" if self._removed else ""
+        return f"EditedModel({self.name!r}, edits=[{names}]{state})"
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise EditRemovedError(
+                "this edited model was removed; use the original model or make a new edit"
+            )
+
+    def remove(self) -> None:
+        """Drop the edits: later calls on this object raise. Idempotent."""
+        self._removed = True
+        self._steering = ()
+
+    def __enter__(self) -> EditedModel:
+        self._check_alive()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def edit(
+        self,
+        steering: Any = None,
+        *,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> EditedModel:
+        """A new edited model with ``steering`` stacked after this one's edits (this one is
+        left as it is)."""
+        return edit(self, steering, strength=strength, positions=positions, layers=layers)
+
+    def _checked(self, interventions: Sequence[Intervention]) -> tuple[Intervention, ...]:
+        self._check_alive()
+        for item in interventions:
+            if not isinstance(item, Intervention):
+                raise InvalidInputError(f"not an intervention: {item!r}")
+        return tuple(interventions)
+
+    def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
+        """Record interventions applied to every call (every thread) after the edits, until the
+        handle is removed (used by :meth:`add_steering`)."""
+        entry = self._checked(interventions)
+        handle = _RecordedHandle(self, entry)
+        try:
+            self._steering = (*self._steering, entry)
+            return handle
+        except BaseException:  # an interrupt between recording and returning: undo
+            handle.remove()
+            raise
+
+    @contextlib.contextmanager
+    def _activate(self, interventions: list[Intervention]) -> Iterator[HookHandle]:
+        """``steer``'s scope: applied after the edits, in this thread / task only."""
+        entry = self._checked(interventions)
+        with self._scoped.pushed(entry):
+            yield _ScopedHandle(self, entry)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[HookHandle]:
+        """Apply the edits to the shared ``hf_model`` for a ``with`` block, for code that
+        calls ``hf_model`` directly (a ``transformers`` pipeline, nnsight...); in this thread
+        only."""
+        self._check_alive()
+        with activate(self.adapter, self._call_interventions([])) as handle:
+            yield handle
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run ``hf_model(*args, **kwargs)`` with the edits installed."""
+        with self.applied():
+            return self.hf_model(*args, **kwargs)
+
+    forward = __call__
+
+    def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
+        """The edits, then steering recorded on this object, then the per-call steering."""
+        self._check_alive()
+        recorded = [i for entry in (*self._steering, *self._scoped.items()) for i in entry]
+        return [*self._edits, *recorded, *per_call]
+
+
+def edit(
+    model: SteeredModel,
+    steering: Any = None,
+    *,
+    strength: float | Mapping[int, float] | None = None,
+    positions: PositionSpec | None = None,
+    layers: Sequence[int] | None = None,
+) -> EditedModel:
+    """A persistently edited view of ``model`` (``model.edit(...)`` calls this).
+
+    ``steering`` is anything ``steering=`` accepts except a per-row list: a vector (with
+    ``strength``/``positions``/``layers``), a :class:`~steerlab.interventions.Steering`, an
+    ablation, a :class:`~steerlab.ablation.ReplaceActivation`, ... or a tuple of those. Editing an
+    :class:`EditedModel` stacks the new edits after its own.
+
+    The seed's example, replacing the last layer's output with the hidden states of a source
+    prompt for every later call:
+
+    >>> import steerlab as sl
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> paris = model.activations(["the capital of france is paris"], layers=[-1],
+    ...                           positions="all")[-1][0]
+    >>> edited = edit(model, sl.ReplaceActivation(-1, paris))
+    >>> a = edited.logits(["the capital of germany is"])[0, -1]
+    >>> b = edited.logits(["the capital of japan is"])[0, -1]
+    >>> bool(torch.allclose(a, b))   # both read Paris' hidden state at position 4
+    True
+    """
+    if not isinstance(model, SteeredModel):
+        raise InvalidInputError(f"edit() needs a SteeredModel, got {type(model).__name__}")
+    if isinstance(steering, list):
+        raise InvalidInputError(
+            "a per-row list cannot be a persistent edit (rows change from call to call); pass "
+            "one intervention or a tuple of interventions"
+        )
+    items = list(steering) if isinstance(steering, tuple) else [steering]
+    new: list[Intervention] = []
+    for item in items:
+        new.extend(
+            normalize_steering(
+                item,
+                strength=strength,
+                positions=positions,
+                layers=layers,
+                tokenizer=model.tokenizer,
+            )
+        )
+    if isinstance(model, EditedModel):
+        model._check_alive()
+        return EditedModel(model.original, [*model.edits, *new])
+    return EditedModel(model, new)
