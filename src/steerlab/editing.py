@@ -62,12 +62,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlab.ablation import (
+from steerlab.ablation.interventions import (
     DirectionalAblation,
     MeanAblation,
     ReplaceActivation,
     ZeroAblation,
 )
+from steerlab.ablation.means import ActivationMeans
+from steerlab.ablation.sites import check_heads, component_width
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_finite_float
 from steerlab.errors import (
@@ -202,8 +204,6 @@ def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan
 def _plan_ablation(
     adapter: ModelAdapter, item: ZeroAblation | MeanAblation
 ) -> tuple[int, str, tuple[int, ...] | None, torch.Tensor | None]:
-    from steerlab.ablation import ActivationMeans, _check_heads, _site_width
-
     if item.component not in ("head", "attn", "mlp"):
         raise BakeError(
             f"ablating a whole block's output is not a weight edit (component "
@@ -212,7 +212,7 @@ def _plan_ablation(
     if item.rows is not None or not Positions.parse(item.positions).covers_everything:
         raise BakeError("only ablations of every row and position can be baked")
     layer = adapter.resolve_layer(item.layer)
-    heads = _check_heads(adapter, item.head) if item.component == "head" else None
+    heads = check_heads(adapter, item.head) if item.component == "head" else None
     mean: torch.Tensor | None = None
     if isinstance(item, MeanAblation):
         if isinstance(item.means, ActivationMeans):
@@ -226,7 +226,7 @@ def _plan_ablation(
             if item.means.ndim != 1:
                 raise BakeError("only a position-independent mean ([width]) can be baked")
             mean = item.means
-        if mean.shape[0] != _site_width(adapter, item.component):
+        if mean.shape[0] != component_width(adapter, item.component):
             raise VectorMismatchError("the mean does not fit this component's width")
     return layer, item.component, heads, mean
 
