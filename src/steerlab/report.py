@@ -5,6 +5,11 @@ state and no display needed). The HTML page embeds the PNGs as base64 ``data:`` 
 inline CSS only, so the single file can be mailed or attached as it is; every piece of model
 text in it is HTML-escaped.
 
+The functions read results through the small protocols below (:class:`SweepLike`,
+:class:`TuneLike`...), which :class:`~steerlab.sweeps.SweepResult` and
+:class:`~steerlab.sweeps.TuneResult` satisfy: :mod:`steerlab.sweeps` saves its results with this
+module, so this module does not import that one.
+
 >>> import torch
 >>> from steerlab.sweeps import SweepResult
 >>> result = SweepResult(layers=(0, 1), strengths=(0.0, 1.0),
@@ -22,13 +27,117 @@ import base64
 import html
 import io
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from steerlab.sweeps import SweepPoint, SweepResult, TuneResult
+import torch
 
-__all__ = ["curves_png", "heatmap_png", "render_html", "write_report"]
+__all__ = [
+    "ExampleLike",
+    "HeldOutLike",
+    "PointLike",
+    "SweepLike",
+    "TuneLike",
+    "curves_png",
+    "heatmap_png",
+    "render_html",
+    "write_report",
+]
+
+
+# --- what a report reads -------------------------------------------------------------------------
+class PointLike(Protocol):
+    """One (layer, strength) of a sweep (:class:`~steerlab.sweeps.SweepPoint`)."""
+
+    @property
+    def layer(self) -> int: ...
+    @property
+    def strength(self) -> float: ...
+    @property
+    def behaviour(self) -> float: ...
+    @property
+    def shift(self) -> float: ...
+    @property
+    def damage(self) -> float: ...
+
+
+class SweepLike(Protocol):
+    """A layer × strength sweep (:class:`~steerlab.sweeps.SweepResult`)."""
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+    @property
+    def strengths(self) -> tuple[float, ...]: ...
+    @property
+    def behaviour_metric(self) -> str: ...
+    @property
+    def damage_metric(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def baseline(self) -> float: ...
+    def point(self, layer: int, strength: float) -> PointLike: ...
+    def grid(self, field: str = ...) -> torch.Tensor: ...
+    def recommend(self, *, max_damage: float) -> PointLike: ...
+
+
+class HeldOutLike(Protocol):
+    """The held-out check of a recommendation (:class:`~steerlab.sweeps.HeldOutResult`)."""
+
+    @property
+    def baseline(self) -> float: ...
+    @property
+    def steered(self) -> float: ...
+    @property
+    def shift(self) -> float: ...
+    @property
+    def shift_sem(self) -> float: ...
+    @property
+    def damage(self) -> float: ...
+    @property
+    def n_damage_prompts(self) -> int: ...
+    @property
+    def generation(self) -> Mapping[str, tuple[float, float]]: ...
+
+
+class ExampleLike(Protocol):
+    """A held-out prompt with its two continuations (:class:`~steerlab.sweeps.Example`)."""
+
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def baseline(self) -> str: ...
+    @property
+    def steered(self) -> str: ...
+
+
+class TuneLike(Protocol):
+    """A tuning run (:class:`~steerlab.sweeps.TuneResult`)."""
+
+    @property
+    def sweep(self) -> SweepLike: ...
+    @property
+    def recommended_point(self) -> PointLike: ...
+    @property
+    def heldout(self) -> HeldOutLike: ...
+    @property
+    def examples(self) -> Sequence[ExampleLike]: ...
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+    @property
+    def dataset_name(self) -> str: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def max_kl(self) -> float: ...
+    @property
+    def seconds(self) -> float: ...
+
+
+# --- plots ---------------------------------------------------------------------------------------
 
 
 def _figure(width: float, height: float) -> Any:
@@ -47,10 +156,10 @@ def _png(figure: Any) -> bytes:
 
 
 def curves_png(
-    result: SweepResult,
+    result: SweepLike,
     *,
     max_damage: float | None = None,
-    recommended: SweepPoint | None = None,
+    recommended: PointLike | None = None,
 ) -> bytes:
     """PNG: behaviour shift vs strength (left) and damage vs strength (right), one line a layer.
 
@@ -91,10 +200,10 @@ def curves_png(
 
 
 def heatmap_png(
-    result: SweepResult,
+    result: SweepLike,
     *,
     max_damage: float | None = None,
-    recommended: SweepPoint | None = None,
+    recommended: PointLike | None = None,
 ) -> bytes:
     """PNG: layer × strength heatmap of the behaviour shift, damage printed in each cell.
 
@@ -167,7 +276,7 @@ def _describe(metric: str) -> str:
     return f"{metric}: {known.description}" if known is not None else metric
 
 
-def render_html(result: TuneResult, *, images: dict[str, bytes] | None = None) -> str:
+def render_html(result: TuneLike, *, images: dict[str, bytes] | None = None) -> str:
     """The report page as one HTML string (plots embedded; computed if ``images`` is None)."""
     esc = html.escape
     sweep = result.sweep
@@ -256,7 +365,7 @@ prompts (seed {s.get("seed")}, test fraction {s.get("test_fraction")}). Sweep mo
 """
 
 
-def write_report(result: TuneResult, directory: str | Path) -> dict[str, Path]:
+def write_report(result: TuneLike, directory: str | Path) -> dict[str, Path]:
     """Write ``curves.png``, ``heatmap.png`` and ``report.html`` into ``directory``.
 
     Returns ``{"curves", "heatmap", "html"}`` → paths; the HTML embeds the same images.

@@ -72,6 +72,7 @@ from steerlab.interventions import Steering
 from steerlab.model import LastTokenCache, PrefixCache
 from steerlab.positions import Positions
 from steerlab.progress import progress_bar
+from steerlab.report import write_report
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -896,8 +897,6 @@ class TuneResult:
 
         Returns ``{"json", "csv", "curves", "heatmap", "vector", "html"}`` → paths.
         """
-        from steerlab import report
-
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         paths = {
@@ -912,7 +911,7 @@ class TuneResult:
             recommended_strength=self.recommended[1],
             recommended_op=self.op,
         ).save(paths["vector"])
-        paths.update(report.write_report(self, folder))
+        paths.update(write_report(self, folder))
         return paths
 
 
