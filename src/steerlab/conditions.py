@@ -51,12 +51,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from steerlab.checks import check_prompt_list
 from steerlab.errors import (
     InvalidInputError,
     VectorFileError,
     VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.interventions import output_hidden
+from steerlab.methods import run_method, split_classes
+from steerlab.vectors import model_identity, write_atomically
 
 __all__ = [
     "COMPARISONS",
@@ -216,8 +220,6 @@ class Condition:
         """
         from safetensors.torch import save as safetensors_save
 
-        from steerlab.vectors import write_atomically
-
         target = Path(path)
         folder = target.parent if str(target.parent) else Path(".")
         if not folder.is_dir():
@@ -308,8 +310,6 @@ class _Probe:
         return placed
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        from steerlab.interventions import output_hidden
-
         hidden = output_hidden(output).float()
         direction = self._direction(hidden.device)
         abs_index = self.tracker.abs_index.to(hidden.device)
@@ -375,10 +375,6 @@ def fit_condition(
     holds ``train_f1``, ``train_accuracy``, ``heldout_accuracy``, ``heldout_f1`` and the split
     sizes. ``scope="token"`` returns the per-token gate of the same probe.
     """
-    from steerlab.checks import check_prompt_list
-    from steerlab.methods import run_method, split_classes
-    from steerlab.vectors import model_identity
-
     pos = list(check_prompt_list(positive_prompts, "positive"))
     neg = list(check_prompt_list(negative_prompts, "negative"))
     if scope not in SCOPES:

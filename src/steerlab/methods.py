@@ -48,6 +48,7 @@ import torch
 
 from steerlab.checks import check_prompt_list
 from steerlab.errors import InvalidInputError
+from steerlab.operators import angular_plane
 from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [
@@ -579,8 +580,6 @@ def compute_vector(
     if method == "mean_diff":
         # affine concept editing's reference: the mean activation of the negative prompts;
         # angular steering's second basis vector, one for every layer (stored once)
-        from steerlab.operators import angular_plane
-
         extras["reference"] = {
             layer: acts[layer][n_pos:].double().mean(dim=0).float() for layer in resolved
         }
