@@ -1,5 +1,10 @@
 """steerlab: steer language models by editing their activations at inference time.
 
+This module re-exports the public API. The modules behind it form layers (foundations, values,
+hooks, the model, building blocks, workflows, tuning, evaluations, applications) in which no
+module imports a higher one and no imports form a cycle; docs/architecture.md lists them and
+tests/test_layering.py checks it.
+
 >>> import steerlab as sl
 >>> from steerlab.testing import tiny_model
 >>> model = tiny_model("llama")

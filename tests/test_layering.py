@@ -1,0 +1,307 @@
+"""The import layering of docs/architecture.md holds: no upward import, no cycle, no private name
+taken from another module.
+
+Every module under ``src/steerlab`` is parsed with ``ast``; every ``import`` counts wherever it
+stands (module level, inside a function, under ``if TYPE_CHECKING:``), as do
+``importlib.import_module("steerlab...")`` calls with a literal name. The layers are read from the
+"Layers" list of docs/architecture.md, so the page and the check cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "steerlab"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Import:
+    """One import of a steerlab module by another: who, what, where, and the names taken."""
+
+    importer: str
+    target: str
+    line: int
+    names: tuple[str, ...] = ()
+
+
+def module_names(package: Path) -> dict[str, Path]:
+    """``{"steerlab.model": path, ...}`` for every ``.py`` file under ``package``."""
+    out: dict[str, Path] = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _owner(name: str, modules: Mapping[str, Path]) -> str | None:
+    """The longest module name that ``name`` starts with (``a.b.C`` -> ``a.b``)."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str, path: Path, modules: Mapping[str, Path]) -> Iterator[Import]:
+    """Every import of a module in ``modules`` that ``module`` makes, wherever it stands."""
+    root = next(iter(modules)).partition(".")[0]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = _owner(alias.name, modules)
+                if target is not None:
+                    yield Import(module, target, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            if source.partition(".")[0] != root:
+                continue
+            plain: list[str] = []
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                if submodule in modules:  # ``from steerlab import report``: the submodule
+                    yield Import(module, submodule, node.lineno)
+                else:
+                    plain.append(alias.name)
+            target = _owner(source, modules)
+            if plain and target is not None:
+                yield Import(module, target, node.lineno, tuple(plain))
+        elif isinstance(node, ast.Call) and _is_dynamic_import(node.func):
+            if node.args and isinstance(node.args[0], ast.Constant):
+                name = node.args[0].value
+                target = _owner(name, modules) if isinstance(name, str) else None
+                if target is not None:
+                    yield Import(module, target, node.lineno)
+
+
+def _is_dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Attribute):
+        return func.attr == "import_module"
+    return isinstance(func, ast.Name) and func.id in ("import_module", "__import__")
+
+
+def read_layers(text: str) -> list[tuple[str, list[str]]]:
+    """``[(layer title, [module names or "pkg.*"]), ...]`` from the "## Layers" section's
+    numbered list, lowest layer first."""
+    section = re.search(r"^## Layers\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    if section is None:
+        raise AssertionError("docs/architecture.md has no '## Layers' section")
+    layers: list[tuple[str, list[str]]] = []
+    for item in re.split(r"^\d+\. ", section.group(1), flags=re.MULTILINE)[1:]:
+        item = item.split("\n\n", 1)[0]  # an item ends at a blank line
+        title = re.match(r"\*\*(.+?)\*\*", item)
+        first_sentence = re.split(r"\.\s", item, maxsplit=1)[0]  # the modules, not the prose
+        names = re.findall(r"`(steerlab(?:\.[\w.]+)?(?:\.\*)?)`", first_sentence)
+        layers.append((title.group(1) if title else item[:20], names))
+    return layers
+
+
+def assign_layers(
+    layers: Sequence[tuple[str, Sequence[str]]], modules: Mapping[str, Path]
+) -> tuple[dict[str, int], list[str]]:
+    """``({module: layer index}, [problems])``: every module in exactly one layer, every name in
+    the list a real module or package."""
+    problems: list[str] = []
+    where: dict[str, int] = {}
+    for index, (title, names) in enumerate(layers):
+        for name in names:
+            if name.endswith(".*"):
+                base = name[:-2]
+                matched = [m for m in modules if m == base or m.startswith(base + ".")]
+            else:
+                matched = [name] if name in modules else []
+            if not matched:
+                problems.append(f"layer {title!r} lists {name}, which is not a module")
+            for module in matched:
+                if module in where:
+                    problems.append(f"{module} is in two layers")
+                where[module] = index
+    for module in modules:
+        if module not in where:
+            problems.append(f"{module} is in no layer of docs/architecture.md: place it there")
+    return where, problems
+
+
+def find_cycles(edges: Mapping[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (each one holds a cycle)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def violations(package: Path, layers: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """Everything wrong with ``package``'s imports against ``layers``, one message each."""
+    modules = module_names(package)
+    where, problems = assign_layers(layers, modules)
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        rel = path.relative_to(package.parent)
+        for item in imports_of(module, path, modules):
+            if item.target == module:
+                continue
+            edges[module].add(item.target)
+            if module in where and item.target in where and where[item.target] > where[module]:
+                problems.append(
+                    f"{rel}:{item.line}: {module} (layer {layers[where[module]][0]!r}) imports "
+                    f"{item.target} (layer {layers[where[item.target]][0]!r}), a higher layer"
+                )
+            for name in item.names:
+                if _private(name):
+                    problems.append(
+                        f"{rel}:{item.line}: {module} imports the private {name} of "
+                        f"{item.target}; give it a public name (docs/architecture.md)"
+                    )
+            parent, _, leaf = item.target.rpartition(".")
+            if _private(leaf) and not (module == parent or module.startswith(parent + ".")):
+                problems.append(
+                    f"{rel}:{item.line}: {module} imports {item.target}, private to its package"
+                )
+    for cycle in find_cycles(edges):
+        problems.append("import cycle among " + ", ".join(cycle))
+    return problems
+
+
+# --- steerlab itself -----------------------------------------------------------------------------
+def test_steerlab_follows_its_layers() -> None:
+    layers = read_layers(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert len(layers) >= 5 and all(names for _, names in layers)
+    problems = violations(PACKAGE, layers)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_imports_are_read_from_everywhere_in_a_module() -> None:
+    """The parser sees the imports the layering depends on (a sample of real ones)."""
+    modules = module_names(PACKAGE)
+    found = {
+        (item.importer, item.target)
+        for module, path in modules.items()
+        for item in imports_of(module, path, modules)
+    }
+    # module level, ``from steerlab import report``-style, function level, package facade
+    assert ("steerlab.model", "steerlab.interventions") in found
+    assert ("steerlab.sweeps", "steerlab.report") in found
+    assert ("steerlab.sweeps", "steerlab.methods") in found  # inside tune()
+    assert ("steerlab.cli._core", "steerlab") in found  # ``import steerlab as sl`` in a command
+    assert ("steerlab.editing", "steerlab.ablation.means") in found
+
+
+# --- the checker catches what it is for ----------------------------------------------------------
+def _write(root: Path, files: Mapping[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return root / "steerlab"
+
+
+LAYERS = [
+    ("low", ["steerlab.low"]),
+    ("high", ["steerlab.high", "steerlab.app.*"]),
+    ("top", ["steerlab"]),
+]
+
+
+def test_a_circle_through_a_function_local_import_is_caught(tmp_path: Path) -> None:
+    package = _write(
+        tmp_path,
+        {
+            "steerlab/__init__.py": "from steerlab import high\n",
+            "steerlab/low.py": "def f():\n    from steerlab.high import g\n    return g\n",
+            "steerlab/high.py": "from steerlab.low import f\n\ndef g():\n    return f\n",
+            "steerlab/app/__init__.py": "",
+        },
+    )
+    problems = violations(package, LAYERS)
+    assert any("steerlab.low (layer 'low') imports steerlab.high" in p for p in problems)
+    assert "import cycle among steerlab.high, steerlab.low" in problems
+
+
+def test_type_checking_private_and_dynamic_imports_are_caught(tmp_path: Path) -> None:
+    package = _write(
+        tmp_path,
+        {
+            "steerlab/__init__.py": "",
+            "steerlab/low.py": (
+                "from typing import TYPE_CHECKING\nimport importlib\n"
+                "if TYPE_CHECKING:\n    from steerlab.high import g\n"
+                "def h():\n    return importlib.import_module('steerlab')\n"
+            ),
+            "steerlab/high.py": "from steerlab.low import _helper\n",
+            "steerlab/app/__init__.py": "from steerlab.app import _impl\n",
+            "steerlab/app/_impl.py": "",
+            "steerlab/app/other.py": "from steerlab.app._impl import x\n",
+            "steerlab/stray.py": "from steerlab.app._impl import x\n",
+        },
+    )
+    problems = violations(package, LAYERS)
+    assert any("steerlab.low (layer 'low') imports steerlab.high" in p for p in problems)
+    assert any("steerlab.low (layer 'low') imports steerlab (layer 'top')" in p for p in problems)
+    assert any("imports the private _helper of steerlab.low" in p for p in problems)
+    assert any("steerlab.stray imports steerlab.app._impl, private" in p for p in problems)
+    assert "steerlab.stray is in no layer of docs/architecture.md: place it there" in problems
+    # a package's own private modules are fine inside it
+    assert not any(p.startswith("steerlab/app/") for p in problems)
+
+
+def test_the_layer_list_is_read_from_the_page() -> None:
+    text = (
+        "# A\n\n## Layers\n\nintro `steerlab.not_a_layer`\n\n"
+        "1. **Base**: `steerlab.errors`, `steerlab.cli.*`. Words with `steerlab.ignored`.\n"
+        "2. **Top**: `steerlab`.\n   More about `steerlab.cli`.\n\nAfter the list `steerlab.y`.\n"
+        "\n## Next\n\n3. **No**: `steerlab.x`.\n"
+    )
+    assert read_layers(text) == [
+        ("Base", ["steerlab.errors", "steerlab.cli.*"]),
+        ("Top", ["steerlab"]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["steerlab.model", "steerlab.ablation.scan", "steerlab"])
+def test_every_layer_name_is_a_module(name: str) -> None:
+    assert name in module_names(PACKAGE)
