@@ -175,6 +175,52 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def private_members(tree: ast.AST) -> set[str]:
+    """The private names a module defines: functions, classes, methods, ``self._x`` attributes
+    and class-level assignments."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+                    if isinstance(stmt, ast.AnnAssign):
+                        targets = [stmt.target]
+                    names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        ):
+            names.add(node.attr)
+    return {name for name in names if _private(name)}
+
+
+def private_attribute_uses(package: Path) -> list[str]:
+    """``obj._name`` (``obj`` not ``self``/``cls``) in one module where only other modules of
+    ``package`` define ``_name``: reaching into another module's objects. A heuristic by name
+    (the same private name defined in both modules is not flagged)."""
+    modules = module_names(package)
+    trees = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in modules.items()}
+    defined = {m: private_members(tree) for m, tree in trees.items()}
+    problems: list[str] = []
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            owners = sorted(m for m, names in defined.items() if node.attr in names)
+            if owners and module not in owners:
+                problems.append(
+                    f"{modules[module].relative_to(package.parent)}:{node.lineno}: "
+                    f"{ast.unparse(node)} uses {node.attr}, private to {', '.join(owners)}"
+                )
+    return problems
+
+
 def violations(package: Path, layers: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     """Everything wrong with ``package``'s imports against ``layers``, one message each."""
     modules = module_names(package)
@@ -204,7 +250,7 @@ def violations(package: Path, layers: Sequence[tuple[str, Sequence[str]]]) -> li
                 )
     for cycle in find_cycles(edges):
         problems.append("import cycle among " + ", ".join(cycle))
-    return problems
+    return problems + private_attribute_uses(package)
 
 
 # --- steerlab itself -----------------------------------------------------------------------------
@@ -285,6 +331,31 @@ def test_type_checking_private_and_dynamic_imports_are_caught(tmp_path: Path) ->
     assert any("imports the private _helper of steerlab.low" in p for p in problems)
     assert any("steerlab.stray imports steerlab.app._impl, private" in p for p in problems)
     assert "steerlab.stray is in no layer of docs/architecture.md: place it there" in problems
+
+
+def test_reaching_into_another_modules_private_members_is_caught(tmp_path: Path) -> None:
+    package = _write(
+        tmp_path,
+        {
+            "steerlab/__init__.py": "",
+            "steerlab/low.py": (
+                "class Model:\n    _cache = None\n"
+                "    def __init__(self):\n        self._state = 1\n"
+                "    def _run(self):\n        return self._state\n"
+            ),
+            "steerlab/high.py": (
+                "from steerlab.low import Model\n\ndef f(model: Model):\n"
+                "    return model._run(), model._state, Model._cache, model.__class__\n"
+            ),
+            "steerlab/app/__init__.py": "",
+        },
+    )
+    problems = violations(package, LAYERS)
+    assert sorted(p.split(": ", 1)[1] for p in problems if "private to" in p) == [
+        "Model._cache uses _cache, private to steerlab.low",
+        "model._run uses _run, private to steerlab.low",
+        "model._state uses _state, private to steerlab.low",
+    ]
     # a package's own private modules are fine inside it
     assert not any(p.startswith("steerlab/app/") for p in problems)
 

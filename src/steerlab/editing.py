@@ -497,7 +497,7 @@ def bake(
             f"replace it: choose another output folder"
         )
     if isinstance(model, EditedModel):
-        model._check_alive()
+        model.check_alive()
         base = model.original
         interventions = list(model.edits)
     else:

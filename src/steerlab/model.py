@@ -1465,7 +1465,18 @@ class EditedModel(SteeredModel):
         state = ", removed" if self._removed else ""
         return f"EditedModel({self.name!r}, edits=[{names}]{state})"
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise :class:`~steerlab.errors.EditRemovedError` once :meth:`remove` was called
+        (every call of this object checks; so does :func:`steerlab.editing.bake`).
+
+        >>> import torch, steerlab as sl
+        >>> from steerlab.testing import tiny_model
+        >>> edited = edit(tiny_model("gpt2"), sl.SteeringVector({0: torch.ones(32)}))
+        >>> edited.check_alive(); edited.remove(); edited.check_alive()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        steerlab.errors.EditRemovedError: this edited model was removed; ...
+        """
         if self._removed:
             raise EditRemovedError(
                 "this edited model was removed; use the original model or make a new edit"
@@ -1477,7 +1488,7 @@ class EditedModel(SteeredModel):
         self._steering = ()
 
     def __enter__(self) -> EditedModel:
-        self._check_alive()
+        self.check_alive()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1496,7 +1507,7 @@ class EditedModel(SteeredModel):
         return edit(self, steering, strength=strength, positions=positions, layers=layers)
 
     def _checked(self, interventions: Sequence[Intervention]) -> tuple[Intervention, ...]:
-        self._check_alive()
+        self.check_alive()
         for item in interventions:
             if not isinstance(item, Intervention):
                 raise InvalidInputError(f"not an intervention: {item!r}")
@@ -1526,7 +1537,7 @@ class EditedModel(SteeredModel):
         """Apply the edits to the shared ``hf_model`` for a ``with`` block, for code that
         calls ``hf_model`` directly (a ``transformers`` pipeline, nnsight...); in this thread
         only."""
-        self._check_alive()
+        self.check_alive()
         with activate(self.adapter, self._call_interventions([])) as handle:
             yield handle
 
@@ -1539,7 +1550,7 @@ class EditedModel(SteeredModel):
 
     def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
         """The edits, then steering recorded on this object, then the per-call steering."""
-        self._check_alive()
+        self.check_alive()
         recorded = [i for entry in (*self._steering, *self._scoped.items()) for i in entry]
         return [*self._edits, *recorded, *per_call]
 
@@ -1593,6 +1604,6 @@ def edit(
             )
         )
     if isinstance(model, EditedModel):
-        model._check_alive()
+        model.check_alive()
         return EditedModel(model.original, [*model.edits, *new])
     return EditedModel(model, new)
