@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import steerlab as sl
+from steerlab.conditions import condition_score
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorFileError
 from steerlab.server.engine import (
     EngineError,
@@ -269,12 +272,196 @@ def test_operators_and_first_k_positions_equal_the_library(engine: TorchEngine) 
         assert _ids(list(engine.submit(req)), eos) == expected, (op, positions)
 
 
-def test_text_selected_positions_are_refused_with_a_clear_error(engine: TorchEngine) -> None:
-    req = GenerationRequest(
-        prompt="the cat sat",
-        max_tokens=4,
+def _library(
+    model: sl.SteeredModel, req: GenerationRequest, engine: TorchEngine, *, when: Any = None
+) -> list[int]:
+    """What ``model.generate`` gives for ``req`` (one steering entry at most)."""
+    steering = None
+    if req.steering:
+        (entry,) = req.steering
+        steering = sl.Steering(
+            engine.vectors.get(entry.vector),
+            strength=entry.strength,
+            positions=entry.positions,
+            op=None if entry.op == "add" else entry.op,
+            when=when,
+        )
+    out = model.generate_ids(req.prompt, steering=steering, max_new_tokens=req.max_tokens)
+    return [int(i) for i in out[0]]
+
+
+def test_text_selected_positions_equal_the_library_as_rows_join_and_leave(
+    engine: TorchEngine,
+) -> None:
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    prompt = "the cat sat on the mat"
+    plain = _library(model, GenerationRequest(prompt=prompt, max_tokens=24), engine)
+    # markers taken from the unsteered continuation, so triggers fire while tokens stream
+    trigger = f"after:@{plain[3]}"
+    assert plain[3] not in plain[:3] and plain[3] not in model.encode([prompt]).input_ids[0]
+    long = GenerationRequest(
+        prompt=prompt,
+        max_tokens=24,
         temperature=0.0,
-        steering=(SteeringEntry("a", 3.0, "after:cat"),),
+        steering=(SteeringEntry("a", 8.0, trigger),),
     )
-    with pytest.raises(InvalidInputError, match="select tokens by their text"):
-        engine.submit(req)
+    joiners = [
+        GenerationRequest(
+            prompt=p,
+            max_tokens=n,
+            temperature=0.0,
+            steering=(SteeringEntry(v, s, pos, op=op),) if v else (),
+        )
+        for p, n, v, s, pos, op in [
+            ("a dog ran far", 10, "b", 6.0, f"between:@{plain[1]},@{plain[4]}", "add"),
+            ("the cat sat on the mat", 8, "a", 5.0, f"outside:@{plain[0]},@{plain[2]}", "add"),
+            ("my house is big", 12, "b", -6.0, "after:house", "add"),
+            ("the sky", 6, "a", 1.0, "after: sky", "clamp"),
+            ("i think the cat", 9, "a", 6.0, "first:3", "add"),
+            ("hello world", 7, "", 0.0, "all", "add"),
+        ]
+    ]
+    first = engine.submit(long)
+    iterator = iter(first)
+    got_long = [next(iterator) for _ in range(3)]
+    streams = [engine.submit(r) for r in joiners]
+    got = [list(s) for s in streams]
+    got_long.extend(iterator)
+    assert engine.max_rows_seen >= 4
+    served = _ids(got_long, eos)
+    assert served == _library(model, long, engine)
+    # the trigger (generated token 3) switched steering on from there, not before
+    assert served[:4] == plain[:4] and served != plain[: len(served)]
+    for req, events in zip(joiners, got):
+        assert _ids(events, eos) == _library(model, req, engine), req.steering
+    steered = [_ids(e, eos) for r, e in zip(joiners, got) if r.steering]
+    unsteered = [
+        _library(model, GenerationRequest(prompt=r.prompt, max_tokens=r.max_tokens), engine)
+        for r in joiners
+        if r.steering
+    ]
+    assert sum(a != b for a, b in zip(steered, unsteered)) >= 3  # the specs selected something
+
+
+def _gate(model: sl.SteeredModel, passing: list[str], failing: list[str]) -> sl.Condition:
+    """A prompt-level condition at layer 1 that fires on ``passing`` and not on ``failing``."""
+    direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(11))
+    probe = sl.Condition(direction, layer=1, threshold=0.0)
+    yes, no = probe.scores(model, passing), probe.scores(model, failing)
+    if float(yes.min()) > float(no.max()):
+        threshold, comparison = (float(yes.min()) + float(no.max())) / 2, "greater"
+    else:
+        assert float(yes.max()) < float(no.min()), "pick other prompts: the scores overlap"
+        threshold, comparison = (float(yes.max()) + float(no.min())) / 2, "less"
+    return sl.Condition(direction, layer=1, threshold=threshold, comparison=comparison)
+
+
+def test_when_steers_exactly_the_rows_whose_prompt_satisfies_the_condition(
+    engine: TorchEngine,
+) -> None:
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    passing, failing = ["i think so", "we go to the park now"], ["the cat sat on the mat"]
+    cond = _gate(model, passing, failing)
+    assert cond.fires(model, passing + failing).tolist() == [True, True, False]
+    engine.conditions.register("gate", cond)
+    gated = SteeringEntry("a", 8.0, "all", when="gate")
+    fail_alone = list(
+        engine.submit(
+            GenerationRequest(prompt=failing[0], max_tokens=12, temperature=0.0, logprobs=0)
+        )
+    )
+    requests = [
+        GenerationRequest(
+            prompt=failing[0], max_tokens=12, temperature=0.0, logprobs=0, steering=(gated,)
+        ),
+        GenerationRequest(prompt=failing[0], max_tokens=12, temperature=0.0, logprobs=0),
+        GenerationRequest(
+            prompt=passing[0], max_tokens=14, temperature=0.0, logprobs=0, steering=(gated,)
+        ),
+        GenerationRequest(
+            prompt=passing[1],
+            max_tokens=9,
+            temperature=0.0,
+            logprobs=0,
+            steering=(gated, SteeringEntry("b", -3.0, "after:park")),
+        ),
+        GenerationRequest(
+            prompt="a dog ran",
+            max_tokens=10,
+            temperature=0.0,
+            logprobs=0,
+            steering=(SteeringEntry("b", 5.0, "last"),),
+        ),
+    ]
+    with engine._cond:  # hold the worker back: all five are admitted at the same step
+        streams = [engine.submit(r) for r in requests]
+    out = [list(s) for s in streams]
+    assert engine.max_rows_seen == 5
+    # the failing row is computed exactly as the same request unsteered in that batch ...
+    assert [(e.token_id, e.logprob) for e in out[0]] == [(e.token_id, e.logprob) for e in out[1]]
+    # ... which is the request served alone (token for token; float32 sums over a batch
+    # round like any batched request's do)
+    assert [e.token_id for e in out[0]] == [e.token_id for e in fail_alone]
+    for a, b in zip(out[0], fail_alone):
+        assert a.logprob is not None and b.logprob is not None
+        assert abs(a.logprob - b.logprob) < 1e-4
+    # passing rows are steered as model.generate(..., when=cond) steers them
+    lib = _library(model, requests[2], engine, when=cond)
+    assert _ids(out[2], eos) == lib
+    assert lib != _library(model, dataclasses.replace(requests[2], steering=()), engine)
+    with model.steer(engine.vectors.get("a"), strength=8.0, when=cond):
+        expected = model.generate_ids(
+            passing[1],
+            steering=sl.Steering(engine.vectors.get("b"), strength=-3.0, positions="after:park"),
+            max_new_tokens=9,
+        )
+    assert _ids(out[3], eos) == [int(i) for i in expected[0]]
+    assert _ids(out[4], eos) == _library(model, requests[4], engine)
+
+
+def test_a_per_token_condition_gates_each_token_as_the_library_does(engine: TorchEngine) -> None:
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    prompt = "the cat sat on the mat"
+    direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(11))
+    acts = model.activations([prompt], layers=[1], positions="all")[1][0]
+    scores = condition_score(acts, direction)
+    cond = sl.Condition(direction, layer=1, threshold=float(scores.median())).per_token()
+    engine.conditions.register("tokens", cond)
+    req = GenerationRequest(
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0.0,
+        steering=(SteeringEntry("b", 8.0, "all", when="tokens"),),
+    )
+    other = GenerationRequest(
+        prompt="a dog", max_tokens=12, temperature=0.0, steering=(SteeringEntry("b", 8.0, "all"),)
+    )
+    streams = [engine.submit(req), engine.submit(other)]
+    served, served_other = (_ids(list(s), eos) for s in streams)
+    assert served == _library(model, req, engine, when=cond)
+    assert served_other == _library(model, other, engine)
+    ungated = _library(model, dataclasses.replace(req, steering=(SteeringEntry("b", 8.0),)), engine)
+    unsteered = _library(model, dataclasses.replace(req, steering=()), engine)
+    assert served != ungated and served != unsteered  # the gate let some tokens through
+
+
+def test_conditions_are_validated_before_queueing(engine: TorchEngine, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="unknown condition 'nope'; registered: none"):
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", when="nope"),)))
+    high = sl.Condition(torch.ones(engine.model.d_model), layer=2, threshold=0.1)
+    engine.conditions.register("high", high)
+    with pytest.raises(InvalidInputError, match="below it"):  # vector "a" steers layer 1
+        engine.submit(GenerationRequest(prompt="a", steering=(SteeringEntry("a", when="high"),)))
+    with pytest.raises(sl.VectorMismatchError, match="size"):
+        engine.conditions.register("small", sl.Condition(torch.ones(5), layer=0, threshold=0.0))
+    file = high.save(tmp_path / "saved.safetensors")
+    assert engine.conditions.register_dir(tmp_path) == ["saved"]
+    with pytest.raises(VectorFileError, match="not a readable safetensors file"):
+        engine.conditions.register_bytes("broken", file.read_bytes()[:-3])
+    with pytest.raises(InvalidInputError, match="invalid condition name"):
+        engine.conditions.register("../x", high)
+    assert engine.conditions.names() == ["high", "saved"]
+    assert engine.max_rows_seen == 0

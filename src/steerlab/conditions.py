@@ -179,6 +179,20 @@ class Condition:
         return self.test(self.scores(model, prompts, chat=chat))
 
     # --- the in-forward probe ------------------------------------------------------------------
+    def check_compatible(self, model: Any) -> None:
+        """Raise :class:`~steerlab.errors.VectorMismatchError` unless this condition can be read
+        on ``model`` (its direction has the model's hidden size, its layer exists).
+
+        >>> import torch
+        >>> from steerlab.testing import tiny_model
+        >>> Condition(torch.ones(5), layer=0, threshold=0.5).check_compatible(tiny_model("gpt2"))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        steerlab.errors.VectorMismatchError: the condition's direction has size 5 but ... is 32
+        """
+        self._check(model.adapter)
+
     def _check(self, adapter: Any) -> None:
         if self.direction.shape[0] != adapter.d_model:
             raise VectorMismatchError(
@@ -320,15 +334,28 @@ class _Probe:
         plen = self.tracker.prompt_lengths.to(hidden.device)[:, None]
         in_prompt = real & (abs_index < plen)
         counts = in_prompt.sum(dim=1)
+        # a server regrouping requests between calls lends each row its own state: the verdict
+        # decided on its prompt is kept there for the rest of its generation
+        states = self.tracker.sequences_override
         if bool((counts == plen[:, 0]).all()):
             # where(), not multiply: padded positions may hold NaN from fully masked attention
             kept = torch.where(in_prompt[..., None], hidden, torch.zeros_like(hidden))
             pooled = kept.sum(dim=1) / counts[:, None].to(hidden.dtype)
             self._rows = self.condition.test(condition_score(pooled, direction))
-        elif bool((counts != 0).any()) or self._rows is None:
+            for state, verdict in zip(states or (), self._rows.tolist()):
+                state.verdicts[self.condition] = bool(verdict)
+        elif bool((counts != 0).any()):
             raise InvalidInputError(
                 "a prompt-level condition needs each prompt whole in one forward call; this "
                 "call has part of a prompt (chunked prefill?); use Condition.per_token()"
+            )
+        elif states is not None:
+            # a row that never had this condition is outside its steering group anyway
+            self._rows = torch.tensor([s.verdicts.get(self.condition, False) for s in states])
+        elif self._rows is None:
+            raise InvalidInputError(
+                "a prompt-level condition decides on the whole prompt; this call continues a "
+                "sequence whose prompt it never read"
             )
         if self._rows.shape[0] != hidden.shape[0]:
             raise InvalidInputError("the batch changed size during a conditioned call")

@@ -60,6 +60,7 @@ __all__ = [
     "PositionTracker",
     "RowSteering",
     "ScopedStack",
+    "SequenceState",
     "Steering",
     "SteeringLike",
     "active_trackers",
@@ -151,6 +152,12 @@ class PositionTracker(threading.local):
     at its index truncates the row's history there: a new sequence), so a mask at token ``i``
     is computed from tokens ``0..i`` whether they arrive one per call (KV cache) or all at once.
     Scans are incremental: each row's marker state is carried from one call to the next.
+
+    What is remembered about a row between calls lives in its :class:`SequenceState`. The
+    tracker makes one per row of the batch it sees; ``sequences_override`` (set, like
+    ``prompt_lengths_override``, for the duration of a call) hands each row its own instead,
+    for a server that regroups sequences between calls: a request's token ids, marker scans and
+    condition verdicts then follow it from one batch to the next.
     """
 
     def __init__(self) -> None:
@@ -158,9 +165,18 @@ class PositionTracker(threading.local):
         self.prompt_lengths: torch.Tensor | None = None
         self.all_real: bool = True
         self.prompt_lengths_override: torch.Tensor | None = None
-        self.history: list[list[int]] | None = None
-        self._scans: dict[tuple[Positions, int], tuple[list[bool], bool]] = {}
+        self.sequences_override: list[SequenceState] | None = None
+        self.sequences: list[SequenceState] | None = None
+        self._have_ids = False
+        self._borrowed = False
         self._masks: dict[Positions, torch.Tensor] = {}
+
+    @property
+    def history(self) -> list[list[int]] | None:
+        """Each row's recorded token ids (``None`` when the last call brought no ids)."""
+        if self.sequences is None or not self._have_ids:
+            return None
+        return [state.ids for state in self.sequences]
 
     # configuration, not state: shared by every thread (a data descriptor on the class, so the
     # per-thread attribute dict never shadows it)
@@ -208,6 +224,16 @@ class PositionTracker(threading.local):
             self.all_real = bool((abs_index >= 0).all())
         self.abs_index = abs_index
         self._masks = {}
+        given = self.sequences_override
+        if given is not None:
+            if len(given) != batch:
+                raise InvalidInputError(
+                    f"{len(given)} sequence states were given for a batch of {batch} rows"
+                )
+            self.sequences = list(given)
+        elif self._borrowed:
+            self.sequences = None  # the lent states went back with their call
+        self._borrowed = given is not None
         if self.track_ids:
             ids_now = kwargs.get("input_ids", args[0] if args else None)
             self._record(ids_now if isinstance(ids_now, torch.Tensor) else None, abs_index)
@@ -219,29 +245,14 @@ class PositionTracker(threading.local):
 
     def _record(self, ids: torch.Tensor | None, abs_index: torch.Tensor) -> None:
         if ids is None or ids.ndim != 2:
-            self.history = None  # embeddings only: content specs refuse in mask()
+            self._have_ids = False  # embeddings only: content specs refuse in mask()
             return
+        self._have_ids = True
         batch = ids.shape[0]
-        if self.history is None or len(self.history) != batch:
-            self.history = [[] for _ in range(batch)]
-            self._scans = {}
+        if self.sequences is None or len(self.sequences) != batch:
+            self.sequences = [SequenceState() for _ in range(batch)]
         for row, (tokens, indices) in enumerate(zip(ids.tolist(), abs_index.tolist())):
-            hist = self.history[row]
-            for token, index in zip(tokens, indices):
-                if index < 0:
-                    continue
-                if index < len(hist):
-                    if hist[index] == token:
-                        continue
-                    del hist[index:]
-                    for key in [k for k in self._scans if k[1] == row]:
-                        del self._scans[key]
-                if index != len(hist):
-                    raise InvalidInputError(
-                        f"token history of row {row} has {len(hist)} tokens but the call brings "
-                        f"token {index}; content-based positions need every token of the sequence"
-                    )
-                hist.append(int(token))
+            self.sequences[row].record(tokens, indices, row=row)
 
     def mask(self, positions: Positions) -> torch.Tensor:
         """Boolean ``[batch, seq]`` mask of the tokens ``positions`` selects in this call."""
@@ -252,28 +263,73 @@ class PositionTracker(threading.local):
         cached = self._masks.get(positions)
         if cached is not None:
             return cached
-        if self.history is None:
+        if self.sequences is None or not self._have_ids:
             raise InvalidInputError(
                 f"positions {positions.describe()!r} need the token ids of the call (input_ids); "
                 f"this forward call has none"
             )
-        out = torch.zeros(self.abs_index.shape, dtype=torch.bool)
-        index_rows = self.abs_index.cpu()
-        for row, hist in enumerate(self.history):
-            flags, state = self._scans.get((positions, row), ([], False))
-            if len(flags) < len(hist):
-                more, state = marker_flags(positions, hist, start=len(flags), state=state)
-                flags = flags + more
-                self._scans[(positions, row)] = (flags, state)
-            if not flags:
-                continue
-            table = torch.tensor(flags, dtype=torch.bool)
-            indices = index_rows[row]
-            real = indices >= 0
-            out[row] = real & table[indices.clamp(0, len(flags) - 1)]
-        out = out.to(self.abs_index.device)
+        rows = []
+        for state, indices in zip(self.sequences, self.abs_index.tolist()):
+            flags = state.flags(positions)
+            rows.append([0 <= i < len(flags) and flags[i] for i in indices])
+        out = torch.tensor(rows, dtype=torch.bool).to(self.abs_index.device)
         self._masks[positions] = out
         return out
+
+
+@dataclasses.dataclass(eq=False)
+class SequenceState:
+    """What a :class:`PositionTracker` remembers about one row's sequence between calls.
+
+    ``ids``: its token ids by absolute index (recorded while content-based positions are in
+    use); ``scans``: for each content spec, the selection flag of every recorded token and the
+    scan state after the last one (see :func:`~steerlab.positions.marker_flags`);
+    ``verdicts``: for each prompt-level condition, whether the prompt satisfied it (written by
+    the condition's probe when it reads the whole prompt, read back on later calls).
+
+    >>> state = SequenceState()
+    >>> state.record([4, 5, 6], [0, 1, 2])
+    >>> state.flags(Positions.after(ids=[5]))
+    [False, True, True]
+    >>> state.record([7], [3]); state.flags(Positions.after(ids=[5]))
+    [False, True, True, True]
+    """
+
+    ids: list[int] = dataclasses.field(default_factory=list)
+    scans: dict[Positions, tuple[list[bool], bool]] = dataclasses.field(default_factory=dict)
+    verdicts: dict[Any, bool] = dataclasses.field(default_factory=dict)
+
+    def record(self, tokens: Sequence[int], indices: Sequence[int], *, row: int = 0) -> None:
+        """Record ``tokens`` at absolute ``indices`` (``-1``: padding, skipped).
+
+        A token equal to the one recorded at its index changes nothing; a different one starts
+        a new sequence there (the history, scans and verdicts from that index on are dropped).
+        """
+        ids = self.ids
+        for token, index in zip(tokens, indices):
+            if index < 0:
+                continue
+            if index < len(ids):
+                if ids[index] == token:
+                    continue
+                del ids[index:]
+                self.scans = {}
+                self.verdicts = {}
+            if index != len(ids):
+                raise InvalidInputError(
+                    f"token history of row {row} has {len(ids)} tokens but the call brings "
+                    f"token {index}; content-based positions need every token of the sequence"
+                )
+            ids.append(int(token))
+
+    def flags(self, positions: Positions) -> list[bool]:
+        """Selection flag of every recorded token for the content spec ``positions``."""
+        flags, state = self.scans.get(positions, ([], False))
+        if len(flags) < len(self.ids):
+            more, state = marker_flags(positions, self.ids, start=len(flags), state=state)
+            flags.extend(more)
+            self.scans[positions] = (flags, state)
+        return flags
 
 
 def positions_without_2d_mask(

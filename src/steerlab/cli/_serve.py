@@ -48,6 +48,13 @@ def serve(
         Path | None,
         typer.Option(help="Folder whose *.safetensors vectors are registered under their stems."),
     ] = None,
+    conditions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder whose *.safetensors conditions (sl.fit_condition, Condition.save) are "
+            "registered under their stems, for steering entries' \"when\"."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")] = (
         "127.0.0.1"
     ),
@@ -111,6 +118,7 @@ def serve(
     try:
         served = ENGINES[engine](model, max_batch, **vllm_options)
         names = served.vectors.register_dir(vectors) if vectors is not None else []
+        gates = served.conditions.register_dir(conditions) if conditions is not None else []
         app = create_app(
             served, api_key=api_key, max_tokens_cap=max_tokens_cap, max_strength=max_strength
         )
@@ -120,7 +128,9 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     typer.echo(
         f"steerlab serve: {served.model_id} with {len(names)} vector(s) "
-        f"({', '.join(names) or 'none'}) on http://{shown}:{port}  (playground: "
+        f"({', '.join(names) or 'none'})"
+        + (f" and {len(gates)} condition(s) ({', '.join(gates)})" if gates else "")
+        + f" on http://{shown}:{port}  (playground: "
         f"http://{shown}:{port}/ , API: http://{shown}:{port}/v1 ; Ctrl-C stops)",
     )
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")

@@ -60,7 +60,14 @@ from steerlab.server.protocol import (
     now,
 )
 
-__all__ = ["STATIC_DIR", "create_app", "describe_vector", "free_port", "serve_in_thread"]
+__all__ = [
+    "STATIC_DIR",
+    "create_app",
+    "describe_condition",
+    "describe_vector",
+    "free_port",
+    "serve_in_thread",
+]
 
 STATIC_DIR = Path(__file__).with_name("static")
 """The playground's files (shipped as package data)."""
@@ -97,6 +104,26 @@ def describe_vector(name: str, vector: Any) -> dict[str, Any]:
         "norms": {str(k): round(v, 6) for k, v in vector.norms().items()},
         "recommended_strength": meta.get("recommended_strength"),
         "metadata": scalars,
+    }
+
+
+def describe_condition(name: str, condition: Any) -> dict[str, Any]:
+    """The ``/v1/conditions`` entry of a registered condition.
+
+    >>> import torch, steerlab as sl
+    >>> describe_condition("cats", sl.Condition(torch.ones(4), layer=2, threshold=0.5))["scope"]
+    'prompt'
+    """
+    meta = dict(condition.metadata)
+    return {
+        "id": name,
+        "object": "condition",
+        "layer": condition.layer,
+        "threshold": condition.threshold,
+        "comparison": condition.comparison,
+        "scope": condition.scope,
+        "d_model": int(condition.direction.shape[0]),
+        "metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool))},
     }
 
 
@@ -228,6 +255,13 @@ def create_app(
         return {
             "object": "list",
             "data": [describe_vector(name, vec) for name, vec in engine.vectors.items()],
+        }
+
+    @app.get("/v1/conditions", dependencies=[Depends(authorize)])
+    async def conditions() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [describe_condition(name, c) for name, c in engine.conditions.items()],
         }
 
     @app.post("/v1/vectors", dependencies=[Depends(authorize)])

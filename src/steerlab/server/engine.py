@@ -8,15 +8,19 @@ can sit behind the server: :class:`TorchEngine` here (continuous batching over a
 
 What every engine must guarantee:
 
-* ``submit`` validates the request before returning (unknown vector, bad positions, a vector
-  that does not fit the model, an unsupported ``op``) and raises
+* ``submit`` validates the request before returning (unknown vector or condition, bad
+  positions, a vector that does not fit the model, an unsupported ``op`` or ``when``) and raises
   :class:`~steerlab.errors.InvalidInputError` for the caller's mistakes; nothing is queued then.
 * Steering means what it means in the library: for ``temperature == 0`` the token ids equal
-  ``model.generate_ids(prompt, steering=..., positions=..., max_new_tokens=max_tokens)``
+  ``model.generate_ids(prompt, steering=..., positions=..., when=..., max_new_tokens=max_tokens)``
   (``chat=True`` with a single user turn), whatever else is being served at the same time.
 * Positions are absolute token indices over prompt + generated tokens of *that* request
-  (``"last"``, ``"prompt"``, ``"generated"``, ints, lists, slices: see
-  :mod:`steerlab.positions`).
+  (``"last"``, ``"prompt"``, ``"generated"``, ints, lists, slices, ``"first:K"``), or chosen by
+  that request's own tokens (``"after:TEXT"``, ``"between:A,B"``, ``"outside:A,B"``, decided as
+  they stream): see :mod:`steerlab.positions`.
+* ``when`` names a registered :class:`~steerlab.conditions.Condition`: a prompt-level one is
+  decided once on the request's prompt and holds for its whole generation (a request that does
+  not satisfy it gets nothing from that entry); a per-token one gates each token.
 * The last event of a stream has ``finish_reason`` set (``"stop"``: end of sequence or a stop
   string; ``"length"``: ``max_tokens`` reached; ``"cancelled"``) and nothing follows it.
 
@@ -38,14 +42,17 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from steerlab.conditions import Condition
 from steerlab.errors import InvalidInputError, SteerlabError
+from steerlab.interventions import SequenceState
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
 __all__ = [
     "ChatMessage",
+    "ConditionRegistry",
     "Engine",
     "EngineError",
     "FINISH_REASONS",
@@ -78,7 +85,8 @@ class SteeringEntry:
     ``strength`` is a number or ``{layer: strength}`` (the vector's only direction is then used
     at each of those layers, as in :class:`~steerlab.interventions.Steering`); ``positions`` is
     any :data:`~steerlab.positions.PositionSpec`; ``op`` is the operation (``"add"``; engines
-    refuse ops they do not implement). Entries of one request compose in list order.
+    refuse ops they do not implement); ``when`` names a registered condition that gates this
+    entry (``None``: always on). Entries of one request compose in list order.
 
     >>> SteeringEntry(vector="calm", strength={15: 4.0}).positions
     'all'
@@ -88,6 +96,7 @@ class SteeringEntry:
     strength: float | Mapping[int, float] = 1.0
     positions: PositionSpec = "all"
     op: str = "add"
+    when: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,8 +347,103 @@ class RequestStream:
                 return
 
 
-# --- the vector registry -------------------------------------------------------------------------
-class VectorRegistry:
+# --- the registries of named vectors and conditions -------------------------------------------
+_T = TypeVar("_T")
+
+
+class _Registry(Generic[_T]):
+    """``name -> item``, thread-safe, each item checked on registration (see subclasses)."""
+
+    kind = "item"
+
+    def __init__(self, check: Callable[[_T], None] | None = None) -> None:
+        self._check = check
+        self._items: dict[str, _T] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def check_name(cls, name: str) -> str:
+        """``name`` if it is a valid name (letters, digits, ``_ . -``; 128 chars at most)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise InvalidInputError(
+                f"invalid {cls.kind} name {name!r}: use letters, digits, '_', '.', '-' "
+                f"(at most 128 characters, not starting with '.' or '-')"
+            )
+        return name
+
+    def _accepts(self, item: object) -> bool:
+        raise NotImplementedError
+
+    def _load(self, file: Path) -> _T:
+        raise NotImplementedError
+
+    def register(self, name: str, item: _T) -> None:
+        """Add ``item`` under ``name`` after checking it fits the model; names are unique."""
+        self.check_name(name)
+        if not self._accepts(item):
+            raise InvalidInputError(f"not a {self.kind}: {type(item).__name__}")
+        if self._check is not None:
+            self._check(item)
+        with self._lock:
+            if name in self._items:
+                raise InvalidInputError(f"a {self.kind} named {name!r} is already registered")
+            self._items[name] = item
+
+    def register_file(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Load a steerlab file and register it under ``name`` (default: the file stem)."""
+        file = Path(path)
+        chosen = file.stem if name is None else name
+        self.check_name(chosen)
+        self.register(chosen, self._load(file))
+        return chosen
+
+    def register_bytes(self, name: str, data: bytes) -> None:
+        """Register the file whose content is ``data`` (as uploaded)."""
+        self.check_name(name)
+        with tempfile.TemporaryDirectory(prefix="steerlab-upload-") as folder:
+            file = Path(folder, f"{name}.safetensors")
+            file.write_bytes(data)
+            item = self._load(file)
+        self.register(name, item)
+
+    def register_dir(self, folder: str | os.PathLike[str]) -> list[str]:
+        """Register every ``folder/*.safetensors`` under its stem; returns the names (sorted)."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise InvalidInputError(f"{self.kind} folder {path} does not exist")
+        return [self.register_file(file) for file in sorted(path.glob("*.safetensors"))]
+
+    def get(self, name: str) -> _T:
+        """The item registered as ``name``, or ``InvalidInputError`` naming the known ones."""
+        with self._lock:
+            item = self._items.get(name)
+            known = sorted(self._items)
+        if item is None:
+            raise InvalidInputError(
+                f"unknown {self.kind} {name!r}; registered: {', '.join(known) or 'none'}"
+            )
+        return item
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        with self._lock:
+            return sorted(self._items)
+
+    def items(self) -> list[tuple[str, _T]]:
+        """``(name, item)`` pairs, sorted by name."""
+        with self._lock:
+            return sorted(self._items.items(), key=lambda pair: pair[0])
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+class VectorRegistry(_Registry[SteeringVector]):
     """Named steering vectors a server can use: ``name -> SteeringVector``, thread-safe.
 
     ``check`` (given by the engine) refuses vectors that do not fit the served model; it runs on
@@ -357,85 +461,36 @@ class VectorRegistry:
     steerlab.errors.InvalidInputError: a vector named 'calm' is already registered
     """
 
-    def __init__(self, check: Callable[[SteeringVector], None] | None = None) -> None:
-        self._check = check
-        self._vectors: dict[str, SteeringVector] = {}
-        self._lock = threading.Lock()
+    kind = "vector"
 
-    @staticmethod
-    def check_name(name: str) -> str:
-        """``name`` if it is a valid vector name (letters, digits, ``_ . -``; 128 chars at most)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise InvalidInputError(
-                f"invalid vector name {name!r}: use letters, digits, '_', '.', '-' "
-                f"(at most 128 characters, not starting with '.' or '-')"
-            )
-        return name
+    def _accepts(self, item: object) -> bool:
+        return isinstance(item, SteeringVector)
 
-    def register(self, name: str, vector: SteeringVector) -> None:
-        """Add ``vector`` under ``name`` after checking it fits the model; names are unique."""
-        self.check_name(name)
-        if not isinstance(vector, SteeringVector):
-            raise InvalidInputError(f"not a SteeringVector: {type(vector).__name__}")
-        if self._check is not None:
-            self._check(vector)
-        with self._lock:
-            if name in self._vectors:
-                raise InvalidInputError(f"a vector named {name!r} is already registered")
-            self._vectors[name] = vector
+    def _load(self, file: Path) -> SteeringVector:
+        return SteeringVector.load(file)
 
-    def register_file(self, path: str | os.PathLike[str], name: str | None = None) -> str:
-        """Load a steerlab vector file and register it under ``name`` (default: the file stem)."""
-        file = Path(path)
-        chosen = file.stem if name is None else name
-        self.check_name(chosen)
-        self.register(chosen, SteeringVector.load(file))
-        return chosen
 
-    def register_bytes(self, name: str, data: bytes) -> None:
-        """Register the vector file whose content is ``data`` (as uploaded)."""
-        self.check_name(name)
-        with tempfile.TemporaryDirectory(prefix="steerlab-upload-") as folder:
-            file = Path(folder, f"{name}.safetensors")
-            file.write_bytes(data)
-            vector = SteeringVector.load(file)
-        self.register(name, vector)
+class ConditionRegistry(_Registry[Condition]):
+    """Named conditions (:class:`~steerlab.conditions.Condition`) that steering entries name in
+    ``when``, thread-safe; files go through :meth:`Condition.load`'s validation (format,
+    checksum), and ``check`` (given by the engine) refuses conditions the model cannot read.
 
-    def register_dir(self, folder: str | os.PathLike[str]) -> list[str]:
-        """Register every ``folder/*.safetensors`` under its stem; returns the names (sorted)."""
-        path = Path(folder)
-        if not path.is_dir():
-            raise InvalidInputError(f"vector folder {path} does not exist")
-        return [self.register_file(file) for file in sorted(path.glob("*.safetensors"))]
+    >>> import torch
+    >>> reg = ConditionRegistry()
+    >>> reg.register("cats", Condition(torch.ones(4), layer=1, threshold=0.5))
+    >>> reg.get("dogs")
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: unknown condition 'dogs'; registered: cats
+    """
 
-    def get(self, name: str) -> SteeringVector:
-        """The vector registered as ``name``, or ``InvalidInputError`` naming the known ones."""
-        with self._lock:
-            vector = self._vectors.get(name)
-            known = sorted(self._vectors)
-        if vector is None:
-            raise InvalidInputError(
-                f"unknown vector {name!r}; registered: {', '.join(known) or 'none'}"
-            )
-        return vector
+    kind = "condition"
 
-    def names(self) -> list[str]:
-        """Registered names, sorted."""
-        with self._lock:
-            return sorted(self._vectors)
+    def _accepts(self, item: object) -> bool:
+        return isinstance(item, Condition)
 
-    def items(self) -> list[tuple[str, SteeringVector]]:
-        """``(name, vector)`` pairs, sorted by name."""
-        with self._lock:
-            return sorted(self._vectors.items())
-
-    def __contains__(self, name: object) -> bool:
-        with self._lock:
-            return name in self._vectors
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._vectors)
+    def _load(self, file: Path) -> Condition:
+        return Condition.load(file)
 
 
 # --- stop strings and incremental text ------------------------------------------------------------
@@ -498,6 +553,8 @@ class Engine(Protocol):
 
     * ``model_id``: the served model's id (answers ``GET /v1/models``).
     * ``vectors``: the :class:`VectorRegistry` of this engine (checks vectors against its model).
+    * ``conditions``: the :class:`ConditionRegistry` of this engine (``when`` names); an engine
+      that cannot apply conditions refuses every registration and every ``when``.
     * ``n_layers``: decoder blocks of the model (to validate readout layers and strengths).
     * :meth:`start` / :meth:`shutdown`: start the worker(s); stop them, ending every open stream.
     * :meth:`submit`: validate ``request`` (raising ``InvalidInputError``) and queue it; the
@@ -506,6 +563,7 @@ class Engine(Protocol):
 
     model_id: str
     vectors: VectorRegistry
+    conditions: ConditionRegistry
 
     @property
     def n_layers(self) -> int: ...
@@ -539,6 +597,20 @@ class _Job:
     cached: int = 0  # tokens of this request in the KV cache
     next_token: int = -1  # sampled, not yet fed to the model
     cancelled: bool = False
+    # what position trackers and condition probes remember about this request (its token ids,
+    # marker scans, condition verdicts): it outlives the per-step trackers as rows regroup
+    state: SequenceState = dataclasses.field(default_factory=SequenceState)
+
+    def synced_state(self) -> SequenceState:
+        """:attr:`state` holding every token before the next forward call's (indices
+        ``0 .. cached-1``), so a tracker that did not record some step finds none missing."""
+        ids = self.state.ids
+        n_prompt = len(self.prompt_ids)
+        for index in range(len(ids), self.cached):
+            ids.append(
+                self.prompt_ids[index] if index < n_prompt else self.generated[index - n_prompt]
+            )
+        return self.state
 
 
 class TorchEngine:
@@ -552,8 +624,12 @@ class TorchEngine:
     explicit ``position_ids`` per row, and each row gets its own steering through
     :class:`~steerlab.interventions.RowSteering` with pinned per-row prompt lengths (so
     ``"last"``, ``"prompt"``, ``"generated"``, indices and slices mean the same as in
-    ``model.generate``). Requests join and leave at step boundaries; the padded cache is rebuilt
-    only when the set of rows changes.
+    ``model.generate``). Each request keeps a :class:`~steerlab.interventions.SequenceState` of
+    its own (token ids, marker scans, condition verdicts) that every step lends to the position
+    trackers and condition probes, so text-selected positions and ``when`` conditions also mean
+    what they mean in ``model.generate`` although the batch regroups between steps. Requests
+    join and leave at step boundaries; the padded cache is rebuilt only when the set of rows
+    changes.
 
     >>> from steerlab.testing import tiny_model
     >>> engine = TorchEngine(tiny_model("llama"), max_batch=4)
@@ -582,6 +658,7 @@ class TorchEngine:
         self.model_id: str = model_id or model.name
         self.max_batch = max_batch
         self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
+        self.conditions = ConditionRegistry(check=lambda cond: cond.check_compatible(model))
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._thread: threading.Thread | None = None
@@ -683,33 +760,27 @@ class TorchEngine:
 
     # --- validation helpers (caller's thread) ------------------------------------------------
     def _steering(self, entry: SteeringEntry) -> Any:
-        from steerlab.interventions import Steering
+        from steerlab.interventions import PositionTracker, RowSteering, Steering
 
         if not isinstance(entry, SteeringEntry):
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
         vector = self.vectors.get(entry.vector)
+        when = None if entry.when is None else self.conditions.get(entry.when)
         strength: Any = entry.strength
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
-        from steerlab.positions import Positions
-
-        if Positions.parse(entry.positions).needs_ids:
-            # their token-id history lives in a position tracker, which this engine rebuilds at
-            # every step as rows join and leave: refused rather than computed wrongly
-            raise InvalidInputError(
-                f"positions {entry.positions!r} select tokens by their text; the server engine "
-                f"supports index-based positions (all, last, prompt, generated, first:K, indices, "
-                f"slices) only"
-            )
-        options: dict[str, Any] = {"strength": strength, "positions": entry.positions}
+        positions = Positions.parse(entry.positions)
+        if not positions.bound:
+            # text markers become token ids as model.generate binds them: same tokenizer
+            with self._tokenizer_lock:
+                positions = positions.bind(self.model.tokenizer)
+        options: dict[str, Any] = {"strength": strength, "positions": positions, "when": when}
         if entry.op != "add":
-            if "op" not in {f.name for f in dataclasses.fields(Steering)}:
-                raise InvalidInputError(
-                    f"steering op {entry.op!r} is not supported by this engine (only 'add')"
-                )
             options["op"] = entry.op
         steering = Steering(vector, **options)
-        steering.layer_deltas(self.model.adapter)  # validates layers against the model
+        # validates layers and operator constants against the model, and a condition's layer
+        # against the steering layers it gates, before anything is queued
+        RowSteering((steering,)).hooks(self.model.adapter, PositionTracker())
         return steering
 
     def _readout(self, entry: ReadoutEntry) -> _Readout:
@@ -804,13 +875,16 @@ class TorchEngine:
             with activate(adapter, interventions) if interventions else contextlib.nullcontext():
                 trackers = active_trackers(adapter.backbone)
                 lengths = torch.tensor([len(job.prompt_ids) for job in rows])
+                states = [job.synced_state() for job in rows]
                 try:
                     for tracker in trackers:
                         tracker.prompt_lengths_override = lengths
+                        tracker.sequences_override = states
                     yield
                 finally:
                     for tracker in trackers:
                         tracker.prompt_lengths_override = None
+                        tracker.sequences_override = None
 
         return scope()
 

@@ -7,9 +7,11 @@ than silently ignored. Unknown extra fields are ignored, as OpenAI-compatible se
 Two additions:
 
 * ``steering``: ``[{"vector": NAME, "strength": 4.0 | {"15": 4.0}, "positions": "all", "op":
-  "add"}]``; entries compose in list order. ``positions`` is ``"all"``, ``"last"``,
-  ``"prompt"``, ``"generated"``, an int, a list of ints, or a string the CLI accepts
-  (``"3"``, ``"0,2"``, ``"2:"``, ``"-3:-1"``).
+  "add", "when": CONDITION}]``; entries compose in list order. ``positions`` is ``"all"``,
+  ``"last"``, ``"prompt"``, ``"generated"``, an int, a list of ints, or a string the CLI
+  accepts (``"3"``, ``"0,2"``, ``"2:"``, ``"-3:-1"``, ``"first:4"``, ``"after:TEXT"``,
+  ``"between:<think>,</think>"``, ``"outside:<think>,</think>"``). ``when`` (optional) names a
+  condition registered on the server.
 * ``readout``: ``[{"vector": NAME, "layer": 15}]``; each choice (and each streamed chunk)
   then carries ``"readout": [{"vector", "layer", "values": [one float per generated token]}]``.
 
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 _MODES = ("all", "last", "prompt", "generated")
+_CONTENT = ("first", "after", "between", "outside")
 
 
 def parse_positions(spec: Any) -> PositionSpec:
@@ -61,8 +64,14 @@ def parse_positions(spec: Any) -> PositionSpec:
 
     >>> parse_positions("last"), parse_positions(3), parse_positions("0,2"), parse_positions("-3:")
     ('last', 3, [0, 2], slice(-3, None, None))
+    >>> parse_positions("after: Yes"), parse_positions("between:<think>,</think>")
+    ('after: Yes', 'between:<think>,</think>')
     """
     result: PositionSpec
+    if isinstance(spec, str) and spec.partition(":")[0].strip() in _CONTENT:
+        text = spec.lstrip()  # not rstrip: a marker's own spaces are part of it
+        Positions.parse(text)
+        return text
     if isinstance(spec, bool):
         raise InvalidInputError(f"positions must not be a boolean, got {spec!r}")
     if isinstance(spec, int):
@@ -88,7 +97,8 @@ def parse_positions(spec: Any) -> PositionSpec:
         except ValueError:
             raise InvalidInputError(
                 f"unknown positions {spec!r}; use one of {', '.join(_MODES)}, an index, a list "
-                f"of indices ('0,2') or a slice ('2:', '-3:-1')"
+                f"of indices ('0,2'), a slice ('2:', '-3:-1'), first:K, after:TEXT, "
+                f"between:A,B or outside:A,B"
             ) from None
     else:
         raise InvalidInputError(f"cannot interpret positions {spec!r}")
@@ -105,6 +115,7 @@ class SteeringSpec(BaseModel):
     strength: float | dict[str, float] = 1.0
     positions: str | int | list[int] = "all"
     op: str = "add"
+    when: str | None = None
 
     def to_entry(self, *, max_strength: float | None = None) -> SteeringEntry:
         """The engine's :class:`SteeringEntry`, checking finiteness and the strength cap."""
@@ -128,6 +139,7 @@ class SteeringSpec(BaseModel):
             strength=strength,
             positions=parse_positions(self.positions),
             op=self.op,
+            when=self.when,
         )
 
 

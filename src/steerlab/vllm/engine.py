@@ -9,7 +9,9 @@ Stop strings are applied with the server's :class:`~steerlab.server.engine.StopM
 text as the torch engine); a stopped or cancelled request is aborted in vLLM.
 
 Readout (per-token probe scores) is not available on this engine: vLLM keeps hidden states in
-its worker processes and returns only tokens; requests asking for it get a clear 400.
+its worker processes and returns only tokens; requests asking for it get a clear 400. So do
+steering entries with ``when`` (a condition) or text-selected positions (``after:``,
+``between:``, ``outside:``): the plugin's wire format carries neither.
 
 >>> VLLMEngine.__name__  # the engine starts vLLM on start(); see the README for a full run
 'VLLMEngine'
@@ -28,6 +30,7 @@ from typing import Any
 from steerlab.errors import InvalidInputError, ModelNotAvailableError, VectorMismatchError
 from steerlab.interventions import Steering
 from steerlab.server.engine import (
+    ConditionRegistry,
     EngineError,
     GenerationRequest,
     RequestStream,
@@ -44,6 +47,11 @@ __all__ = ["VLLMEngine"]
 
 # vLLM's finish reasons as the server's (an abort is our cancel)
 _REASONS = {"length": "length", "stop": "stop", "abort": "cancelled"}
+
+_NO_CONDITIONS = (
+    "conditions are not supported by the vLLM engine (its steering plugin adds vectors and "
+    "cannot read a probe inside vLLM's forward pass); use the torch engine (--engine torch)"
+)
 
 
 class VLLMEngine:
@@ -98,6 +106,7 @@ class VLLMEngine:
         }
         self.max_model_len = max_model_len
         self.vectors = VectorRegistry(check=self._check_vector)
+        self.conditions = ConditionRegistry(check=self._refuse_condition)
         self._tokenizer_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -202,9 +211,15 @@ class VLLMEngine:
                     f"{self._n_layers} layers"
                 )
 
+    @staticmethod
+    def _refuse_condition(condition: Any) -> None:
+        raise InvalidInputError(_NO_CONDITIONS)
+
     def _steering(self, entry: SteeringEntry) -> Steering:
         if not isinstance(entry, SteeringEntry):
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
+        if entry.when is not None:
+            raise InvalidInputError(f"steering 'when': {entry.when!r}: {_NO_CONDITIONS}")
         if entry.op != "add":
             raise InvalidInputError(
                 f"steering op {entry.op!r} is not supported by the vLLM engine (only 'add')"
