@@ -44,11 +44,25 @@ def reference() -> sl.SteeredModel:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, TorchEngine]]:
+def gate(reference: sl.SteeredModel) -> tuple[sl.Condition, list[str], list[str]]:
+    """A prompt-level condition at layer 1 that half of :data:`PROMPTS` satisfy: the condition,
+    the prompts that satisfy it and those that do not."""
+    direction = torch.randn(reference.d_model, generator=torch.Generator().manual_seed(3))
+    scores = sl.Condition(direction, layer=1, threshold=0.0).scores(reference, PROMPTS)
+    order = scores.argsort().tolist()
+    low, high = order[: len(order) // 2], order[len(order) // 2 :]
+    threshold = (float(scores[low].max()) + float(scores[high].min())) / 2
+    cond = sl.Condition(direction, layer=1, threshold=threshold)
+    return cond, [PROMPTS[i] for i in high], [PROMPTS[i] for i in low]
+
+
+@pytest.fixture(scope="module")
+def server(gate: tuple[sl.Condition, list[str], list[str]]) -> Iterator[tuple[str, TorchEngine]]:
     model = tiny_model(ARCH)
     engine = TorchEngine(model, max_batch=16, model_id="tiny-llama")
     for name, vector in _vectors(model.d_model).items():
         engine.vectors.register(name, vector)
+    engine.conditions.register("gate", gate[0])
     app = create_app(engine, max_tokens_cap=40, max_strength=50.0)
     with serve_in_thread(app) as url:
         yield url, engine
@@ -66,7 +80,9 @@ def _library(
     max_tokens: int,
     *,
     chat: bool = False,
+    when: sl.Condition | None = None,
 ) -> list[int]:
+    """``model.generate`` for a request's steering (``when``: the condition named in it)."""
     vecs = _vectors(model.d_model)
     built = [
         sl.Steering(
@@ -77,6 +93,7 @@ def _library(
                 else s["strength"]
             ),
             positions=parse_positions(s.get("positions", "all")),
+            when=when if "when" in s else None,
         )
         for s in steering
     ]
@@ -213,6 +230,61 @@ def test_sixteen_concurrent_clients_equal_solo(
     engine.max_rows_seen = max(before_rows, engine.max_rows_seen)
 
 
+def test_when_and_text_positions_through_the_openai_client(
+    server: tuple[str, TorchEngine],
+    client: Any,
+    reference: sl.SteeredModel,
+    gate: tuple[sl.Condition, list[str], list[str]],
+) -> None:
+    url, engine = server
+    cond, passing, failing = gate
+    assert cond.fires(reference, passing).all() and not cond.fires(reference, failing).any()
+    gated = {"vector": "alpha", "strength": 8.0, "positions": "all", "when": "gate"}
+    jobs: list[tuple[str, list[dict[str, Any]], int]] = [
+        (passing[0], [gated], 10),
+        (failing[0], [gated], 12),
+        (passing[1], [{**gated, "positions": "after:movie"}], 9),
+        (failing[1], [{**gated, "strength": -6.0}], 8),
+        (PROMPTS[0], [{"vector": "beta", "strength": 5.0, "positions": "between:the,is"}], 11),
+        (PROMPTS[3], [{"vector": "alpha", "strength": 6.0, "positions": "outside:the,today"}], 7),
+        (PROMPTS[5], [{"vector": "alpha", "strength": 6.0, "positions": "first:2"}], 6),
+    ]
+    expected = [_text(reference, _library(reference, p, s, n, when=cond)) for p, s, n in jobs]
+    unsteered = [_text(reference, _library(reference, p, [], n)) for p, _, n in jobs]
+    # a prompt that fails the condition gets nothing; one that passes is steered
+    assert expected[1] == unsteered[1] and expected[3] == unsteered[3]
+    assert expected[0] != unsteered[0] and expected[2] != unsteered[2]
+
+    def call(job: tuple[str, list[dict[str, Any]], int]) -> str:
+        prompt, steering, n = job
+        done = client.completions.create(
+            model="default",
+            prompt=prompt,
+            max_tokens=n,
+            temperature=0,
+            extra_body={"steering": steering},
+        )
+        return str(done.choices[0].text)
+
+    before_rows = engine.max_rows_seen
+    engine.max_rows_seen = 0
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(call, jobs))
+    assert got == expected
+    assert engine.max_rows_seen >= 2, "requests were not batched together"
+    engine.max_rows_seen = max(before_rows, engine.max_rows_seen)
+    listed = httpx.get(url + "/v1/conditions").json()["data"]
+    assert [(c["id"], c["layer"], c["scope"]) for c in listed] == [("gate", 1, "prompt")]
+    assert listed[0]["threshold"] == pytest.approx(cond.threshold)
+    with pytest.raises(openai.BadRequestError, match="unknown condition 'nope'"):
+        client.completions.create(
+            model="default",
+            prompt="a",
+            max_tokens=2,
+            extra_body={"steering": [{**gated, "when": "nope"}]},
+        )
+
+
 def test_streamed_equals_non_streamed(client: Any) -> None:
     steering = CONFIGS[7]
     kwargs: dict[str, Any] = dict(
@@ -341,6 +413,9 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(
         [{"vector": "alpha", "strength": 1.0, "positions": "sideways"}],
         [{"vector": "alpha", "strength": {"99": 1.0}}],
         [{"vector": "alpha", "strength": 1.0, "op": "explode"}],
+        [{"vector": "alpha", "strength": 1.0, "when": "nope"}],
+        [{"vector": "alpha", "strength": 1.0, "positions": "between:only-one"}],
+        [{"vector": "beta", "strength": 1.0, "when": "gate"}],  # beta steers layer 0 < 1
     ]
     for steering in bad_steering:
         with pytest.raises(openai.BadRequestError) as caught:

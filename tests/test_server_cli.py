@@ -88,12 +88,19 @@ def test_serve_cli_with_a_saved_model_and_vector_folder(tmp_path: Path) -> None:
         {1: torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))}
     )
     vec.save(vectors / "calm.safetensors")
+    conditions = tmp_path / "conditions"
+    conditions.mkdir()
+    # never fires (a cosine is never above 1): its entries must leave the output unsteered
+    never = sl.Condition(torch.ones(model.d_model), layer=1, threshold=1.0)
+    never.save(conditions / "never.safetensors")
     with _serve(
         [
             "--model",
             str(folder),
             "--vectors",
             str(vectors),
+            "--conditions",
+            str(conditions),
             "--api-key",
             "k",
             "--max-tokens-cap",
@@ -117,12 +124,21 @@ def test_serve_cli_with_a_saved_model_and_vector_folder(tmp_path: Path) -> None:
             "the cat sat", steering=vec, strength=6.0, positions="last", max_new_tokens=8
         )
         assert reply.choices[0].text == expected
+        gated = client.completions.create(
+            model="default",
+            prompt="the cat sat",
+            max_tokens=8,
+            temperature=0,
+            extra_body={"steering": [{**steering[0], "when": "never"}]},
+        )
+        assert gated.choices[0].text == model.generate("the cat sat", max_new_tokens=8)
+        assert gated.choices[0].text != expected
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="default", prompt="a", max_tokens=21)
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="other", prompt="a", max_tokens=2)
     output = "\n".join(lines)
-    assert f"{url}" in output and "calm" in output
+    assert f"{url}" in output and "calm" in output and "1 condition(s) (never)" in output
     assert "stopped" in output and "Traceback" not in output
 
 

@@ -262,3 +262,51 @@ def test_operators_conditions_and_text_positions_are_refused_not_added() -> None
     with _pytest.raises(_Invalid, match="by their text"):
         _to_wire([_Steering(vec, positions="after:cat")])
     assert _to_wire([_Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"
+
+
+def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusals happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
+    the installed package is enough to build the engine behind the real app."""
+    import importlib.util
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from steerlab.errors import InvalidInputError
+    from steerlab.server.app import create_app
+    from steerlab.testing import tiny_hf_model, tiny_tokenizer
+    from steerlab.vllm.engine import VLLMEngine
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: object() if name == "vllm" else find_spec(name, *args),
+    )
+    engine = VLLMEngine(tmp_path)
+    d_model = engine.d_model
+    engine.vectors.register("calm", sl.SteeringVector({1: torch.ones(d_model)}))
+    gate = sl.Condition(torch.ones(d_model), layer=1, threshold=0.5)
+    with pytest.raises(InvalidInputError, match="not supported by the vLLM engine"):
+        engine.conditions.register("gate", gate)
+    with TestClient(create_app(engine, manage_engine=False)) as client:
+        for entry, message in [
+            ({"when": "gate"}, "steering 'when': 'gate': conditions are not supported"),
+            ({"positions": "after:cat"}, "select tokens by their text"),
+            ({"positions": "outside:<think>,</think>"}, "select tokens by their text"),
+        ]:
+            reply = client.post(
+                "/v1/completions",
+                json={
+                    "model": "default",
+                    "prompt": "the cat",
+                    "max_tokens": 2,
+                    "steering": [{"vector": "calm", "strength": 1.0, **entry}],
+                },
+            )
+            assert reply.status_code == 400, reply.text
+            assert message in reply.json()["error"]["message"]

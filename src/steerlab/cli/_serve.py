@@ -52,7 +52,7 @@ def serve(
         Path | None,
         typer.Option(
             help="Folder whose *.safetensors conditions (sl.fit_condition, Condition.save) are "
-            "registered under their stems, for steering entries' \"when\"."
+            "registered under their stems, for the 'when' of steering entries."
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 exposes it).")] = (
