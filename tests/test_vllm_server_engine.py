@@ -6,6 +6,7 @@ Runs from ``.venv-vllm`` (``make test-vllm``); skipped with the reason elsewhere
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,10 +108,64 @@ def test_stop_strings_and_errors(
         engine.submit(GenerationRequest(prompt="hi", steering=(SteeringEntry("nope"),)))
     with pytest.raises(sl.LayerIndexError):
         engine.submit(GenerationRequest(prompt="hi", steering=(SteeringEntry("one", {99: 1.0}),)))
-    with pytest.raises(sl.InvalidInputError, match="readout"):
-        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("one", 3),)))
+    with pytest.raises(sl.LayerIndexError, match="readout layer 30"):
+        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("one", 30),)))
+    with pytest.raises(sl.VectorMismatchError, match="no direction for layer 3"):
+        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("four", 3),)))
     with pytest.raises(sl.VectorMismatchError):
         engine.vectors.register("small", sl.SteeringVector({1: torch.ones(8)}))
+
+
+def test_readout_equals_the_torch_engine(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    """Per-token probe scores from vLLM's workers == the torch engine's (fp32, within 1e-3),
+    unsteered and steered (read after the steering at the same layer), in one mixed batch."""
+    from steerlab.server.engine import TorchEngine
+
+    engine, model, vectors = served
+    probes = (ReadoutEntry("one", 15), ReadoutEntry("four", 10), ReadoutEntry("one", -1))
+    requests = [
+        GenerationRequest(prompt=PROMPTS[0], max_tokens=10, temperature=0.0, readout=probes),
+        GenerationRequest(
+            prompt=PROMPTS[1],
+            max_tokens=10,
+            temperature=0.0,
+            steering=(SteeringEntry("one", 8.0, "all"),),
+            readout=probes,
+        ),
+        GenerationRequest(
+            prompt=PROMPTS[2],
+            max_tokens=10,
+            temperature=0.0,
+            steering=(SteeringEntry("four", 4.0, "generated"),),
+            readout=probes[1:2],
+        ),
+        GenerationRequest(prompt=PROMPTS[3], max_tokens=10, temperature=0.0),
+    ]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: _run(engine, r), requests))
+    torch_engine = TorchEngine(model, max_batch=4)
+    for name, vec in vectors.items():
+        torch_engine.vectors.register(name, vec)
+    torch_engine.start()
+    try:
+        want = [_run(torch_engine, r) for r in requests]
+    finally:
+        torch_engine.shutdown()
+    worst = 0.0
+    for request, events, reference in zip(requests, got, want):
+        tokens = [e.token_id for e in events if e.token_id >= 0]
+        assert tokens == [e.token_id for e in reference if e.token_id >= 0], request.prompt
+        for event, ref in zip(events, reference):
+            assert len(event.readout) == len(request.readout)
+            for value, expected in zip(event.readout, ref.readout):
+                worst = max(worst, abs(value - expected))
+    assert worst < 1e-3, worst
+    # the steering is visible in the probe: the steered request reads differently at layer 15
+    steered_first = got[1][0].readout[0]
+    alone = _run(engine, dataclasses.replace(requests[1], steering=()))[0].readout[0]
+    assert abs(steered_first - alone) > 1.0
 
 
 def test_cancel_ends_the_stream(
@@ -125,3 +180,12 @@ def test_cancel_ends_the_stream(
             stream.cancel()
     assert events[-1].finish_reason == "cancelled"
     assert len(events) < 400
+
+
+def test_readout_refused_with_another_worker_extension() -> None:
+    from steerlab.vllm.engine import VLLMEngine
+
+    engine = VLLMEngine(worker_extension_cls="mypkg.MyExtension")  # not started
+    engine.vectors.register("v", sl.SteeringVector({3: torch.ones(engine.d_model)}))
+    with pytest.raises(sl.InvalidInputError, match="--engine torch"):
+        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("v", 3),)))

@@ -17,14 +17,23 @@ from torch import nn
 import steerlab as sl
 from steerlab.positions import Positions
 from steerlab.vllm import extra_args, per_row_steering
-from steerlab.vllm.plugin import RunnerSteering, add_to_block_output, decoder_layers
+from steerlab.vllm.plugin import (
+    ReadoutExtension,
+    RunnerSteering,
+    StepPlan,
+    add_to_block_output,
+    decoder_layers,
+)
 from steerlab.vllm.spec import (
     StepRequest,
     parse_positions,
     positions_to_wire,
+    readout_to_wire,
     resolve,
+    resolve_readout,
     to_wire,
     token_deltas,
+    validate,
 )
 
 SPECS: list[Any] = ["all", "last", "prompt", "generated", 1, [0, -1], slice(2, None), slice(-2, 5)]
@@ -160,7 +169,7 @@ def test_hooks_add_to_the_block_output_under_tensor_parallel_blocks(ranks: int) 
         want = h + r
     state = RunnerSteering(net, n_layers=3, d_model=d)
     try:
-        state.active = {1: delta}
+        state.active = StepPlan(deltas={1: delta}, reads={})
         with torch.no_grad():
             got = net(x)
         state.active = None
@@ -194,8 +203,8 @@ def test_runner_state_ignores_unsteered_and_caches_specs() -> None:
             device=torch.device("cpu"),
             dtype=torch.float32,
         )
-        assert plan is not None and set(plan) == {2}
-        assert plan[2][:3].abs().sum() == 0 and plan[2][3].tolist() == [1.0] * 4
+        assert plan is not None and set(plan.deltas) == {2} and not plan.reads
+        assert plan.deltas[2][:3].abs().sum() == 0 and plan.deltas[2][3].tolist() == [1.0] * 4
         assert (
             state.plan(
                 [("a", None, 0, 4, 4)], positions, device=torch.device("cpu"), dtype=torch.float32
@@ -310,3 +319,162 @@ def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
             )
             assert reply.status_code == 400, reply.text
             assert message in reply.json()["error"]["message"]
+
+
+# --- readout --------------------------------------------------------------------------------------
+def _probe_wire(key: str, probes: list[tuple[int, torch.Tensor]], steer: Any = None) -> Any:
+    wire = to_wire([] if steer is None else [steer])
+    wire["readout"] = readout_to_wire(key, probes)
+    return json.loads(json.dumps(wire))  # what crosses the process boundary
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_readout_reads_the_steered_stream_at_each_requests_last_token(ranks: int) -> None:
+    """Three requests in one flattened step: the values the hooks keep are the whole residual
+    stream after the block (after this step's steering) at each request's last token, dotted
+    with the probe, keyed by that token's absolute position, on every simulated rank."""
+    torch.manual_seed(1)
+    d = 6
+    net = _Net(d, ranks)
+    x = torch.randn(9, d)
+    vec = sl.SteeringVector({1: torch.randn(d)})
+    probe_1, probe_2 = torch.randn(d), torch.randn(d)
+    # (req_id, tokens start:stop, prompt length, absolute positions, steerlab value)
+    a = _probe_wire("ka", [(1, probe_1), (-1, probe_2)], sl.Steering(vec, strength=3.0))
+    b = _probe_wire("kb", [(1, probe_1)])
+    rows = [("a", a, 0, 4, 4), ("b", b, 4, 5, 3), ("c", None, 5, 9, 4)]
+    positions = torch.tensor([0, 1, 2, 3, 7, 0, 1, 2, 3])
+    # reference by hand: steer a's rows at block 1, read streams after blocks 1 and 2
+    with torch.no_grad():
+        h, r = x, None
+        streams = []
+        for index, layer in enumerate(net.layers):
+            h, r = layer(h, r)
+            if index == 1:
+                r = r.clone()
+                r[0:4] += vec[1] * 3.0
+            streams.append(h + r)
+    want = {
+        "ka": [(3, [float(streams[1][3] @ probe_1), float(streams[2][3] @ probe_2)])],
+        "kb": [(7, [float(streams[1][4] @ probe_1)])],
+    }
+    state = RunnerSteering(net, n_layers=3, d_model=d)
+    try:
+        plan = state.plan(rows, positions, device=torch.device("cpu"), dtype=torch.float32)
+        assert plan is not None and set(plan.reads) == {1, 2}
+        state.active = plan
+        with torch.no_grad():
+            net(x)
+        state.active = None
+        state.record(plan)
+        got = state.take(["ka", "kb", "kc"])
+        assert state.take(["ka", "kb"]) == {}  # handed over once
+    finally:
+        state.remove()
+    assert set(got) == {"ka", "kb"}
+    for key, pairs in want.items():
+        assert [p for p, _ in got[key]] == [p for p, _ in pairs]
+        for (_, values), (_, expected) in zip(got[key], pairs):
+            assert values == pytest.approx(expected, abs=1e-5)
+    # the steering moved the value (so the read is after it)
+    assert abs(got["ka"][0][1][0] - float((streams[1][3] - vec[1] * 3.0) @ probe_1)) > 1e-3
+
+
+def test_readout_off_without_the_extension_and_bounded_when_never_fetched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import steerlab.vllm.plugin as plugin
+
+    net = _Net(4, 1)
+    wire = _probe_wire("k0", [(0, torch.ones(4))])
+    positions = torch.arange(3)
+    off = RunnerSteering(net, n_layers=3, d_model=4, readout=False)
+    try:
+        assert (
+            off.plan(
+                [("r", wire, 0, 3, 3)], positions, device=torch.device("cpu"), dtype=torch.float32
+            )
+            is None
+        )
+    finally:
+        off.remove()
+    monkeypatch.setattr(plugin, "MAX_READOUT_REQUESTS", 2)
+    state = RunnerSteering(net, n_layers=3, d_model=4)
+    try:
+        for n in range(3):
+            w = _probe_wire(f"k{n}", [(0, torch.ones(4))])
+            plan = state.plan(
+                [(f"r{n}", w, 0, 3, 3)], positions, device=torch.device("cpu"), dtype=torch.float32
+            )
+            assert plan is not None
+            state.active = plan
+            with torch.no_grad():
+                net(torch.randn(3, 4))
+            state.active = None
+            state.record(plan)
+        assert set(state.take(["k0", "k1", "k2"])) == {"k1", "k2"}  # oldest dropped
+    finally:
+        state.remove()
+
+
+def test_worker_extension_hands_over_the_runners_values() -> None:
+    from types import SimpleNamespace
+
+    net = _Net(4, 1)
+    state = RunnerSteering(net, n_layers=3, d_model=4)
+    try:
+        wire = _probe_wire("k", [(2, torch.tensor([1.0, 0.0, 0.0, 0.0]))])
+        plan = state.plan(
+            [("r", wire, 0, 2, 2)],
+            torch.tensor([0, 1]),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+        assert plan is not None
+        state.active = plan
+        with torch.no_grad():
+            out = net(torch.randn(2, 4))
+        state.active = None
+        state.record(plan)
+        worker = SimpleNamespace(model_runner=SimpleNamespace(_steerlab_state=state))
+        got = ReadoutExtension.steerlab_take_readout(worker, ["k"])  # type: ignore[arg-type]
+        assert got == {"k": [(1, [pytest.approx(float(out[1, 0]), abs=1e-6)])]}
+        bare = SimpleNamespace(model_runner=SimpleNamespace())
+        assert ReadoutExtension.steerlab_take_readout(bare, ["k"]) == {}  # type: ignore[arg-type]
+    finally:
+        state.remove()
+
+
+@pytest.mark.parametrize(
+    ("readout", "error"),
+    [
+        ({"key": "k", "probes": [{"layer": 9, "direction": [1.0, 0.0]}]}, sl.LayerIndexError),
+        ({"key": "k", "probes": [{"layer": 1, "direction": [1.0]}]}, sl.VectorMismatchError),
+        ({"key": "k", "probes": [{"layer": 1, "direction": ["a", "b"]}]}, sl.InvalidInputError),
+        ({"key": "k", "probes": [{"layer": 1.5, "direction": [1.0, 0.0]}]}, sl.InvalidInputError),
+        ({"key": "k", "probes": [{"layer": 1}]}, sl.InvalidInputError),
+        ({"key": 3, "probes": []}, sl.InvalidInputError),
+        ([{"layer": 1, "direction": [1.0, 0.0]}], sl.InvalidInputError),
+        (
+            {"key": "k", "probes": [{"layer": 1, "direction": [float("nan"), 0.0]}]},
+            sl.InvalidInputError,
+        ),
+    ],
+)
+def test_bad_readout_values_raise(readout: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        resolve_readout({"readout": readout}, n_layers=4, d_model=2)
+    if error is sl.InvalidInputError:  # what the API server can check without the model
+        with pytest.raises(error):
+            validate({"readout": readout})
+
+
+def test_readout_wire_round_trip_is_exact() -> None:
+    direction = torch.randn(8)
+    wire = json.loads(json.dumps({"readout": readout_to_wire("k", [(-2, direction)])}))
+    validate(wire)
+    got = resolve_readout(json.dumps(wire), n_layers=4, d_model=8)
+    assert got is not None and got.key == "k" and got.probes[0].layer == 2
+    assert torch.equal(got.probes[0].direction, direction)
+    with pytest.raises(sl.InvalidInputError, match="unknown steerlab fields"):
+        validate({"steering": [], "probes": []})

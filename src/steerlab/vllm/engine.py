@@ -8,10 +8,14 @@ streams vLLM's outputs into the request's :class:`~steerlab.server.engine.Reques
 Stop strings are applied with the server's :class:`~steerlab.server.engine.StopMatcher` (same
 text as the torch engine); a stopped or cancelled request is aborted in vLLM.
 
-Readout (per-token probe scores) is not available on this engine: vLLM keeps hidden states in
-its worker processes and returns only tokens; requests asking for it get a clear 400. So do
-steering entries with ``when`` (a condition) or text-selected positions (``after:``,
-``between:``, ``outside:``): the plugin's wire format carries neither.
+Readout (per-token probe scores) is computed in vLLM's workers by the plugin's hooks and
+fetched per streamed chunk with ``collective_rpc`` through steerlab's worker extension
+(:class:`steerlab.vllm.plugin.ReadoutExtension`, installed as vLLM's ``worker_extension_cls``):
+the value of each generated token is the one read at the position whose forward produced it,
+the definition of :attr:`steerlab.server.engine.TokenEvent.readout`.
+
+Steering entries with ``when`` (a condition) or text-selected positions (``after:``,
+``between:``, ``outside:``) get a clear 400: the plugin's wire format carries neither.
 
 >>> VLLMEngine.__name__  # the engine starts vLLM on start(); see the README for a full run
 'VLLMEngine'
@@ -21,18 +25,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
+import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from steerlab.errors import InvalidInputError, ModelNotAvailableError, VectorMismatchError
-from steerlab.interventions import Steering
+import torch
+
+from steerlab.errors import (
+    InvalidInputError,
+    LayerIndexError,
+    ModelNotAvailableError,
+    VectorMismatchError,
+)
+from steerlab.interventions import Steering, direction_at
 from steerlab.server.engine import (
     ConditionRegistry,
     EngineError,
     GenerationRequest,
+    ReadoutEntry,
     RequestStream,
     SteeringEntry,
     StopMatcher,
@@ -41,7 +55,8 @@ from steerlab.server.engine import (
     VectorRegistry,
 )
 from steerlab.vectors import SteeringVector
-from steerlab.vllm.spec import EXTRA_ARGS_KEY, resolve, to_wire
+from steerlab.vllm.plugin import READOUT_EXTENSION
+from steerlab.vllm.spec import EXTRA_ARGS_KEY, readout_to_wire, resolve, resolve_readout, to_wire
 
 __all__ = ["VLLMEngine"]
 
@@ -60,7 +75,8 @@ class VLLMEngine:
     ``model`` is a local folder or hub id already on disk (default: steerlab's default model);
     ``tensor_parallel_size``, ``dtype``, ``max_model_len`` and any other ``engine_options``
     pass through to vLLM's ``AsyncEngineArgs`` (``enforce_eager`` is always on: the steering
-    hooks run in eager mode).
+    hooks run in eager mode; ``worker_extension_cls`` defaults to steerlab's readout extension,
+    and another one turns readout off).
     """
 
     def __init__(
@@ -101,6 +117,7 @@ class VLLMEngine:
             "tensor_parallel_size": tensor_parallel_size,
             "dtype": dtype,
             **({} if max_model_len is None else {"max_model_len": max_model_len}),
+            "worker_extension_cls": READOUT_EXTENSION,
             **engine_options,
             "enforce_eager": True,
         }
@@ -172,12 +189,14 @@ class VLLMEngine:
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
         request.check()
-        if request.readout:
+        if request.readout and self._options["worker_extension_cls"] != READOUT_EXTENSION:
             raise InvalidInputError(
-                "readout is not available with the vLLM engine (hidden states stay in vLLM's "
-                "workers); use the torch engine for readout"
+                f"readout needs steerlab's vLLM worker extension, but this engine runs vLLM with "
+                f"worker_extension_cls={self._options['worker_extension_cls']!r}; start it "
+                f"without that option, or use the torch engine (--engine torch) for readout"
             )
-        wire = self._wire(request)
+        request_id = f"steerlab-{next(self._ids)}"
+        wire = self._wire(request, request_id)
         prompt_ids = self._encode(request)
         if self.max_model_len is not None and len(prompt_ids) + request.max_tokens > (
             self.max_model_len
@@ -189,7 +208,6 @@ class VLLMEngine:
         loop = self._loop
         if loop is None or self._llm is None:
             raise EngineError("the engine is not running (call start())")
-        request_id = f"steerlab-{next(self._ids)}"
         stream = RequestStream(request_id, on_cancel=lambda: self._cancel(request_id))
         future = asyncio.run_coroutine_threadsafe(
             self._serve(request_id, request, prompt_ids, wire, stream), loop
@@ -231,11 +249,36 @@ class VLLMEngine:
             self.vectors.get(entry.vector), strength=strength, positions=entry.positions
         )
 
-    def _wire(self, request: GenerationRequest) -> dict[str, Any] | None:
-        if not request.steering:
+    def _probe(self, entry: ReadoutEntry) -> tuple[int, torch.Tensor]:
+        """The torch engine's probe (``TorchEngine._readout``): unit float32 direction."""
+        if not isinstance(entry, ReadoutEntry):
+            raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
+        vector = self.vectors.get(entry.vector)
+        layer = entry.layer
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise InvalidInputError(f"readout layer must be an int, got {layer!r}")
+        if not -self._n_layers <= layer < self._n_layers:
+            raise LayerIndexError(
+                f"readout layer {layer} is outside the model's {self._n_layers} layers"
+            )
+        layer %= self._n_layers
+        direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
+        direction = direction.detach().to(torch.float32).cpu()
+        norm = float(direction.norm())
+        if not norm > 0:
+            raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
+        return layer, direction / norm
+
+    def _wire(self, request: GenerationRequest, key: str) -> dict[str, Any] | None:
+        if not request.steering and not request.readout:
             return None
         wire = to_wire([self._steering(entry) for entry in request.steering])
-        resolve(wire, n_layers=self._n_layers, d_model=self.d_model)  # layers, sizes
+        if request.readout:
+            probes = [self._probe(entry) for entry in request.readout]
+            wire["readout"] = readout_to_wire(key, probes)
+        # layers and sizes, as the worker will check them
+        resolve(wire, n_layers=self._n_layers, d_model=self.d_model)
+        resolve_readout(wire, n_layers=self._n_layers, d_model=self.d_model)
         return wire
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -300,17 +343,30 @@ class VLLMEngine:
         generated: list[int] = []
         finished = False
         vllm_reason: str | None = None
+        # readout values by absolute position of the token whose forward read them
+        read: dict[int, list[float]] = {}
         try:
             params = self._params(request, wire)
             prompt = TokensPrompt(prompt_token_ids=prompt_ids)
             async for output in self._llm.generate(prompt, params, request_id):
                 completion = output.outputs[0]
                 logprobs = completion.logprobs or []
+                if request.readout and completion.token_ids:
+                    await self._fetch_readout(request_id, read)
                 for index, token in enumerate(completion.token_ids):
+                    # the forward at position p (the last prompt token, then each generated
+                    # token in turn) produced the token at p + 1
+                    values = (
+                        self._readout_at(read, len(prompt_ids) + len(generated) - 1, request)
+                        if request.readout
+                        else ()
+                    )
                     generated.append(int(token))
                     event, finished = self._event(
                         request, prompt_ids, generated, matcher, eos, logprobs, index
                     )
+                    if values:
+                        event = dataclasses.replace(event, readout=values)
                     stream.put(event)
                     if finished:
                         break
@@ -335,7 +391,33 @@ class VLLMEngine:
                     await self._llm.abort(request_id)
                 except Exception:
                     pass
+            if request.readout:  # values of forwards after the last token, if any
+                try:
+                    await self._fetch_readout(request_id, {})
+                except Exception:
+                    pass
             self._open.pop(request_id, None)
+
+    async def _fetch_readout(self, key: str, into: dict[int, list[float]]) -> None:
+        """Move the workers' readout values kept under ``key`` into ``into`` (by position)."""
+        per_rank = await self._llm.collective_rpc("steerlab_take_readout", args=([key],))
+        for taken in per_rank or ():
+            for position, values in (taken or {}).get(key, ()):
+                slot = into.setdefault(int(position), [math.nan] * len(values))
+                # ranks agree where they hold the layer (tensor parallel: every rank holds
+                # every layer; pipeline stages: one holds it, the others sent NaN)
+                for index, value in enumerate(values):
+                    if math.isnan(slot[index]):
+                        slot[index] = float(value)
+
+    @staticmethod
+    def _readout_at(
+        read: dict[int, list[float]], position: int, request: GenerationRequest
+    ) -> tuple[float, ...]:
+        values = read.pop(position, None)
+        if values is None or len(values) != len(request.readout) or any(map(math.isnan, values)):
+            raise EngineError(f"vLLM returned no readout value for position {position}")
+        return tuple(values)
 
     def _event(
         self,

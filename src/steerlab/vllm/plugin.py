@@ -18,14 +18,25 @@ row-parallel projections all-reduce before returning), and every rank builds the
 from the same batch metadata, so the ranks stay in lock-step; pipeline stages hook only the
 layers they own.
 
+Readout (probe scores) runs in the same hooks: after any steering at its layer, each probing
+request's last token of the step (the one whose logits pick its next token) is dotted with the
+probe's direction, and the worker keeps the value under the request's readout key and that
+token's absolute position. vLLM returns only tokens to the API process, so the values travel
+back by ``collective_rpc``: :class:`ReadoutExtension`, vLLM's ``worker_extension_cls``, adds the
+method ``steerlab_take_readout`` to every worker, which hands over (and forgets) a request's
+values. Without that extension (a plain ``vllm serve``) probes are ignored: nothing could fetch
+them.
+
 Steering needs eager execution (``enforce_eager=True``): a compiled or graph-captured forward
 does not run Python hooks. Requests without steering cost one dictionary lookup each per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,9 +44,33 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
-from steerlab.vllm.spec import EXTRA_ARGS_KEY, ResolvedEntry, StepRequest, resolve, token_deltas
+from steerlab.vllm.spec import (
+    EXTRA_ARGS_KEY,
+    Readout,
+    ResolvedEntry,
+    StepRequest,
+    resolve,
+    resolve_readout,
+    token_deltas,
+)
 
-__all__ = ["RunnerSteering", "decoder_layers", "layer_hook", "register"]
+__all__ = [
+    "READOUT_EXTENSION",
+    "ReadoutExtension",
+    "RunnerSteering",
+    "StepPlan",
+    "block_stream",
+    "decoder_layers",
+    "layer_hook",
+    "register",
+]
+
+READOUT_EXTENSION = "steerlab.vllm.plugin.ReadoutExtension"
+"""vLLM's ``worker_extension_cls`` that lets the API process fetch readout values."""
+
+# Readout values of at most this many requests wait for their fetch (finished requests whose
+# values were never fetched are dropped oldest first, so nothing grows without bound).
+MAX_READOUT_REQUESTS = 1024
 
 logger = logging.getLogger("steerlab.vllm")
 
@@ -84,29 +119,82 @@ def add_to_block_output(output: Any, delta: torch.Tensor) -> Any:
     raise SteerlabError(f"cannot steer a decoder layer output of type {type(output).__name__}")
 
 
+def block_stream(output: Any) -> torch.Tensor:
+    """The residual stream a vLLM decoder layer's ``output`` carries (``hidden + residual``).
+
+    >>> import torch
+    >>> block_stream((torch.ones(2, 3), torch.full((2, 3), 2.0))).tolist()
+    [[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]]
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and len(output) >= 2 and isinstance(output[1], torch.Tensor):
+        return output[0] + output[1]
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise SteerlabError(f"cannot read a decoder layer output of type {type(output).__name__}")
+
+
+@dataclasses.dataclass
+class _Reads:
+    """The probes read at one layer in one step: rows of the flattened batch and directions."""
+
+    rows: torch.Tensor  # [n] token rows
+    directions: torch.Tensor  # [n, d_model] float32
+    keys: list[tuple[str, int, int]]  # (readout key, probe index, absolute position) per row
+    n_probes: dict[str, int]  # probes per readout key
+    values: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What the hooks do in one forward: ``{layer: delta}`` to add, ``{layer: reads}`` to take."""
+
+    deltas: dict[int, torch.Tensor]
+    reads: dict[int, _Reads]
+
+
 def layer_hook(state: RunnerSteering, layer: int) -> Callable[[nn.Module, Any, Any], Any]:
-    """The forward hook of decoder layer ``layer``: adds this step's delta, if any."""
+    """The forward hook of decoder layer ``layer``: adds this step's delta, then reads probes."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         plan = state.active
         if plan is None:
             return None
-        delta = plan.get(layer)
-        if delta is None:
-            return None
-        return add_to_block_output(output, delta)
+        delta = plan.deltas.get(layer)
+        changed = delta is not None
+        if delta is not None:
+            output = add_to_block_output(output, delta)
+        reads = plan.reads.get(layer)
+        if reads is not None:
+            stream = block_stream(output)
+            rows = stream.index_select(0, reads.rows.to(stream.device)).to(torch.float32)
+            reads.values = (rows * reads.directions.to(rows.device)).sum(dim=-1)
+        return output if changed else None
 
     return hook
 
 
-class RunnerSteering:
-    """Steering state of one model runner: hooks, parsed specs per request, this step's plan."""
+@dataclasses.dataclass(frozen=True)
+class _Parsed:
+    steering: list[ResolvedEntry]
+    readout: Readout | None
 
-    def __init__(self, model: nn.Module, *, n_layers: int, d_model: int) -> None:
+
+class RunnerSteering:
+    """Steering state of one model runner: hooks, parsed specs per request, this step's plan,
+    and the readout values waiting for the API process."""
+
+    def __init__(
+        self, model: nn.Module, *, n_layers: int, d_model: int, readout: bool = True
+    ) -> None:
         self.n_layers = n_layers
         self.d_model = d_model
-        self.active: dict[int, torch.Tensor] | None = None
-        self._specs: dict[str, tuple[int, list[ResolvedEntry]]] = {}
+        self.readout = readout
+        self.active: StepPlan | None = None
+        self._specs: dict[str, tuple[int, _Parsed]] = {}
+        # readout key -> {absolute position: one value per probe}, least recently written first
+        self._values: OrderedDict[str, dict[int, list[float]]] = OrderedDict()
         self._handles = [
             layer.register_forward_hook(layer_hook(self, index))
             for index, layer in decoder_layers(model, n_layers)
@@ -119,20 +207,28 @@ class RunnerSteering:
 
     def entries(self, req_id: str, raw: Any) -> list[ResolvedEntry]:
         """The resolved steering of request ``req_id`` (parsed once per request)."""
+        return self._parsed(req_id, raw).steering
+
+    def _parsed(self, req_id: str, raw: Any) -> _Parsed:
         key = id(raw)
         cached = self._specs.get(req_id)
         if cached is not None and cached[0] == key:
             return cached[1]
         try:
-            entries = resolve(raw, n_layers=self.n_layers, d_model=self.d_model)
+            parsed = _Parsed(
+                resolve(raw, n_layers=self.n_layers, d_model=self.d_model),
+                resolve_readout(raw, n_layers=self.n_layers, d_model=self.d_model)
+                if self.readout
+                else None,
+            )
         except SteerlabError as error:
             # Raising here would take the whole engine down with every other request; the
             # front ends (steerlab's engine, generate, the logits-processor validator) refuse
             # such requests before they get here.
             logger.error("request %s: steering ignored: %s", req_id, error)
-            entries = []
-        self._specs[req_id] = (key, entries)
-        return entries
+            parsed = _Parsed([], None)
+        self._specs[req_id] = (key, parsed)
+        return parsed
 
     def plan(
         self,
@@ -141,23 +237,106 @@ class RunnerSteering:
         *,
         device: torch.device,
         dtype: torch.dtype,
-    ) -> dict[int, torch.Tensor] | None:
-        """This step's ``{layer: delta}`` for ``(req_id, raw, start, stop, prompt_len)`` rows."""
+    ) -> StepPlan | None:
+        """This step's plan for ``(req_id, raw, start, stop, prompt_len)`` rows (``None``: no
+        request is steered or probed)."""
         steps: list[StepRequest] = []
         live: set[str] = set()
+        probing: list[tuple[int, Readout]] = []
         for req_id, raw, start, stop, prompt_len in requests:
             live.add(req_id)
             if raw is None:
                 continue
-            entries = self.entries(req_id, raw)
-            if entries:
-                steps.append(StepRequest(start, stop, prompt_len, entries))
+            parsed = self._parsed(req_id, raw)
+            if parsed.steering:
+                steps.append(StepRequest(start, stop, prompt_len, parsed.steering))
+            if parsed.readout is not None and stop > start:
+                probing.append((stop - 1, parsed.readout))
         if len(self._specs) > 2 * len(live) + 16:
             self._specs = {k: v for k, v in self._specs.items() if k in live}
-        if not steps:
+        if not steps and not probing:
             return None
-        deltas = token_deltas(steps, positions, d_model=self.d_model)
-        return {layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()}
+        deltas = token_deltas(steps, positions, d_model=self.d_model) if steps else {}
+        return StepPlan(
+            deltas={layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()},
+            reads=_reads(probing, positions, device=device),
+        )
+
+    def record(self, plan: StepPlan) -> None:
+        """Keep the values the hooks read during ``plan``'s forward (call after it)."""
+        for reads in plan.reads.values():
+            if reads.values is None:  # a pipeline stage without this layer
+                continue
+            for (key, probe, position), value in zip(reads.keys, reads.values.tolist()):
+                per_request = self._values.get(key)
+                if per_request is None:
+                    per_request = self._values[key] = {}
+                    while len(self._values) > MAX_READOUT_REQUESTS:
+                        self._values.popitem(last=False)
+                self._values.move_to_end(key)
+                slot = per_request.get(position)
+                if slot is None:
+                    slot = per_request[position] = [float("nan")] * reads.n_probes[key]
+                slot[probe] = float(value)
+
+    def take(self, keys: Sequence[str]) -> dict[str, list[tuple[int, list[float]]]]:
+        """Hand over (and forget) the readout values kept under ``keys``: ``(position,
+        values)`` pairs sorted by position (NaN for a probe this rank does not hold), per key
+        that has any."""
+        out: dict[str, list[tuple[int, list[float]]]] = {}
+        for key in keys:
+            values = self._values.pop(key, None)
+            if values:
+                out[key] = sorted(values.items())
+        return out
+
+
+def _reads(
+    probing: Sequence[tuple[int, Readout]],
+    positions: torch.Tensor,
+    *,
+    device: torch.device,
+) -> dict[int, _Reads]:
+    """Per layer, the rows and directions of the probes read in this step (``row``: the
+    request's last token in the flattened batch)."""
+    if not probing:
+        return {}
+    flat = positions.reshape(-1).to("cpu", torch.long)
+    by_layer: dict[int, tuple[list[int], list[torch.Tensor], list[tuple[str, int, int]]]] = {}
+    counts = {readout.key: len(readout.probes) for _, readout in probing}
+    for row, readout in probing:
+        position = int(flat[row])
+        for index, probe in enumerate(readout.probes):
+            rows, directions, keys = by_layer.setdefault(probe.layer, ([], [], []))
+            rows.append(row)
+            directions.append(probe.direction)
+            keys.append((readout.key, index, position))
+    return {
+        layer: _Reads(
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            directions=torch.stack(directions).to(device=device, dtype=torch.float32),
+            keys=keys,
+            n_probes=counts,
+        )
+        for layer, (rows, directions, keys) in by_layer.items()
+    }
+
+
+class ReadoutExtension:
+    """vLLM worker extension (``worker_extension_cls``): readout values to the API process.
+
+    vLLM mixes it into each worker class, so ``collective_rpc("steerlab_take_readout",
+    args=([key, ...],))`` returns, per rank, what :meth:`RunnerSteering.take` returns (ranks
+    that hold no probed layer, or no steered model runner, return ``{}``).
+    """
+
+    def steerlab_take_readout(self, keys: list[str]) -> dict[str, list[tuple[int, list[float]]]]:
+        """Hand over (and forget) this worker's readout values kept under ``keys``."""
+        runner = getattr(self, "model_runner", None)
+        state = getattr(runner, "_steerlab_state", None)
+        if not isinstance(state, RunnerSteering):
+            return {}
+        return state.take([str(k) for k in keys])
 
 
 def _step_requests(runner: Any) -> list[tuple[str, Any, int, int, int]]:
@@ -195,7 +374,11 @@ def _runner_state(runner: Any) -> RunnerSteering | None:
         runner._steerlab_state = False
         return None
     model = runner.get_model()
-    runner._steerlab_state = RunnerSteering(model, n_layers=n_layers, d_model=d_model)
+    parallel = getattr(getattr(runner, "vllm_config", None), "parallel_config", None)
+    readout = getattr(parallel, "worker_extension_cls", "") == READOUT_EXTENSION
+    runner._steerlab_state = RunnerSteering(
+        model, n_layers=n_layers, d_model=d_model, readout=readout
+    )
     return runner._steerlab_state
 
 
@@ -222,11 +405,10 @@ def _steered_model_forward(
             **model_kwargs,
         )
     assert positions is not None
-    state.active = state.plan(
-        requests, positions, device=positions.device, dtype=self.model_config.dtype
-    )
+    plan = state.plan(requests, positions, device=positions.device, dtype=self.model_config.dtype)
+    state.active = plan
     try:
-        return original(
+        output = original(
             self,
             input_ids=input_ids,
             positions=positions,
@@ -236,6 +418,9 @@ def _steered_model_forward(
         )
     finally:
         state.active = None
+    if plan is not None and plan.reads:
+        state.record(plan)
+    return output
 
 
 def register() -> None:

@@ -12,7 +12,9 @@ without pickling anything a client could abuse:
          "positions": "all" | "last" | "prompt" | "generated" | 3 | [0, -1] | "2:" | "0:8:2",
          "layers": [15, 16] | null,
          "op": "add"}
-    ]}
+    ],
+     "readout": {"key": "req-7",                          # optional probes
+                 "probes": [{"layer": 15, "direction": [0.1, ...]}]}}
 
 The same value may be sent as a JSON string (``vllm_xargs`` only carries flat values). A vector
 given by ``NAME`` is read from ``$STEERLAB_VLLM_VECTORS/NAME.safetensors`` on the server, never
@@ -22,6 +24,13 @@ Inside the worker each entry becomes a :class:`ResolvedEntry`: its positions and
 ``strength × direction`` per resolved layer, computed by :class:`steerlab.interventions.Steering`
 itself, so layer/strength rules are the library's. :func:`token_deltas` then builds, for one step
 of vLLM's flattened batch, the ``[tokens, d_model]`` addition for each steered layer.
+
+A ``readout`` probe asks the worker for the residual stream after block ``layer`` (after any
+steering there) dotted with ``direction`` (used as sent; steerlab's engine sends the unit
+direction) at the last token of the request in every forward pass: the token whose logits give
+the next token. The worker keeps the values under ``key`` (vLLM renames request ids inside the
+engine, so the sender names its values itself). :func:`resolve_readout` checks probes against
+the model.
 
 >>> import torch
 >>> wire = to_wire([Steering(SteeringVector({1: torch.ones(2)}), strength=2.0, positions="last")])
@@ -42,7 +51,7 @@ from typing import Any, cast
 
 import torch
 
-from steerlab.errors import InvalidInputError, LayerIndexError
+from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
 from steerlab.interventions import Steering
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
@@ -50,11 +59,15 @@ from steerlab.vectors import SteeringVector
 __all__ = [
     "EXTRA_ARGS_KEY",
     "VECTORS_ENV",
+    "Readout",
+    "ReadoutProbe",
     "ResolvedEntry",
     "StepRequest",
     "parse_positions",
     "positions_to_wire",
+    "readout_to_wire",
     "resolve",
+    "resolve_readout",
     "to_wire",
     "token_deltas",
     "validate",
@@ -260,7 +273,7 @@ def _entry(raw: Any) -> Steering:
     )
 
 
-def _entries(wire: Any) -> list[Any]:
+def _wire_dict(wire: Any) -> Mapping[str, Any]:
     if isinstance(wire, str):
         try:
             wire = json.loads(wire)
@@ -270,7 +283,42 @@ def _entries(wire: Any) -> list[Any]:
         wire = {"steering": wire}
     if not isinstance(wire, Mapping) or not isinstance(wire.get("steering", []), list):
         raise InvalidInputError("steering must be {'steering': [entries]} or a list of entries")
-    return list(wire.get("steering", []))
+    unknown = set(wire) - {"steering", "readout"}
+    if unknown:
+        raise InvalidInputError(f"unknown steerlab fields: {sorted(unknown)}")
+    readout = wire.get("readout")
+    if readout is not None and (
+        not isinstance(readout, Mapping)
+        or set(readout) != {"key", "probes"}
+        or not isinstance(readout["key"], str)
+        or not 0 < len(readout["key"]) <= 200
+        or not isinstance(readout["probes"], list)
+    ):
+        raise InvalidInputError(
+            "'readout' must be {'key': a name of 1 to 200 characters, 'probes': [{'layer', "
+            "'direction'}, ...]}"
+        )
+    return wire
+
+
+def _entries(wire: Any) -> list[Any]:
+    return list(_wire_dict(wire).get("steering", []))
+
+
+def _probe(raw: Any) -> tuple[int, torch.Tensor]:
+    """A probe's ``(layer, float32 direction)``, checked for everything but the model's sizes."""
+    if not isinstance(raw, Mapping) or set(raw) != {"layer", "direction"}:
+        raise InvalidInputError(f"a readout probe must be {{'layer', 'direction'}}, got {raw!r}")
+    layer = raw["layer"]
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise InvalidInputError(f"a readout probe's layer must be an int, got {layer!r}")
+    try:
+        direction = torch.tensor(raw["direction"], dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"a readout direction must be a list of numbers: {error}") from None
+    if direction.ndim != 1 or not bool(torch.isfinite(direction).all()):
+        raise InvalidInputError("a readout direction must be a flat list of finite numbers")
+    return layer, direction
 
 
 def validate(wire: Any) -> None:
@@ -288,6 +336,9 @@ def validate(wire: Any) -> None:
         return
     for raw in _entries(wire):
         _entry(raw)
+    readout = _wire_dict(wire).get("readout")
+    for raw in [] if readout is None else readout["probes"]:
+        _probe(raw)
 
 
 def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
@@ -311,6 +362,67 @@ def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
         deltas = term.layer_deltas(cast(Any, dims))
         out.append(ResolvedEntry(positions=Positions.parse(term.positions), deltas=deltas))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadoutProbe:
+    """A readout probe ready for the worker: a resolved layer and a float32 direction."""
+
+    layer: int
+    direction: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Readout:
+    """A request's probes and the ``key`` the worker keeps their values under."""
+
+    key: str
+    probes: Sequence[ReadoutProbe]
+
+
+def readout_to_wire(key: str, probes: Sequence[tuple[int, torch.Tensor]]) -> dict[str, Any]:
+    """The JSON form of ``(layer, direction)`` probes (the ``"readout"`` field of the wire).
+
+    Float32 directions survive the round trip exactly (a float32 is a JSON double).
+
+    >>> import torch
+    >>> readout_to_wire("r1", [(3, torch.tensor([0.6, 0.8]))])
+    {'key': 'r1', 'probes': [{'layer': 3, 'direction': [0.6000000238418579, 0.800000011920929]}]}
+    """
+    return {
+        "key": key,
+        "probes": [
+            {"layer": int(layer), "direction": direction.to(torch.float32).tolist()}
+            for layer, direction in probes
+        ],
+    }
+
+
+def resolve_readout(wire: Any, *, n_layers: int, d_model: int) -> Readout | None:
+    """The readout of a request's steerlab value, checked against the model (``None``: none).
+
+    >>> wire = {"readout": {"key": "r1", "probes": [{"layer": -1, "direction": [1.0, 0.0]}]}}
+    >>> resolve_readout(wire, n_layers=4, d_model=2).probes[0].layer
+    3
+    >>> resolve_readout({"steering": []}, n_layers=4, d_model=2) is None
+    True
+    """
+    if wire is None:
+        return None
+    raw = _wire_dict(wire).get("readout")
+    if raw is None:
+        return None
+    dims = _Dims(n_layers, d_model)
+    probes: list[ReadoutProbe] = []
+    for item in raw["probes"]:
+        layer, direction = _probe(item)
+        if direction.shape[0] != d_model:
+            raise VectorMismatchError(
+                f"readout direction has size {direction.shape[0]} but the model's hidden size "
+                f"is {d_model}"
+            )
+        probes.append(ReadoutProbe(layer=dims.resolve_layer(layer), direction=direction))
+    return Readout(key=raw["key"], probes=probes) if probes else None
 
 
 @dataclasses.dataclass(frozen=True)
