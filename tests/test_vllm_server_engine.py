@@ -161,6 +161,7 @@ def test_readout_equals_the_torch_engine(
             assert len(event.readout) == len(request.readout)
             for value, expected in zip(event.readout, ref.readout):
                 worst = max(worst, abs(value - expected))
+    print(f"readout, vLLM vs torch engine: max |difference| {worst:.2e}")
     assert worst < 1e-3, worst
     # the steering is visible in the probe: the steered request reads differently at layer 15
     steered_first = got[1][0].readout[0]

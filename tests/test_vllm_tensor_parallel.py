@@ -108,6 +108,9 @@ def test_steered_greedy_and_readout_under_tensor_parallel_equal_one_rank(
             worst_logprob = max(worst_logprob, abs(a.logprob - b.logprob))
             assert len(a.readout) == len(b.readout) == 2
             worst_readout = max(worst_readout, *(abs(x - y) for x, y in zip(a.readout, b.readout)))
+    print(
+        f"tp={RANKS} vs 1: max |dlogprob| {worst_logprob:.2e}, max |dreadout| {worst_readout:.2e}"
+    )
     assert worst_logprob < 1e-3 and worst_readout < 1e-3, (worst_logprob, worst_readout)
     # the steering took effect: steered continuations differ from their unsteered twins
     tokens = [[e.token_id for e in events] for events in single]
