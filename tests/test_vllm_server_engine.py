@@ -181,12 +181,3 @@ def test_cancel_ends_the_stream(
             stream.cancel()
     assert events[-1].finish_reason == "cancelled"
     assert len(events) < 400
-
-
-def test_readout_refused_with_another_worker_extension() -> None:
-    from steerlab.vllm.engine import VLLMEngine
-
-    engine = VLLMEngine(worker_extension_cls="mypkg.MyExtension")  # not started
-    engine.vectors.register("v", sl.SteeringVector({3: torch.ones(engine.d_model)}))
-    with pytest.raises(sl.InvalidInputError, match="--engine torch"):
-        engine.submit(GenerationRequest(prompt="hi", readout=(ReadoutEntry("v", 3),)))

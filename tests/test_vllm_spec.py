@@ -478,3 +478,41 @@ def test_readout_wire_round_trip_is_exact() -> None:
     assert torch.equal(got.probes[0].direction, direction)
     with pytest.raises(sl.InvalidInputError, match="unknown steerlab fields"):
         validate({"steering": [], "probes": []})
+
+
+def test_vllm_server_engine_refuses_readout_with_another_worker_extension(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readout needs steerlab's worker extension; an engine started with another one answers
+    readout requests with a 400 naming the torch engine (checked before vLLM is needed)."""
+    import importlib.util
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from steerlab.server.app import create_app
+    from steerlab.testing import tiny_hf_model, tiny_tokenizer
+    from steerlab.vllm.engine import VLLMEngine
+
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: object() if name == "vllm" else find_spec(name, *args),
+    )
+    engine = VLLMEngine(tmp_path, worker_extension_cls="mypkg.MyExtension")
+    engine.vectors.register("calm", sl.SteeringVector({1: torch.ones(engine.d_model)}))
+    with TestClient(create_app(engine, manage_engine=False)) as client:
+        reply = client.post(
+            "/v1/completions",
+            json={
+                "model": "default",
+                "prompt": "the cat",
+                "max_tokens": 2,
+                "readout": [{"vector": "calm", "layer": 1}],
+            },
+        )
+    assert reply.status_code == 400, reply.text
+    assert "--engine torch" in reply.json()["error"]["message"]
