@@ -172,10 +172,22 @@ class VLLMEngine:
         for stream, _ in list(self._open.values()):
             stream.fail(EngineError("the engine was shut down"))
         self._open.clear()
-        if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
         loop, thread = self._loop, self._thread
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            if loop is not None and loop.is_running():
+                # in the loop's own thread: AsyncLLM cancels its output task there before the
+                # engine process stops, instead of that task seeing the engine die (and logging
+                # EngineDeadError)
+                async def stop() -> None:
+                    llm.shutdown()
+
+                try:
+                    asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=60)
+                except Exception:
+                    llm.shutdown()
+            else:
+                llm.shutdown()
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
