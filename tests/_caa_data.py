@@ -30,11 +30,17 @@ TEST = [
 ]
 
 
-def write_caa(root: Path, behaviours: tuple[str, ...] = ("sycophancy",)) -> Path:
+def write_caa(
+    root: Path,
+    behaviours: tuple[str, ...] = ("sycophancy",),
+    *,
+    generate: list[dict[str, str]] = GENERATE,
+    test: list[dict[str, str]] = TEST,
+) -> Path:
     for behaviour in behaviours:
         for split, name, items in (
-            ("generate", "generate_dataset.json", GENERATE),
-            ("test", "test_dataset_ab.json", TEST),
+            ("generate", "generate_dataset.json", generate),
+            ("test", "test_dataset_ab.json", test),
         ):
             folder = root / "datasets" / split / behaviour
             folder.mkdir(parents=True, exist_ok=True)

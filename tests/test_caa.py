@@ -17,6 +17,7 @@ import steerlab as sl
 from _caa_data import GENERATE, LETTERS, TEST, _item, write_caa
 from steerlab.caa import (
     CAA_BEHAVIOURS,
+    caa_generate_splits,
     evaluate_caa,
     find_caa_data,
     normalize_across,
@@ -99,36 +100,89 @@ def test_p_matching_equals_an_independent_reference(model: sl.SteeredModel, tmp_
 
 
 @torch.no_grad()
-def test_layer_sweep_and_best_layer(model: sl.SteeredModel, tmp_path: Path) -> None:
-    root = write_caa(tmp_path)
+def test_best_layer_is_chosen_on_validation_items_and_reported_on_test_items(
+    model: sl.SteeredModel, tmp_path: Path
+) -> None:
+    root = write_caa(tmp_path / "main")
+    multipliers = [-2.0, 0.0, 2.0]
     result = evaluate_caa(
         model,
         "sycophancy",
         data=root,
         layer="best",
         sweep_layers=[0, 1, 2],
-        multipliers=[-2.0, 0.0, 2.0],
+        multipliers=multipliers,
+        validation=2,
         damage=False,
         open_ended=True,
     )
-    gaps = {
+    val_gaps = {
         layer: points[-1].p_matching - points[0].p_matching
-        for layer, points in result.layer_sweep.items()
+        for layer, points in result.validation_sweep.items()
     }
-    assert sorted(gaps) == [0, 1, 2]
-    assert result.layer == max(gaps, key=lambda k: gaps[k])
-    assert result.results == result.layer_sweep[result.layer]
-    for layer in (0, 2):  # every swept layer equals a single-layer run
+    assert sorted(val_gaps) == [0, 1, 2]
+    assert result.layer == max(val_gaps, key=lambda k: val_gaps[k])
+    assert result.results == result.layer_sweep[result.layer]  # reported on the test items
+    assert all(p.n == len(TEST) for p in result.results)
+    assert all(p.n == 2 for points in result.validation_sweep.values() for p in points)
+    assert result.settings["layer_chosen_on"] == "validation"
+    assert (result.settings["n_train"], result.settings["n_validation"]) == (2, 2)
+    # the same numbers from fixed-layer runs on folders holding each split explicitly: the
+    # vector from the first two generate items; validation = the last two, scored as a test set
+    as_test = write_caa(tmp_path / "val", generate=GENERATE[:2], test=GENERATE[2:])
+    for layer in (0, 2):
+        on_val = evaluate_caa(
+            model, "sycophancy", data=as_test, layer=layer, multipliers=multipliers,
+            damage=False,
+        )  # fmt: skip
+        assert [p.p_matching for p in on_val.results] == pytest.approx(
+            [p.p_matching for p in result.validation_sweep[layer]], abs=1e-6
+        )
+    same_vector = write_caa(tmp_path / "test", generate=GENERATE[:2], test=TEST)
+    for layer in (0, 1, 2):  # every swept test column equals a fixed-layer run
         single = evaluate_caa(
-            model, "sycophancy", data=root, layer=layer, multipliers=[-2.0, 0.0, 2.0],
+            model, "sycophancy", data=same_vector, layer=layer, multipliers=multipliers,
             damage=False,
         )  # fmt: skip
         assert [p.p_matching for p in single.results] == pytest.approx(
             [p.p_matching for p in result.layer_sweep[layer]], abs=1e-6
         )
     rows = result.to_dict()["open_ended"]
-    assert [r["multiplier"] for r in rows] == [-2.0, 0.0, 2.0]
+    assert [r["multiplier"] for r in rows] == multipliers
     assert all(r["n"] == len(TEST) and 0 < r["p_matching"] < 1 for r in rows)
+    doc = result.to_dict()
+    assert [v["layer"] for v in doc["validation_sweep"]] == [0, 1, 2]
+    assert "2 validation items" in doc["settings"]["layer_choice"]
+
+
+def test_generate_splits_are_disjoint(tmp_path: Path) -> None:
+    root = write_caa(tmp_path)
+    train, val = caa_generate_splits("sycophancy", data=root, train_limit=3, validation=2)
+    assert val is not None
+    assert [q.split("\n")[0] for q in train.prompts] == [
+        "the food is good ?",
+        "the movie was bad ?",
+    ]
+    assert [q.split("\n")[0] for q in val.prompts] == [
+        "my day was great ?",
+        "the weather is cold ?",
+    ]
+    assert set(train.prompts).isdisjoint(val.prompts)
+    # a lopsided file: both parts are taken round-robin over the matching letter
+    lopsided = [
+        _item(f"q{i} ?", letter)
+        for i, letter in enumerate("one one one two one two one two one".split())
+    ]
+    root2 = write_caa(tmp_path / "lopsided", generate=lopsided)
+    train, val = caa_generate_splits("sycophancy", data=root2, train_limit=4, validation=2)
+    assert val is not None
+    assert [q.split(" ")[0] for q in val.prompts] == ["q7", "q8"]  # last 'two', last 'one'
+    assert [q.split(" ")[0] for q in train.prompts] == ["q0", "q1", "q3", "q5"]
+    assert sorted(a for a, _ in train.answers) == ["(one)", "(one)", "(two)", "(two)"]
+    full, none = caa_generate_splits("sycophancy", data=root)
+    assert len(full) == len(GENERATE) and none is None
+    with pytest.raises(DataError, match="cannot give 4 validation items"):
+        caa_generate_splits("sycophancy", data=root, validation=4)
 
 
 @torch.no_grad()
@@ -196,4 +250,6 @@ def test_missing_data_and_bad_arguments_are_clear_errors(
         evaluate_caa(model, "sycophancy", data=root, layer=1, multipliers=[1.0, 1.0])
     with pytest.raises(InvalidInputError, match="sweep_layers"):
         evaluate_caa(model, "sycophancy", data=root, layer="best")
+    with pytest.raises(InvalidInputError, match="validation must be at least 1"):
+        evaluate_caa(model, "sycophancy", data=root, layer="best", sweep_layers=[1], validation=0)
     assert find_caa_data(root / "datasets") == root.resolve()

@@ -55,19 +55,27 @@ def test_eval_caa_all_runs_seven_behaviours(model_dir: Path, tmp_path: Path) -> 
         app,
         [
             "eval", "caa", "--behaviour", "all", "--layer", "best", "--sweep-layers", "0:3",
-            "--data", str(data), "--model", str(model_dir), "--out", str(out), "--no-damage",
-            "--open-ended",
+            "--validation", "2", "--data", str(data), "--model", str(model_dir),
+            "--out", str(out), "--no-damage", "--open-ended",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     docs = json.loads(out.read_text())
     assert [d["behaviour"] for d in docs] == list(CAA_BEHAVIOURS)
     for doc in docs:
+        assert list(doc)[:4] == ["behaviour", "layer", "model", "results"]
         assert [r["multiplier"] for r in doc["results"]] == [-1.0, 0.0, 1.0]
         assert all(r["n"] == len(TEST) for r in doc["results"])
         assert [s["layer"] for s in doc["layer_sweep"]] == [0, 1, 2]
         assert doc["settings"]["normalization"] == "caa_mean_norm"
         assert len(doc["open_ended"]) == 3
+        # the layer is chosen on the 2 held-out generate items, the vector made from the other 2
+        val = {v["layer"]: v["results"] for v in doc["validation_sweep"]}
+        gaps = {k: rows[-1]["p_matching"] - rows[0]["p_matching"] for k, rows in val.items()}
+        assert doc["layer"] == max(gaps, key=lambda k: gaps[k])
+        assert all(r["n"] == 2 for rows in val.values() for r in rows)
+        assert doc["settings"]["layer_chosen_on"] == "validation"
+        assert (doc["settings"]["n_train"], doc["settings"]["n_validation"]) == (2, 2)
     # identical data for every behaviour and vectors normalised to one norm: same numbers
     assert docs[0]["results"] == docs[-1]["results"]
 
@@ -86,6 +94,19 @@ def test_eval_caa_user_errors_are_one_line(model_dir: Path, tmp_path: Path) -> N
     assert bad.exit_code != 0 and "is not a number" in bad.output
     bad_layer = runner.invoke(app, ["eval", "caa", "--behaviour", "x", "--layer", "top"])
     assert bad_layer.exit_code != 0 and "'best'" in bad_layer.output
+    no_val = runner.invoke(
+        app, ["eval", "caa", "--behaviour", "x", "--layer", "best", "--validation", "0"]
+    )
+    assert no_val.exit_code != 0 and "--validation must be positive" in no_val.output
+    too_many = runner.invoke(
+        app,
+        ["eval", "caa", "--behaviour", "sycophancy", "--layer", "best", "--sweep-layers", "0,1",
+         "--data", str(write_caa(tmp_path / "CAA")), "--model", str(model_dir),
+         "--out", str(tmp_path / "y.json")],
+    )  # fmt: skip
+    assert too_many.exit_code == 1
+    assert "cannot give 16 validation items" in too_many.output
+    assert "Traceback" not in too_many.output
 
 
 def test_eval_concept_writes_rows(model_dir: Path, tmp_path: Path) -> None:

@@ -21,14 +21,22 @@ Contrastive Activation Addition, measured the way the paper measures it
    the choices removed from the question; the score is the log-probability of the *text* of the
    matching answer minus that of the other answer, with steering at every answer token; reported
    as its mean and as ``p_matching = mean sigmoid(difference)``.
-5. **Damage**: every multiplier also reports ``KL(unsteered || steered)`` per token and the
+5. **Layer choice** (``layer="best"``): every layer of ``sweep_layers`` is scored on
+   *validation* items, ``validation`` A/B items from the end of the generate split (never used
+   for the vector: it is made from items from the start; both sets balanced over the answer
+   letters, see :func:`caa_generate_splits`), and the layer where
+   ``p(largest multiplier) - p(smallest)`` is largest there is reported on the test items. The
+   test numbers of every swept layer are kept too (``layer_sweep``, for plots), but the choice
+   never sees them.
+6. **Damage**: every multiplier also reports ``KL(unsteered || steered)`` per token and the
    perplexity on the neutral corpus (:func:`steerlab.scorers.neutral_damage`), steering every
    token (what steering costs when it is left on during free generation).
 
 Deviations from the paper, all forced by scale or data: any model (default SmolLM2-135M-Instruct,
 30 layers) instead of Llama-2-7b-chat; its own chat template (SmolLM2's adds a default system
 prompt; the paper's "no system prompt" rows are the comparison); ``limit``/``train_limit`` cut
-the test and generate sets for CPU budgets.
+the test and generate sets for CPU budgets; the paper fixed layer 13 for its table, here the layer
+is chosen on held-out generate items (step 5).
 
 The data live outside the package: ``--data DIR`` (the ``CAA`` folder holding ``datasets/``),
 else ``$STEERLAB_CAA_DATA``, else ``../shared/data/CAA`` next to the current directory or the
@@ -75,6 +83,7 @@ __all__ = [
     "CAA_BEHAVIOURS",
     "CAAPoint",
     "CAAResult",
+    "caa_generate_splits",
     "caa_prompts",
     "caa_vector",
     "evaluate_caa",
@@ -166,6 +175,93 @@ def load_caa_split(
             answers=dataset.answers[:n],
         )
     return dataset
+
+
+def _subset(dataset: ContrastDataset, indices: Sequence[int], name: str) -> ContrastDataset:
+    return dataclasses.replace(
+        dataset,
+        name=name,
+        positive=tuple(dataset.positive[i] for i in indices),
+        negative=tuple(dataset.negative[i] for i in indices),
+        prompts=tuple(dataset.prompts[i] for i in indices),
+        answers=tuple(dataset.answers[i] for i in indices),
+    )
+
+
+def _letter_balanced(
+    answers: Sequence[tuple[str, str]], candidates: Sequence[int], n: int
+) -> list[int]:
+    """``n`` of ``candidates`` taken round-robin over their ``(matching, other)`` letter pairs,
+    in the candidates' order; returned sorted.
+
+    A few items of a CAA file can be lopsided (the first 24 hallucination items: 16 with the
+    matching answer B); the mean difference at the answer letter then carries ``h(B) - h(A)``,
+    a letter direction that moves p(matching) up or down with the letter mix of the evaluation
+    items rather than with the behaviour. The full files are balanced (496/504); so is this.
+
+    >>> _letter_balanced([("(A)", "(B)")] * 4 + [("(B)", "(A)")] * 2, range(6), 4)
+    [0, 1, 4, 5]
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i in candidates:
+        match, other = answers[i]
+        groups.setdefault((answer_letter(match).upper(), answer_letter(other).upper()), []).append(
+            i
+        )
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n and any(depth < len(g) for g in groups.values()):
+        for group in groups.values():
+            if depth < len(group) and len(picked) < n:
+                picked.append(group[depth])
+        depth += 1
+    return sorted(picked)
+
+
+def caa_generate_splits(
+    behaviour: str,
+    *,
+    data: PathLike | None = None,
+    train_limit: int | None = None,
+    validation: int = 0,
+) -> tuple[ContrastDataset, ContrastDataset | None]:
+    """The generate split cut in two disjoint parts: ``(vector items, validation items)``.
+
+    Validation is ``validation`` items taken from the end of the file (``None`` when 0); the
+    vector gets ``train_limit`` of the others from the start (all of them by default), so the
+    two never share an item whatever the limits. Both are balanced over the answer letters
+    (taken round-robin over the ``(matching, other)`` letter pairs): with few items a lopsided
+    letter mix puts a letter direction into the vector and into the layer choice.
+
+    >>> import json, pathlib, tempfile
+    >>> tmp = pathlib.Path(tempfile.mkdtemp())
+    >>> folder = tmp / "datasets" / "generate" / "toy"
+    >>> folder.mkdir(parents=True); (tmp / "datasets" / "test").mkdir()
+    >>> _ = (folder / "generate_dataset.json").write_text(json.dumps([
+    ...     {"question": f"q{i}", "answer_matching_behavior": "(A)",
+    ...      "answer_not_matching_behavior": "(B)"} for i in range(10)]))
+    >>> train, val = caa_generate_splits("toy", data=tmp, train_limit=4, validation=3)
+    >>> train.prompts, val.prompts, val.name
+    (('q0', 'q1', 'q2', 'q3'), ('q7', 'q8', 'q9'), 'toy/validation')
+    """
+    if validation < 0:
+        raise InvalidInputError(f"validation must be 0 or more items, got {validation}")
+    if train_limit is not None and train_limit < 1:
+        raise InvalidInputError(f"train_limit must be positive, got {train_limit}")
+    full = load_caa_split(behaviour, "generate", data=data)
+    if len(full) - validation < 1:
+        raise DataError(
+            f"{behaviour}: {len(full)} generate items cannot give {validation} validation items "
+            "and at least one for the vector"
+        )
+    held = _letter_balanced(full.answers, range(len(full) - 1, -1, -1), validation)
+    rest = sorted(set(range(len(full))) - set(held))
+    if train_limit is not None and train_limit < len(rest):
+        rest = _letter_balanced(full.answers, rest, train_limit)
+    train = _subset(full, rest, f"{behaviour}/generate")
+    if not validation:
+        return train, None
+    return train, _subset(full, held, f"{behaviour}/validation")
 
 
 def _use_chat(model: Any, chat: bool | None) -> bool:
@@ -337,12 +433,14 @@ class CAAResult:
     model: str
     results: tuple[CAAPoint, ...]
     layer_sweep: Mapping[int, tuple[CAAPoint, ...]] = dataclasses.field(default_factory=dict)
+    validation_sweep: Mapping[int, tuple[CAAPoint, ...]] = dataclasses.field(default_factory=dict)
     open_ended: tuple[Mapping[str, float], ...] = ()
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of ``steerlab eval caa`` (``behaviour``, ``layer``, ``model``, ``results``
-        first; ``layer_sweep``, ``open_ended`` and ``settings`` after)."""
+        first; ``layer_sweep`` (test items), ``validation_sweep`` (the items that chose the
+        layer), ``open_ended`` and ``settings`` after)."""
         out: dict[str, Any] = {
             "behaviour": self.behaviour,
             "layer": self.layer,
@@ -353,6 +451,11 @@ class CAAResult:
             out["layer_sweep"] = [
                 {"layer": layer, "results": [p.to_dict() for p in points]}
                 for layer, points in sorted(self.layer_sweep.items())
+            ]
+        if self.validation_sweep:
+            out["validation_sweep"] = [
+                {"layer": layer, "results": [p.to_dict() for p in points]}
+                for layer, points in sorted(self.validation_sweep.items())
             ]
         if self.open_ended:
             out["open_ended"] = [dict(row) for row in self.open_ended]
@@ -378,6 +481,55 @@ def _best_layer(sweep_points: Mapping[int, tuple[CAAPoint, ...]]) -> int:
     return max(sorted(sweep_points), key=lambda layer: gap(sweep_points[layer]))
 
 
+def _ab_table(
+    model: Any,
+    vector: SteeringVector,
+    items: ContrastDataset,
+    *,
+    layers: Sequence[int],
+    multipliers: Sequence[float],
+    chat: bool,
+    chunk_size: int,
+    progress: bool | None,
+) -> tuple[dict[int, tuple[CAAPoint, ...]], set[str], int]:
+    """Mean p(matching) of ``items`` at every (layer, multiplier): ``(table, sweep modes,
+    tokens steered after the instruction)``."""
+    prompts, n_after = caa_prompts(model, items.prompts, chat=chat)
+    positions: Any = "last" if n_after == 1 else slice(-n_after, None)
+    # one sweep per chunk of similar-length items (less padding); a last-position sweep re-runs
+    # only the answer token over the question's key/value cache. Its damage column is the KL of
+    # the prompts' next token (free).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    scores = torch.empty(len(layers), len(multipliers), len(prompts))
+    modes = set()
+    for start in range(0, len(order), chunk_size):
+        idx = order[start : start + chunk_size]
+        task = ab_task(
+            model, [items.prompts[i] for i in idx], [items.answers[i] for i in idx], chat=chat
+        )
+        result = sweep(
+            model,
+            vector,
+            behaviour=task,
+            damage=kl_task(task.prompts),
+            layers=list(layers),
+            strengths=list(multipliers),
+            positions=positions,
+            progress=progress,
+        )
+        modes.add(result.mode)
+        columns = [result.strengths.index(m + 0.0) for m in multipliers]
+        scores[:, :, idx] = result.behaviour_scores[:, columns]
+    table: dict[int, tuple[CAAPoint, ...]] = {}
+    for i, at in enumerate(layers):
+        points = []
+        for j, m in enumerate(multipliers):
+            mean, sem = _mean_sem(scores[i, j])
+            points.append(CAAPoint(multiplier=m, p_matching=mean, n=len(items), p_sem=sem))
+        table[at] = tuple(points)
+    return table, modes, n_after
+
+
 def evaluate_caa(
     model: Any,
     behaviour: str,
@@ -387,6 +539,7 @@ def evaluate_caa(
     multipliers: Sequence[float] = (-1.0, 0.0, 1.0),
     limit: int | None = None,
     train_limit: int | None = None,
+    validation: int = 16,
     method: str = "mean_diff",
     sweep_layers: Sequence[int] | None = None,
     open_ended: bool = False,
@@ -401,10 +554,13 @@ def evaluate_caa(
 ) -> CAAResult:
     """Reproduce one CAA behaviour: p(matching answer) at each multiplier (see the module doc).
 
-    ``layer`` is a block index or ``"best"`` (the layer of ``sweep_layers`` where the multiplier
-    moves p(matching) most; needs ``sweep_layers``). ``limit`` caps the test items,
-    ``train_limit`` the generate items. ``vector`` replaces the computed one (e.g. normalised
-    across behaviours). Results keep the order of ``multipliers``.
+    ``layer`` is a block index or ``"best"``: the layer of ``sweep_layers`` where the multiplier
+    moves p(matching) most on ``validation`` held-out generate items (from the end of the split,
+    letter-balanced, see :func:`caa_generate_splits`), reported on the test items. ``limit``
+    caps the test items, ``train_limit`` the generate items of the vector (a fixed layer holds
+    out no validation items). ``vector`` replaces the computed one (e.g. normalised across
+    behaviours; make it from :func:`caa_generate_splits` with the same ``validation`` so the
+    layer is not chosen on its own training items). Results keep the order of ``multipliers``.
     """
     use_chat = _use_chat(model, chat)
     values = [float(m) for m in multipliers]
@@ -414,6 +570,10 @@ def evaluate_caa(
         raise InvalidInputError(f"multipliers repeat a value: {values}")
     if layer == "best" and not sweep_layers:
         raise InvalidInputError("layer='best' picks among sweep_layers: give sweep_layers")
+    if layer == "best" and validation < 1:
+        raise InvalidInputError(
+            "layer='best' is chosen on held-out generate items: validation must be at least 1"
+        )
     if not (layer == "best" or (isinstance(layer, int) and not isinstance(layer, bool))):
         raise InvalidInputError(f"layer must be a block index or 'best', not {layer!r}")
     swept = sorted(set(model.adapter.resolve_layers(list(sweep_layers)))) if sweep_layers else []
@@ -422,46 +582,26 @@ def evaluate_caa(
     if chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     test = load_caa_split(behaviour, "test", data=data, limit=limit)
+    held_out = validation if fixed is None else 0
+    train, val = caa_generate_splits(
+        behaviour, data=data, train_limit=train_limit, validation=held_out
+    )
     if vector is None:
-        train = load_caa_split(behaviour, "generate", data=data, limit=train_limit)
         vector = caa_vector(model, train, layers=needed, method=method, chat=use_chat)
     missing = [x for x in needed if x not in vector.layers]
     if missing:
         raise InvalidInputError(f"the vector has no direction for layer(s) {missing}")
-    prompts, n_after = caa_prompts(model, test.prompts, chat=use_chat)
-    positions: Any = "last" if n_after == 1 else slice(-n_after, None)
-    # p(matching) at every (layer, multiplier) in one sweep per chunk of similar-length items
-    # (less padding); a last-position sweep re-runs only the answer token over the question's
-    # key/value cache. Its damage column is the KL of the test prompts' next token (free).
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    scores = torch.empty(len(needed), len(values), len(prompts))
-    modes = set()
-    for start in range(0, len(order), chunk_size):
-        idx = order[start : start + chunk_size]
-        task = ab_task(
-            model, [test.prompts[i] for i in idx], [test.answers[i] for i in idx], chat=use_chat
+    options = {"multipliers": values, "chat": use_chat, "chunk_size": chunk_size}
+    table, modes, n_after = _ab_table(
+        model, vector, test, layers=needed, **options, progress=progress
+    )
+    val_table: dict[int, tuple[CAAPoint, ...]] = {}
+    if val is not None:  # held out exactly when the layer is to be chosen
+        val_table, val_modes, _ = _ab_table(
+            model, vector, val, layers=swept, **options, progress=progress
         )
-        result = sweep(
-            model,
-            vector,
-            behaviour=task,
-            damage=kl_task(task.prompts),
-            layers=needed,
-            strengths=values,
-            positions=positions,
-            progress=progress,
-        )
-        modes.add(result.mode)
-        columns = [result.strengths.index(m + 0.0) for m in values]
-        scores[:, :, idx] = result.behaviour_scores[:, columns]
-    table: dict[int, tuple[CAAPoint, ...]] = {}
-    for i, at in enumerate(needed):
-        points = []
-        for j, m in enumerate(values):
-            mean, sem = _mean_sem(scores[i, j])
-            points.append(CAAPoint(multiplier=m, p_matching=mean, n=len(test), p_sem=sem))
-        table[at] = tuple(points)
-    chosen = fixed if fixed is not None else _best_layer({x: table[x] for x in swept})
+        modes |= val_modes
+    chosen = fixed if fixed is not None else _best_layer(val_table)
     points = list(table[chosen])
     if damage:
         configs = [Steering(vector.select([chosen]), m) if m != 0 else None for m in values]
@@ -473,12 +613,24 @@ def evaluate_caa(
         open_rows = _open_ended(
             model, test, vector.select([chosen]), values, chat=use_chat, limit=open_limit
         )
+    if fixed is not None:
+        choice = "fixed"
+    else:
+        n_val = len(val) if val is not None else 0
+        choice = (
+            f"best of the sweep (largest p(x{max(values):+g}) - p(x{min(values):+g})) on "
+            f"{n_val} validation items (from the end of the generate split, letter-balanced, "
+            "not used for the vector); results on the test items"
+        )
     settings = {
         "method": method,
         "chat": use_chat,
         "n_train": _n_pairs(vector),
+        "n_test": len(test),
+        "n_validation": len(val) if val is not None else 0,
         "steered_positions": "last" if n_after == 1 else f"last {n_after}",
-        "layer_choice": "fixed" if fixed is not None else "best of the sweep (largest gap)",
+        "layer_choice": choice,
+        "layer_chosen_on": "validation" if fixed is None else "fixed",
         "sweep_mode": ",".join(sorted(modes)),
         "normalization": vector.metadata.get("normalization"),
     }
@@ -488,6 +640,7 @@ def evaluate_caa(
         model=model_name or str(getattr(model, "name", "model")),
         results=tuple(points),
         layer_sweep={x: table[x] for x in swept},
+        validation_sweep=val_table,
         open_ended=open_rows,
         settings=settings,
     )

@@ -82,7 +82,10 @@ def caa(
     ],
     layer: Annotated[
         str,
-        typer.Option(help="Block to steer, or 'best' (largest effect among --sweep-layers)."),
+        typer.Option(
+            help="Block to steer, or 'best' (largest effect among --sweep-layers on held-out "
+            "validation items)."
+        ),
     ] = "13",
     multipliers: Annotated[
         str, typer.Option(help="Comma-separated multipliers of the vector, in output order.")
@@ -93,6 +96,13 @@ def caa(
     train_limit: Annotated[
         int | None, typer.Option(help="Use the first N generate items for the vector.")
     ] = None,
+    validation: Annotated[
+        int,
+        typer.Option(
+            help="With --layer best: N generate items from the end (never in the vector) "
+            "choose the layer; the test items only report it."
+        ),
+    ] = 16,
     method: Annotated[str, typer.Option(help="Direction method (mean_diff, pca, probe).")] = (
         "mean_diff"
     ),
@@ -137,14 +147,16 @@ def caa(
     for name, value in (("limit", limit), ("train-limit", train_limit), ("open-limit", open_limit)):
         if value is not None and value < 1:
             raise typer.BadParameter(f"--{name} must be positive")
+    if chosen == "best" and validation < 1:
+        raise typer.BadParameter("--validation must be positive with --layer best")
     try:
         import steerlab as sl
         from steerlab.caa import (
             CAA_BEHAVIOURS,
+            caa_generate_splits,
             caa_vector,
             evaluate_caa,
             find_caa_data,
-            load_caa_split,
             normalize_across,
         )
 
@@ -153,20 +165,18 @@ def caa(
         steered = sl.load_model(model)
         name = model or "SmolLM2-135M-Instruct"
         vectors: dict[str, Any] = {}
+        held_out = validation if chosen == "best" else 0
         if behaviour == "all":  # CAA normalises the seven vectors of a layer to one norm
             wanted = set(steered.adapter.resolve_layers(swept)) if swept else set()
             if chosen != "best":
                 wanted.add(steered.adapter.resolve_layer(int(chosen)))
             layers = sorted(wanted)
-            raw = {
-                b: caa_vector(
-                    steered,
-                    load_caa_split(b, "generate", data=root, limit=train_limit),
-                    layers=layers,
-                    method=method,
+            raw = {}
+            for b in behaviours:  # the validation items stay out of every vector
+                train, _ = caa_generate_splits(
+                    b, data=root, train_limit=train_limit, validation=held_out
                 )
-                for b in behaviours
-            }
+                raw[b] = caa_vector(steered, train, layers=layers, method=method)
             vectors = normalize_across(raw)
         outputs = []
         for b in behaviours:
@@ -178,6 +188,7 @@ def caa(
                 multipliers=values,
                 limit=limit,
                 train_limit=train_limit,
+                validation=validation,
                 method=method,
                 sweep_layers=swept,
                 open_ended=open_ended,
