@@ -9,8 +9,16 @@ import pytest
 import torch
 
 import steerlab as sl
-from steerlab.concepts import Concept, builtin_concepts, score_texts
+from steerlab.analysis import residual_norms
+from steerlab.concepts import (
+    Concept,
+    available_operators,
+    builtin_concepts,
+    evaluate_concept,
+    score_texts,
+)
 from steerlab.errors import InvalidInputError
+from steerlab.interventions import Steering
 from steerlab.scorers import (
     compression_ratio,
     continuation_logprobs,
@@ -73,6 +81,18 @@ def test_concept_scorers_of_the_builtin_concepts() -> None:
         Concept(name="x", positive=("a",), negative=("b",), scorer="magic")
 
 
+def test_formality_scorer_finds_the_formal_side_of_its_own_pairs() -> None:
+    # the 20 words of formality.json (made for next-token mass) find a marker in 10 of the 46
+    # formal sentences; the scorer's list finds one in 28 and in none of the casual ones
+    formality = builtin_concepts()["formality"]
+    formal = score_texts(formality, list(formality.positive))
+    casual = score_texts(formality, list(formality.negative))
+    old_words, _ = sl.data.concept_words("formality")
+    old = words_score(list(formality.positive), words=old_words)
+    assert (int((formal > 0).sum()), int((old > 0).sum()), len(formal)) == (28, 10, 46)
+    assert float(formal.sum()) == 19.0 and float(casual.sum()) == 0.0
+
+
 @pytest.fixture(scope="module")
 def model() -> sl.SteeredModel:
     return tiny_model("llama")
@@ -86,6 +106,52 @@ def _logprob(model: sl.SteeredModel, prompt: str, continuation: str) -> tuple[fl
     logp = model.hf_model(ids).logits[0].double().log_softmax(-1)
     total = sum(float(logp[len(head) + t - 1, tail[t]]) for t in range(len(tail)))
     return total, len(tail)
+
+
+@torch.no_grad()
+def test_concept_strengths_are_residual_fractions_and_skip_the_first_token(
+    model: sl.SteeredModel,
+) -> None:
+    concept = Concept(
+        name="toy",
+        positive=("i love the food", "the soup is good"),
+        negative=("i hate the road", "the car is bad"),
+        scorer="words",
+        words=("food",),
+        hint="talk about food",
+    )
+    instructions = ["the cat", "a dog", "the city", "my day"]
+    result = evaluate_concept(
+        model, concept, layer=1, methods=("mean_diff",), strengths=(0.5,),
+        instructions=instructions, max_new_tokens=3, damage_passages=2, progress=False,
+    )  # fmt: skip
+    assert available_operators() == ("add", "clamp", "add_norm")
+    assert [r.name for r in result.rows] == [
+        "unsteered", "prompting", "mean_diff", "mean_diff+clamp", "mean_diff+add_norm",
+    ]  # fmt: skip
+    chat = model.tokenizer.chat_template is not None
+    norms = residual_norms(model, instructions[:2], layers=[1], chat=chat)
+    assert result.settings["residual_norm"] == pytest.approx(norms[1], rel=1e-9)
+    raw = sl.compute_vector(
+        model, list(concept.positive), list(concept.negative), layers=[1], progress=False
+    )
+    assert result.settings["raw_vector_norms"]["mean_diff"] == pytest.approx(
+        float(raw[1].norm()), rel=1e-5
+    )
+    scaled = raw.scaled_to_residual(norms)
+    passages = neutral_corpus(2)
+    rows = {r.name: r for r in result.rows}
+    for op, name in (("add", "mean_diff"), ("clamp", "mean_diff+clamp")):
+        every_but_first, everywhere = neutral_damage(
+            model,
+            [Steering(scaled, 0.5, slice(1, None), op=op), Steering(scaled, 0.5, "all", op=op)],
+            passages=passages,
+        )
+        assert rows[name].strength == 0.5
+        assert rows[name].kl_neutral == pytest.approx(every_but_first.kl, rel=1e-4)
+        assert rows[name].kl_neutral != pytest.approx(everywhere.kl, rel=1e-2)
+    with pytest.raises(InvalidInputError, match="scale"):
+        evaluate_concept(model, concept, layer=1, instructions=instructions, scale="norm")
 
 
 @torch.no_grad()

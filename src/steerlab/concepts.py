@@ -8,9 +8,10 @@ steering method. This module runs that protocol offline:
 1. a :class:`Concept` is contrastive prompts (the vector's data), a concept scorer (a word list,
    VADER sentiment, or embedding similarity through ``steerlab[embeddings]``) and a prompt hint
    for the prompting baseline;
-2. for every candidate (a method: ``mean_diff``, ``pca``, ``probe``; times an operator when
-   :class:`~steerlab.interventions.Steering` accepts ``op=``: ``add``, ``clamp``, ``add_norm``)
-   and every strength, greedy continuations of the *train* instructions are scored with
+2. for every candidate (a method: ``mean_diff``, ``pca``, ``probe``; times an operator:
+   ``add``, ``clamp``, ``add_norm``) and every strength (a fraction of the mean residual norm at
+   the layer, see :func:`evaluate_concept`; steering every token but the first), greedy
+   continuations of the *train* instructions are scored with
    :mod:`steerlab.scorers`: concept presence, fluency and instruction relevance, each in
    ``[0, 1]``, combined per continuation by their harmonic mean (AxBench's rule);
 3. the strength with the best mean combined score on the train instructions is kept and the
@@ -18,7 +19,7 @@ steering method. This module runs that protocol offline:
    prompting baseline (the instruction plus the hint, unsteered), all scored the same way
    against the original instruction;
 4. every row also carries the damage on the neutral corpus (KL and perplexity with the steering
-   left on at every token; 0 and the unsteered perplexity for prompting).
+   left on at the same positions; 0 and the unsteered perplexity for prompting).
 
 >>> from steerlab.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -43,10 +44,12 @@ from typing import Any
 
 import torch
 
-from steerlab.data import ContrastDataset, concept_words, load_builtin
+from steerlab.analysis import residual_norms
+from steerlab.data import ContrastDataset, load_builtin
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.interventions import Steering
 from steerlab.methods import extract_activations, run_method
+from steerlab.operators import operator_names
 from steerlab.scorers import (
     embedding_score,
     fluency_scores,
@@ -74,7 +77,7 @@ __all__ = [
 
 SCORERS = ("words", "vader", "embedding")
 OPERATORS = ("add", "clamp", "add_norm")
-"""Operators compared when :class:`~steerlab.interventions.Steering` takes ``op=``."""
+"""Operators compared by default (:mod:`steerlab.operators`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,14 +130,16 @@ def _read_json(name: str) -> Any:
 @functools.cache
 def builtin_concepts() -> dict[str, Concept]:
     """The concepts shipped with steerlab: ``sentiment`` (VADER), ``formality`` and ``food``
-    (word lists).
+    (word lists; formality's is ``datasets/concepts/formality_words.json``).
 
     >>> sorted(builtin_concepts())
     ['food', 'formality', 'sentiment']
     """
     sentiment = load_builtin("sentiment")
     formality = load_builtin("formality")
-    formal_words, _ = concept_words("formality")
+    # the 20 words of formality.json are for next-token probability mass; in a text they find a
+    # formal marker in 22% of that set's own formal sentences: the scorer uses a longer list
+    formal_words = _read_json("formality_words")["words"]
     food = _read_json("food")
     return {
         "sentiment": Concept(
@@ -187,23 +192,13 @@ def score_texts(concept: Concept, texts: Sequence[str]) -> torch.Tensor:
 
 
 def available_operators() -> tuple[str, ...]:
-    """The operators :class:`~steerlab.interventions.Steering` accepts here (``("add",)`` when
-    it has no ``op=`` field).
+    """The operators compared by default: those of :data:`OPERATORS` that are registered.
 
-    >>> "add" in available_operators()
-    True
+    >>> available_operators()
+    ('add', 'clamp', 'add_norm')
     """
-    if "op" not in {f.name for f in dataclasses.fields(Steering)}:
-        return ("add",)
-    probe = SteeringVector({0: torch.ones(2)})
-    found = []
-    for op in OPERATORS:
-        try:
-            Steering(probe, 1.0, "all", op=op)  # type: ignore[call-arg]
-        except (TypeError, ValueError):
-            continue
-        found.append(op)
-    return tuple(found) or ("add",)
+    registered = set(operator_names())
+    return tuple(op for op in OPERATORS if op in registered)
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -301,10 +296,18 @@ def _generate(
     return [str(model.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
 
 
+STEERED_POSITIONS = slice(1, None)
+"""Every token but the first, prompt and generated. The first token is the attention sink: its
+residual is tens of times larger than the rest (along the formality direction of the default
+model at layer 12: 6279 against 1-56 elsewhere), so an operator that sets an absolute component
+(``clamp``) rewrites it and reverses its effect, and ``add_norm`` renormalises to its outlier
+norm."""
+
+SCALES = ("residual", "raw")
+
+
 def _steering(vector: SteeringVector, strength: float, op: str) -> Steering:
-    if op == "add":
-        return Steering(vector, strength, "all")
-    return Steering(vector, strength, "all", op=op)  # type: ignore[call-arg]
+    return Steering(vector, strength, STEERED_POSITIONS, op=op)
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -349,7 +352,8 @@ def evaluate_concept(
     layer: int,
     methods: Sequence[str] = ("mean_diff", "pca", "probe"),
     operators: Sequence[str] | None = None,
-    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    strengths: Sequence[float] = (0.1, 0.2, 0.4, 0.8),
+    scale: str = "residual",
     instructions: Sequence[str] | None = None,
     n_train: int | None = None,
     max_new_tokens: int = 24,
@@ -363,6 +367,11 @@ def evaluate_concept(
 ) -> ConceptResult:
     """Run the AxBench-style protocol for one concept (see the module docstring).
 
+    ``scale="residual"`` (default) rescales every method's direction to the mean residual norm
+    at ``layer`` (measured on the train instructions, first token left out, see
+    :func:`~steerlab.analysis.residual_norms`), so a strength is a fraction of a typical
+    activation's length, the same for every method; ``"raw"`` keeps each method's own norm (a
+    strength is then a multiple of the mean difference, whose length varies by concept).
     ``instructions`` default to :func:`concept_instructions`; the first ``n_train`` (default
     half) choose each candidate's strength, the rest are the report. ``max_pairs`` uses the
     first pairs of the concept only (CPU budgets). ``operators`` default to
@@ -385,6 +394,8 @@ def evaluate_concept(
     if not values or any(not math.isfinite(s) or s == 0 for s in values):
         raise InvalidInputError("strengths must be non-zero finite numbers")
     ops = tuple(available_operators() if operators is None else operators)
+    if scale not in SCALES:
+        raise InvalidInputError(f"scale must be one of {SCALES}, not {scale!r}")
     layer = model.adapter.resolve_layer(layer)
     dataset = concept.dataset
     if max_pairs is not None:
@@ -397,6 +408,12 @@ def evaluate_concept(
             paired=True,
         )
     vectors = _vectors(model, dataset, layer, methods, progress=progress)
+    raw_norms = {method: float(vec[layer].norm()) for method, vec in vectors.items()}
+    residual: float | None = None
+    if scale == "residual":
+        norms = residual_norms(model, train, layers=[layer], chat=_chat(model))
+        residual = norms[layer]
+        vectors = {m: vec.scaled_to_residual(norms) for m, vec in vectors.items()}
     candidates = [
         (method if op == "add" else f"{method}+{op}", vectors[method], op)
         for method in methods
@@ -473,11 +490,14 @@ def evaluate_concept(
             "methods": list(methods),
             "operators": list(ops),
             "strengths": values,
+            "scale": scale,
+            "residual_norm": residual,
+            "raw_vector_norms": raw_norms,
             "n_train_instructions": len(train),
             "n_test_instructions": len(test),
             "max_new_tokens": max_new_tokens,
             "scorer": concept.scorer,
             "hint": concept.hint,
-            "positions": "all",
+            "positions": "every token but the first (the attention sink)",
         },
     )
