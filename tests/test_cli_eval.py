@@ -131,6 +131,23 @@ def test_eval_concept_writes_rows(model_dir: Path, tmp_path: Path) -> None:
             assert row["strength"] in (2.0, 8.0)
             assert row["kl_neutral"] > 0.0
     assert set(doc["train_curves"]) >= {"mean_diff", "pca"}
+    assert doc["settings"]["scale"] == "residual" and doc["settings"]["residual_norm"] > 0
+    assert doc["settings"]["operators"] == ["add", "clamp", "add_norm"]
+    raw = CliRunner().invoke(
+        app,
+        [
+            "eval", "concept", "--concept", "food", "--layer", "1", "--methods", "mean_diff",
+            "--strengths", "2", "--instructions", "2", "--max-new-tokens", "2", "--scale", "raw",
+            "--no-damage", "--no-prompting", "--model", str(model_dir), "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert raw.exit_code == 0, raw.output
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["scale"] == "raw" and settings["residual_norm"] is None
+    bad_scale = CliRunner().invoke(
+        app, ["eval", "concept", "--scale", "norm", "--model", str(model_dir)]
+    )
+    assert bad_scale.exit_code == 1 and "scale must be one of" in bad_scale.output
     unknown = CliRunner().invoke(
         app, ["eval", "concept", "--concept", "nope", "--model", str(model_dir)]
     )

@@ -219,8 +219,19 @@ def concept(
     layer: Annotated[int, typer.Option(help="Block to steer.")] = 12,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "mean_diff,pca,probe",
     strengths: Annotated[
-        str, typer.Option(help="Strengths tried on the train instructions.")
-    ] = "2,4,8",
+        str,
+        typer.Option(
+            help="Strengths tried on the train instructions (with --scale residual: fractions "
+            "of the mean residual norm at the layer)."
+        ),
+    ] = "0.1,0.2,0.4,0.8",
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="residual: every direction rescaled to the mean residual norm; raw: each "
+            "method's own norm."
+        ),
+    ] = "residual",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per continuation.")] = 24,
     instructions: Annotated[
         int | None, typer.Option(help="Use the first N shipped instructions (default 16).")
@@ -264,6 +275,7 @@ def concept(
             layer=layer,
             methods=chosen,
             strengths=values,
+            scale=scale,
             instructions=items,
             max_new_tokens=max_new_tokens,
             prompting=prompting,
