@@ -17,7 +17,9 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,10 +42,10 @@ def log(message: str) -> None:
 def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     from steerlab.caa import (
         CAA_BEHAVIOURS,
+        caa_generate_splits,
         caa_vector,
         evaluate_caa,
         find_caa_data,
-        load_caa_split,
         normalize_across,
     )
 
@@ -53,7 +55,10 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     raw = {}
     for behaviour in behaviours:
         start = time.perf_counter()
-        train = load_caa_split(behaviour, "generate", data=root, limit=args.train_limit)
+        # --validation generate items (from the end) choose the layer: they stay out of the vector
+        train, _ = caa_generate_splits(
+            behaviour, data=root, train_limit=args.train_limit, validation=args.validation
+        )
         raw[behaviour] = caa_vector(model, train, layers=layers)
         log(f"caa vector {behaviour}: {len(train)} pairs, {time.perf_counter() - start:.0f} s")
     vectors = normalize_across(raw) if len(raw) > 1 else raw
@@ -68,6 +73,7 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             sweep_layers=layers,
             multipliers=[-1.0, 0.0, 1.0],
             limit=args.limit,
+            validation=args.validation,
             open_ended=True,
             open_limit=args.open_limit,
             damage_passages=args.damage_passages,
@@ -75,7 +81,6 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             model_name="SmolLM2-135M-Instruct",
         )
         data = result.to_dict()
-        data["settings"]["n_train"] = args.train_limit
         results.append(data)
         cells = ", ".join(f"{p['p_matching']:.3f}" for p in data["results"])
         log(f"caa {behaviour}: layer {result.layer}: {cells} ({time.perf_counter() - start:.0f} s)")
@@ -95,6 +100,7 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             name,
             layer=args.concept_layer,
             strengths=[float(s) for s in args.strengths.split(",")],
+            scale=args.scale,
             instructions=instructions,
             max_new_tokens=args.max_new_tokens,
             damage_passages=args.damage_passages,
@@ -170,7 +176,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
-    """One panel per behaviour: p(matching) over layers at x-1, x0, x+1."""
+    """One panel per behaviour: p(matching) on the test items over layers at x-1, x0, x+1; the
+    dashed line is the layer chosen on the validation items."""
     n = len(results)
     cols = 4 if n > 4 else n
     rows = math.ceil(n / cols)
@@ -186,7 +193,9 @@ def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
                 for entry in sweep
             ]
             ax.plot(layers, values, marker="o", markersize=3, color=colour, label=label)
-        ax.axvline(result["layer"], color="0.8", linestyle="--", linewidth=1)
+        ax.axvline(
+            result["layer"], color="0.7", linestyle="--", linewidth=1, label="chosen (validation)"
+        )
         ax.set_title(result["behaviour"], fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlabel("layer", fontsize=8)
@@ -200,32 +209,61 @@ def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def concept_figure(results: list[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: held-out combined score per candidate, one group per concept."""
+    """Grouped bars per concept and candidate, on the held-out instructions: the combined score
+    (top; standard error bars) and concept presence alone (bottom)."""
     names: list[str] = []
     for result in results:
         for row in result["rows"]:
             if row["name"] not in names:
                 names.append(row["name"])
-    figure = _figure(1.6 + 1.1 * len(results) * max(1, len(names)) / 3, 3.2)
-    ax = figure.add_subplot(1, 1, 1)
+    figure = _figure(1.6 + 1.1 * len(results) * max(1, len(names)) / 3, 5.6)
     width = 0.8 / len(names)
     colours = {"unsteered": "0.6", "prompting": "tab:green"}
-    for j, name in enumerate(names):
-        xs, ys, errs = [], [], []
-        for i, result in enumerate(results):
-            row = next((r for r in result["rows"] if r["name"] == name), None)
-            if row is None:
-                continue
-            xs.append(i + (j - (len(names) - 1) / 2) * width)
-            ys.append(row["combined"])
-            errs.append(row["combined_sem"])
-        ax.bar(xs, ys, width=width, yerr=errs, label=name, color=colours.get(name), capsize=2)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([r["concept"] for r in results])
-    ax.set_ylabel("held-out combined score (harmonic mean)")
-    ax.legend(fontsize=7, ncol=2)
+    panels = [("combined", "combined score (harmonic mean)"), ("concept", "concept presence")]
+    for k, (key, label) in enumerate(panels):
+        ax = figure.add_subplot(2, 1, k + 1)
+        for j, name in enumerate(names):
+            xs, ys, errs = [], [], []
+            for i, result in enumerate(results):
+                row = next((r for r in result["rows"] if r["name"] == name), None)
+                if row is None:
+                    continue
+                xs.append(i + (j - (len(names) - 1) / 2) * width)
+                ys.append(row[key])
+                errs.append(row["combined_sem"] if key == "combined" else 0.0)
+            ax.bar(xs, ys, width=width, yerr=errs, label=name, color=colours.get(name), capsize=2)
+        ax.set_xticks(range(len(results)))
+        ax.set_xticklabels([r["concept"] for r in results])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"held-out {label}", fontsize=8)
+        if k == 0:
+            ax.legend(fontsize=6, ncol=4)
     figure.tight_layout()
     figure.savefig(path, format="png", bbox_inches="tight")
+
+
+def _sizes(part: str, args: argparse.Namespace, n_layers: int) -> str:
+    if part == "caa":
+        return (
+            f"{args.train_limit} generate pairs and {args.limit} A/B test items per behaviour "
+            f"(of 290-1000 and 50), {args.validation} generate items of each behaviour "
+            "held out to choose the layer (both sets balanced over the answer letters), "
+            f"{args.open_limit} open-ended items, layers "
+            f"{args.first_layer}..{n_layers - 1} step {args.layer_step}, "
+            f"{args.damage_passages} neutral passages"
+        )
+    return (
+        f"layer {args.concept_layer}, strengths {args.strengths} ({_scale_words(args.scale)}), "
+        f"{args.instructions} instructions (half train, half held out), "
+        f"{args.max_new_tokens} new tokens, greedy"
+        + (f", {args.max_pairs} contrast pairs" if args.max_pairs else "")
+    )
+
+
+def _scale_words(scale: str) -> str:
+    if scale == "residual":
+        return "fractions of the mean residual norm at the layer"
+    return "multiples of each method's raw vector"
 
 
 # --- the page ---------------------------------------------------------------------------------
@@ -233,6 +271,26 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits}f}"
+
+
+def _gap_se(result: dict[str, Any]) -> float:
+    pts = {p["multiplier"]: p for p in result["results"]}
+    return math.hypot(pts[1.0].get("p_sem", 0.0), pts[-1.0].get("p_sem", 0.0))
+
+
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
+def _run_line(meta: dict[str, Any], part: str, label: str) -> str:
+    run = meta.get(f"{part}_run")
+    if not run:
+        return f"{label}: not run."
+    low, high = run["load_average"]
+    return (
+        f"{label}: {run['when']}, {run['seconds'] / 60:.0f} min wall, load average {low:g} at "
+        f"the start and {high:g} at the end (`{run['command'].strip()}`)."
+    )
 
 
 def _p(result: dict[str, Any], m: float, key: str = "results") -> float:
@@ -247,9 +305,10 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "<!-- generated by `make evidence` (python -m benchmarks.evidence); the reading is "
         "written in benchmarks/evidence.py -->",
         "",
-        f"Model: {meta['model']} ({meta['n_layers']} layers). Run: {meta['when']}, "
-        f"{meta['seconds']:.0f} s on {meta['machine']}. Command: `{meta['command']}`. Raw "
-        "numbers: `docs/evidence/caa.json`, `docs/evidence/concepts.json`.",
+        f"Model: {meta['model']} ({meta['n_layers']} layers), on {meta['machine']}. "
+        f"{_run_line(meta, 'caa', 'CAA part')} {_run_line(meta, 'concept', 'Concept part')} "
+        "Raw numbers: `docs/evidence/caa.json`, `docs/evidence/concepts.json`, "
+        "`docs/evidence/meta.json`.",
         "",
         "## 1. CAA reproduction (Rimsky/Panickssery et al. 2024)",
         "",
@@ -260,18 +319,25 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "at the positions after the instruction (here: that one token); the score is "
         "p(matching letter) / (p(A) + p(B)), averaged over items.",
         "",
-        f"Sizes (CPU budget): {meta['caa_sizes']}. The layer is the one of the sweep where "
-        "p(x+1) - p(x-1) is largest, chosen on the same test items (no separate validation "
-        "split: optimistic for the best-layer column, not for the sweep plots).",
+        f"Sizes (CPU budget): {meta.get('caa_run', {}).get('sizes', '–')}. **Layer choice:** "
+        "the layer of the sweep where p(x+1) - p(x-1) is largest on the *validation* items "
+        "(generate items from the end of each behaviour's file, never part of its vector); "
+        "every number in the table is on the disjoint *test* items at that layer. `val gap` "
+        "is the gap that chose the layer; `± se` is sqrt(se(x+1)^2 + se(x-1)^2) over items "
+        "(conservative: the two are measured on the same items).",
         "",
-        "| behaviour | layer | x-1 | x0 | x+1 | +1 minus -1 | paper x-1 | paper x0 | paper x+1 "
-        "| KL neutral x-1 / x+1 | ppl neutral x-1 / x0 / x+1 | open-ended p x-1 / x0 / x+1 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| behaviour | layer | val gap | x-1 | x0 | x+1 | test gap ± se | paper x-1 | paper x0 "
+        "| paper x+1 | KL neutral x-1 / x+1 | ppl neutral x-1 / x0 / x+1 "
+        "| open-ended p x-1 / x0 / x+1 |",
+        "| --- " + "| ---: " * 12 + "|",
     ]
     for r in caa:
         ref = paper.get(r["behaviour"], {})
         pts = {p["multiplier"]: p for p in r["results"]}
         gap = _p(r, 1.0) - _p(r, -1.0)
+        se = _gap_se(r)
+        chosen = next((v for v in r.get("validation_sweep", []) if v["layer"] == r["layer"]), None)
+        val_gap = _p(chosen, 1.0) - _p(chosen, -1.0) if chosen else None
         kl = f"{_fmt(pts[-1.0].get('kl_neutral'))} / {_fmt(pts[1.0].get('kl_neutral'))}"
         ppl = " / ".join(_fmt(pts[m].get("perplexity_neutral"), 2) for m in (-1.0, 0.0, 1.0))
         opened = (
@@ -280,9 +346,10 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
             else "–"
         )
         lines.append(
-            f"| {r['behaviour']} | {r['layer']} | {_fmt(_p(r, -1.0))} | {_fmt(_p(r, 0.0))} | "
-            f"{_fmt(_p(r, 1.0))} | {gap:+.3f} | {_fmt(ref.get(-1.0))} | {_fmt(ref.get(0.0))} | "
-            f"{_fmt(ref.get(1.0))} | {kl} | {ppl} | {opened} |"
+            f"| {r['behaviour']} | {r['layer']} | {_signed(val_gap)} | {_fmt(_p(r, -1.0))} | "
+            f"{_fmt(_p(r, 0.0))} | {_fmt(_p(r, 1.0))} | {gap:+.3f} ± {se:.3f} | "
+            f"{_fmt(ref.get(-1.0))} | {_fmt(ref.get(0.0))} | {_fmt(ref.get(1.0))} | {kl} | {ppl} "
+            f"| {opened} |"
         )
     from steerlab.caa import CAA_BEHAVIOURS
 
@@ -302,6 +369,7 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
     ours = {r["behaviour"]: _p(r, 1.0) - _p(r, -1.0) for r in caa}
     same_sign = [b for b in ours if b in paper_gaps and ours[b] * paper_gaps[b] > 0]
     monotone = [r["behaviour"] for r in caa if _p(r, -1.0) < _p(r, 0.0) < _p(r, 1.0)]
+    clear = [r["behaviour"] for r in caa if ours[r["behaviour"]] > 2 * _gap_se(r)]
     sems = [p.get("p_sem", 0.0) for r in caa for p in r["results"]]
     lines += [
         "",
@@ -313,8 +381,10 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "",
         f"Measured: the effect has the paper's sign for {len(same_sign)} of {len(ours)} "
         f"behaviours ({', '.join(same_sign) or 'none'}); p(matching) rises monotonically "
-        f"-1 < 0 < +1 for {len(monotone)} ({', '.join(monotone) or 'none'}). Typical standard "
-        f"error of one cell: {_fmt(sorted(sems)[len(sems) // 2] if sems else None)}.",
+        f"-1 < 0 < +1 for {len(monotone)} ({', '.join(monotone) or 'none'}); the test gap "
+        f"exceeds twice its standard error for {len(clear)} ({', '.join(clear) or 'none'}). "
+        f"Typical standard error of one cell: "
+        f"{_fmt(sorted(sems)[len(sems) // 2] if sems else None)}.",
         "",
         "![p(matching) over layers per behaviour](evidence/caa_layers.png)",
         "",
@@ -322,16 +392,20 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "",
         "For each concept the vector comes from its contrastive prompts at one layer; each "
         "candidate (method x operator) generates greedy continuations of everyday "
-        "instructions with the steering at every position; each continuation is scored for "
+        "instructions with the steering on; each continuation is scored for "
         "concept presence, fluency and instruction relevance (each in [0, 1], definitions in "
         "`steerlab.scorers`), combined by their harmonic mean; the strength is chosen on the "
         "first half of the instructions and the table reports the second half. Prompting = "
         "the instruction plus a hint asking for the concept, unsteered, judged against the "
         "original instruction.",
         "",
-        f"Sizes: {meta['concept_sizes']}. Operators compared: "
-        f"{', '.join(concepts[0]['settings']['operators']) if concepts else '–'}"
-        " (clamp and add_norm appear when `Steering` accepts `op=`).",
+        f"Sizes: {meta.get('concept_run', {}).get('sizes', '–')}. Operators compared: "
+        f"{', '.join(concepts[0]['settings']['operators']) if concepts else '–'}; steering at "
+        "every token but the first (the attention sink, whose residual along these directions "
+        "is tens to hundreds of times larger: `clamp` there reverses the effect). A strength "
+        "is a fraction of the mean residual norm at the layer (every method's direction is "
+        "rescaled to that norm), so the same number means the same push for every method and "
+        "concept.",
         "",
         "| concept | candidate | strength | concept | fluency | relevance | combined | "
         "ppl (unsteered judge) | KL neutral | example (held-out) |",
@@ -343,11 +417,14 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
             lines.append(
                 f"| {result['concept']} | {row['name']} | {row['strength']:g} | "
                 f"{_fmt(row['concept'], 2)} | {_fmt(row['fluency'], 2)} | "
-                f"{_fmt(row['relevance'], 2)} | **{_fmt(row['combined'])}** | "
+                f"{_fmt(row['relevance'], 2)} | **{_fmt(row['combined'])}** ± "
+                f"{_fmt(row['combined_sem'])} | "
                 f"{_fmt(row['perplexity'], 1)} | {_fmt(row['kl_neutral'])} | {example} |"
             )
-    wins = []
+    wins, presence = [], []
     for result in concepts:
+        top = max(result["rows"], key=lambda r: r["concept"])
+        presence.append(f"{result['concept']}: {top['name']} ({top['concept']:.2f})")
         rows = {r["name"]: r for r in result["rows"]}
         steered = [r for r in result["rows"] if r["name"] not in ("unsteered", "prompting")]
         best = max(steered, key=lambda r: r["combined"]) if steered else None
@@ -358,7 +435,8 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
             wins.append(f"{result['concept']}: {winner}")
     lines += [
         "",
-        f"Best held-out combined score per concept: {'; '.join(wins) or '–'}.",
+        f"Best held-out combined score per concept: {'; '.join(wins) or '–'}. Highest concept "
+        f"presence alone: {'; '.join(presence) or '–'}.",
         "",
         "![held-out combined score per concept and candidate](evidence/concepts.png)",
         "",
@@ -408,13 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--behaviours", default="all")
     parser.add_argument("--limit", type=int, default=16, help="A/B test items per behaviour")
     parser.add_argument("--train-limit", type=int, default=32, help="generate items per behaviour")
+    parser.add_argument(
+        "--validation", type=int, default=16, help="held-out generate items choosing the layer"
+    )
     parser.add_argument("--open-limit", type=int, default=8, help="open-ended items")
     parser.add_argument("--first-layer", type=int, default=0)
     parser.add_argument("--layer-step", type=int, default=3)
     parser.add_argument("--damage-passages", type=int, default=4)
     parser.add_argument("--concepts", default="sentiment,formality,food")
     parser.add_argument("--concept-layer", type=int, default=12)
-    parser.add_argument("--strengths", default="4,8")
+    parser.add_argument("--strengths", default="0.1,0.2,0.4,0.8")
+    parser.add_argument("--scale", default="residual", help="residual (fractions) or raw")
     parser.add_argument("--instructions", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--caa-json", default=str(OUT / "caa.json"), help="where CAA results go")
@@ -434,34 +516,35 @@ def main(argv: list[str] | None = None) -> int:
     else:
         torch.manual_seed(0)
         model = sl.load_model()
-        caa = _previous(OUT / "caa.json") if args.skip_caa else run_caa(model, args)
-        concepts = (
-            _previous(OUT / "concepts.json") if args.skip_concepts else run_concepts(model, args)
-        )
-        meta = {
+        ours: dict[str, Any] = {
             "model": "SmolLM2-135M-Instruct",
             "n_layers": model.n_layers,
-            "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": time.perf_counter() - start,
-            "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+            f"{torch.get_num_threads()}",
             "command": "make evidence",
             "data": args.data,
-            "caa_sizes": (
-                f"{args.train_limit} generate pairs and {args.limit} A/B test items per "
-                f"behaviour (of 290-1000 and 50), {args.open_limit} open-ended items, layers "
-                f"{args.first_layer}..{model.n_layers - 1} step {args.layer_step}, "
-                f"{args.damage_passages} neutral passages"
-            ),
-            "concept_sizes": (
-                f"layer {args.concept_layer}, strengths {args.strengths} (x the raw vector), "
-                f"{args.instructions} instructions (half train, half held out), "
-                f"{args.max_new_tokens} new tokens, greedy"
-            ),
         }
-        if meta_path.is_file() and (args.skip_caa or args.skip_concepts):
-            previous = json.loads(meta_path.read_text())
-            keep = "caa_sizes" if args.skip_caa else "concept_sizes"
-            meta[keep] = previous.get(keep, meta[keep])
+        # each part records its own sizes, time and load, so the two parts can run as separate
+        # processes (--skip-caa / --skip-concepts) and still describe the page together
+        parts = [("caa", run_caa, "caa.json"), ("concept", run_concepts, "concepts.json")]
+        results: dict[str, list[dict[str, Any]]] = {}
+        for part, runner, name in parts:
+            if args.skip_caa if part == "caa" else args.skip_concepts:
+                results[part] = _previous(OUT / name)
+                continue
+            began, load = time.perf_counter(), os.getloadavg()[0]
+            results[part] = runner(model, args)
+            ours[f"{part}_run"] = {
+                "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "seconds": round(time.perf_counter() - began),
+                "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+                "sizes": _sizes(part, args, model.n_layers),
+                "command": "python -m benchmarks.evidence " + " ".join(argv or sys.argv[1:]),
+            }
+        caa, concepts = results["caa"], results["concept"]
+        # read again just before writing: the other part's process may have written meanwhile
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta.update(ours)
         _save(meta_path, meta)
     if caa:
         caa_figure(caa, OUT / "caa_layers.png")
