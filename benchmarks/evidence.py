@@ -5,7 +5,9 @@ behaviours per layer, a layer sweep, multipliers -1/0/+1, the open-ended variant
 metrics) and :func:`steerlab.concepts.evaluate_concept` for sentiment, formality and a topic
 (food), then writes ``docs/evidence.md`` with tables, figures (``docs/evidence/*.png``) and the
 raw JSON (``docs/evidence/*.json``). Sizes are options so the run fits a shared 2-core machine
-(``--help``); the defaults take about half an hour there.
+(``--help``); at the sizes of docs/evidence.md the CAA part took 10 minutes and the concept part
+31 there (load average 3-7), and the two can run as separate processes (``--skip-concepts`` /
+``--skip-caa``, each writing its part of ``meta.json``).
 
     python -m benchmarks.evidence                 # everything, default sizes
     python -m benchmarks.evidence --render-only   # rebuild docs/evidence.md from the JSON
@@ -175,9 +177,12 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
-def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
+def caa_figure(
+    results: list[dict[str, Any]], path: Path, paper: dict[str, dict[float, float]] | None = None
+) -> None:
     """One panel per behaviour: p(matching) on the test items over layers at x-1, x0, x+1; the
-    dashed line is the layer chosen on the validation items."""
+    dashed line is the layer chosen on the validation items; triangles mark the paper's
+    Llama-2-7b-chat values at its layer 13 (the scale of the effect being reproduced)."""
     n = len(results)
     cols = 4 if n > 4 else n
     rows = math.ceil(n / cols)
@@ -196,6 +201,11 @@ def caa_figure(results: list[dict[str, Any]], path: Path) -> None:
         ax.axvline(
             result["layer"], color="0.7", linestyle="--", linewidth=1, label="chosen (validation)"
         )
+        ref = (paper or {}).get(result["behaviour"], {})
+        for m, (colour, _) in styles.items():
+            if m in ref:
+                ax.plot([13], [ref[m]], marker="^", color=colour, linestyle="none",
+                        label="paper L13 (Llama-2-7b)" if m == 1.0 else None)  # fmt: skip
         ax.set_title(result["behaviour"], fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlabel("layer", fontsize=8)
@@ -218,7 +228,12 @@ def concept_figure(results: list[dict[str, Any]], path: Path) -> None:
                 names.append(row["name"])
     figure = _figure(1.6 + 1.1 * len(results) * max(1, len(names)) / 3, 5.6)
     width = 0.8 / len(names)
-    colours = {"unsteered": "0.6", "prompting": "tab:green"}
+    steered = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+               "tab:pink", "tab:olive", "tab:cyan"]  # fmt: skip
+    colours = {"unsteered": "0.6", "prompting": "black"}
+    for name in names:
+        if name not in colours:
+            colours[name] = steered[(len(colours) - 2) % len(steered)]
     panels = [("combined", "combined score (harmonic mean)"), ("concept", "concept presence")]
     for k, (key, label) in enumerate(panels):
         ax = figure.add_subplot(2, 1, k + 1)
@@ -230,8 +245,9 @@ def concept_figure(results: list[dict[str, Any]], path: Path) -> None:
                     continue
                 xs.append(i + (j - (len(names) - 1) / 2) * width)
                 ys.append(row[key])
-                errs.append(row["combined_sem"] if key == "combined" else 0.0)
-            ax.bar(xs, ys, width=width, yerr=errs, label=name, color=colours.get(name), capsize=2)
+                errs.append(row["combined_sem"])
+            bars = errs if key == "combined" else None
+            ax.bar(xs, ys, width=width, yerr=bars, label=name, color=colours[name], capsize=2)
         ax.set_xticks(range(len(results)))
         ax.set_xticklabels([r["concept"] for r in results])
         ax.set_ylim(0, 1)
@@ -288,8 +304,8 @@ def _run_line(meta: dict[str, Any], part: str, label: str) -> str:
         return f"{label}: not run."
     low, high = run["load_average"]
     return (
-        f"{label}: {run['when']}, {run['seconds'] / 60:.0f} min wall, load average {low:g} at "
-        f"the start and {high:g} at the end (`{run['command'].strip()}`)."
+        f"{label}: finished {run['when']}, {run['seconds'] / 60:.0f} min wall, load average "
+        f"{low:g} at the start and {high:g} at the end (`{run['command'].strip()}`)."
     )
 
 
@@ -449,34 +465,79 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
 
 
 READING = """
-**Status of this page: a partial run.** The shared 2-core machine ran at a load average of ~22
-during the hour available, so each process got ~7% of a core: only the behaviours and concepts
-listed above finished, on 8 generate pairs and 8 test items each (standard errors ~0.05-0.1 per
-cell). `make evidence` (defaults: 32 pairs, 16 items, all seven behaviours, three concepts) is
-the full run; on a quiet machine it takes about half an hour.
+**Sizes and time.** Cut for a 2-core machine shared with three other agents (load average 3-7
+during the run, sampled with `uptime`; the page's header gives each part's start and end): the
+CAA part ran 10 minutes, the concept part 31, as two processes side by side. A first CAA run,
+with vectors from the first 24 generate items of each file, was stopped after three behaviours:
+those items are lopsided in the answer letter (16 of the first 24 hallucination items have the
+matching answer B), so the vector carried a letter direction: at layer 27, the layer chosen on
+validation for both, it moved p(matching) by -0.10 (corrigible-neutral-HHH) and -0.07
+(hallucination) on the test items. Both sets are now balanced over the letters
+(`steerlab.caa.caa_generate_splits`) and that run is not reported. With 16 test items a cell's
+standard error is ~0.04, a gap's up to 0.07.
 
-What the finished rows say, within that noise:
+**CAA does not reproduce on a 135M model at the paper's multipliers.**
 
-* **CAA does not reproduce at this size and budget.** At the selected layer p(matching) rises
-  x-1 < x0 < x+1 by 3-4 points for every finished behaviour (the paper's sign; Llama-2-7b-chat at
-  layer 13 moves 15-40 points), but that layer was picked as the largest gap among ten on the
-  same 8 items, and the layer plot shows x+1 and x-1 crossing back and forth within a few points
-  at nearly every layer: the selected gaps are consistent with noise. At x0 the 135M model sits
-  near 0.5 on these items: it barely reads the A/B format, so there is little preference to move.
-* **The open-ended variant does not follow the A/B effect** on these 4 items: flat for
-  coordinate-other-ais and survival-instinct, and *opposite* for corrigible-neutral-HHH. With a
-  vector read at the answer letter, steering the answer *text* is out of distribution; the paper
-  also reports weaker open-ended than A/B effects.
-* **Damage is small at x±1**: KL 0.07-0.16 nats per token on neutral text, perplexity 20.6 ->
-  21-28.
-* **Concepts (sentiment finished):** the unsteered model already writes upbeat text (VADER
-  concept score 0.81), so the headroom is small. Prompting raises concept presence most (0.88)
-  but loses fluency and relevance, so its combined score (0.85) is below the unsteered one.
-  The probe direction at strength 4 is the only candidate above the unsteered model (0.92 vs
-  0.89) with KL 0.08 on neutral text; mean_diff and pca at strength 8 lose fluency and
-  relevance (0.71, 0.78) for no concept gain. That is AxBench's pattern in a weak form: steering
-  by a raw mean difference damages more than it adds; here prompting did not win on the
-  combined score either, because its answers drift from the instruction.
+* Llama-2-7b-chat moves p(matching) by 0.15-0.58 between x-1 and x+1 at layer 13. Here no
+  behaviour moves by more than 0.04 on the test items at the layer chosen on validation, and no
+  test gap exceeds twice its standard error. The direction matches the paper for 5 of 7; noise
+  around zero gives 5 or more of 7 in 23% of runs.
+* The layer choice has nothing to choose from: the largest validation gap is +0.044
+  (survival-instinct) and the others are +0.002 to +0.012, and the validation and test sweeps
+  disagree in sign at many layers (corrigible-neutral-HHH: +0.005 on validation at layer 27,
+  -0.039 on test). The plots show flat lines at every layer, far from the paper's triangles.
+* At x0 the model puts 0.46-0.56 on the matching letter for every behaviour (the paper's
+  unsteered model: 0.36-0.76). It barely prefers either answer, so there is no preference for
+  the vector to amplify or reverse.
+* The push is small: at x±1 the normalised vectors cost 0.01-0.02 nats per token of KL on
+  neutral text, and neutral perplexity goes from 20.9 to at most 22.8. Larger multipliers were
+  not run (the issue's table is -1, 0, +1), so this page cannot tell whether a bigger push
+  would reproduce the direction or only do more damage.
+* The open-ended variant (answer *texts*) is flat too: it moves by at most 0.03 between x-1 and
+  x+1. Its values sit below 0.5 for most behaviours, so the model finds the non-matching answer
+  texts more likely whatever the steering.
+
+**Concepts: steering and prompting are within noise of each other.**
+With five held-out instructions a combined score has a standard error of 0.02-0.06 for
+sentiment and 0.13-0.19 for formality and food, so only large differences count.
+
+* **Scale.** The raw mean-difference vectors have norms from 5.2 (sentiment) to 44 (food)
+  against a mean residual norm of 146 at layer 12. Strengths are therefore fractions of that
+  residual norm, the same push for every method and concept. The earlier grid of raw multiples
+  4 and 8 meant 0.14-0.28 of the residual norm for sentiment but 1.2-2.4 for food: on four
+  instructions food steering at 4 wrote "The, (or, extra,)" and at 8 "Meanwhile, (Meanwhile,",
+  with no food word to score.
+* **Sentiment.** The unsteered model already writes upbeat text (VADER presence 0.78). pca at
+  0.1 scores 0.872 ± 0.015 combined (presence 0.89), against unsteered 0.841 ± 0.024 (about one
+  standard error apart) and prompting 0.785 ± 0.046. Prompting raises presence to 0.87 but
+  drifts from the instruction (relevance 0.73). Every candidate chose the smallest strength of
+  the grid, and every train curve falls as the strength grows, so the best strength may lie
+  below 0.1. KL on neutral text is 0.03-0.06.
+* **Formality** does not measurably steer. Presence is 0.10 unsteered, 0.30 with prompting and
+  at most 0.20 steered; combined scores are 0.13-0.28 ± 0.13-0.17 for every row. Steered text
+  does turn more official ("I am honored to be a part of", "sacred"), but it seldom uses the
+  scorer's register markers, and at 0.8 every candidate's train score falls to 0-0.21. The
+  word-list scorer is the weak link: it finds a marker in 61% of the dataset's own formal
+  sentences, and 20 tokens give few chances.
+* **Food** is the one concept where steering adds what the unsteered model never shows
+  (presence 0). pca at 0.4 reaches presence 0.70 and combined 0.520 ± 0.148, prompting 0.40 and
+  0.447 ± 0.185. The gain costs KL 1.40 nats per token on neutral text, and neutral perplexity
+  rises from 20.9 to 115; the combined score cannot see that cost. mean_diff chose 0.2 on the
+  train instructions and showed no food at all on the held-out ones: five train instructions
+  choose a strength noisily.
+* **Operators.** `add_norm` often writes the same text as `add` at these strengths. `clamp`
+  sets every token's component along the direction to one value, s·‖v‖, instead of adding to
+  it. It scores lower for sentiment with mean_diff and pca (0.748 and 0.779, against 0.852 and
+  0.872 with add). Clamping the first token as well reversed the formality effect: the text
+  turned to "yeah, you can’s totally do it, but you’s gonna make". The evaluation now leaves
+  that token alone.
+* **AxBench's headline** (prompting beats every steering method) is neither reproduced nor
+  refuted here. By the combined score the order is steering > unsteered > prompting for
+  sentiment, a tie for formality, and steering ≥ prompting within one standard error for food.
+  Two things differ from AxBench's setting. Prompting a 135M model is weak: it often ignores the
+  hint (food presence 0.40) or wanders off the instruction. And steering's leads come with damage
+  on unrelated text that AxBench's score does not count. Counting that damage, prompting is
+  ahead: it costs nothing on unrelated text. It also gives the highest formality presence.
 """
 
 
@@ -547,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         meta.update(ours)
         _save(meta_path, meta)
     if caa:
-        caa_figure(caa, OUT / "caa_layers.png")
+        caa_figure(caa, OUT / "caa_layers.png", paper_table(meta.get("data")))
     if concepts:
         concept_figure(concepts, OUT / "concepts.png")
     (DOCS / "evidence.md").write_text(render(caa, concepts, meta), encoding="utf-8")

@@ -49,6 +49,9 @@ def test_caa_table_row_and_summary(tmp_path: Path) -> None:
         "| 0.814 |" in page
     )
     assert "the test gap exceeds twice its standard error for 1 (sycophancy)" in page
-    assert "CAA part: now, 10 min wall, load average 2 at the start and 3.5 at the end" in page
+    assert (
+        "CAA part: finished now, 10 min wall, load average 2 at the start and 3.5 at the end"
+        in page
+    )
     assert "Concept part: not run." in page
     assert "Not run in this budget: coordinate-other-ais" in page
