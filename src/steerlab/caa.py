@@ -591,15 +591,16 @@ def evaluate_caa(
     missing = [x for x in needed if x not in vector.layers]
     if missing:
         raise InvalidInputError(f"the vector has no direction for layer(s) {missing}")
-    options = {"multipliers": values, "chat": use_chat, "chunk_size": chunk_size}
     table, modes, n_after = _ab_table(
-        model, vector, test, layers=needed, **options, progress=progress
-    )
+        model, vector, test, layers=needed, multipliers=values, chat=use_chat,
+        chunk_size=chunk_size, progress=progress,
+    )  # fmt: skip
     val_table: dict[int, tuple[CAAPoint, ...]] = {}
     if val is not None:  # held out exactly when the layer is to be chosen
         val_table, val_modes, _ = _ab_table(
-            model, vector, val, layers=swept, **options, progress=progress
-        )
+            model, vector, val, layers=swept, multipliers=values, chat=use_chat,
+            chunk_size=chunk_size, progress=progress,
+        )  # fmt: skip
         modes |= val_modes
     chosen = fixed if fixed is not None else _best_layer(val_table)
     points = list(table[chosen])
