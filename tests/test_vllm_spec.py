@@ -273,18 +273,11 @@ def test_operators_conditions_and_text_positions_are_refused_not_added() -> None
     assert _to_wire([_Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"
 
 
-def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The refusals happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
-    the installed package is enough to build the engine behind the real app."""
+def _stand_in_vllm_engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
+    """A ``VLLMEngine`` over a tiny saved model, built (not started) where vLLM is not installed:
+    its request validation runs before vLLM is needed."""
     import importlib.util
 
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
-
-    from steerlab.errors import InvalidInputError
-    from steerlab.server.app import create_app
     from steerlab.testing import tiny_hf_model, tiny_tokenizer
     from steerlab.vllm.engine import VLLMEngine
 
@@ -296,7 +289,21 @@ def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
         "find_spec",
         lambda name, *args: object() if name == "vllm" else find_spec(name, *args),
     )
-    engine = VLLMEngine(tmp_path)
+    return VLLMEngine(tmp_path, **options)
+
+
+def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusals happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
+    the installed package is enough to build the engine behind the real app."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from steerlab.errors import InvalidInputError
+    from steerlab.server.app import create_app
+
+    engine = _stand_in_vllm_engine(tmp_path, monkeypatch)
     d_model = engine.d_model
     engine.vectors.register("calm", sl.SteeringVector({1: torch.ones(d_model)}))
     gate = sl.Condition(torch.ones(d_model), layer=1, threshold=0.5)
@@ -485,24 +492,12 @@ def test_vllm_server_engine_refuses_readout_with_another_worker_extension(
 ) -> None:
     """Readout needs steerlab's worker extension; an engine started with another one answers
     readout requests with a 400 naming the torch engine (checked before vLLM is needed)."""
-    import importlib.util
-
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from steerlab.server.app import create_app
-    from steerlab.testing import tiny_hf_model, tiny_tokenizer
-    from steerlab.vllm.engine import VLLMEngine
 
-    tiny_hf_model("llama").save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *args: object() if name == "vllm" else find_spec(name, *args),
-    )
-    engine = VLLMEngine(tmp_path, worker_extension_cls="mypkg.MyExtension")
+    engine = _stand_in_vllm_engine(tmp_path, monkeypatch, worker_extension_cls="mypkg.MyExtension")
     engine.vectors.register("calm", sl.SteeringVector({1: torch.ones(engine.d_model)}))
     with TestClient(create_app(engine, manage_engine=False)) as client:
         reply = client.post(
