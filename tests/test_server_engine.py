@@ -395,13 +395,23 @@ def test_when_steers_exactly_the_rows_whose_prompt_satisfies_the_condition(
             steering=(SteeringEntry("b", 5.0, "last"),),
         ),
     ]
-    with engine._cond:  # hold the worker back: all five are admitted at the same step
-        streams = [engine.submit(r) for r in requests]
-    out = [list(s) for s in streams]
+
+    def one_step(batch: list[GenerationRequest]) -> list[list[Any]]:
+        with engine._cond:  # hold the worker back: all five are admitted at the same step
+            streams = [engine.submit(r) for r in batch]
+        return [list(s) for s in streams]
+
+    out = one_step(requests)
     assert engine.max_rows_seen == 5
-    # the failing row is computed exactly as the same request unsteered in that batch ...
-    assert [(e.token_id, e.logprob) for e in out[0]] == [(e.token_id, e.logprob) for e in out[1]]
-    # ... which is the request served alone (token for token; float32 sums over a batch
+    # the failing row is computed exactly as if it had asked for no steering, in the same row
+    # of the same batch (a multi-threaded matmul may round identical rows at other row indices
+    # differently, so the control keeps the row where it was) ...
+    control = one_step([dataclasses.replace(requests[0], steering=()), *requests[1:]])
+    assert [(e.token_id, e.logprob) for e in out[0]] == [
+        (e.token_id, e.logprob) for e in control[0]
+    ]
+    assert [e.token_id for e in out[0]] == [e.token_id for e in out[1]]
+    # ... and as the request served alone (token for token; float32 sums over a batch
     # round like any batched request's do)
     assert [e.token_id for e in out[0]] == [e.token_id for e in fail_alone]
     for a, b in zip(out[0], fail_alone):

@@ -883,16 +883,17 @@ class SteeredModel:
             exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
         return dataclasses.replace(cache, exact=exact)
 
-    def _cache_argument(self) -> str:
-        """The keyword this model's forward takes its key/value cache by (renamed in 2026)."""
-        import inspect
+    def cache_keyword(self) -> str:
+        """The keyword this model's forward takes its key/value cache by: ``"cache"`` on
+        transformers releases that renamed it (the old name then warns), else
+        ``"past_key_values"``.
 
+        >>> from steerlab.testing import tiny_model
+        >>> tiny_model("llama").cache_keyword() in ("cache", "past_key_values")
+        True
+        """
         params = inspect.signature(self.hf_model.forward).parameters
-        return (
-            "cache"
-            if "cache" in params and "past_key_values" not in params
-            else ("past_key_values")
-        )
+        return "cache" if "cache" in params else "past_key_values"
 
     @torch.no_grad()
     def run_last(
@@ -997,7 +998,7 @@ class SteeredModel:
                     attention_mask=device_batch.attention_mask,
                     position_ids=device_batch.position_ids[:, -1:],
                     use_cache=True,
-                    **{self._cache_argument(): past},
+                    **{self.cache_keyword(): past},
                 )
         return out.logits[:, -1].float().cpu(), captured
 
@@ -1092,7 +1093,7 @@ class SteeredModel:
                 attention_mask=device_batch.attention_mask,
                 position_ids=device_batch.position_ids[:, -width:],
                 use_cache=True,
-                **{self._cache_argument(): past},
+                **{self.cache_keyword(): past},
             )
         logp = out.logits.double().cpu().log_softmax(dim=-1)
         first = cache.logits.double().log_softmax(dim=-1).repeat(repeat, 1)

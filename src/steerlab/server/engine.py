@@ -669,11 +669,7 @@ class TorchEngine:
         self._rows: list[_Job] = []
         self._cache: Any = None
         self._mask: Any = None
-        forward = getattr(model.hf_model, "forward", None)
-        import inspect
-
-        params = inspect.signature(forward).parameters if callable(forward) else {}
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = model.cache_keyword()
         config = getattr(model.hf_model, "config", None)
         self._max_positions = _max_positions(config)
         self.steps = 0  # decoding forward passes run (for tests and benchmarks)
