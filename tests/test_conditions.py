@@ -59,7 +59,12 @@ def test_only_rows_that_satisfy_the_condition_are_steered(
     gated = arch_model.logits(PROMPTS, steering=vec, strength=4.0, when=cond)
     for row in range(len(PROMPTS)):
         want = steered[row] if fires[row] else base[row]
-        assert torch.equal(gated[row], want), row
+        if arch_model.adapter.n_experts:
+            # gpt-oss groups tokens by expert, so a row's sums depend on which other rows route
+            # where: 1 ulp apart between two batches that differ in another row.
+            torch.testing.assert_close(gated[row], want, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(gated[row], want), row
     with arch_model.steer(vec, strength=4.0, when=cond):
         assert torch.equal(arch_model.logits(PROMPTS), gated)
     assert hook_count(arch_model.hf_model) == 0

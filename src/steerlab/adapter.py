@@ -54,8 +54,11 @@ class ArchitectureSpec:
     """Module paths of one architecture.
 
     ``layers`` is a dotted path from the causal-LM root to the block ``ModuleList``; the other
-    paths are relative to one block, except ``final_norm`` (from the root). ``None`` marks a site
-    the architecture does not have (steerlab raises a clear error when it is asked for).
+    paths are relative to one block, except ``final_norm`` and ``backbone`` (from the root).
+    ``router`` is a mixture of experts' gate (one logit per expert); ``backbone`` the module
+    that receives the token ids and 2-D attention mask (default: the parent of ``layers``).
+    ``None`` marks a site the architecture does not have (steerlab raises a clear error when
+    it is asked for).
 
     >>> ArchitectureSpec(layers="model.layers", attention="self_attn",
     ...                  attn_out="self_attn.o_proj", mlp="mlp", final_norm="model.norm").layers
@@ -67,6 +70,8 @@ class ArchitectureSpec:
     attn_out: str | None = None
     mlp: str | None = None
     final_norm: str | None = None
+    router: str | None = None
+    backbone: str | None = None
 
 
 _LLAMA_LIKE = ArchitectureSpec(
@@ -107,12 +112,27 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         final_norm="model.decoder.final_layer_norm",
     ),
     "phi3": dataclasses.replace(_LLAMA_LIKE),
+    # Mixture-of-experts blocks: the sparse MoE block is the MLP; its router is a submodule.
+    **{
+        name: dataclasses.replace(_LLAMA_LIKE, router="mlp.gate")
+        for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+    },
+    "gpt_oss": dataclasses.replace(_LLAMA_LIKE, router="mlp.router"),
+    # Gemma 3 multimodal: the text tower beside the vision tower.
+    "gemma3": ArchitectureSpec(
+        layers="model.language_model.layers",
+        attention="self_attn",
+        attn_out="self_attn.o_proj",
+        mlp="mlp",
+        final_norm="model.language_model.norm",
+        # the multimodal model, not the text tower, sees the 2-D padding mask
+        backbone="model",
+    ),
     **{
         name: _LLAMA_LIKE
         for name in (
             "llama",
             "mistral",
-            "mixtral",
             "qwen2",
             "qwen3",
             "gemma",
@@ -185,6 +205,18 @@ def _find_block_lists(model: nn.Module, n_layers: int | None) -> list[str]:
     return found
 
 
+def _find_router(block: nn.Module, n_experts: int, d_model: int) -> str | None:
+    """The path of the one submodule named ``gate`` or ``router`` with an ``(n_experts,
+    d_model)`` weight, or ``None`` when there is not exactly one."""
+    found = []
+    for name, module in block.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, torch.Tensor):
+            if tuple(weight.shape) == (n_experts, d_model):
+                found.append(name)
+    return found[0] if len(found) == 1 else None
+
+
 class ModelAdapter:
     """Find and name the sites of a decoder-only causal LM.
 
@@ -201,8 +233,12 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module, *, layers_path: str | None = None) -> None:
         self.model = model
-        config = getattr(model, "config", None)
-        self.model_type: str = str(getattr(config, "model_type", type(model).__name__))
+        outer = getattr(model, "config", None)
+        self.model_type: str = str(getattr(outer, "model_type", type(model).__name__))
+        # Multimodal configs (Gemma 3) keep the decoder's sizes in a text sub-config.
+        get_text = getattr(outer, "get_text_config", None)
+        config = get_text() if callable(get_text) else outer
+        self.config = config
         n_layers_cfg = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
         spec = ARCHITECTURES.get(self.model_type)
         if layers_path is not None:
@@ -228,6 +264,7 @@ class ModelAdapter:
         self.spec = spec
         self.blocks: nn.ModuleList = blocks
         backbone_path = spec.layers.rsplit(".", 1)[0] if "." in spec.layers else ""
+        backbone_path = spec.backbone if spec.backbone is not None else backbone_path
         backbone = _get_path(model, backbone_path) if backbone_path else model
         self.backbone: nn.Module = backbone if backbone is not None else model
         self.n_layers: int = len(blocks)
@@ -239,6 +276,10 @@ class ModelAdapter:
         self.n_heads: int = n_heads or 1
         self.n_kv_heads: int = _config_int(config, "num_key_value_heads") or self.n_heads
         self.head_dim: int = _config_int(config, "head_dim") or self.d_model // self.n_heads
+        self.n_experts: int = _config_int(config, "num_local_experts", "num_experts") or 0
+        self.router_path: str | None = spec.router
+        if self.n_experts > 1 and self.router_path is None:
+            self.router_path = _find_router(blocks[0], self.n_experts, self.d_model)
 
     # --- layer indices -------------------------------------------------------------------
     def resolve_layer(self, layer: int) -> int:
@@ -295,6 +336,34 @@ class ModelAdapter:
         """The module whose output is block ``layer``'s MLP contribution."""
         return self._site(layer, self.spec.mlp, "MLP")
 
+    def router(self, layer: int) -> nn.Module:
+        """The router (gate) of block ``layer``'s mixture of experts: the module whose weight
+        maps the residual stream onto one logit per expert."""
+        if self.n_experts < 2:
+            raise UnsupportedModelError(
+                f"{self.model_type!r} is not a mixture-of-experts model (its config declares no "
+                f"num_experts / num_local_experts), so it has no router to steer"
+            )
+        if self.router_path is None:
+            raise UnsupportedModelError(self.router_missing())
+        module = _get_path(self.block(layer), self.router_path)
+        if module is None:  # a dense block in a model that interleaves them (Qwen MoE sparse step)
+            raise UnsupportedModelError(
+                f"block {self.resolve_layer(layer)} of {self.model_type!r} has no router at "
+                f"{self.router_path!r} (a dense block?)"
+            )
+        return module
+
+    def router_missing(self) -> str:
+        """Why no router was found, for the errors and warnings that need it."""
+        return (
+            f"{self.model_type!r} declares {self.n_experts} experts but steerlab found no router "
+            f"in its blocks (looked for one submodule named 'gate' or 'router' with a "
+            f"({self.n_experts}, {self.d_model}) weight); register "
+            f"ArchitectureSpec(..., router='mlp.gate') with "
+            f"steerlab.adapter.register_architecture() to steer its router"
+        )
+
     @property
     def embed(self) -> nn.Module:
         """The token embedding module."""
@@ -331,7 +400,7 @@ class ModelAdapter:
         if isinstance(project_out, nn.Module):
             hidden = project_out(hidden)
         logits = self.unembed(hidden)
-        config = getattr(self.model, "config", None)
+        config = self.config
         cap = getattr(config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -218,6 +218,9 @@ class SteeredModel:
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.adapter = ModelAdapter(hf_model, layers_path=layers_path)
+        if self.adapter.n_experts > 1 and self.adapter.router_path is None:
+            # Residual, attention and MLP steering still work; only site="router" cannot.
+            warnings.warn(self.adapter.router_missing(), stacklevel=3)
         config = getattr(hf_model, "config", None)
         self.name: str = name or str(
             getattr(config, "_name_or_path", "") or type(hf_model).__name__

@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "hook_count",
+    "MOE_ARCHITECTURES",
     "TINY_ARCHITECTURES",
     "TINY_CONFIGS",
     "tiny_hf_model",
@@ -93,7 +94,9 @@ def _configs(vocab: int) -> dict[str, Callable[[], Any]]:
         "eos_token_id": 3,
         **common,
     }
-    return {
+    # Mixture-of-experts configs: 4 experts, 2 per token, so a router bias has room to move one.
+    moe: dict[str, Any] = {"num_experts_per_tok": 2, **llama_like}
+    configs: dict[str, Callable[[], Any]] = {
         "gpt2": lambda: tf.GPT2Config(
             n_layer=3,
             n_embd=32,
@@ -141,22 +144,67 @@ def _configs(vocab: int) -> dict[str, Callable[[], Any]]:
             eos_token_id=3,
             **common,
         ),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **llama_like),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+            num_experts=4, moe_intermediate_size=16, decoder_sparse_step=1, **moe
+        ),
+        "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, **moe),
+        "olmo2": lambda: tf.Olmo2Config(**llama_like),
+        "olmoe": lambda: tf.OlmoeConfig(num_experts=4, **moe),
+        "granite": lambda: tf.GraniteConfig(**llama_like),
+        "smollm3": lambda: tf.SmolLM3Config(**llama_like),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            head_dim=8, num_local_experts=4, rope_parameters=_GPT_OSS_ROPE, **moe
+        ),
+        # Gemma 3 multimodal: a one-layer vision tower beside the text tower steerlab steers.
+        "gemma3": lambda: tf.Gemma3Config(
+            text_config={"head_dim": 8, **llama_like},
+            vision_config=_GEMMA3_VISION,
+            mm_tokens_per_image=4,
+            image_token_index=vocab - 1,
+            boi_token_index=vocab - 3,
+            eoi_token_index=vocab - 2,
+        ),
     }
+    # Only the families this transformers has (Qwen3, OLMo 2, gpt-oss... came in 2025).
+    return {name: make for name, make in configs.items() if _has_config(tf, name)}
 
 
-TINY_ARCHITECTURES: tuple[str, ...] = (
-    "gpt2",
-    "llama",
-    "mistral",
-    "qwen2",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "gpt_neox",
-    "opt",
-    "gptj",
-)
+_CONFIG_CLASSES = {
+    "qwen3": "Qwen3Config",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "mixtral": "MixtralConfig",
+    "olmo2": "Olmo2Config",
+    "olmoe": "OlmoeConfig",
+    "granite": "GraniteConfig",
+    "smollm3": "SmolLM3Config",
+    "gpt_oss": "GptOssConfig",
+    "gemma3": "Gemma3Config",
+}
+_GEMMA3_VISION: dict[str, Any] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+# gpt-oss defaults to YaRN scaling tuned for 128k contexts; plain RoPE keeps the tiny config quiet.
+_GPT_OSS_ROPE: dict[str, Any] = {"rope_type": "default", "rope_theta": 150000.0}
+
+
+def _has_config(tf: Any, name: str) -> bool:
+    cls = _CONFIG_CLASSES.get(name)
+    return cls is None or hasattr(tf, cls)
+
+
+TINY_ARCHITECTURES: tuple[str, ...] = tuple(_configs(1))
+"""Every architecture with a tiny config (those of issue 22 where this transformers has them)."""
 TINY_CONFIGS = _configs
+MOE_ARCHITECTURES: tuple[str, ...] = tuple(
+    name for name in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss") if name in TINY_ARCHITECTURES
+)
+"""The mixture-of-experts architectures among :data:`TINY_ARCHITECTURES`."""
 
 
 def tiny_hf_model(architecture: str, *, seed: int = 0, vocab_size: int | None = None) -> Any:
