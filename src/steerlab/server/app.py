@@ -516,8 +516,10 @@ async def _sse(
                         ],
                     )
                 yield _frame(chunk.model_dump(exclude_none=True))
-        except SteerlabError as err:
+        except EngineError as err:
             yield _frame(error_body(str(err), kind="server_error", code="engine_error"))
+        except SteerlabError as err:  # this request's own input failed in the model
+            yield _frame(error_body(str(err), kind="invalid_request_error"))
         if usage_chunk and last is not None:
             usage = _usage_of([last]).model_dump()
             kind = "chat.completion.chunk" if chat else "text_completion"

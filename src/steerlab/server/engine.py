@@ -53,10 +53,12 @@ from steerlab.vectors import SteeringVector
 __all__ = [
     "ChatMessage",
     "ConditionRegistry",
+    "DEFAULT_PREFILL_CHUNK",
     "Engine",
     "EngineError",
     "FINISH_REASONS",
     "GenerationRequest",
+    "MIN_TEMPERATURE",
     "ReadoutEntry",
     "RequestStream",
     "SteeringEntry",
@@ -69,6 +71,10 @@ __all__ = [
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 """Values of :attr:`TokenEvent.finish_reason` on the last event of a stream."""
+
+DEFAULT_PREFILL_CHUNK = 256
+"""Prompt tokens :class:`TorchEngine` reads per forward pass by default (chunked prefill)."""
+_MIN_CHUNK = 16  # a timed piece is never cut below this (progress, and a meaningful timing)
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
@@ -159,20 +165,33 @@ class GenerationRequest:
     logprobs: int | None = None
     messages: tuple[ChatMessage, ...] = ()
 
-    def check(self, *, max_tokens_cap: int | None = None) -> None:
-        """Validate the plain fields (everything that does not need a model or registry).
+    def check(
+        self, *, max_tokens_cap: int | None = None, context_length: int | None = None
+    ) -> None:
+        """Validate everything that does not need a model or registry; ``InvalidInputError``
+        names the field. ``context_length`` (the model's, when the engine knows it) bounds
+        position indices; without it they must still fit in 64-bit arithmetic.
 
         >>> GenerationRequest(prompt="hi", max_tokens=0).check()
         Traceback (most recent call last):
             ...
         steerlab.errors.InvalidInputError: max_tokens must be at least 1, got 0
+        >>> bad = GenerationRequest(prompt="hi", steering=(SteeringEntry("v", 1.0, 9000),))
+        >>> bad.check(context_length=8192)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        steerlab.errors.InvalidInputError: steering[0].positions: index 9000 is beyond ...
         """
         if not isinstance(self.prompt, str):
             raise InvalidInputError("prompt must be a string")
+        _check_text(self.prompt, "prompt")
         if not self.chat and not self.prompt:
             raise InvalidInputError("the prompt is empty")
         if self.chat and not self.messages and not self.prompt:
             raise InvalidInputError("the conversation is empty")
+        for i, message in enumerate(self.messages):
+            _check_text(message.role, f"messages[{i}].role")
+            _check_text(message.content, f"messages[{i}].content")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise InvalidInputError(f"max_tokens must be an integer, got {self.max_tokens!r}")
         if self.max_tokens < 1:
@@ -185,14 +204,30 @@ class GenerationRequest:
             raise InvalidInputError(
                 f"temperature must be a finite number >= 0, got {self.temperature}"
             )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidInputError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                f"{self.temperature}"
+            )
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidInputError("stop strings must be non-empty strings")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not -(2**63) <= self.seed < 2**64
+        ):
+            raise InvalidInputError(
+                f"seed must be an integer in [-2**63, 2**64) (64-bit), got {self.seed!r}"
+            )
+        for i, stop in enumerate(self.stop):
+            if not isinstance(stop, str) or not stop:
+                raise InvalidInputError("stop strings must be non-empty strings")
+            _check_text(stop, f"stop[{i}]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidInputError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-        for entry in self.steering:
-            Positions.parse(entry.positions)
+        limit = _MAX_INDEX if context_length is None else context_length
+        for i, entry in enumerate(self.steering):
+            _check_positions(entry.positions, f"steering[{i}].positions", limit, context_length)
             strengths = (
                 entry.strength.values() if isinstance(entry.strength, Mapping) else [entry.strength]
             )
@@ -201,6 +236,49 @@ class GenerationRequest:
                     raise InvalidInputError(f"strength must be a number, got {value!r}")
                 if not math.isfinite(value):
                     raise InvalidInputError(f"strength must be finite, got {value}")
+
+
+MIN_TEMPERATURE = 1e-3
+"""Smallest non-zero ``temperature`` a request may ask for. Below it ``logits / temperature``
+can overflow float32 (``1e-300`` makes every probability inf/nan), and sampling is greedy in
+all but name anyway: ask for ``0``."""
+
+_MAX_INDEX = 2**53  # without a known context: far below int64 overflow in position arithmetic
+
+
+def _check_text(value: str, field: str) -> None:
+    """Refuse text that has no UTF-8 form (a lone surrogate such as ``"\\ud800"``)."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidInputError(
+            f"{field} cannot be encoded as UTF-8: a lone surrogate "
+            f"{value[err.start]!r} at character {err.start}"
+        ) from None
+
+
+def _check_positions(spec: Any, field: str, limit: int, context: int | None) -> None:
+    """Parse ``spec``, check its marker texts and keep every index within ``limit``."""
+    parsed = Positions.parse(spec)
+    for marker in parsed.markers:
+        _check_text(marker, f"{field} marker")
+    numbers = (
+        (parsed.start, parsed.stop)
+        if parsed.mode == "slice"
+        else parsed.indices
+        if parsed.mode in ("indices", "first")
+        else ()
+    )
+    for number in numbers:
+        if number is not None and not -limit <= number <= limit:
+            where = (
+                f"the model's context of {context} tokens"
+                if context is not None
+                else "any context length"
+            )
+            raise InvalidInputError(f"{field}: index {number} is beyond {where}")
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -597,6 +675,8 @@ class _Job:
     cached: int = 0  # tokens of this request in the KV cache
     next_token: int = -1  # sampled, not yet fed to the model
     cancelled: bool = False
+    whole_prefill: bool = False  # a prompt-level condition reads the prompt in one call
+    prefill_cache: Any = None  # the prompt's own cache while it is prefilled in chunks
     # what position trackers and condition probes remember about this request (its token ids,
     # marker scans, condition verdicts): it outlives the per-step trackers as rows regroup
     state: SequenceState = dataclasses.field(default_factory=SequenceState)
@@ -647,6 +727,7 @@ class TorchEngine:
         *,
         max_batch: int = 32,
         model_id: str | None = None,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         from steerlab.model import SteeredModel
 
@@ -654,7 +735,16 @@ class TorchEngine:
             raise InvalidInputError(f"TorchEngine serves a SteeredModel, got {type(model)}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidInputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if prefill_chunk is not None and (
+            isinstance(prefill_chunk, bool)
+            or not isinstance(prefill_chunk, int)
+            or prefill_chunk < 1
+        ):
+            raise InvalidInputError(
+                f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}"
+            )
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.model_id: str = model_id or model.name
         self.max_batch = max_batch
         self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
@@ -667,6 +757,9 @@ class TorchEngine:
         self._counter = 0
         # the batch (worker thread only)
         self._rows: list[_Job] = []
+        self._prefilling: list[_Job] = []  # admitted, prompt not fully read yet (FIFO)
+        self._step_time = 0.0  # recent decoding step, seconds (sizes prefill pieces)
+        self._token_time = 0.0  # recent prefill cost per prompt token, seconds
         self._cache: Any = None
         self._mask: Any = None
         self._cache_kwarg = model.cache_keyword()
@@ -674,6 +767,7 @@ class TorchEngine:
         self._max_positions = _max_positions(config)
         self.steps = 0  # decoding forward passes run (for tests and benchmarks)
         self.max_rows_seen = 0
+        self.interleaved_steps = 0
 
     # --- interface --------------------------------------------------------------------------
     @property
@@ -702,9 +796,9 @@ class TorchEngine:
             thread.join(timeout)
         with self._cond:
             jobs, self._pending = self._pending, []
-        for job in jobs + self._rows:
+        for job in jobs + self._prefilling + self._rows:
             job.stream.fail(EngineError("the engine was shut down"))
-        self._rows = []
+        self._rows, self._prefilling = [], []
         self._cache = self._mask = None
         self._thread = None
 
@@ -714,7 +808,7 @@ class TorchEngine:
 
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
-        request.check()
+        request.check(context_length=self._max_positions)
         steerings = [self._steering(entry) for entry in request.steering]
         readouts = [self._readout(entry) for entry in request.readout]
         prompt_ids = self._encode(request)
@@ -747,6 +841,9 @@ class TorchEngine:
             readouts=readouts,
             generator=generator,
             matcher=StopMatcher(request.stop),
+            whole_prefill=any(
+                s.when is not None and getattr(s.when, "scope", None) == "prompt" for s in steerings
+            ),
         )
         job_box.append(job)
         with self._cond:
@@ -826,27 +923,61 @@ class TorchEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self._pending and not self._rows:
+                    while (
+                        not self._stopping
+                        and not self._pending
+                        and not self._rows
+                        and not self._prefilling
+                    ):
                         self._cond.wait()
                     if self._stopping:
                         return
-                    room = self.max_batch - len(self._rows)
+                    room = self.max_batch - len(self._rows) - len(self._prefilling)
                     admitted, self._pending = self._pending[:room], self._pending[room:]
                 try:
                     for job in admitted:
                         if job.cancelled:
                             self._finish_cancelled(job)
                         else:
-                            self._prefill(job)
+                            self._prefilling.append(job)
+                    self._prefill_some()
                     self._drop_cancelled()
                     if self._rows:
+                        # counted for tests and benchmarks: decoding went on while a prompt
+                        # was still being read
+                        self.interleaved_steps += bool(self._prefilling)
                         self._decode_step()
-                except Exception as err:  # the model failed: end these requests, keep serving
-                    failed = [*self._rows, *(j for j in admitted if j not in self._rows)]
-                    self._rows = []
+                except Exception as err:  # a bug outside any one request: end these, keep serving
+                    failed = [*self._rows, *self._prefilling]
+                    self._rows, self._prefilling = [], []
                     self._cache = self._mask = None
                     for job in failed:
                         job.stream.fail(EngineError(f"generation failed: {err}"))
+
+    # --- faults of one request -------------------------------------------------------------------
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        """End ``job`` alone with the error that names what went wrong in its own work."""
+        job.stream.fail(self._blame(job, err))
+
+    @staticmethod
+    def _blame(job: _Job, err: BaseException) -> SteerlabError:
+        """The error to send for a fault found in ``job``'s own row (its forward pass run
+        alone, or its token choice): steerlab's own errors as they are (their class says whose
+        fault it is); anything else raised while this request's steering or readout hooks were
+        active is charged to them (the same model serves every other request), and to the
+        engine otherwise."""
+        if isinstance(err, SteerlabError):
+            return err
+        fields = [
+            name for name, used in (("steering", job.steerings), ("readout", job.readouts)) if used
+        ]
+        cause = f"{type(err).__name__}: {err}"
+        if fields:
+            return InvalidInputError(
+                f"{' or '.join(fields)} of this request failed in the model ({cause}); "
+                f"other requests were not affected"
+            )
+        return EngineError(f"this request failed in the engine ({cause})")
 
     def _scope(self, rows: list[_Job]) -> Any:
         """Install per-row steering for ``rows`` and pin their prompt lengths; a context."""
@@ -884,8 +1015,11 @@ class TorchEngine:
 
         return scope()
 
-    def _forward(self, rows: list[_Job], ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        """One forward pass under the rows' steering; returns (last logits, readout values)."""
+    def _forward(
+        self, rows: list[_Job], ids: Any, mask: Any, positions: Any, cache: Any, read: bool = True
+    ) -> Any:
+        """One forward pass under the rows' steering; returns (last logits, readout values).
+        ``read=False`` (a prefill chunk before the last) skips the readout probes."""
         import torch
 
         from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
@@ -893,7 +1027,7 @@ class TorchEngine:
         device = self.model.device
         wanted: dict[int, list[tuple[int, int, Any]]] = {}
         for row, job in enumerate(rows):
-            for k, readout in enumerate(job.readouts):
+            for k, readout in enumerate(job.readouts if read else ()):
                 wanted.setdefault(readout.layer, []).append((row, k, readout.direction))
         values: dict[tuple[int, int], float] = {}
 
@@ -921,7 +1055,7 @@ class TorchEngine:
             )
         logits = out.logits[:, -1].to(torch.float32).cpu()
         readouts = [
-            tuple(values[(row, k)] for k in range(len(job.readouts)))
+            tuple(values[(row, k)] for k in range(len(job.readouts) if read else 0))
             for row, job in enumerate(rows)
         ]
         return logits, readouts
@@ -941,19 +1075,70 @@ class TorchEngine:
             return [(layer.keys, layer.values) for layer in cache.layers]
         return list(zip(cache.key_cache, cache.value_cache))
 
-    def _prefill(self, job: _Job) -> None:
+    def _prefill_some(self) -> None:
+        """Prefill queued prompts, at most one chunk's worth of tokens per worker iteration.
+
+        A prompt is run through the model in pieces of at most ``prefill_chunk`` tokens (each
+        piece attends to the cache of the ones before it, at its absolute positions, so the
+        result is the unchunked prefill's), and one decoding step of the running requests
+        follows each piece: a long prompt no longer freezes every stream while it is read.
+        While requests are decoding, a piece is also cut to take about as long as one of their
+        decoding steps (measured), so their inter-token gap stays near twice the usual.
+        """
+        import time
+
+        chunked = self.prefill_chunk is not None
+        budget = self.prefill_chunk or 0
+        if chunked and self._rows and self._token_time > 0 and self._step_time > 0:
+            budget = min(budget, max(_MIN_CHUNK, int(self._step_time / self._token_time)))
+        while self._prefilling:
+            if chunked and budget <= 0:
+                return
+            job = self._prefilling[0]
+            if job.cancelled:
+                self._prefilling.pop(0)
+                self._finish_cancelled(job)
+                continue
+            remaining = len(job.prompt_ids) - job.cached
+            count = remaining if not chunked or job.whole_prefill else min(budget, remaining)
+            started = time.perf_counter()
+            try:
+                finished = self._prefill_chunk(job, count)
+            except Exception as err:  # this prompt alone was being read: fail it alone
+                self._prefilling.pop(0)
+                self._fail(job, err)
+                continue
+            if count >= _MIN_CHUNK:
+                per_token = (time.perf_counter() - started) / count
+                self._token_time = (
+                    per_token if not self._token_time else 0.5 * (self._token_time + per_token)
+                )
+            budget -= count
+            if finished:
+                self._prefilling.pop(0)
+
+    def _prefill_chunk(self, job: _Job, count: int) -> bool:
+        """Run the next ``count`` prompt tokens of ``job`` (alone, on its own cache); after the
+        last piece choose its first token and move it into the batch. True when it left the
+        prefill queue (joined the batch or finished)."""
         import torch
 
-        length = len(job.prompt_ids)
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long)
-        mask = torch.ones((1, length), dtype=torch.long)
-        positions = torch.arange(length)[None]
-        cache = self._new_cache()
-        logits, readouts = self._forward([job], ids, mask, positions, cache)
-        job.cached = length
-        if self._emit(job, logits[0], readouts[0]):
-            return
-        self._merge(job, cache)
+        start = job.cached
+        end = start + count
+        last = end == len(job.prompt_ids)
+        if job.prefill_cache is None:
+            job.prefill_cache = self._new_cache()
+        ids = torch.tensor([job.prompt_ids[start:end]], dtype=torch.long)
+        mask = torch.ones((1, end), dtype=torch.long)
+        positions = torch.arange(start, end)[None]
+        logits, readouts = self._forward([job], ids, mask, positions, job.prefill_cache, last)
+        job.cached = end
+        if not last:
+            return False
+        cache, job.prefill_cache = job.prefill_cache, None
+        if not self._emit(job, logits[0], readouts[0]):
+            self._merge(job, cache)
+        return True
 
     def _merge(self, job: _Job, cache: Any) -> None:
         """Add a prefilled request's cache to the batch cache (left padding to a common width)."""
@@ -1014,28 +1199,88 @@ class TorchEngine:
         self._keep(keep)
 
     def _decode_step(self) -> None:
+        """One forward pass for every running request; a fault is kept to the request that
+        caused it (see :meth:`_isolate`)."""
+        import time
+
         import torch
 
         rows = self._rows
         ids = torch.tensor([[job.next_token] for job in rows], dtype=torch.long)
         mask = torch.cat([self._mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         positions = torch.tensor([[job.cached] for job in rows], dtype=torch.long)
-        logits, readouts = self._forward(rows, ids, mask, positions, self._cache)
+        before = self._layers(self._cache)  # the cache grows by new tensors: this stays valid
+        started = time.perf_counter()
+        try:
+            logits, readouts = self._forward(rows, ids, mask, positions, self._cache)
+        except Exception as err:
+            self._cache = self._new_cache(before)
+            if len(rows) == 1:
+                self._rows, self._cache, self._mask = [], None, None
+                self._fail(rows[0], err)
+            else:
+                self._isolate(before)
+            self.steps += 1
+            return
+        elapsed = time.perf_counter() - started
+        self._step_time = elapsed if not self._step_time else 0.5 * (self._step_time + elapsed)
         self._mask = mask
         self.steps += 1
         keep = []
         for row, job in enumerate(rows):
             job.cached += 1
-            if not self._emit(job, logits[row], readouts[row]):
+            if not self._emit_or_fail(job, logits[row], readouts[row]):
                 keep.append(row)
         self._keep(keep)
 
+    def _isolate(self, before: list[tuple[Any, Any]]) -> None:
+        """The batched step raised: run each row's step alone (on its own slice of the cache
+        as it was before the step) so only the rows that fail alone fail; the others get their
+        token from the solo run and are regrouped into a new batch cache."""
+        import torch
+
+        rows, width = self._rows, int(self._mask.shape[1])
+        self._rows, self._cache, self._mask = [], None, None
+        for row, job in enumerate(rows):
+            start = width - job.cached  # a row's tokens are the rightmost ``cached`` columns
+            own = self._new_cache(
+                [(k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for k, v in before]
+            )
+            ids = torch.tensor([[job.next_token]], dtype=torch.long)
+            mask = torch.ones((1, job.cached + 1), dtype=torch.long)
+            positions = torch.tensor([[job.cached]], dtype=torch.long)
+            try:
+                logits, readouts = self._forward([job], ids, mask, positions, own)
+            except Exception as err:
+                self._fail(job, err)
+                continue
+            job.cached += 1
+            if not self._emit_or_fail(job, logits[0], readouts[0]):
+                self._merge(job, own)
+
     # --- tokens out ------------------------------------------------------------------------------
+    def _emit_or_fail(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
+        """:meth:`_emit`, with a fault in this request's token ending this request alone."""
+        try:
+            return self._emit(job, logits, readout)
+        except Exception as err:
+            self._fail(job, err)
+            return True
+
     def _emit(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
         """Choose the next token of ``job`` from ``logits``, send its event; True when done."""
         import torch
 
         request = job.request
+        if not bool(torch.isfinite(logits).all()):
+            # a row's activations blew up (rows never mix, so it is this request's own doing)
+            where = f"at completion token {len(job.generated) + 1}"
+            if job.steerings:
+                raise InvalidInputError(
+                    f"steering: the model's logits became non-finite (inf/nan) {where}; "
+                    f"the steering of this request is too strong for this model"
+                )
+            raise EngineError(f"the model's logits became non-finite (inf/nan) {where}")
         if job.generator is None:
             token = int(torch.argmax(logits))
         else:
@@ -1113,6 +1358,11 @@ def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> in
     import torch
 
     probs = torch.softmax(logits.to(torch.float32) / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise InvalidInputError(
+            f"temperature: softmax(logits / {temperature}) is not finite; use 0 (greedy) or a "
+            f"temperature of at least {MIN_TEMPERATURE}"
+        )
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
