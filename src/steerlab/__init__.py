@@ -63,6 +63,13 @@ from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, w
 from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
+from steerlab.training import (
+    PreferenceItem,
+    preference_items,
+    train_intervention,
+    train_vector,
+    training_loss,
+)
 from steerlab.vectors import SteeringVector
 from steerlab.version import __version__
 
@@ -98,6 +105,7 @@ __all__ = [
     "ModelNotAvailableError",
     "Operator",
     "Positions",
+    "PreferenceItem",
     "PrefixCache",
     "ReplaceActivation",
     "RowSteering",
@@ -135,6 +143,7 @@ __all__ = [
     "logit_lens",
     "logprob_diff",
     "mean_diff",
+    "preference_items",
     "methods",
     "read_gguf",
     "register_architecture",
@@ -145,6 +154,9 @@ __all__ = [
     "scan_layers",
     "sweep",
     "sweeps",
+    "train_intervention",
+    "train_vector",
+    "training_loss",
     "tune",
     "vectors",
     "wrap",

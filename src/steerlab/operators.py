@@ -19,6 +19,9 @@ op            new residual ``h'`` at a selected token
               turned to the angle ``s`` degrees from ``b1``, keeping its length
 ``affine``    affine concept editing (arXiv 2411.09003): ``h − ((h − μ)·u)·u + s·v``, with
               ``μ`` the reference mean (the vector's ``reference`` extra)
+``loreft``    low-rank representation fine-tuning (LoReFT, arXiv 2404.03592):
+              ``h + s·Rᵀ(W h + b − R h)``, ``R`` of rank ``r`` with orthonormal rows, ``R``,
+              ``W``, ``b`` stored as extras (:func:`loreft_extras`); ``v`` is not used
 ============  ============================================================================
 
 A vector whose metadata says ``operation="project_out"`` (a refusal direction) uses ``ablate``
@@ -64,9 +67,12 @@ __all__ = [
     "Clamp",
     "Operator",
     "Rotate",
+    "LoReFT",
     "angular_plane",
     "check_extras",
     "get_operator",
+    "loreft_extras",
+    "loreft_matrices",
     "operator_names",
     "register_operator",
 ]
@@ -313,6 +319,99 @@ class Affine(Operator):
         return hidden - (_dot(hidden, p["u"]) - p["ref"]) * p["u"] + p["delta"]
 
 
+@register_operator("loreft")
+class LoReFT(Operator):
+    """Low-rank representation fine-tuning (Wu et al., arXiv 2404.03592), ``s`` scales the edit.
+
+    ``h' = h + s·Rᵀ(W h + b − R h)``: within the ``r``-dimensional subspace spanned by ``R``'s
+    orthonormal rows, the coordinates ``R h`` are replaced by the learned affine map ``W h + b``
+    (``s = 1``, the paper's intervention); ``s = 0`` leaves ``h`` as it is. ``R`` (``[r,
+    d_model]``), ``W`` (``[r, d_model]``) and ``b`` (``[r]``) are the vector's extras at the
+    layer (see :func:`loreft_extras`; :func:`steerlab.training.train_intervention` trains them);
+    the vector's direction is not read.
+    """
+
+    needs = ("loreft_b",)
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        r, w, b = loreft_matrices(extras)
+        return {
+            "r": r.float().reshape(-1),
+            "w": w.float().reshape(-1),
+            "b": b.float(),
+            "s": torch.tensor([strength], dtype=torch.float32),
+        }
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        b = p["b"]
+        rank, width = b.shape[-1], hidden.shape[-1]
+        # [rank] alone (edit) or [rows, 1, rank] in a hook: the matrices get the row dimension only
+        lead = b.shape[:-1][:-1]
+        r = p["r"].reshape(*lead, rank, width)
+        w = p["w"].reshape(*lead, rank, width)
+        coords = hidden @ (w - r).transpose(-1, -2) + b  # W h + b − R h
+        return hidden + p["s"] * (coords @ r)
+
+
+def loreft_extras(
+    r: torch.Tensor, w: torch.Tensor, b: torch.Tensor, layer: int
+) -> dict[str, dict[int, torch.Tensor]]:
+    """LoReFT matrices of one layer as vector extras (each a ``[d_model]`` row, as files store).
+
+    Row ``i`` of ``R`` is ``loreft_r{i}``, row ``i`` of ``W`` is ``loreft_w{i}``, and ``b`` is
+    ``loreft_b`` zero-padded to ``d_model`` (the rank is the number of ``R`` rows).
+
+    >>> import torch
+    >>> ex = loreft_extras(torch.eye(3)[:2], torch.zeros(2, 3), torch.tensor([1.0, 2.0]), 5)
+    >>> sorted(ex), ex["loreft_b"][5].tolist()
+    (['loreft_b', 'loreft_r0', 'loreft_r1', 'loreft_w0', 'loreft_w1'], [1.0, 2.0, 0.0])
+    """
+    if r.ndim != 2 or w.shape != r.shape or b.shape != (r.shape[0],):
+        raise VectorMismatchError(
+            f"LoReFT needs R and W of shape [rank, d_model] and b of shape [rank], got "
+            f"{tuple(r.shape)}, {tuple(w.shape)}, {tuple(b.shape)}"
+        )
+    rank, width = r.shape
+    if not 1 <= rank <= width:
+        raise VectorMismatchError(f"LoReFT rank must be between 1 and d_model={width}, got {rank}")
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for i in range(rank):
+        out[f"loreft_r{i}"] = {layer: r[i].detach().clone()}
+        out[f"loreft_w{i}"] = {layer: w[i].detach().clone()}
+    padded = torch.zeros(width, dtype=b.dtype)
+    padded[:rank] = b.detach()
+    out["loreft_b"] = {layer: padded}
+    return out
+
+
+def loreft_matrices(
+    extras: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(R, W, b)`` of one layer from its extras (the inverse of :func:`loreft_extras`).
+
+    >>> import torch
+    >>> ex = loreft_extras(torch.eye(3)[:2], torch.ones(2, 3), torch.tensor([1.0, 2.0]), 0)
+    >>> r, w, b = loreft_matrices({k: v[0] for k, v in ex.items()})
+    >>> r.shape, b.tolist()
+    (torch.Size([2, 3]), [1.0, 2.0])
+    """
+    rank = 0
+    while f"loreft_r{rank}" in extras:
+        rank += 1
+    missing = [f"loreft_w{i}" for i in range(rank) if f"loreft_w{i}" not in extras]
+    if rank == 0 or missing or "loreft_b" not in extras:
+        raise VectorMismatchError(
+            "op 'loreft' needs the LoReFT matrices (extras loreft_r0.., loreft_w0.., loreft_b) "
+            "that sl.train_intervention stores; "
+            + ("missing " + ", ".join(missing) if missing else "the vector has no loreft_r0")
+        )
+    r = torch.stack([extras[f"loreft_r{i}"] for i in range(rank)])
+    w = torch.stack([extras[f"loreft_w{i}"] for i in range(rank)])
+    return r, w, extras["loreft_b"][:rank]
+
+
 # --- the angular-steering plane ------------------------------------------------------------------
 def angular_plane(
     positive: Mapping[int, torch.Tensor], negative: Mapping[int, torch.Tensor]
@@ -357,15 +456,20 @@ def angular_plane(
 def stack_params(
     op: Operator, per_row: Sequence[dict[str, torch.Tensor] | None], d_model: int
 ) -> dict[str, torch.Tensor]:
-    """Per-row constants stacked to ``[rows, k]`` (zeros for rows the operator does not touch)."""
+    """Per-row constants stacked to ``[rows, k]`` (zeros for rows the operator does not touch).
+
+    Rows whose constant is shorter than another row's are zero-padded at the end (LoReFT
+    vectors of different ranks share a batch: zero rows of ``R`` and ``W`` add nothing).
+    """
     template = next(p for p in per_row if p is not None)
     out: dict[str, torch.Tensor] = {}
-    for key, value in template.items():
-        width = value.reshape(-1).shape[0]
+    for key in template:
+        width = max(p[key].reshape(-1).shape[0] for p in per_row if p is not None)
         stacked = torch.zeros(len(per_row), width, dtype=torch.float32)
         for row, p in enumerate(per_row):
             if p is not None:
-                stacked[row] = p[key].reshape(-1).float()
+                flat = p[key].reshape(-1).float()
+                stacked[row, : flat.shape[0]] = flat
         out[key] = stacked
     return out
 
@@ -390,6 +494,7 @@ def check_extras(op: Operator, extras: Mapping[str, Any], layer: int) -> None:
             "plane": "the second basis vector of the rotation plane (compute the vector with "
             "sl.compute_vector(..., method='mean_diff'), which stores it, or add one with "
             "vec.with_extras(plane={layer: vector}))",
+            "loreft_b": "the LoReFT matrices R, W, b (train them with sl.train_intervention)",
         }
         raise VectorMismatchError(
             f"op {op.name!r} needs {', '.join(hint.get(m, repr(m)) for m in missing)}; the vector "

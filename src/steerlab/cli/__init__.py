@@ -1,8 +1,8 @@
 """The ``steerlab`` command line: a thin shell over the library.
 
 Each command group lives in its own module and registers itself on :data:`app`:
-``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_ablate`` (ablate, bake,
-export-gguf), ``_sweep`` (sweep), ``_serve`` (serve) and ``_eval``
+``_core`` (demo, generate), ``_vectors`` (compute, analyze, scan), ``_train`` (train),
+``_ablate`` (ablate, bake, export-gguf), ``_sweep`` (sweep), ``_serve`` (serve) and ``_eval``
 (eval caa, eval concept).
 
 Errors are handled in one place, :class:`ErrorHandlingGroup`, for every command (so a new
@@ -34,7 +34,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from steerlab.cli import _ablate, _core, _eval, _serve, _sweep, _vectors
+from steerlab.cli import _ablate, _core, _eval, _serve, _sweep, _train, _vectors
 
 __all__ = ["ErrorHandlingGroup", "app", "exit_code_for", "main"]
 
@@ -159,7 +159,7 @@ app = typer.Typer(
     cls=ErrorHandlingGroup,
 )
 
-for _module in (_core, _vectors, _ablate, _sweep, _serve, _eval):
+for _module in (_core, _vectors, _train, _ablate, _sweep, _serve, _eval):
     _module.register(app)
 
 

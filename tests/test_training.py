@@ -1,0 +1,225 @@
+"""Trained steering vectors (BiPO preference, likelihood): gradients against finite differences,
+weights untouched, determinism, interrupts, data forms, and a measured behaviour shift."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import steerlab as sl
+from steerlab.data import ContrastDataset
+from steerlab.testing import hook_count, tiny_hf_model, tiny_model, tiny_tokenizer
+from steerlab.training import PreferenceItem, data_hash
+
+SUBJECTS = (
+    "the cat|the dog|my house|the city|her song|his car|the book|our food|the film|their road|"
+    "the sky|the water|this day|your work|the child|the tree"
+).split("|")
+# a synthetic preference: after "<subject> was/is" prefer " good" to " bad"
+ITEMS = [
+    {"prompt": f"{s} {v}", "chosen": " good", "rejected": " bad"}
+    for s in SUBJECTS
+    for v in ("was", "is")
+]
+TRAIN, HELD_OUT = ITEMS[:20], ITEMS[20:]
+SMALL = ITEMS[:4]
+
+
+def _margin(model: sl.SteeredModel, vec: sl.SteeringVector | None, strength: float) -> float:
+    """Mean over held-out items of log p(chosen) − log p(rejected) (single-token answers)."""
+    prompts = [i["prompt"] for i in HELD_OUT]
+    logits = model.next_token_logits(
+        prompts, steering=vec, strength=None if vec is None else strength
+    )
+    logp = logits.log_softmax(dim=-1)
+    good, bad = (
+        model.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" good", " bad")
+    )
+    return float((logp[:, good] - logp[:, bad]).mean())
+
+
+@pytest.mark.parametrize("objective", ["preference", "likelihood"])
+def test_training_moves_held_out_preference_both_ways(objective: str) -> None:
+    model = tiny_model("llama")
+    vec = sl.train_vector(model, TRAIN, layer=1, objective=objective, steps=20, lr=0.08)
+    base, plus, minus = _margin(model, None, 0), _margin(model, vec, 1.0), _margin(model, vec, -1.0)
+    # measured: base 0.065; preference +v 4.67, -v -4.64 (loss 1.386 -> 0.990); likelihood
+    # +v 4.07, -v -3.83 (loss 6.09 -> 3.30)
+    assert abs(base) < 0.2
+    assert plus - base > 3.0, (base, plus)
+    assert base - minus > 3.0, (base, minus)
+    curve = vec.metadata["loss_curve"]
+    assert len(curve) == 20 and curve[-1] < curve[0] - 0.1
+
+
+@pytest.mark.parametrize("objective", ["preference", "likelihood"])
+def test_gradient_matches_finite_differences(objective: str) -> None:
+    model = sl.wrap(tiny_hf_model("llama").double(), tiny_tokenizer())
+    gen = torch.Generator().manual_seed(3)
+    v = (0.5 * torch.randn(model.d_model, generator=gen, dtype=torch.float64)).requires_grad_()
+    kwargs = {"layer": 1, "objective": objective, "beta": 0.5, "penalty": 0.01}
+    loss = sl.training_loss(model, SMALL, v, **kwargs)
+    (grad,) = torch.autograd.grad(loss, v)
+    eps = 1e-3
+    for _ in range(3):
+        u = torch.randn(model.d_model, generator=gen, dtype=torch.float64)
+        u = u / u.norm()
+        with torch.no_grad():
+            up = float(sl.training_loss(model, SMALL, v + eps * u, **kwargs))
+            down = float(sl.training_loss(model, SMALL, v - eps * u, **kwargs))
+        fd, analytic = (up - down) / (2 * eps), float(grad @ u)
+        # the add operator's constants are float32, hence 1e-3 and not 1e-8
+        assert abs(fd - analytic) <= 1e-3 * abs(analytic) + 1e-6, (fd, analytic)
+        assert abs(analytic) > 1e-3  # a direction the loss actually depends on
+
+
+def test_weights_untouched_and_only_the_vector_gets_a_gradient() -> None:
+    model = tiny_model("llama")
+    before = {k: t.clone() for k, t in model.hf_model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.hf_model.named_parameters()}
+    vec = sl.train_vector(model, SMALL, layer=1, steps=3, lr=0.1)
+    after = model.hf_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a weight changed"
+    assert all(p.grad is None for p in model.hf_model.parameters())
+    assert {k: p.requires_grad for k, p in model.hf_model.named_parameters()} == flags
+    assert hook_count(model.hf_model) == 0
+    # a frozen model (no weight needs a gradient) trains to the identical vector
+    frozen = tiny_model("llama")
+    frozen.hf_model.requires_grad_(False)
+    again = sl.train_vector(frozen, SMALL, layer=1, steps=3, lr=0.1)
+    assert torch.equal(again[1], vec[1])
+
+
+def test_same_seed_same_vector_and_another_seed_another() -> None:
+    model = tiny_model("gpt2")
+    kwargs = {"layer": 1, "steps": 2, "lr": 0.05, "batch_size": 2, "objective": "likelihood"}
+    a = sl.train_vector(model, TRAIN[:6], seed=5, **kwargs)
+    b = sl.train_vector(model, TRAIN[:6], seed=5, **kwargs)
+    c = sl.train_vector(model, TRAIN[:6], seed=6, **kwargs)
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])  # another mini-batch order
+
+
+def test_metadata_and_file_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    vec = sl.train_vector(model, SMALL, layer=-2, objective="likelihood", steps=3, lr=0.05)
+    meta = vec.metadata
+    assert vec.layers == (1,)
+    assert (meta["method"], meta["objective"], meta["steps"], meta["lr"]) == (
+        "trained",
+        "likelihood",
+        3,
+        0.05,
+    )
+    assert meta["final_loss"] == meta["loss_curve"][-1] and meta["interrupted"] is False
+    assert meta["data_hash"] == data_hash([PreferenceItem(**i) for i in SMALL])
+    assert meta["data_hash"] != data_hash([PreferenceItem(**i) for i in SMALL[::-1]])
+    loaded = sl.SteeringVector.load(vec.save(tmp_path / "v.safetensors"))
+    assert torch.equal(loaded[1], vec[1]) and loaded.metadata["loss_curve"] == meta["loss_curve"]
+    # the learned norm is the dose: strength 1 is the trained edit, -1 its opposite
+    plus = model.logits(["the cat was"], steering=vec)
+    assert torch.allclose(plus, model.logits(["the cat was"], steering=vec.scaled(-1), strength=-1))
+
+
+def test_interrupt_from_the_progress_callback_returns_the_vector_so_far() -> None:
+    model = tiny_model("llama")
+
+    def stop_at_three(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cut = sl.train_vector(model, TRAIN, layer=1, steps=10, lr=0.05, progress=stop_at_three)
+    three = sl.train_vector(model, TRAIN, layer=1, steps=3, lr=0.05)
+    assert cut.metadata["interrupted"] is True and cut.metadata["steps"] == 3
+    assert cut.metadata["steps_requested"] == 10
+    assert torch.equal(cut[1], three[1])
+    assert hook_count(model.hf_model) == 0
+
+
+def test_interrupt_inside_a_forward_pass_discards_the_half_step() -> None:
+    model = tiny_model("llama")
+    calls = {"n": 0}
+
+    def hook(module, args, output):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:  # likelihood: one forward per step, so this is step 5's
+            raise KeyboardInterrupt
+
+    handle = model.hf_model.lm_head.register_forward_hook(hook)
+    try:
+        cut = sl.train_vector(model, TRAIN, layer=1, objective="likelihood", steps=10, lr=0.05)
+    finally:
+        handle.remove()
+    four = sl.train_vector(model, TRAIN, layer=1, objective="likelihood", steps=4, lr=0.05)
+    assert cut.metadata["interrupted"] is True and cut.metadata["steps"] == 4
+    assert torch.equal(cut[1], four[1])
+    assert hook_count(model.hf_model) == 0
+
+
+def test_every_data_form_gives_the_same_items(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    want = [PreferenceItem("the film was", " good", " bad")]
+    assert (
+        sl.preference_items([{"prompt": "the film was", "chosen": " good", "rejected": " bad"}])
+        == want
+    )
+    assert sl.preference_items(want) == want
+    paired = ContrastDataset(
+        name="p", positive=("the film was good",), negative=("the film was bad",), paired=True
+    )
+    assert sl.preference_items(paired) == want
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "the film was", "chosen": " good", "rejected": " bad"}) + "\n\n"
+    )
+    assert sl.preference_items(path) == want and sl.preference_items(str(path)) == want
+    ab = {
+        "question": "Agree?\n\nChoices:\n (A) Yes\n (B) No",
+        "answer_matching_behavior": "(B)",
+        "answer_not_matching_behavior": "(A)",
+    }
+    caa_file = tmp_path / "ab.json"
+    caa_file.write_text(json.dumps([ab]))
+    expected = [PreferenceItem("Agree?\n\nChoices:\n (A) Yes\n (B) No\n\nAnswer:", " (B)", " (A)")]
+    assert sl.preference_items([ab]) == expected
+    assert sl.preference_items(caa_file) == expected
+    assert sl.preference_items(sl.data.load_caa(caa_file)) == expected
+
+
+def test_bad_input_is_a_named_error_and_leaves_nothing() -> None:
+    model = tiny_model("llama")
+    bad = [
+        ([{"prompt": "a", "chosen": " b"}], {}, sl.DataError, "item 0.*rejected"),
+        ([{"prompt": "a", "chosen": "", "rejected": " c"}], {}, sl.DataError, "chosen"),
+        (ContrastDataset(name="u", positive=("x",), negative=("y",)), {}, sl.DataError, "unpaired"),
+        (SMALL, {"objective": "dpo"}, sl.InvalidInputError, "objective"),
+        (SMALL, {"steps": 0}, sl.InvalidInputError, "steps"),
+        (SMALL, {"lr": -1.0}, sl.InvalidInputError, "lr"),
+        (SMALL, {"layer": 7}, sl.LayerIndexError, "layer 7"),
+        (SMALL, {"positions": "after:x"}, sl.InvalidInputError, "positions"),
+        (SMALL, {"progress": 3}, sl.InvalidInputError, "progress"),
+        (42, {}, sl.InvalidInputError, "data"),
+    ]
+    for data, kwargs, error, match in bad:
+        options = {"layer": 1, "steps": 2, **kwargs}
+        with pytest.raises(error, match=match):
+            sl.train_vector(model, data, **options)  # type: ignore[arg-type]
+    with pytest.raises(sl.InvalidInputError, match="rank"):
+        sl.train_intervention(model, SMALL, layer=1, rank=0, steps=2)
+    assert hook_count(model.hf_model) == 0
+
+
+def test_completion_positions_steer_only_the_completion() -> None:
+    """With positions="generated" only completion tokens are steered, as in generation: a
+    single-token completion is predicted from the prompt's last token, so its likelihood does
+    not move, while steering every position moves it."""
+    model = tiny_model("llama")
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
+    opts = {"layer": 1, "objective": "likelihood", "penalty": 0.0}
+    with torch.no_grad():
+        unsteered = float(sl.training_loss(model, SMALL, torch.zeros(model.d_model), **opts))
+        completion = float(sl.training_loss(model, SMALL, v, positions="generated", **opts))
+        everywhere = float(sl.training_loss(model, SMALL, v, **opts))
+    assert completion == unsteered
+    assert abs(everywhere - unsteered) > 0.05, (everywhere, unsteered)
