@@ -13,6 +13,9 @@ from steerlab.testing import TINY_ARCHITECTURES, tiny_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# fixture generators under data/ import packages the tests do not need (sae-lens)
+collect_ignore_glob = ["data/*"]
+
 
 @pytest.fixture(params=TINY_ARCHITECTURES)
 def arch_model(request: pytest.FixtureRequest) -> sl.SteeredModel:

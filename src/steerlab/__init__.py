@@ -62,6 +62,7 @@ from steerlab.methods import METHODS, compute_vector, mean_diff, register_method
 from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, wrap
 from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
+from steerlab.sae import SAE, TopFeatures, load_sae
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.training import (
     PreferenceItem,
@@ -109,12 +110,14 @@ __all__ = [
     "PrefixCache",
     "ReplaceActivation",
     "RowSteering",
+    "SAE",
     "SteeredModel",
     "Steering",
     "SteeringVector",
     "SteerlabError",
     "SweepPoint",
     "SweepResult",
+    "TopFeatures",
     "TuneResult",
     "UnsupportedModelError",
     "VectorFileError",
@@ -140,6 +143,7 @@ __all__ = [
     "load_builtin",
     "load_dataset",
     "load_model",
+    "load_sae",
     "logit_lens",
     "logprob_diff",
     "mean_diff",

@@ -217,7 +217,65 @@ class AddNorm(Operator):
 
 @register_operator("clamp")
 class Clamp(Operator):
-    """``h' = h + (s·‖v‖ − h·u)·u``: the component along ``u`` set to ``s·‖v‖``."""
+    """``h' = h + (s·‖v‖ − h·u)·u``: the component along ``u`` set to ``s·‖v‖``.
+
+    On a sparse-autoencoder feature (:meth:`steerlab.sae.SAE.feature`, whose extras carry the
+    feature's encoder) ``s`` is the feature's activation to set, on the SAE's own encoder and
+    decoder: ``h' = h + (s − f(h))·v`` with ``v`` the decoder row and ``f(h)`` the feature's
+    activation, ``z·[z > θ]`` with the pre-activation ``z = (h − p₀)·e`` (``e`` the
+    ``sae_encoder`` extra, ``p₀`` the ``sae_zero`` point where ``z = 0``) and the gate
+    ``(h − p_θ)·e > 0`` (``p_θ`` the ``sae_threshold`` point where ``z`` reaches the JumpReLU
+    threshold, or 0 for ReLU). Both forms are one formula,
+    ``h' = h + (target − z·gate)·d``, so plain and feature rows share a batch.
+    """
+
+    def params(
+        self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        if "sae_topk" in extras:
+            raise VectorMismatchError(
+                "op 'clamp' cannot set a TopK SAE feature: its activation depends on every "
+                "other feature (the k largest win), so no per-feature formula is exact; steer "
+                "the feature with op='add' instead"
+            )
+        if "sae_encoder" in extras:
+            missing = [k for k in ("sae_zero", "sae_threshold") if k not in extras]
+            if missing:
+                raise VectorMismatchError(
+                    f"op 'clamp' on an SAE feature needs the extras {missing} beside sae_encoder "
+                    f"(take the vector from sae.feature(i))"
+                )
+            e = extras["sae_encoder"].double()
+            zero = float(-(extras["sae_zero"].double() @ e))
+            gate = float(-(extras["sae_threshold"].double() @ e))
+            return {
+                "d": direction.float(),
+                "e": e.float(),
+                "beta": torch.tensor([zero]),
+                "gate": torch.tensor([gate]),
+                "linear": torch.tensor([0.0]),
+                "target": torch.tensor([strength]),
+            }
+        u = _unit(direction, self.name)
+        return {
+            "d": u,
+            "e": u,
+            "beta": torch.tensor([0.0]),
+            "gate": torch.tensor([0.0]),
+            "linear": torch.tensor([1.0]),
+            "target": torch.tensor([strength * float(direction.double().norm())]),
+        }
+
+    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        dot = _dot(hidden, p["e"])
+        z = dot + p["beta"]
+        open_ = torch.maximum((dot + p["gate"] > 0).to(hidden.dtype), p["linear"])
+        return hidden + (p["target"] - z * open_) * p["d"]
+
+
+@register_operator("cap")
+class Cap(Operator):
+    """``h' = h − max(0, h·u − s·‖v‖)·u``: the component along ``u`` limited to ``s·‖v‖``."""
 
     def params(
         self, direction: torch.Tensor, strength: float, extras: Mapping[str, torch.Tensor]
@@ -225,14 +283,6 @@ class Clamp(Operator):
         u = _unit(direction, self.name)
         target = torch.tensor([strength * float(direction.double().norm())])
         return {"u": u, "target": target}
-
-    def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return hidden + (p["target"] - _dot(hidden, p["u"])) * p["u"]
-
-
-@register_operator("cap")
-class Cap(Clamp):
-    """``h' = h − max(0, h·u − s·‖v‖)·u``: the component along ``u`` limited to ``s·‖v‖``."""
 
     def apply(self, hidden: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         excess = (_dot(hidden, p["u"]) - p["target"]).clamp_min(0.0)
