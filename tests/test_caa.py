@@ -253,3 +253,32 @@ def test_missing_data_and_bad_arguments_are_clear_errors(
     with pytest.raises(InvalidInputError, match="validation must be at least 1"):
         evaluate_caa(model, "sycophancy", data=root, layer="best", sweep_layers=[1], validation=0)
     assert find_caa_data(root / "datasets") == root.resolve()
+
+
+def test_the_caa_data_ships_with_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fnmatch
+    import tomllib
+
+    from steerlab.caa import CAA_BEHAVIOURS, bundled_caa_data, load_caa_split
+
+    monkeypatch.delenv("STEERLAB_CAA_DATA", raising=False)
+    monkeypatch.chdir("/")  # nothing beside the working directory to find
+    root = bundled_caa_data()
+    assert find_caa_data() == root.resolve()
+    sizes = {"coordinate-other-ais": 360, "corrigible-neutral-HHH": 290, "refusal": 408}
+    for behaviour in CAA_BEHAVIOURS:
+        assert len(load_caa_split(behaviour, "test")) == 50
+        generate = load_caa_split(behaviour, "generate")
+        assert len(generate) == sizes.get(behaviour, len(generate)) >= 290
+    assert "MIT License" in (root / "LICENSE").read_text()
+    assert "b18a80e3f7e3259f21e2a6574aaed3a21954aac6" in (root / "README.md").read_text()
+    # every bundled file is matched by the package-data globs, so a wheel carries it
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["steerlab"]
+    package = root.parents[1]
+    for file in root.rglob("*"):
+        if file.is_file():
+            rel = file.relative_to(package).as_posix()
+            assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), (
+                rel
+            )

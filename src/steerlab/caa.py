@@ -38,9 +38,9 @@ prompt; the paper's "no system prompt" rows are the comparison); ``limit``/``tra
 the test and generate sets for CPU budgets; the paper fixed layer 13 for its table, here the layer
 is chosen on held-out generate items (step 5).
 
-The data live outside the package: ``--data DIR`` (the ``CAA`` folder holding ``datasets/``),
-else ``$STEERLAB_CAA_DATA``, else ``../shared/data/CAA`` next to the current directory or the
-repository.
+The data ship with steerlab (``steerlab/datasets/caa``: the A/B items of the seven behaviours,
+MIT, see its README for provenance); ``--data DIR`` (a ``CAA`` folder holding ``datasets/``) or
+``$STEERLAB_CAA_DATA`` point elsewhere.
 
 >>> import json, pathlib, tempfile
 >>> from steerlab.testing import tiny_model
@@ -64,6 +64,7 @@ import dataclasses
 import math
 import os
 import re
+from importlib import resources
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [
     "CAA_BEHAVIOURS",
+    "bundled_caa_data",
     "CAAPoint",
     "CAAResult",
     "caa_generate_splits",
@@ -109,18 +111,20 @@ _SPLIT_FILES = {"generate": "generate_dataset.json", "test": "test_dataset_ab.js
 
 
 # --- data ----------------------------------------------------------------------------------------
-def _candidates() -> list[Path]:
-    here = Path.cwd().resolve()
-    package = Path(__file__).resolve()
-    roots = [here, *here.parents[:2], *package.parents[1:4]]
-    return [root / ".." / "shared" / "data" / "CAA" for root in dict.fromkeys(roots)]
+def bundled_caa_data() -> Path:
+    """The CAA data shipped inside the package (``steerlab/datasets/caa``).
+
+    >>> (bundled_caa_data() / "datasets" / "test" / "sycophancy" / "test_dataset_ab.json").is_file()
+    True
+    """
+    return Path(str(resources.files("steerlab.datasets").joinpath("caa")))
 
 
 def find_caa_data(data: PathLike | None = None) -> Path:
     """The CAA data folder (the one holding ``datasets/generate`` and ``datasets/test``).
 
     ``data`` if given (the folder itself or its ``datasets`` child), else ``$STEERLAB_CAA_DATA``,
-    else the first ``../shared/data/CAA`` found beside the current directory or the repository.
+    else the copy bundled with steerlab (:func:`bundled_caa_data`).
     Raises :class:`~steerlab.errors.DataError` naming where it looked.
 
     >>> find_caa_data("/no/such/folder")
@@ -134,7 +138,7 @@ datasets/generate/<behaviour>/generate_dataset.json (the CAA repository's layout
     elif os.environ.get(_ENV):
         tried = [Path(os.environ[_ENV])]
     else:
-        tried = _candidates()
+        tried = [bundled_caa_data()]
     for folder in tried:
         for root in (folder, folder.parent):
             if (root / "datasets" / "generate").is_dir() and (root / "datasets" / "test").is_dir():

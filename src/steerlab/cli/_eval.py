@@ -129,7 +129,7 @@ def caa(
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option(help="The CAA data folder (default: ../shared/data/CAA)."),
+        typer.Option(help="A CAA data folder (default: the copy bundled with steerlab)."),
     ] = None,
     model: Annotated[
         str | None,
