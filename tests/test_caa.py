@@ -257,6 +257,7 @@ def test_missing_data_and_bad_arguments_are_clear_errors(
 
 def test_the_caa_data_ships_with_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     import fnmatch
+
     import tomllib
 
     from steerlab.caa import CAA_BEHAVIOURS, bundled_caa_data, load_caa_split

@@ -64,8 +64,8 @@ import dataclasses
 import math
 import os
 import re
-from importlib import resources
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
