@@ -9,12 +9,21 @@ greedy decoding) at 1, 8 and 32 concurrent clients, steered and unsteered. Concu
 latency is each request's wall time. Conditions run in interleaved rounds and the medians over
 rounds are reported. Results go to ``benchmarks/results/server.json`` and the "Server" section
 of ``docs/benchmarks.md`` (between markers; the rest of the report is left alone).
+
+Head-of-line scenario (``--scenarios hol``): a few greedy streams run; after each has produced
+``--baseline-tokens`` tokens a prompt of ``--long-tokens`` tokens (about 4k) arrives. Each
+stream's inter-token gaps before the long prompt arrived (baseline) and while it was being
+read (until its first token) are compared (p95, pooled over streams), with the engine's default
+chunked prefill and with prefill of whole prompts (``prefill_chunk=None``, the behaviour
+before chunking), in one run. Results go to ``benchmarks/results/server_hol.json`` and their
+own section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import statistics
 import threading
@@ -28,8 +37,10 @@ import torch
 from benchmarks.common import ROOT, load_average, machine_info
 
 RESULTS = ROOT / "benchmarks" / "results" / "server.json"
+HOL_RESULTS = ROOT / "benchmarks" / "results" / "server_hol.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- server-benchmark:start -->", "<!-- server-benchmark:end -->"
+HOL_START, HOL_END = "<!-- server-hol:start -->", "<!-- server-hol:end -->"
 PROMPTS = [
     "The movie last night was",
     "Tell me about the weather this weekend.",
@@ -126,7 +137,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels")
     parser.add_argument("--doc", default=str(DOC), help="report to update, or 'none'")
     parser.add_argument("--out", default=str(RESULTS), help="results json, or 'none'")
+    parser.add_argument(
+        "--scenarios", default="throughput,hol", help="throughput and/or hol (head of line)"
+    )
+    parser.add_argument("--streams", type=int, default=4, help="hol: running streams")
+    parser.add_argument("--long-tokens", type=int, default=4000, help="hol: long prompt tokens")
+    parser.add_argument(
+        "--baseline-tokens", type=int, default=24, help="hol: tokens per stream before it arrives"
+    )
     args = parser.parse_args(argv)
+    scenarios = {name.strip() for name in args.scenarios.split(",") if name.strip()}
+    if not scenarios <= {"throughput", "hol"}:
+        parser.error(f"unknown scenarios: {sorted(scenarios - {'throughput', 'hol'})}")
+    out: dict[str, Any] = {}
+    if "throughput" in scenarios:
+        out = _throughput(args, argv)
+    if "hol" in scenarios:
+        out["hol"] = _head_of_line(args, argv)
+    return out
+
+
+def _throughput(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
     from steerlab.server.app import create_app, serve_in_thread
     from steerlab.server.engine import TorchEngine
@@ -205,6 +236,184 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def _long_prompt(model: Any, tokens: int) -> str:
+    """Text of about ``tokens`` tokens (the benchmark prompts repeated, cut at a token)."""
+    text = " ".join(PROMPTS)
+    while len(model.tokenizer(text)["input_ids"]) < tokens:
+        text = text + " " + text
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][: tokens - 2]
+    return str(model.tokenizer.decode(ids))
+
+
+def _gaps_once(url: str, streams: int, baseline: int, long_prompt: str, cap: int) -> dict[str, Any]:
+    """Run ``streams`` greedy streams; once each has ``baseline`` tokens send the long prompt
+    (non-streaming, one token) and stop the streams when it is answered."""
+    import httpx
+
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    stop = threading.Event()
+
+    def stream(i: int) -> None:
+        body = {
+            "model": "default",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": cap,
+            "temperature": 0,
+            "stream": True,
+        }
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    stamps[i].append(time.perf_counter())
+                if stop.is_set():
+                    break  # closing the connection cancels the request on the server
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    while min(len(s) for s in stamps) < baseline:
+        time.sleep(0.01)
+    arrived = time.perf_counter()
+    reply = httpx.post(
+        url + "/v1/completions",
+        json={"model": "default", "prompt": long_prompt, "max_tokens": 1, "temperature": 0},
+        timeout=3600,
+    )
+    answered = time.perf_counter()
+    reply.raise_for_status()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    before: list[float] = []
+    during: list[float] = []
+    for times in stamps:
+        for a, b in itertools.pairwise(times[1:]):  # from the 2nd token on: decoding gaps
+            if b <= arrived:
+                before.append(b - a)
+            elif b <= answered:
+                during.append(b - a)
+        # a stream still waiting when the answer came: its open gap counts too
+        later = [t for t in times if t > arrived]
+        if not later or later[0] > answered:
+            during.append(answered - max(t for t in times if t <= arrived))
+    return {
+        "long_prompt_tokens": int(reply.json()["usage"]["prompt_tokens"]),
+        "long_first_token_s": answered - arrived,
+        "baseline_gaps": len(before),
+        "baseline_p50_ms": 1e3 * _p(before, 0.5),
+        "baseline_p95_ms": 1e3 * _p(before, 0.95),
+        "during_gaps": len(during),
+        "during_p50_ms": 1e3 * _p(during, 0.5),
+        "during_p95_ms": 1e3 * _p(during, 0.95),
+        "during_max_ms": 1e3 * max(during, default=0.0),
+        "p95_ratio": _p(during, 0.95) / _p(before, 0.95) if before else None,
+    }
+
+
+def _head_of_line(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """The head-of-line scenario (see the module docstring)."""
+    from steerlab.server.app import create_app, serve_in_thread
+    from steerlab.server.engine import DEFAULT_PREFILL_CHUNK, TorchEngine
+
+    torch.manual_seed(0)
+    model = _load(args.model)
+    engine = TorchEngine(model, max_batch=max(8, args.streams + 1))
+    context = engine._max_positions or 8192
+    long_tokens = min(args.long_tokens, context - 8)
+    long_prompt = _long_prompt(model, long_tokens)
+    cap = min(4096, context - 64)
+    load_start = load_average()
+    started = time.perf_counter()
+    modes: dict[str, Any] = {}
+    with serve_in_thread(create_app(engine, max_tokens_cap=cap)) as url:
+        _gaps_once(url, 1, 3, PROMPTS[0], cap)  # warm-up
+        for mode, chunk in (("chunked", DEFAULT_PREFILL_CHUNK), ("whole", None)):
+            engine.prefill_chunk = chunk
+            modes[mode] = _gaps_once(url, args.streams, args.baseline_tokens, long_prompt, cap)
+            row = modes[mode]
+            print(
+                f"{mode:8s} baseline p95 {row['baseline_p95_ms']:.0f} ms, while a "
+                f"{row['long_prompt_tokens']}-token prompt is read p95 "
+                f"{row['during_p95_ms']:.0f} ms (x{row['p95_ratio']:.2f}), its first token "
+                f"after {row['long_first_token_s']:.1f} s",
+                flush=True,
+            )
+    results = {
+        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "model": model.name,
+        "streams": args.streams,
+        "baseline_tokens": args.baseline_tokens,
+        "prefill_chunk": DEFAULT_PREFILL_CHUNK,
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "modes": modes,
+    }
+    out = HOL_RESULTS if args.out == str(RESULTS) else Path(args.out).with_suffix(".hol.json")
+    if args.out != "none":
+        out.write_text(json.dumps(results, indent=2, default=str))
+    if args.doc != "none":
+        _replace_section(Path(args.doc), render_hol(results), HOL_START, HOL_END)
+    return results
+
+
+def render_hol(results: dict[str, Any]) -> str:
+    """The head-of-line section for ``docs/benchmarks.md``."""
+    chunked, whole = results["modes"]["chunked"], results["modes"]["whole"]
+    lines = [
+        HOL_START,
+        "## Server: a long prompt arriving beside running streams",
+        "",
+        f"`{results['command'].strip()}` ({results['date']}, {results['wall_s']:.0f} s wall) on "
+        f"{results['model']}: {results['streams']} greedy streams run; once each has "
+        f"{results['baseline_tokens']} tokens a prompt of {chunked['long_prompt_tokens']} "
+        f"tokens arrives (one token asked). Gaps between a stream's tokens before it arrived "
+        f"(baseline) and until it is answered, pooled over the streams. Load average at "
+        f"start/end: {results['load_average']['start']} / {results['load_average']['end']} "
+        f"({results['machine'].get('logical_cpus', '?')} logical CPUs).",
+        "",
+        "| prefill | baseline gap p50 / p95 (ms) | gap while it is read p50 / p95 / max (ms) | "
+        "p95 ratio | its first token (s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in (
+        (f"chunked (default, {results['prefill_chunk']} tokens at most)", chunked),
+        ("whole prompt (before chunking)", whole),
+    ):
+        lines.append(
+            f"| {name} | {row['baseline_p50_ms']:.0f} / {row['baseline_p95_ms']:.0f} | "
+            f"{row['during_p50_ms']:.0f} / {row['during_p95_ms']:.0f} / "
+            f"{row['during_max_ms']:.0f} | {row['p95_ratio']:.2f} | "
+            f"{row['long_first_token_s']:.1f} |"
+        )
+    ratio = chunked["p95_ratio"]
+    lines += [
+        "",
+        f"* Target: p95 gap while a ~4k-token prompt is read <= 3x the baseline p95, with "
+        f"chunked prefill: **{ratio:.2f}x** ({'met' if ratio <= 3 else 'missed'}).",
+        "",
+        HOL_END,
+    ]
+    return "\n".join(lines)
+
+
+def _replace_section(doc: Path, section: str, start: str, end: str) -> None:
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
 def render(results: dict[str, Any]) -> str:
     """The markdown section for ``docs/benchmarks.md``."""
     summary = results["summary"]
@@ -264,15 +473,7 @@ def render(results: dict[str, Any]) -> str:
 
 def update_doc(doc: Path, results: dict[str, Any]) -> None:
     """Replace (or append) the server section of ``doc``."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = render(results)
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    doc.write_text(text)
+    _replace_section(doc, render(results), START, END)
 
 
 if __name__ == "__main__":

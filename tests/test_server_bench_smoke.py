@@ -34,6 +34,8 @@ def test_server_benchmark_harness(tmp_path: Path) -> None:
         str(doc),
         "--out",
         str(out),
+        "--scenarios",
+        "throughput",
     ]
     results = bench.main(args)
     saved = json.loads(out.read_text())
@@ -48,3 +50,20 @@ def test_server_benchmark_harness(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.count(bench.START) == 1 and "kept" in text
     assert "| steered | 2 |" in text and "x one-at-a-time" in text
+
+
+def test_head_of_line_scenario(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    out = tmp_path / "server.json"
+    args = ["--model", "tiny:llama", "--scenarios", "hol", "--streams", "2"]
+    args += ["--long-tokens", "60", "--baseline-tokens", "4", "--doc", str(doc), "--out", str(out)]
+    results = bench.main(args)["hol"]
+    saved = json.loads(out.with_suffix(".hol.json").read_text())
+    assert set(saved["modes"]) == {"chunked", "whole"}
+    for row in results["modes"].values():
+        assert row["baseline_gaps"] >= 2 * 2 and row["during_gaps"] >= 1
+        assert row["p95_ratio"] == pytest.approx(row["during_p95_ms"] / row["baseline_p95_ms"])
+        assert 40 <= row["long_prompt_tokens"] <= 60
+    text = doc.read_text()
+    assert text.count(bench.HOL_START) == 1 and "kept" in text and "| whole prompt" in text

@@ -417,3 +417,32 @@ def test_chunked_prefill_equals_unchunked_for_steered_requests() -> None:
     plain = [e.token_id for e in whole[0]]
     unsteered = model.generate_ids(LONG, max_new_tokens=8)[0].tolist()
     assert plain != unsteered
+
+
+def test_serve_passes_prefill_chunk_to_the_torch_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from steerlab.cli import _serve, app
+
+    seen: list[dict[str, Any]] = []
+
+    def factory(model: str | None, max_batch: int, **options: Any) -> Any:
+        seen.append(options)
+        raise InvalidInputError("stopped here")
+
+    monkeypatch.setitem(_serve.ENGINES, "torch", factory)
+    runner = CliRunner()
+    for given, expected in (("64", {"prefill_chunk": 64}), ("0", {"prefill_chunk": None})):
+        result = runner.invoke(app, ["serve", "--prefill-chunk", given])
+        assert result.exit_code == 1 and "stopped here" in result.output
+        assert seen.pop() == expected
+    assert runner.invoke(app, ["serve"]).exit_code == 1 and seen.pop() == {}
+    for argv, message in (
+        (["serve", "--prefill-chunk", "-1"], "must be 0 or positive"),
+        (["serve", "--engine", "vllm", "--prefill-chunk", "8"], "--engine torch only"),
+    ):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1 and message in result.output and not seen
+        assert "Traceback" not in result.output
+    with pytest.raises(InvalidInputError, match="prefill_chunk"):
+        TorchEngine(tiny_model("gpt2"), prefill_chunk=0)

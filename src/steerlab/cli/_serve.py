@@ -21,11 +21,11 @@ from steerlab.errors import SteerlabError
 __all__ = ["ENGINES", "register"]
 
 
-def _torch_engine(model: str | None, max_batch: int) -> Any:
+def _torch_engine(model: str | None, max_batch: int, **options: Any) -> Any:
     import steerlab as sl
     from steerlab.server.engine import TorchEngine
 
-    return TorchEngine(sl.load_model(model), max_batch=max_batch)
+    return TorchEngine(sl.load_model(model), max_batch=max_batch, **options)
 
 
 def _vllm_engine(model: str | None, max_batch: int, **vllm_options: Any) -> Any:
@@ -36,7 +36,8 @@ def _vllm_engine(model: str | None, max_batch: int, **vllm_options: Any) -> Any:
 
 ENGINES: dict[str, Callable[..., Any]] = {"torch": _torch_engine, "vllm": _vllm_engine}
 """Engine factories by ``--engine`` name: ``(model name or path, max batch) -> Engine``
-(the vLLM factory also takes the pass-through vLLM options as keywords)."""
+(the vLLM factory also takes the pass-through vLLM options as keywords, the torch one
+``prefill_chunk``)."""
 
 
 def serve(
@@ -81,6 +82,13 @@ def serve(
     max_model_len: Annotated[
         int | None, typer.Option(help="vLLM engine: context length (prompt + completion).")
     ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="torch engine: prompt tokens read per forward pass, between decoding steps of "
+            "running requests (default 256; 0 reads each prompt whole)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(hidden=True, help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve the model over an OpenAI-compatible API with per-request steering (Ctrl-C stops)."""
@@ -115,8 +123,17 @@ def serve(
     if vllm_options and engine != "vllm":
         typer.echo(f"error: {', '.join(vllm_options)} apply to --engine vllm only", err=True)
         raise typer.Exit(code=1)
+    engine_options: dict[str, Any] = dict(vllm_options)
+    if prefill_chunk is not None:
+        if engine != "torch":
+            typer.echo("error: --prefill-chunk applies to --engine torch only", err=True)
+            raise typer.Exit(code=1)
+        if prefill_chunk < 0:
+            typer.echo("error: --prefill-chunk must be 0 or positive", err=True)
+            raise typer.Exit(code=1)
+        engine_options["prefill_chunk"] = prefill_chunk or None
     try:
-        served = ENGINES[engine](model, max_batch, **vllm_options)
+        served = ENGINES[engine](model, max_batch, **engine_options)
         names = served.vectors.register_dir(vectors) if vectors is not None else []
         gates = served.conditions.register_dir(conditions) if conditions is not None else []
         app = create_app(
