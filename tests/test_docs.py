@@ -207,3 +207,31 @@ def test_every_doc_file_is_collected() -> None:
     names = {str(p.relative_to(ROOT)) for p in doc_files()}
     assert "README.md" in names
     assert {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")} <= names
+
+
+def test_site_hooks_fence_doctests_and_find_modules() -> None:
+    """docs_hooks.py (the MkDocs site): doctest runs become code fences; API pages cover modules."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs_hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    text = "Intro.\n\n    >>> x = [1]\n    >>> x[0]\n    1\n\nAfter.\n>>> y"
+    assert hooks.fence_doctests(text).splitlines() == [
+        "Intro.",
+        "",
+        "    ```pycon",
+        "    >>> x = [1]",
+        "    >>> x[0]",
+        "    1",
+        "    ```",
+        "",
+        "After.",
+        "```pycon",
+        ">>> y",
+        "```",
+    ]
+    modules = hooks.public_modules()
+    assert {"steerlab", "steerlab.model", "steerlab.server.app", "steerlab.vllm"} <= set(modules)
+    assert not [m for m in modules if any(part.startswith("_") for part in m.split("."))]
