@@ -105,8 +105,25 @@ def test_serve_cli_with_a_saved_model_and_vector_folder(tmp_path: Path) -> None:
             "k",
             "--max-tokens-cap",
             "20",
+            "--max-body-bytes",
+            "4096",
+            "--max-steering-entries",
+            "2",
+            "--max-vectors",
+            "1",
         ]
     ) as (url, lines):
+        limits = httpx.get(url + "/health").json()["limits"]
+        assert limits["max_body_bytes"] == 4096 and limits["max_steering_entries"] == 2
+        auth = {"Authorization": "Bearer k"}
+        too_long = httpx.post(url + "/v1/completions", json={"prompt": "a" * 5000}, headers=auth)
+        assert too_long.status_code == 413 and "--max-body-bytes" in too_long.text
+        full = httpx.post(
+            url + "/v1/vectors",
+            files={"file": ("more.safetensors", (vectors / "calm.safetensors").read_bytes())},
+            headers=auth,
+        )
+        assert full.status_code == 409 and "--max-vectors" in full.text
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         served = [m.id for m in client.models.list()]
         assert served == [str(folder)]
@@ -135,6 +152,10 @@ def test_serve_cli_with_a_saved_model_and_vector_folder(tmp_path: Path) -> None:
         assert gated.choices[0].text != expected
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="default", prompt="a", max_tokens=21)
+        with pytest.raises(openai.BadRequestError, match="--max-steering-entries"):
+            client.completions.create(
+                model="default", prompt="a", max_tokens=2, extra_body={"steering": steering * 3}
+            )
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="other", prompt="a", max_tokens=2)
     output = "\n".join(lines)
@@ -170,6 +191,28 @@ def test_serve_cli_reports_a_bad_vector_folder_without_traceback(tmp_path: Path)
     assert done.returncode == 1
     assert "error:" in done.stderr and "bad.safetensors" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_serve_cli_refuses_limits_that_are_not_positive() -> None:
+    env = {**os.environ, "PYTHONPATH": _SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from steerlab.cli import main; main()",
+            "serve",
+            "--max-vectors",
+            "0",
+            "--max-body-bytes",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: --max-body-bytes, --max-vectors must be positive"
 
 
 @pytest.mark.slow

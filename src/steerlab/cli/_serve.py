@@ -67,6 +67,21 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together.")] = 32,
     max_tokens_cap: Annotated[int, typer.Option(help="Largest max_tokens allowed.")] = 1024,
     max_strength: Annotated[float, typer.Option(help="Largest |strength| allowed.")] = 64.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body (413 beyond, refused as it streams in).")
+    ] = 4 * 1024 * 1024,
+    max_upload_bytes: Annotated[
+        int, typer.Option(help="Largest body of a vector upload (POST /v1/vectors).")
+    ] = 64 * 1024 * 1024,
+    max_steering_entries: Annotated[
+        int, typer.Option(help="Most 'steering' entries in one request.")
+    ] = 32,
+    max_readout_entries: Annotated[
+        int, typer.Option(help="Most 'readout' entries in one request.")
+    ] = 16,
+    max_vectors: Annotated[
+        int, typer.Option(help="Most registered vectors (uploads beyond it get 409).")
+    ] = 256,
     engine: Annotated[
         str,
         typer.Option(
@@ -106,10 +121,19 @@ def serve(
     if engine not in ENGINES:
         typer.echo(f"error: unknown engine {engine!r}; choose from {', '.join(ENGINES)}", err=True)
         raise typer.Exit(code=1)
-    if max_batch < 1 or max_tokens_cap < 1 or not max_strength > 0:
-        typer.echo(
-            "error: --max-batch, --max-tokens-cap and --max-strength must be positive", err=True
-        )
+    positive = {
+        "--max-batch": max_batch,
+        "--max-tokens-cap": max_tokens_cap,
+        "--max-strength": max_strength,
+        "--max-body-bytes": max_body_bytes,
+        "--max-upload-bytes": max_upload_bytes,
+        "--max-steering-entries": max_steering_entries,
+        "--max-readout-entries": max_readout_entries,
+        "--max-vectors": max_vectors,
+    }
+    wrong = [option for option, value in positive.items() if not value > 0]
+    if wrong:
+        typer.echo(f"error: {', '.join(wrong)} must be positive", err=True)
         raise typer.Exit(code=1)
     vllm_options = {
         key: value
@@ -136,8 +160,23 @@ def serve(
         served = ENGINES[engine](model, max_batch, **engine_options)
         names = served.vectors.register_dir(vectors) if vectors is not None else []
         gates = served.conditions.register_dir(conditions) if conditions is not None else []
+        if len(names) > max_vectors:
+            typer.echo(
+                f"error: --vectors holds {len(names)} vectors, more than --max-vectors "
+                f"{max_vectors}",
+                err=True,
+            )
+            raise typer.Exit(code=1)
         app = create_app(
-            served, api_key=api_key, max_tokens_cap=max_tokens_cap, max_strength=max_strength
+            served,
+            api_key=api_key,
+            max_tokens_cap=max_tokens_cap,
+            max_strength=max_strength,
+            max_body_bytes=max_body_bytes,
+            max_upload_bytes=max_upload_bytes,
+            max_steering_entries=max_steering_entries,
+            max_readout_entries=max_readout_entries,
+            max_vectors=max_vectors,
         )
     except SteerlabError as err:
         typer.echo(f"error: {err}", err=True)

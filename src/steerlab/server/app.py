@@ -16,6 +16,7 @@ Handlers parse and validate with pydantic (:mod:`steerlab.server.protocol`), han
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -24,19 +25,29 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive
 
 from steerlab.errors import InvalidInputError, SteerlabError
-from steerlab.server.engine import Engine, EngineError, GenerationRequest, TokenEvent
+from steerlab.server.engine import (
+    Engine,
+    EngineError,
+    GenerationRequest,
+    RequestStream,
+    TokenEvent,
+)
+from steerlab.server.guard import BodyTooLarge, RequestGuard
 from steerlab.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -72,7 +83,7 @@ __all__ = [
 STATIC_DIR = Path(__file__).with_name("static")
 """The playground's files (shipped as package data)."""
 
-_MAX_UPLOAD = 64 * 1024 * 1024
+_MIB = 1024 * 1024
 
 
 class _HTTPError(Exception):
@@ -134,20 +145,49 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_strength: float = 64.0,
     default_max_tokens: int = 256,
+    max_body_bytes: int = 4 * _MIB,
+    max_upload_bytes: int = 64 * _MIB,
+    max_steering_entries: int = 32,
+    max_readout_entries: int = 16,
+    max_vectors: int = 256,
     manage_engine: bool = True,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``engine``.
 
-    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>``.
+    ``api_key``: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>``; a
+    request without it is refused (401) before its body is read.
     ``max_tokens_cap`` and ``max_strength`` bound what one request may ask for (400 beyond).
     ``default_max_tokens``: chat completions without ``max_tokens`` (completions default to 16,
     as OpenAI's do), at most ``max_tokens_cap``.
+    ``max_body_bytes``: the largest request body (413 beyond, refused as it streams in, before
+    it is read in full); ``max_upload_bytes``: the same for ``POST /v1/vectors`` (vector files).
+    ``max_steering_entries`` / ``max_readout_entries``: entries of ``steering`` / ``readout``
+    in one request (400 beyond). ``max_vectors``: vectors the registry may hold; an upload
+    beyond it is refused with 409 (``DELETE /v1/vectors/{name}`` makes room).
     ``manage_engine``: start the engine when the app starts and shut it down when it stops.
     """
     if max_tokens_cap < 1:
         raise InvalidInputError(f"max_tokens_cap must be positive, got {max_tokens_cap}")
     if not max_strength > 0:
         raise InvalidInputError(f"max_strength must be positive, got {max_strength}")
+    for option, value in (
+        ("max_body_bytes", max_body_bytes),
+        ("max_upload_bytes", max_upload_bytes),
+        ("max_steering_entries", max_steering_entries),
+        ("max_readout_entries", max_readout_entries),
+        ("max_vectors", max_vectors),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"{option} must be a positive integer, got {value!r}")
+    limits = {
+        "max_tokens_cap": max_tokens_cap,
+        "max_strength": max_strength,
+        "max_body_bytes": max_body_bytes,
+        "max_upload_bytes": max_upload_bytes,
+        "max_steering_entries": max_steering_entries,
+        "max_readout_entries": max_readout_entries,
+        "max_vectors": max_vectors,
+    }
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -159,8 +199,24 @@ def create_app(
             if manage_engine:
                 engine.shutdown()
 
+    def key_ok(headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return api_key is None or (
+            scheme.lower() == "bearer"
+            and secrets.compare_digest(token.strip().encode(), api_key.encode())
+        )
+
     app = FastAPI(title="steerlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.engine = engine
+    # outermost of the app's own layers: the key and the body size are checked before any
+    # route (or FastAPI's body parsing) reads the body
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        uploads=("/v1/vectors",),
+        authorized=None if api_key is None else key_ok,
+    )
 
     # --- errors ------------------------------------------------------------------------------
     def error_response(status: int, message: str, kind: str, code: str | None = None) -> Any:
@@ -191,21 +247,22 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_starlette_error(_: Request, err: StarletteHTTPException) -> Any:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(err.status_code, str(err.detail), kind)
+        code = "too_large" if isinstance(err, BodyTooLarge) else None
+        return error_response(err.status_code, str(err.detail), kind, code)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, err: Exception) -> Any:
-        return error_response(500, f"internal error: {type(err).__name__}", "server_error")
+        # sent outside the guard, after which uvicorn drops the connection: say so
+        return JSONResponse(
+            error_body(f"internal error: {type(err).__name__}", kind="server_error"),
+            status_code=500,
+            headers={"Connection": "close"},
+        )
 
     # --- auth and model ------------------------------------------------------------------------
     async def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), api_key.encode()
-        ):
+        # the guard refused these already; kept so that no route depends on the middleware
+        if not key_ok(request.headers):
             raise _HTTPError(
                 401,
                 "missing or wrong API key (send 'Authorization: Bearer <key>')",
@@ -238,7 +295,7 @@ def create_app(
         return {
             "status": "ok",
             "model": engine.model_id,
-            "limits": {"max_tokens_cap": max_tokens_cap, "max_strength": max_strength},
+            "limits": limits,
         }
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
@@ -264,6 +321,10 @@ def create_app(
             "data": [describe_condition(name, c) for name, c in engine.conditions.items()],
         }
 
+    # uploads one at a time, so that the count checked against max_vectors is the count
+    # the registration adds to
+    upload_lock = asyncio.Lock()
+
     @app.post("/v1/vectors", dependencies=[Depends(authorize)])
     async def upload_vector(request: Request) -> dict[str, Any]:
         content_type = request.headers.get("content-type", "")
@@ -272,54 +333,117 @@ def create_app(
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise InvalidInputError("multipart upload needs a 'file' field with the vector")
-            data = await upload.read(_MAX_UPLOAD + 1)
+            data = await upload.read(max_upload_bytes + 1)
             name_field = form.get("name")
             if isinstance(name_field, str) and name_field:
                 name = name_field
             else:
                 name = Path(upload.filename or "").stem
         else:
+            raw = await request.body()
             try:
-                body = VectorUpload.model_validate_json(await request.body())
+                body = await run_in_threadpool(VectorUpload.model_validate_json, raw)
             except ValueError as err:
                 raise InvalidInputError(
                     f"send multipart form data (file, name) or JSON {{'name', 'data': base64}}: "
                     f"{str(err).splitlines()[0]}"
                 ) from None
             try:
-                data = base64.b64decode(body.data, validate=True)
+                data = await run_in_threadpool(base64.b64decode, body.data, validate=True)
             except (binascii.Error, ValueError):
                 raise InvalidInputError("'data' is not valid base64") from None
             name = body.name
-        if len(data) > _MAX_UPLOAD:
-            raise InvalidInputError(f"vector files are limited to {_MAX_UPLOAD} bytes")
-        engine.vectors.register_bytes(name, data)
+        if len(data) > max_upload_bytes:
+            raise InvalidInputError(
+                f"vector files are limited to {max_upload_bytes} bytes (--max-upload-bytes)"
+            )
+        async with upload_lock:
+            if len(engine.vectors) >= max_vectors:
+                raise _HTTPError(
+                    409,
+                    f"this server holds {len(engine.vectors)} vectors, its cap of {max_vectors} "
+                    f"(--max-vectors); delete one (DELETE /v1/vectors/NAME) to make room",
+                    kind="invalid_request_error",
+                    code="too_many_vectors",
+                )
+            # loading checks the file (format, checksum, fit to the model): off the event loop
+            await run_in_threadpool(engine.vectors.register_bytes, name, data)
         return describe_vector(name, engine.vectors.get(name))
+
+    @app.delete("/v1/vectors/{name}", dependencies=[Depends(authorize)])
+    async def delete_vector(name: str) -> dict[str, Any]:
+        # requests already admitted hold the vector itself, not its name: they are unaffected
+        if engine.vectors.remove(name) is None:
+            raise _HTTPError(
+                404,
+                f"no vector named {name!r} is registered",
+                kind="not_found_error",
+                code="vector_not_found",
+            )
+        return {"id": name, "object": "vector", "deleted": True}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        gen = body.to_generation(default_max_tokens=16, max_strength=max_strength)
-        return await serve(request, gen, chat=False, stream=body.stream, usage_chunk=_usage(body))
+        check_counts(body)
+        gen, events = await run_in_threadpool(
+            admit, lambda: body.to_generation(default_max_tokens=16, max_strength=max_strength)
+        )
+        return await serve(
+            request, gen, events, chat=False, stream=body.stream, usage_chunk=_usage(body)
+        )
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        gen = body.to_generation(
-            default_max_tokens=min(default_max_tokens, max_tokens_cap), max_strength=max_strength
+        check_counts(body)
+        chat_default = min(default_max_tokens, max_tokens_cap)
+        gen, events = await run_in_threadpool(
+            admit,
+            lambda: body.to_generation(default_max_tokens=chat_default, max_strength=max_strength),
         )
-        return await serve(request, gen, chat=True, stream=body.stream, usage_chunk=_usage(body))
+        return await serve(
+            request, gen, events, chat=True, stream=body.stream, usage_chunk=_usage(body)
+        )
 
-    async def serve(
-        request: Request, gen: GenerationRequest, *, chat: bool, stream: bool, usage_chunk: bool
-    ) -> Any:
+    def check_counts(body: CompletionRequest | ChatCompletionRequest) -> None:
+        for field, entries, cap, option in (
+            ("steering", body.steering, max_steering_entries, "--max-steering-entries"),
+            ("readout", body.readout, max_readout_entries, "--max-readout-entries"),
+        ):
+            if len(entries) > cap:
+                raise _HTTPError(
+                    400,
+                    f"{field} has {len(entries)} entries; this server allows at most {cap} per "
+                    f"request ({option})",
+                    kind="invalid_request_error",
+                    code="too_many_entries",
+                )
+
+    def admit(
+        build: Callable[[], GenerationRequest],
+    ) -> tuple[GenerationRequest, RequestStream]:
+        """Validate, tokenize and queue a request: run in a worker thread, since a long prompt
+        or many steering entries take seconds that the event loop (every other request, and
+        ``/health``) must not wait for."""
+        gen = build()
         gen.check(max_tokens_cap=max_tokens_cap)
         for entry in gen.readout:
             if not -engine.n_layers <= entry.layer < engine.n_layers:
                 raise InvalidInputError(
                     f"readout layer {entry.layer} is outside the model's {engine.n_layers} layers"
                 )
-        events = engine.submit(gen)
+        return gen, engine.submit(gen)
+
+    async def serve(
+        request: Request,
+        gen: GenerationRequest,
+        events: RequestStream,
+        *,
+        chat: bool,
+        stream: bool,
+        usage_chunk: bool,
+    ) -> Any:
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = now()
         if stream:
@@ -328,13 +452,9 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        collected: list[TokenEvent] = []
-        try:
-            async for event in events:
-                collected.append(event)
-        finally:
-            if not collected or collected[-1].finish_reason is None:
-                events.cancel()
+        collected = await _collect(events, request.receive)
+        if collected is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
         return _final(collected, gen, rid, created, engine.model_id, chat)
 
     # --- playground ------------------------------------------------------------------------------
@@ -348,6 +468,37 @@ def create_app(
 
 def _usage(body: Any) -> bool:
     return bool(body.stream_options is not None and body.stream_options.include_usage)
+
+
+async def _collect(events: RequestStream, receive: Receive) -> list[TokenEvent] | None:
+    """Every event of ``events``, or ``None`` if the client disconnected first (the request is
+    then cancelled in the engine). The body was read in full, so the next ASGI message is the
+    disconnect (or, from some servers, the end of the response, when nothing is left to do)."""
+    collected: list[TokenEvent] = []
+
+    async def drain() -> None:
+        async for event in events:
+            collected.append(event)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.1)  # a server that answers with empty body messages: poll
+
+    reader = asyncio.ensure_future(drain())
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, watcher):
+            task.cancel()
+        await asyncio.gather(reader, watcher, return_exceptions=True)
+        if not collected or collected[-1].finish_reason is None:
+            events.cancel()
+    if not reader.cancelled() and reader.exception() is None:
+        return collected
+    if not reader.cancelled():
+        raise reader.exception()  # type: ignore[misc]
+    return None
 
 
 # --- building responses ------------------------------------------------------------------------

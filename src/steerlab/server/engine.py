@@ -502,6 +502,12 @@ class _Registry(Generic[_T]):
             )
         return item
 
+    def remove(self, name: str) -> _T | None:
+        """Unregister ``name``; returns its item, or ``None`` if nothing had that name.
+        Requests already submitted hold the item itself and are unaffected."""
+        with self._lock:
+            return self._items.pop(name, None)
+
     def names(self) -> list[str]:
         """Registered names, sorted."""
         with self._lock:
