@@ -34,7 +34,9 @@ POSITION_MODES: list[Any] = ["all", "last", "prompt", "generated", slice(2, None
 def engines() -> Iterator[tuple[Any, sl.SteeredModel]]:
     import steerlab.vllm as slv
 
-    llm = slv.load(max_model_len=512, seed=0, gpu_memory_utilization=0.5)
+    # prefix caching stays on (vLLM's default); blocks of 32 tokens (CPU default: 128) so the
+    # ~200-token prompts of the cache tests span several blocks
+    llm = slv.load(max_model_len=512, seed=0, gpu_memory_utilization=0.5, block_size=32)
     model = sl.load_model()
     try:
         yield llm, model
@@ -139,3 +141,133 @@ def test_bad_steering_is_refused_before_the_engine(engines: tuple[Any, sl.Steere
         slv.generate(llm, "hi", steering=sl.SteeringVector({99: torch.ones(576)}))
     # the engine keeps serving
     assert isinstance(slv.generate(llm, "hi", max_new_tokens=2), str)
+
+
+# --- prefix cache: steering never leaks through cached blocks ---------------------------------
+LONG = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lamp, "
+    "a notebook and a flask of tea. From the gallery he could see the harbour, the fishing "
+    "boats coming home, the gulls circling above the nets and the long grey line of the cliffs "
+    "to the north. He wrote down the wind, the colour of the sea and the names of the boats "
+    "that passed, as his father had done before him and his grandfather before that. One "
+    "night in late autumn a storm came in from the west, faster than any he had seen, and the "
+    "lamp began to flicker just as a small boat rounded the point. He trimmed the wick, wiped "
+    "the glass and kept the light turning until morning, when the boat was safe in the "
+    "harbour and the storm had blown itself out over the hills. The fishermen came up the hill "
+    "in the afternoon with bread, smoked fish and a bottle of wine, and they sat with him in "
+    "the kitchen. Tell me what happened next:"
+)
+BLOCK = 32
+
+
+def _request(llm: Any, prompt_ids: list[int], steer: Any, new: int) -> tuple[list[int], Any]:
+    """One greedy request (EOS ignored: fixed lengths); its tokens and vLLM output."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    import steerlab.vllm as slv
+
+    params = vllm.SamplingParams(
+        max_tokens=new,
+        temperature=0.0,
+        ignore_eos=True,
+        logprobs=0,
+        extra_args=slv.extra_args(steer) or None,
+    )
+    (out,) = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)
+    return list(out.outputs[0].token_ids), out
+
+
+def _logprobs(out: Any) -> list[float]:
+    return [next(iter(lp.values())).logprob for lp in out.outputs[0].logprobs]
+
+
+def _fresh(llm: Any, prompt_ids: list[int], steer: Any, new: int) -> tuple[list[int], Any]:
+    """The request on an empty prefix cache (what a fresh engine computes)."""
+    assert llm.reset_prefix_cache()
+    tokens, out = _request(llm, prompt_ids, steer, new)
+    assert out.num_cached_tokens == 0
+    return tokens, out
+
+
+def _same(got: tuple[list[int], Any], want: tuple[list[int], Any], what: str) -> None:
+    assert got[0] == want[0], f"{what}: tokens differ from a fresh engine's"
+    worst = max(abs(a - b) for a, b in zip(_logprobs(got[1]), _logprobs(want[1])))
+    assert worst < 1e-3, f"{what}: logprobs differ by {worst}"
+
+
+def test_prefix_cache_keeps_steering_apart(engines: tuple[Any, sl.SteeredModel]) -> None:
+    """Issue 18: plain -> steered -> plain -> steered on one ~200-token prompt, each equal to
+    its output on an empty cache; hits only between identical steering."""
+    llm, model = engines
+    ids = model.tokenizer(LONG)["input_ids"]
+    assert 190 <= len(ids) <= 230, len(ids)
+    steer = sl.Steering(_vector(model, [12], seed=7), strength=8.0, positions="all")
+    fresh_plain = _fresh(llm, ids, None, 24)
+    fresh_steered = _fresh(llm, ids, steer, 24)
+    assert fresh_plain[0] != fresh_steered[0]  # the steering shows in the text
+
+    assert llm.reset_prefix_cache()
+    full = len(ids) // BLOCK * BLOCK
+    runs = [(None, fresh_plain), (steer, fresh_steered)] * 2
+    cached = []
+    for turn, (s, want) in enumerate(runs):
+        got = _request(llm, ids, s, 24)
+        _same(got, want, f"turn {turn} ({'steered' if s else 'plain'})")
+        cached.append(got[1].num_cached_tokens)
+    # nothing shared across the steering boundary; the repeats hit every full prompt block
+    assert cached == [0, 0, full, full], cached
+
+
+def test_prefix_cache_two_steerings_interleaved(engines: tuple[Any, sl.SteeredModel]) -> None:
+    llm, model = engines
+    ids = model.tokenizer(LONG)["input_ids"]
+    vec = _vector(model, [12], seed=7)
+    a = sl.Steering(vec, strength=8.0, positions="all")
+    b = sl.Steering(vec, strength=4.0, positions="all")
+    # the same content written another way shares the cache with `a`
+    a_again = sl.Steering(vec, strength={12: 8.0}, positions="prompt")
+    fresh = {"a": _fresh(llm, ids, a, 16), "b": _fresh(llm, ids, b, 16)}
+    assert fresh["a"][0] != fresh["b"][0]
+    assert llm.reset_prefix_cache()
+    full = len(ids) // BLOCK * BLOCK
+    cached = []
+    for name, s in (("a", a), ("b", b), ("a", a), ("b", b)):
+        got = _request(llm, ids, s, 16)
+        _same(got, fresh[name], name)
+        cached.append(got[1].num_cached_tokens)
+    assert cached == [0, 0, full, full], cached
+    # over the prompt, "prompt" and "all" steer the same tokens with the same delta
+    got = _request(llm, ids, a_again, 16)
+    assert got[1].num_cached_tokens == full
+
+
+def test_prefix_cache_shares_unsteered_blocks(engines: tuple[Any, sl.SteeredModel]) -> None:
+    """Steering from the last prompt token, or of generated tokens only, keeps every block
+    before it shared with unsteered requests; a generated-only steered request's generated
+    blocks are not reused by a later plain prompt that contains them."""
+    llm, model = engines
+    ids = model.tokenizer(LONG)["input_ids"]
+    vec = _vector(model, [12], seed=7)
+    last = sl.Steering(vec, strength=8.0, positions="last")
+    generated = sl.Steering(vec, strength=8.0, positions="generated")
+    fresh_last = _fresh(llm, ids, last, 16)
+    fresh_generated = _fresh(llm, ids, generated, 32)
+    assert llm.reset_prefix_cache()
+    _request(llm, ids, None, 8)
+    full = len(ids) // BLOCK * BLOCK
+    last_len = (len(ids) - 1) // BLOCK * BLOCK  # blocks before the last prompt token
+    got = _request(llm, ids, last, 16)
+    _same(got, fresh_last, "last")
+    assert got[1].num_cached_tokens == last_len
+    got = _request(llm, ids, generated, 32)
+    _same(got, fresh_generated, "generated")
+    assert got[1].num_cached_tokens == full
+    # a follow-up whose prompt is that prompt plus the steered continuation
+    follow = ids + got[0]
+    want = _fresh(llm, follow, None, 8)
+    assert llm.reset_prefix_cache()
+    _request(llm, ids, generated, 32)
+    again = _request(llm, follow, None, 8)
+    _same(again, want, "follow-up")
+    assert again[1].num_cached_tokens == full  # the prompt blocks only

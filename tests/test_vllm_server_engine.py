@@ -31,7 +31,9 @@ PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time", "
 def served() -> Iterator[tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]]]:
     from steerlab.vllm.engine import VLLMEngine
 
-    engine = VLLMEngine(dtype="float32", max_model_len=512, seed=0, gpu_memory_utilization=0.5)
+    engine = VLLMEngine(
+        dtype="float32", max_model_len=512, seed=0, gpu_memory_utilization=0.5, block_size=32
+    )
     model = sl.load_model()
     gen = torch.Generator().manual_seed(5)
     vectors = {
@@ -181,3 +183,31 @@ def test_cancel_ends_the_stream(
             stream.cancel()
     assert events[-1].finish_reason == "cancelled"
     assert len(events) < 400
+
+
+def test_prefix_cache_hits_change_neither_text_nor_readout(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    """Issue 18 through the server engine: a steered request after a plain one with the same
+    long prompt equals the steered request run first, tokens and readout (a cache hit on a
+    repeat changes nothing either)."""
+    engine, _, _ = served
+    prompt = " ".join(PROMPTS * 12)  # ~70 tokens: two full blocks of 32
+    probes = (ReadoutEntry("one", 15), ReadoutEntry("four", 10))
+    plain = GenerationRequest(prompt=prompt, max_tokens=8, temperature=0.0, readout=probes)
+    steered = dataclasses.replace(plain, steering=(SteeringEntry("one", 8.0, "all"),))
+
+    def tokens_and_readout(request: GenerationRequest) -> tuple[list[int], list[Any]]:
+        events = _run(engine, request)
+        return [e.token_id for e in events if e.token_id >= 0], [
+            e.readout for e in events if e.token_id >= 0
+        ]
+
+    first_steered = tokens_and_readout(steered)
+    first_plain = tokens_and_readout(plain)
+    assert first_steered[0] != first_plain[0]
+    for request, want in ((steered, first_steered), (plain, first_plain)) * 2:
+        got = tokens_and_readout(request)
+        assert got[0] == want[0]
+        worst = max(abs(a - b) for g, w in zip(got[1], want[1]) for a, b in zip(g, w))
+        assert worst < 1e-4, worst

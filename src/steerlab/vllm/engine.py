@@ -176,10 +176,15 @@ class VLLMEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             if loop is not None and loop.is_running():
-                # in the loop's own thread: AsyncLLM cancels its output task there before the
-                # engine process stops, instead of that task seeing the engine die (and logging
-                # EngineDeadError)
+                # in the loop's own thread: every request task (and AsyncLLM's output task) is
+                # cancelled and awaited there before the engine process stops, instead of a
+                # task seeing the engine die (EngineDeadError) or being destroyed pending
                 async def stop() -> None:
+                    current = asyncio.current_task()
+                    tasks = [t for t in asyncio.all_tasks() if t is not current]
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
                     llm.shutdown()
 
                 try:

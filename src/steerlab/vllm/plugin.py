@@ -27,6 +27,10 @@ method ``steerlab_take_readout`` to every worker, which hands over (and forgets)
 values. Without that extension (a plain ``vllm serve``) probes are ignored: nothing could fetch
 them.
 
+vLLM's prefix cache is keyed by token ids; the plugin adds a key of each steered block's
+steering (:mod:`steerlab.vllm.cache`) in the engine process, so a cached block is reused only by
+requests whose steering up to that block is identical, whichever front end sent them.
+
 Steering needs eager execution (``enforce_eager=True``): a compiled or graph-captured forward
 does not run Python hooks. Requests without steering cost one dictionary lookup each per step.
 """
@@ -44,6 +48,8 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
+from steerlab.vllm.cache import EXTRA_KEY as CACHE_EXTRA_KEY
+from steerlab.vllm.cache import request_block_key
 from steerlab.vllm.spec import (
     EXTRA_ARGS_KEY,
     Readout,
@@ -75,6 +81,7 @@ MAX_READOUT_REQUESTS = 1024
 logger = logging.getLogger("steerlab.vllm")
 
 _PATCHED = "_steerlab_original_model_forward"
+_PATCHED_ADMIT = "_steerlab_original_preprocess_add_request"
 
 
 def decoder_layers(model: nn.Module, n_layers: int) -> list[tuple[int, nn.Module]]:
@@ -423,8 +430,57 @@ def _steered_model_forward(
     return output
 
 
+# The served model's (n_layers, d_model) in this engine process, for the prefix-cache keys
+# (set when the engine core admits its first request; the hasher has no config of its own).
+_ENGINE_DIMS: list[tuple[int, int]] = []
+
+
+def _with_steering_key(original: Callable[..., Any]) -> Callable[..., Any]:
+    """vLLM's ``generate_block_hash_extra_keys`` plus steerlab's key of a steered block
+    (:mod:`steerlab.vllm.cache`)."""
+
+    def extra_keys(request: Any, start: int, stop: int, mm_index: int) -> Any:
+        keys, next_index = original(request, start, stop, mm_index)
+        key = request_block_key(
+            request, start, stop, dims=_ENGINE_DIMS[0] if _ENGINE_DIMS else None
+        )
+        if key is None:
+            return keys, next_index
+        return (*(keys or ()), (CACHE_EXTRA_KEY, key)), next_index
+
+    extra_keys._steerlab_original = original  # type: ignore[attr-defined]
+    return extra_keys
+
+
+def _patch_prefix_cache() -> None:
+    """Key steered blocks of vLLM's prefix cache by their steering (every module that
+    imported vLLM's extra-key function by name), and record the model's sizes at admission."""
+    import importlib
+
+    from vllm.v1.engine.core import EngineCore
+
+    for name in ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool"):
+        module = importlib.import_module(name)
+        current = getattr(module, "generate_block_hash_extra_keys", None)
+        if current is not None and not hasattr(current, "_steerlab_original"):
+            module.generate_block_hash_extra_keys = _with_steering_key(current)  # type: ignore[attr-defined]
+    if getattr(EngineCore, _PATCHED_ADMIT, None) is not None:
+        return
+    original = EngineCore.preprocess_add_request
+    setattr(EngineCore, _PATCHED_ADMIT, original)
+
+    def preprocess_add_request(self: Any, request: Any) -> Any:
+        if not _ENGINE_DIMS:
+            hf = self.vllm_config.model_config.hf_text_config
+            _ENGINE_DIMS.append((int(hf.num_hidden_layers), int(hf.hidden_size)))
+        return original(self, request)
+
+    EngineCore.preprocess_add_request = preprocess_add_request  # type: ignore[method-assign]
+
+
 def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group: wrap the model runner (idempotent).
+    """Entry point of the ``vllm.general_plugins`` group: wrap the model runner and key the
+    prefix cache by steering (idempotent).
 
     Also selects vLLM's V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0`` unless set), the runner
     whose per-step metadata the wrapper reads.
@@ -432,6 +488,7 @@ def register() -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _patch_prefix_cache()
     if getattr(GPUModelRunner, _PATCHED, None) is not None:
         return
     setattr(GPUModelRunner, _PATCHED, GPUModelRunner._model_forward)
