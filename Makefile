@@ -101,7 +101,7 @@ test-models: install
 	STEERLAB_TEST_MODELS=1 $(BIN)/python -m pytest -q tests/test_models_gemma3.py
 
 VLLM_TESTS := tests/test_vllm_engine.py tests/test_vllm_server_engine.py \
-	tests/test_vllm_tensor_parallel.py
+	tests/test_vllm_tensor_parallel.py tests/test_vllm_memory.py
 
 # VLLM_CPU_KVCACHE_SPACE (GiB) keeps vLLM's CPU KV cache small: the tests need little.
 test-vllm: vllm

@@ -12,6 +12,8 @@ The taxonomy, by what went wrong:
   :class:`FileWriteError` (``OSError``), naming the target, never a hidden temporary file
 * models and data: :class:`UnsupportedModelError`, :class:`ModelNotAvailableError`,
   :class:`DataError`, :class:`BakeError`, :class:`EditRemovedError`
+* too little free memory for an engine's requested sizes → :class:`InsufficientMemoryError`
+  (``MemoryError``), naming the setting to change
 
 Every error steerlab raises for bad input derives from :class:`SteerlabError` *and* from the
 builtin a caller would naturally catch (``ValueError``, ``IndexError``, ``FileNotFoundError``),
@@ -29,6 +31,7 @@ __all__ = [
     "EditRemovedError",
     "DataError",
     "FileWriteError",
+    "InsufficientMemoryError",
     "LayerNotFoundError",
     "LayerIndexError",
     "ModelNotAvailableError",
@@ -96,3 +99,7 @@ class BakeError(SteerlabError, ValueError):
 
 class EditRemovedError(SteerlabError, RuntimeError):
     """An edited model was used after ``remove()`` (or after its ``with`` block)."""
+
+
+class InsufficientMemoryError(SteerlabError, MemoryError):
+    """Too little free memory to start an engine with the requested sizes (names the setting)."""

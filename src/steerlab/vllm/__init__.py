@@ -32,6 +32,7 @@ from steerlab.errors import InvalidInputError
 from steerlab.interventions import RowSteering as _RowSteering
 from steerlab.interventions import Steering, normalize_steering
 from steerlab.positions import PositionSpec
+from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, VECTORS_ENV, resolve, to_wire
 
 __all__ = [
@@ -109,7 +110,10 @@ def load(model: str | Path | None = None, **llm_options: Any) -> Any:
     """A ``vllm.LLM`` ready for steering (default: steerlab's default model, float32, eager).
 
     Options pass through to ``vllm.LLM``; ``enforce_eager`` is forced on (steering hooks run in
-    eager mode only). Call it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its
+    eager mode only). On CPU the KV cache is sized from the free memory unless you set it
+    (:mod:`steerlab.vllm.memory`; too little raises
+    :class:`~steerlab.errors.InsufficientMemoryError` naming the setting).
+    Call it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its
     engine process.
 
     >>> llm = load(max_model_len=512)  # doctest: +SKIP
@@ -124,7 +128,7 @@ def load(model: str | Path | None = None, **llm_options: Any) -> Any:
     options: dict[str, Any] = {"dtype": "float32", "enforce_eager": True}
     options.update(llm_options)
     options["enforce_eager"] = True
-    return vllm.LLM(model=path, **options)
+    return vllm.LLM(model=path, **kv_cache_options(options))
 
 
 def _dims(llm: Any) -> tuple[int, int]:

@@ -55,6 +55,7 @@ from steerlab.server.engine import (
     VectorRegistry,
 )
 from steerlab.vectors import SteeringVector
+from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.plugin import READOUT_EXTENSION
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, readout_to_wire, resolve, resolve_readout, to_wire
 
@@ -76,7 +77,8 @@ class VLLMEngine:
     ``tensor_parallel_size``, ``dtype``, ``max_model_len`` and any other ``engine_options``
     pass through to vLLM's ``AsyncEngineArgs`` (``enforce_eager`` is always on: the steering
     hooks run in eager mode; ``worker_extension_cls`` defaults to steerlab's readout extension,
-    and another one turns readout off).
+    and another one turns readout off). On CPU the KV cache is sized from the free memory
+    unless set (:mod:`steerlab.vllm.memory`).
     """
 
     def __init__(
@@ -113,14 +115,16 @@ class VLLMEngine:
         text_config = getattr(config, "text_config", None) or config
         self._n_layers = int(text_config.num_hidden_layers)
         self.d_model = int(text_config.hidden_size)
-        self._options: dict[str, Any] = {
-            "tensor_parallel_size": tensor_parallel_size,
-            "dtype": dtype,
-            **({} if max_model_len is None else {"max_model_len": max_model_len}),
-            "worker_extension_cls": READOUT_EXTENSION,
-            **engine_options,
-            "enforce_eager": True,
-        }
+        self._options: dict[str, Any] = kv_cache_options(
+            {
+                "tensor_parallel_size": tensor_parallel_size,
+                "dtype": dtype,
+                **({} if max_model_len is None else {"max_model_len": max_model_len}),
+                "worker_extension_cls": READOUT_EXTENSION,
+                **engine_options,
+                "enforce_eager": True,
+            }
+        )
         self.max_model_len = max_model_len
         self.vectors = VectorRegistry(check=self._check_vector)
         self.conditions = ConditionRegistry(check=self._refuse_condition)
