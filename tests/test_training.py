@@ -4,6 +4,7 @@ weights untouched, determinism, interrupts, data forms, and a measured behaviour
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -223,3 +224,34 @@ def test_completion_positions_steer_only_the_completion() -> None:
         everywhere = float(sl.training_loss(model, SMALL, v, **opts))
     assert completion == unsteered
     assert abs(everywhere - unsteered) > 0.05, (everywhere, unsteered)
+
+
+@pytest.mark.slow
+def test_default_model_likelihood_vector_moves_held_out_sentiment(default_model: Any) -> None:
+    model = default_model
+    subjects = ["The movie", "My day", "The weather", "This book", "The food", "Her song"]
+    subjects += ["The trip", "The game"]
+    items = [
+        {"prompt": f"{s} was really", "chosen": " wonderful", "rejected": " terrible"}
+        for s in subjects
+    ]
+    train, held = items[:4], items[4:]
+    vec = sl.train_vector(
+        model, train, layer=10, objective="likelihood", steps=5, lr=0.2, batch_size=4
+    )
+    logp_ids = [
+        model.tokenizer(w, add_special_tokens=False)["input_ids"][0]
+        for w in (" wonderful", " terrible")
+    ]
+
+    def margin(strength: float | None) -> float:
+        steering = None if strength is None else vec
+        logits = model.next_token_logits(
+            [i["prompt"] for i in held], steering=steering, strength=strength
+        )
+        logp = logits.log_softmax(-1)
+        return float((logp[:, logp_ids[0]] - logp[:, logp_ids[1]]).mean())
+
+    base, plus, minus = margin(None), margin(1.0), margin(-1.0)
+    # measured: base 0.68, +v 4.95, -v -2.54; loss 6.80 -> 3.14 (20 s of CPU time)
+    assert plus > base + 2.0 and minus < base - 1.5, (base, plus, minus)
