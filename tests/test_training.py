@@ -255,3 +255,29 @@ def test_default_model_likelihood_vector_moves_held_out_sentiment(default_model:
     base, plus, minus = margin(None), margin(1.0), margin(-1.0)
     # measured: base 0.68, +v 4.95, -v -2.54; loss 6.80 -> 3.14 (20 s of CPU time)
     assert plus > base + 2.0 and minus < base - 1.5, (base, plus, minus)
+
+
+def test_training_in_one_thread_leaves_other_threads_unsteered() -> None:
+    import threading
+
+    model = tiny_model("llama")
+    prompts = ["the cat sat on the", "a dog ran"]
+    want = model.logits(prompts)
+    done = threading.Event()
+    result: dict[str, Any] = {}
+
+    def trainer() -> None:
+        try:
+            result["vec"] = sl.train_vector(model, TRAIN, layer=1, steps=4, lr=0.1)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    seen = 0
+    while not done.is_set() or seen == 0:
+        assert torch.equal(model.logits(prompts), want), "training steering leaked into a thread"
+        seen += 1
+    thread.join()
+    assert seen >= 2 and result["vec"].metadata["steps"] == 4
+    assert torch.equal(result["vec"][1], sl.train_vector(model, TRAIN, layer=1, steps=4, lr=0.1)[1])
