@@ -772,8 +772,9 @@ class Steering(Intervention):
     Layers and strength keys must be integers; the mapping and ``layers`` are copied, so later
     changes to the caller's objects do not leak in.
     ``op`` names a registered operator (:mod:`steerlab.operators`: ``"add"``, ``"add_norm"``,
-    ``"clamp"``, ``"cap"``, ``"ablate"``, ``"rotate"``, ``"affine"``); ``None`` means ``"add"``,
-    or ``"ablate"`` for a vector whose metadata says ``operation="project_out"``. ``when`` is a
+    ``"clamp"``, ``"cap"``, ``"ablate"``, ``"rotate"``, ``"affine"``, ``"loreft"``); ``None``
+    means ``"add"``, or ``"ablate"`` for a vector whose metadata says
+    ``operation="project_out"``. ``when`` is a
     :class:`~steerlab.conditions.Condition`: only rows whose prompt satisfies it (or, for a
     per-token condition, only tokens where it fires) are steered.
 

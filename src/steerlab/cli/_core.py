@@ -125,7 +125,7 @@ def generate(
         typer.Option(
             "--op",
             help="Steering operator: add (default), add_norm, clamp, cap, ablate, rotate, "
-            "affine (a project_out vector defaults to ablate).",
+            "affine, loreft (a project_out vector defaults to ablate).",
         ),
     ] = None,
     when: Annotated[

@@ -145,7 +145,7 @@ def sweep(
         typer.Option(
             "--op",
             help="Steering operator, or a comma-separated list to compare on the same data "
-            "(add, add_norm, clamp, cap, ablate, rotate, affine).",
+            "(add, add_norm, clamp, cap, ablate, rotate, affine, loreft).",
         ),
     ] = "add",
     eval_prompts: Annotated[
