@@ -381,7 +381,7 @@ def test_metadata_of_a_computed_vector_is_self_describing(llama: Any) -> None:
     )
     meta = vec.metadata
     assert meta["model_name"] == "tiny-llama" and meta["d_model"] == 32 and meta["n_layers"] == 3
-    assert meta["site"] == "block_output" and meta["operation"] == "add"
+    assert meta["site"] == "resid" and meta["operation"] == "add"
     assert meta["layer_convention"] == "output of block L, 0-based"
     assert meta["method"] == "probe" and meta["positions"] == "last"
     assert meta["unembed_fingerprint"] == sl.vectors.model_fingerprint(llama)

@@ -128,6 +128,8 @@ class _Plan:
     """What to write into which weights (resolved against the original model)."""
 
     additive: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # (layer, site, delta): additive steering at a block's attention/MLP output or heads
+    site_biases: list[tuple[int, str, torch.Tensor]] = dataclasses.field(default_factory=list)
     orthogonal: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
     embedding_units: list[torch.Tensor] = dataclasses.field(default_factory=list)
     # (layer, "head"|"attn"|"mlp", heads or None, mean or None)
@@ -152,10 +154,25 @@ def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan
                     f"only steering at every position can become a bias; this one acts on "
                     f"positions={item.positions!r}"
                 )
+            site = item.resolved_site
+            if site == "router":
+                raise BakeError(
+                    "a router bias cannot be baked: the MoE routers steerlab knows compute "
+                    "their logits without a bias (gpt-oss's has one, but a bias there is not "
+                    "exact for the others); steer the router with hooks instead"
+                )
             for layer, delta in item.layer_deltas(adapter).items():
-                plan.additive[layer] = plan.additive.get(layer, 0) + delta
+                if site == "resid":
+                    plan.additive[layer] = plan.additive.get(layer, 0) + delta
+                else:
+                    plan.site_biases.append((layer, site, delta))
             plan.summary.append(
-                {"kind": "add", "layers": sorted(item.layer_deltas(adapter)), "method": "bias"}
+                {
+                    "kind": "add",
+                    "layers": sorted(item.layer_deltas(adapter)),
+                    "method": "bias",
+                    "site": site,
+                }
             )
         elif isinstance(item, DirectionalAblation):
             if not item.writers:
@@ -409,6 +426,16 @@ def _apply_plan(model: nn.Module, adapter: ModelAdapter, plan: _Plan) -> None:
             if isinstance(multiplier, (int, float)) and not isinstance(multiplier, bool):
                 shift = shift / float(multiplier)  # Granite scales each sub-layer's output
             bias += shift.to(device=bias.device, dtype=bias.dtype)
+        # 4. steering at a sub-layer's output is a bias on its last projection; on the heads,
+        # o_proj(x + v) = o_proj(x) + W_o v, a bias of W_o v
+        for layer, site, delta in plan.site_biases:
+            module = _mlp_out(adapter, layer) if site == "mlp_out" else adapter.attn_out(layer)
+            shift = delta.double()
+            if site == "head":
+                weight = _out_major(module)
+                shift = weight.double() @ shift.to(weight.device)
+            bias = _bias(model, adapter, module)
+            bias += shift.to(device=bias.device, dtype=bias.dtype)
 
 
 def _orthogonalize_output(module: nn.Module, unit: torch.Tensor) -> None:
@@ -627,11 +654,19 @@ def export_gguf(
                 "export per-layer strengths as a vector: vec.scaled({layer: s, ...})"
             )
         vector = steering.vector.scaled(float(steering.strength))
+        site = steering.resolved_site
     elif isinstance(steering, SteeringVector):
         vector = steering
+        site = vector.site
     else:
         raise InvalidInputError(
             f"export_gguf needs a SteeringVector or Steering, got {type(steering).__name__}"
+        )
+    if site != "resid":
+        raise InvalidInputError(
+            f"llama.cpp control vectors are added to the residual stream at a block's output; "
+            f"it has no place for a vector at site {site!r} (bake it into the weights with "
+            f"steerlab.bake where that is exact, then convert the model)"
         )
     if 0 in vector.layers:
         raise InvalidInputError(

@@ -51,6 +51,14 @@ from steerlab.checks import as_finite_float, as_int
 from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.operators import Add, Operator, check_extras, get_operator, stack_params
 from steerlab.positions import Positions, PositionSpec, marker_flags
+from steerlab.sites import (
+    check_site,
+    head_mask,
+    output_hidden,
+    replace_output_hidden,
+    site_hook,
+    site_width,
+)
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -75,25 +83,6 @@ __all__ = [
     "scoped_hooks",
     "strip_dispatchers",
 ]
-
-
-# --- block outputs: tensor (transformers 5) or tuple (transformers 4) ------------------------
-def output_hidden(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output that may be a tensor or a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the hidden state in a module output of type {type(output)}")
-
-
-def replace_output_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    """``output`` with its hidden-state tensor replaced, keeping the container type."""
-    if isinstance(output, torch.Tensor):
-        return hidden
-    return (
-        type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
-    )
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -777,6 +766,10 @@ class Steering(Intervention):
     ``operation="project_out"``. ``when`` is a
     :class:`~steerlab.conditions.Condition`: only rows whose prompt satisfies it (or, for a
     per-token condition, only tokens where it fires) are steered.
+    ``site`` (:mod:`steerlab.sites`; ``None``: the vector's own, ``"resid"`` by default) is
+    where the operator acts: the residual stream, a block's attention or MLP output, or the
+    per-head outputs; ``heads=[...]`` with ``site="head"`` adds only those heads' slices of the
+    direction (the rest of the vector is ignored).
 
     >>> import torch
     >>> from steerlab.vectors import SteeringVector
@@ -791,6 +784,8 @@ class Steering(Intervention):
     layers: Sequence[int] | None = None
     op: str | Operator | None = None
     when: Any = None
+    site: str | None = None
+    heads: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, SteeringVector):
@@ -820,6 +815,32 @@ class Steering(Intervention):
                 f"when= takes a Condition (sl.fit_condition / sl.Condition.load), not "
                 f"{type(self.when).__name__}"
             )
+        if self.site is not None:
+            object.__setattr__(self, "site", check_site(self.site))
+        site = self.resolved_site
+        if self.heads is not None:
+            if site != "head":
+                raise InvalidInputError(f"heads= only applies to site='head', not {site!r}")
+            if isinstance(self.heads, int):
+                object.__setattr__(self, "heads", (self.heads,))
+            if isinstance(self.heads, (str, bytes)) or not isinstance(self.heads, Sequence):
+                raise InvalidInputError(f"heads must be a list of integers, got {self.heads!r}")
+            object.__setattr__(self, "heads", tuple(self.heads))
+            if self.operator.name != "add":
+                raise InvalidInputError(
+                    f"heads= selects slices of an added direction; op {self.operator.name!r} "
+                    f"acts on the whole head activation (leave heads= out)"
+                )
+
+    @property
+    def resolved_site(self) -> str:
+        """The site this steering acts at: ``site``, or the vector's own."""
+        if self.site is not None:
+            return self.site
+        try:
+            return self.vector.site
+        except VectorMismatchError as err:
+            raise InvalidInputError(str(err)) from None
 
     @property
     def operator(self) -> Operator:
@@ -835,13 +856,21 @@ class Steering(Intervention):
         """Name of :attr:`operator`."""
         return self.operator.name
 
+    def width(self, adapter: ModelAdapter) -> int:
+        """The size of the activation at :attr:`resolved_site` (``d_model`` for ``"resid"``)."""
+        site = self.resolved_site
+        return adapter.d_model if site == "resid" else site_width(adapter, site)
+
     def _targets(self, adapter: ModelAdapter) -> dict[int, tuple[float, dict[str, torch.Tensor]]]:
         vector = self.vector
-        if vector.d_model != adapter.d_model:
+        site = self.resolved_site
+        width = self.width(adapter)
+        if vector.d_model != width:
+            where = "the model's hidden size" if site == "resid" else f"site {site!r}'s width"
             raise VectorMismatchError(
-                f"steering vector has size {vector.d_model} but the model's hidden size is "
-                f"{adapter.d_model}"
+                f"steering vector has size {vector.d_model} but {where} is {width}"
             )
+        keep = head_mask(adapter, self.heads) if self.heads is not None else None
         vec_layers = {layer: adapter.resolve_layer(layer) for layer in vector.layers}
         if isinstance(self.strength, Mapping):
             pairs = [(k, adapter.resolve_layer(k), float(v)) for k, v in self.strength.items()]
@@ -862,6 +891,8 @@ class Steering(Intervention):
         out: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
         for layer, strength in targets.items():
             direction = direction_at(by_resolved, layer, use="applied", known=vector.layers)
+            if keep is not None:
+                direction = torch.where(keep, direction, torch.zeros_like(direction))
             if not bool(torch.isfinite(direction.to(torch.float32) * strength).all()):
                 raise InvalidInputError(
                     f"strength {strength:g} at layer {layer} overflows float32 (strength x "
@@ -951,25 +982,26 @@ class RowSteering(Intervention):
 
     def hooks(self, adapter: ModelAdapter, tracker: PositionTracker) -> list[HookSpec]:
         n_rows = len(self.rows)
-        # (op name, positions, condition identity) -> layer -> per-row constants
-        groups: dict[tuple[str, Positions, int], dict[int, list[dict[str, torch.Tensor] | None]]]
-        groups = {}
-        meta: dict[tuple[str, Positions, int], tuple[Operator, Positions, Any]] = {}
+        # (op name, positions, condition identity, site) -> layer -> per-row constants
+        Key = tuple[str, Positions, int, str]
+        groups: dict[Key, dict[int, list[dict[str, torch.Tensor] | None]]] = {}
+        meta: dict[Key, tuple[Operator, Positions, Any]] = {}
         for row, steering in enumerate(self.rows):
             if steering is None:
                 continue
             positions = Positions.parse(steering.positions)
             op = steering.operator
-            key = (op.name, positions, id(steering.when))
+            key = (op.name, positions, id(steering.when), steering.resolved_site)
             meta[key] = (op, positions, steering.when)
             per_layer = groups.setdefault(key, {})
             for layer, params in steering.layer_params(adapter).items():
                 per_layer.setdefault(layer, [None] * n_rows)[row] = params
         probes: dict[int, Any] = {}
         specs_first: list[HookSpec] = []
-        terms_by_layer: dict[int, list[_Term]] = {}
+        terms_by_site: dict[tuple[int, int, str], list[_Term]] = {}
         for key, per_layer in groups.items():
             op, positions, when = meta[key]
+            site = key[3]
             if positions.needs_ids:
                 if not positions.bound:
                     raise InvalidInputError(
@@ -985,23 +1017,34 @@ class RowSteering(Intervention):
                     probes[id(when)] = (probe_layer, probe_hook)
                     specs_first.append(HookSpec(adapter.block(probe_layer), "forward", probe_hook))
                 probe_layer, probe = probes[id(when)]
-                below = [layer for layer in per_layer if layer < probe_layer]
+                # inside block L (attention, MLP, heads) runs before block L's output is read
+                below = [
+                    layer
+                    for layer in per_layer
+                    if layer < probe_layer or (layer == probe_layer and site != "resid")
+                ]
                 if below:
+                    where = "" if site == "resid" else f" (site {site!r}, inside the block)"
                     raise InvalidInputError(
                         f"a condition read at layer {probe_layer} cannot gate steering at layers "
-                        f"{sorted(below)} below it (the forward pass reaches them first); fit the "
-                        f"condition with layers=[...] at or below the steering layers"
+                        f"{sorted(below)}{where} below it (the forward pass reaches them first); "
+                        f"fit the condition with layers=[...] below the steering layers"
                     )
+            width = adapter.d_model if site == "resid" else site_width(adapter, site)
             for layer, per_row in per_layer.items():
-                stacked = stack_params(op, per_row, adapter.d_model)
+                stacked = stack_params(op, per_row, width)
                 present = torch.tensor([p is not None for p in per_row], dtype=torch.bool)
-                terms_by_layer.setdefault(layer, []).append(
+                # residual steering first at a layer: hooks keep the order they were made in
+                order = (layer, SITE_ORDER[site], site)
+                terms_by_site.setdefault(order, []).append(
                     _Term(op, positions, stacked, None if bool(present.all()) else present, probe)
                 )
-        return specs_first + [
-            HookSpec(adapter.block(layer), "forward", _SteerHook(tracker, terms, self.uniform))
-            for layer, terms in sorted(terms_by_layer.items())
-        ]
+        specs = []
+        for (layer, _, site), terms in sorted(terms_by_site.items()):
+            module, kind = site_hook(adapter, site, layer)
+            hook = _SteerHook(tracker, terms, self.uniform, pre=kind == "forward_pre")
+            specs.append(HookSpec(module, kind, hook))
+        return specs_first + specs
 
 
 @dataclasses.dataclass
@@ -1018,10 +1061,13 @@ class _Term:
 class _SteerHook:
     """Forward hook applying its terms (in order) at the selected tokens of a block's output."""
 
-    def __init__(self, tracker: PositionTracker, terms: list[_Term], uniform: bool):
+    def __init__(
+        self, tracker: PositionTracker, terms: list[_Term], uniform: bool, *, pre: bool = False
+    ):
         self.tracker = tracker
         self.terms = terms
         self.uniform = uniform
+        self.pre = pre  # a forward pre-hook: the activation is the module's first argument
         self._placed: dict[tuple[int, torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
     def _params(self, index: int, like: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
@@ -1038,8 +1084,13 @@ class _SteerHook:
             self._placed[key] = placed
         return placed
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> Any:
+        output = args if self.pre else rest[0]
         hidden = output_hidden(output)
+        flat = hidden.shape
+        if hidden.ndim == 2 and self.tracker.abs_index is not None:
+            # OPT's MLP and the MoE blocks work on the batch's tokens flattened
+            hidden = hidden.reshape(*self.tracker.abs_index.shape, flat[-1])
         batch = hidden.shape[0]
         for index, term in enumerate(self.terms):
             is_add = isinstance(term.op, Add) and type(term.op) is Add
@@ -1070,7 +1121,11 @@ class _SteerHook:
             values = {k: v for k, v in p.items() if k != "__rows__"}
             edited = term.op.apply(hidden.float(), values).to(hidden.dtype)
             hidden = edited if mask is None else torch.where(mask[..., None], edited, hidden)
-        return replace_output_hidden(output, hidden)
+        return replace_output_hidden(output, hidden.reshape(flat))
+
+
+# Within a layer, sites in the order the forward pass reaches them.
+SITE_ORDER = {"head": 0, "attn_out": 1, "router": 2, "mlp_out": 3, "resid": 4}
 
 
 def normalize_steering(

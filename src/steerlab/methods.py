@@ -49,6 +49,7 @@ import torch
 from steerlab.checks import check_prompt_list
 from steerlab.errors import InvalidInputError
 from steerlab.operators import angular_plane
+from steerlab.sites import check_site
 from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [
@@ -450,8 +451,10 @@ def extract_activations(
     batch_size: int = 16,
     chat: bool = False,
     progress: bool | None = None,
+    site: str = "resid",
 ) -> dict[int, torch.Tensor]:
-    """``{layer: Tensor[n, d_model]}`` at one position per prompt, in one pass over the prompts.
+    """``{layer: Tensor[n, d_model]}`` at one position per prompt, in one pass over the prompts
+    (at another ``site`` of the blocks, :mod:`steerlab.sites`, the site's width).
 
     ``positions``: ``"last"``, ``"mean"`` (over the prompt's tokens), or an int index into each
     prompt's tokens (``-2`` is the answer letter of CAA items ending ``"(A)"``; ``0`` the first).
@@ -473,6 +476,7 @@ def extract_activations(
             batch_size=batch_size,
             chat=chat,
             progress=progress,
+            site=site,
         )
         return {layer: acts[layer] for layer in layers}
     index = positions
@@ -486,6 +490,7 @@ def extract_activations(
             batch_size=batch_size,
             chat=chat,
             progress=False,
+            site=site,
         )
         for layer in layers:
             for row, seq in enumerate(acts[layer]):
@@ -512,6 +517,7 @@ def compute_vector(
     batch_size: int = 16,
     chat: bool = False,
     progress: bool | None = None,
+    site: str = "resid",
     **options: Any,
 ) -> SteeringVector:
     """Compute a steering vector with a registered method at every requested layer.
@@ -522,6 +528,8 @@ def compute_vector(
     ``positions``: ``"last"``, ``"mean"`` or an int index (see :func:`extract_activations`).
     Activations are read once for all layers. ``seed`` drives the probe's split; other
     ``options`` go to the method (``scale="unit"``, the probe's ``C`` and ``test_fraction``).
+    ``site`` (:mod:`steerlab.sites`) reads the activations there (``"attn_out"``,
+    ``"mlp_out"``, ``"head"``...) and records it in the vector, which then steers there.
     The result carries the full metadata schema of :mod:`steerlab.vectors`, plus per-layer
     numbers the method reports under ``layer_info`` (``{"<layer>": {...}}``).
 
@@ -535,6 +543,7 @@ def compute_vector(
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     inputs = resolve_inputs(positive, negative, paired=paired)
+    site = check_site(site)
     resolved = model.adapter.resolve_layers(layers)
     # mean_diff also records what the rotate/affine operators need (see below); the plane of
     # angular steering is defined over every layer's candidate direction
@@ -547,6 +556,7 @@ def compute_vector(
         batch_size=batch_size,
         chat=chat,
         progress=progress,
+        site=site,
     )
     n_pos = len(inputs.positive)
     directions: dict[int, torch.Tensor] = {}
@@ -574,6 +584,7 @@ def compute_vector(
         positions=positions,
         normalization="unit" if options.get("scale") == "unit" else None,
         dataset=inputs.dataset,
+        site=site,
         **extra,
     )
     extras: dict[str, dict[int, torch.Tensor]] = {}
@@ -605,8 +616,11 @@ def mean_diff(
     positions: str | int = "last",
     batch_size: int = 16,
     progress: bool | None = None,
+    site: str = "resid",
 ) -> SteeringVector:
-    """Contrastive mean-difference vector: ``mean(acts(positive)) - mean(acts(negative))``.
+    """Contrastive mean-difference vector: ``mean(acts(positive)) - mean(acts(negative))``,
+    read at ``site`` (:mod:`steerlab.sites`; ``"attn_out"``/``"mlp_out"`` give a vector that
+    steers the attention or MLP output).
 
     >>> import steerlab as sl
     >>> from steerlab.testing import tiny_model
@@ -624,4 +638,5 @@ def mean_diff(
         positions=positions,
         batch_size=batch_size,
         progress=progress,
+        site=site,
     )

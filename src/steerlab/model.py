@@ -49,6 +49,7 @@ from steerlab.interventions import (
 )
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
+from steerlab.sites import check_site, site_hook, site_width
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -1123,8 +1124,11 @@ class SteeredModel:
         progress: bool | None = None,
         op: str | None = None,
         when: Any = None,
+        site: str = "resid",
     ) -> LayerActivations:
-        """Residual-stream activations at the output of ``layers`` (default: all).
+        """Residual-stream activations at the output of ``layers`` (default: all), or those of
+        another ``site`` of those blocks (:mod:`steerlab.sites`: ``"attn_out"``, ``"mlp_out"``,
+        ``"head"`` (width ``n_heads * head_dim``), ``"router"`` (one logit per expert)).
 
         ``positions``: ``"last"`` → ``Tensor[n, d_model]`` of each prompt's last token,
         ``"mean"`` → the mean over each prompt's tokens, ``"all"`` → a list of
@@ -1138,8 +1142,12 @@ class SteeredModel:
         >>> acts = model.activations(["the cat", "a dog ran"], layers=[0, -1])
         >>> sorted(acts), tuple(acts[-1].shape)
         ([0, 2], (2, 32))
+        >>> tuple(model.activations(["the cat"], layers=[1], site="mlp_out")[1].shape)
+        (1, 32)
         """
         items = check_prompts(prompts)
+        site = check_site(site)
+        width = site_width(self.adapter, site)
         if isinstance(positions, bool) or not (
             positions in _REDUCTIONS or isinstance(positions, int)
         ):
@@ -1150,13 +1158,13 @@ class SteeredModel:
         batch_size = as_positive_int(batch_size, "batch_size")
         self._check_steering_rows(steering, len(items))
         wanted = self.adapter.resolve_layers(layers)
+        read_at = {layer: site_hook(self.adapter, site, layer) for layer in wanted}
         deepest = max(wanted)
         results: dict[int, list[Any]] = {layer: [] for layer in wanted}
         reduced: dict[int, torch.Tensor] = {}
         if positions != "all":
             reduced = {
-                layer: torch.empty(len(items), self.d_model, dtype=torch.float32)
-                for layer in wanted
+                layer: torch.empty(len(items), width, dtype=torch.float32) for layer in wanted
             }
         bar = progress_bar(len(items), "activations", progress)
         try:
@@ -1171,8 +1179,12 @@ class SteeredModel:
                     mask: torch.Tensor = mask,
                     captured: dict[int, torch.Tensor] = captured,
                 ) -> Any:
-                    def hook(module: nn.Module, args: Any, output: Any) -> None:
-                        captured[layer] = _reduce(output_hidden(output), mask, positions)
+                    def hook(module: nn.Module, args: Any, *output: Any) -> None:
+                        # a pre-hook (heads) reads the argument, the others the output; a
+                        # router's logits come flattened over the batch's tokens
+                        seen = output_hidden(output[0] if output else args)
+                        seen = seen.reshape(*mask.shape, seen.shape[-1])
+                        captured[layer] = _reduce(seen, mask, positions)
                         if layer == deepest:
                             raise _StopForward
 
@@ -1187,10 +1199,7 @@ class SteeredModel:
                     op=op,
                     when=when,
                 ):
-                    reads = [
-                        HookSpec(self.adapter.block(layer), "forward", make_hook(layer))
-                        for layer in wanted
-                    ]
+                    reads = [HookSpec(*read_at[layer], make_hook(layer)) for layer in wanted]
                     with scoped_hooks(reads), contextlib.suppress(_StopForward):
                         self._forward(batch)
                 for layer in wanted:

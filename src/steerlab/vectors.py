@@ -29,7 +29,11 @@ key                      meaning
 ``unembed_fingerprint``  :func:`model_fingerprint` of the model
 ``operation``            what the direction is meant for: ``"add"`` (steering) or
                          ``"project_out"`` (directional ablation)
-``site``                 ``"block_output"``: the residual stream after a decoder block
+``site``                 where the vector lives (:mod:`steerlab.sites`): ``"resid"`` (the
+                         residual stream after a decoder block; files without the key, or
+                         with the older ``"block_output"``, mean this), ``"attn_out"``,
+                         ``"mlp_out"``, ``"head"`` or ``"router"``
+``heads``                for ``site="head"``: ``{"<layer>": [heads]}`` a method chose
 ``layer_convention``     ``"output of block L, 0-based"`` (llama.cpp's ``direction.L``)
 ``method``               how the direction was computed (``"mean_diff"``, ``"pca"`` ...)
 ``positions``            token positions activations were read at (``"last"``, ``"mean"``, -2)
@@ -92,10 +96,12 @@ from steerlab.errors import (
     FileWriteError,
     InvalidInputError,
     LayerNotFoundError,
+    UnsupportedModelError,
     VectorFileError,
     VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.sites import check_site, site_width
 from steerlab.version import __version__
 
 __all__ = [
@@ -131,7 +137,7 @@ MAX_LAYER = 65535
 LAYER_CONVENTION = "output of block L, 0-based"
 """How layer keys are counted: layer ``L`` is the residual stream after decoder block ``L``."""
 
-_SITE = "block_output"
+_SITE = "resid"
 _OPERATIONS = ("add", "project_out")
 _RESERVED_KEYS = ("format", "schema_version", CHECKSUM_KEY)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -252,6 +258,22 @@ class SteeringVector:
         norms = ", ".join(f"{k}: {v.norm():.3g}" for k, v in self.directions.items())
         method = self.metadata.get("method", "?")
         return f"SteeringVector(d_model={self.d_model}, method={method!r}, norms={{{norms}}})"
+
+    @property
+    def site(self) -> str:
+        """Where this vector lives (:mod:`steerlab.sites`): its ``site`` metadata, ``"resid"``
+        when there is none.
+
+        >>> import torch
+        >>> SteeringVector({0: torch.ones(2)}).site
+        'resid'
+        >>> SteeringVector({0: torch.ones(2)}, metadata={"site": "mlp_out"}).site
+        'mlp_out'
+        """
+        try:
+            return check_site(self.metadata.get("site", _SITE))
+        except InvalidInputError as err:
+            raise VectorMismatchError(f"the vector's metadata: {err}") from None
 
     def norms(self) -> dict[int, float]:
         """Euclidean norm of each layer's direction."""
@@ -528,10 +550,16 @@ class SteeringVector:
         fatal: list[str] = []
         soft: list[str] = []
         made_for = self.metadata.get("model_name", "another model")
-        if self.d_model != model.d_model:
+        try:
+            site = self.site
+            width = site_width(model.adapter, site) if site != "resid" else model.d_model
+        except (VectorMismatchError, InvalidInputError, UnsupportedModelError) as err:
+            return [str(err)], []
+        where = "the residual stream" if site == "resid" else f"site {site!r}"
+        if self.d_model != width:
             fatal.append(
-                f"the vector's directions have size {self.d_model} but the residual stream of "
-                f"{model.name!r} has size {model.d_model}"
+                f"the vector's directions have size {self.d_model} but {where} of "
+                f"{model.name!r} has size {width}"
             )
         beyond = [layer for layer in self.layers if layer >= model.n_layers]
         if beyond:
@@ -545,9 +573,6 @@ class SteeringVector:
                 f"the vector was made for {made_for!r} with {n_layers} layers; {model.name!r} has "
                 f"{model.n_layers}"
             )
-        site = self.metadata.get("site", _SITE)
-        if site != _SITE:
-            soft.append(f"the vector is for site {site!r}; steering adds at {_SITE!r}")
         expected = self.metadata.get("unembed_fingerprint")
         if isinstance(expected, str) and expected and not fatal:
             actual = model_fingerprint(model)
@@ -1148,6 +1173,7 @@ def vector_metadata(
     normalization: str | None = None,
     dataset: Mapping[str, Any] | None = None,
     recommended_strength: float | None = None,
+    site: str = "resid",
     **extra: Any,
 ) -> dict[str, Any]:
     """The full self-describing metadata for a vector made from ``model``.
@@ -1158,14 +1184,14 @@ def vector_metadata(
     >>> from steerlab.testing import tiny_model
     >>> meta = vector_metadata(tiny_model("gpt2"), method="mean_diff")
     >>> meta["site"], meta["layer_convention"], meta["operation"]
-    ('block_output', 'output of block L, 0-based', 'add')
+    ('resid', 'output of block L, 0-based', 'add')
     """
     if operation not in _OPERATIONS:
         raise VectorMismatchError(f"operation must be one of {_OPERATIONS}, not {operation!r}")
     meta: dict[str, Any] = {
         **model_identity(model),
         "operation": operation,
-        "site": _SITE,
+        "site": check_site(site),
         "layer_convention": LAYER_CONVENTION,
         "method": method,
         "positions": positions,

@@ -3,7 +3,8 @@
 The *components* of block ``L`` (the table in :mod:`steerlab.ablation`): ``"block"`` (its
 output, the residual stream at layer ``L``), ``"attn"`` and ``"mlp"`` (what those sub-layers
 output), and ``"head"`` (slices of the input of the attention output projection, one per head).
-These helpers find a component's module and hook kind, its width and the heads a call names;
+These helpers find a component's module and hook kind, its width and the heads a call names
+(through :mod:`steerlab.sites`, which steering and reading share);
 the ablation interventions, :func:`~steerlab.ablation.compute_means`,
 :func:`~steerlab.ablation.ablation_scan` and :func:`~steerlab.editing.bake` all share them.
 
@@ -22,9 +23,12 @@ from torch import nn
 
 from steerlab.adapter import ModelAdapter
 from steerlab.errors import InvalidInputError
+from steerlab.sites import check_heads as site_heads
+from steerlab.sites import site_hook, site_width
 
 __all__ = [
     "COMPONENTS",
+    "SITE_OF",
     "check_component",
     "check_heads",
     "component_site",
@@ -34,6 +38,8 @@ __all__ = [
 
 COMPONENTS: tuple[str, ...] = ("block", "attn", "mlp", "head")
 """The sites an ablation can target (see :mod:`steerlab.ablation`)."""
+SITE_OF: dict[str, str] = {"block": "resid", "attn": "attn_out", "mlp": "mlp_out", "head": "head"}
+"""Each component's :mod:`steerlab.sites` site, where its module and width are found."""
 
 
 def check_component(component: str) -> str:
@@ -63,13 +69,7 @@ def component_site(adapter: ModelAdapter, component: str, layer: int) -> tuple[n
     >>> module is adapter.block(0), kind
     (True, 'forward')
     """
-    if component == "block":
-        return adapter.block(layer), "forward"
-    if component == "attn":
-        return adapter.attention(layer), "forward"
-    if component == "mlp":
-        return adapter.mlp(layer), "forward"
-    return adapter.attn_out(layer), "forward_pre"
+    return site_hook(adapter, SITE_OF[check_component(component)], layer)
 
 
 def component_width(adapter: ModelAdapter, component: str) -> int:
@@ -81,38 +81,21 @@ def component_width(adapter: ModelAdapter, component: str) -> int:
     >>> component_width(adapter, "mlp") == adapter.d_model
     True
     """
-    return adapter.n_heads * adapter.head_dim if component == "head" else adapter.d_model
+    return site_width(adapter, SITE_OF[check_component(component)])
 
 
 def check_heads(adapter: ModelAdapter, heads: int | Sequence[int] | None) -> tuple[int, ...]:
-    """The heads ``heads`` names (an int or a list; negative indices count from the end),
-    non-negative and without repeats, in the order given.
+    """The heads ``heads`` names (see :func:`steerlab.sites.check_heads`), for ``head=``.
 
     >>> from steerlab.testing import tiny_model
-    >>> adapter = tiny_model("llama").adapter
-    >>> check_heads(adapter, [-1, 0, adapter.n_heads - 1]) == (adapter.n_heads - 1, 0)
-    True
-    >>> check_heads(adapter, None)
+    >>> check_heads(tiny_model("llama").adapter, None)
     Traceback (most recent call last):
         ...
     steerlab.errors.InvalidInputError: component='head' needs head= (an int or a list of ints)
     """
     if heads is None:
         raise InvalidInputError("component='head' needs head= (an int or a list of ints)")
-    items = [heads] if isinstance(heads, int) else list(heads)
-    if not items:
-        raise InvalidInputError("the list of heads is empty")
-    out: list[int] = []
-    for head in items:
-        if isinstance(head, bool) or not isinstance(head, int):
-            raise InvalidInputError(f"a head index must be an int, got {head!r}")
-        if not -adapter.n_heads <= head < adapter.n_heads:
-            raise InvalidInputError(
-                f"head {head} is out of range for a model with {adapter.n_heads} heads"
-            )
-        if head % adapter.n_heads not in out:
-            out.append(head % adapter.n_heads)
-    return tuple(out)
+    return site_heads(adapter, heads, "head")
 
 
 def residual_writers(adapter: ModelAdapter, layer: int) -> list[nn.Module]:

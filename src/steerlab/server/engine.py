@@ -890,6 +890,11 @@ class TorchEngine:
         if not isinstance(entry, ReadoutEntry):
             raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
         vector = self.vectors.get(entry.vector)
+        if vector.site != "resid":  # readouts project the residual stream at a block's output
+            raise InvalidInputError(
+                f"readout vector {entry.vector!r} is for site {vector.site!r}; a readout "
+                f"projects the residual stream (site 'resid')"
+            )
         layer = self.model.adapter.resolve_layer(entry.layer)
         direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
         direction = direction.detach().to(torch.float32).cpu()

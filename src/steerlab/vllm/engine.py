@@ -57,7 +57,14 @@ from steerlab.server.engine import (
 from steerlab.vectors import SteeringVector
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.plugin import READOUT_EXTENSION
-from steerlab.vllm.spec import EXTRA_ARGS_KEY, readout_to_wire, resolve, resolve_readout, to_wire
+from steerlab.vllm.spec import (
+    EXTRA_ARGS_KEY,
+    readout_to_wire,
+    refuse_site,
+    resolve,
+    resolve_readout,
+    to_wire,
+)
 
 __all__ = ["VLLMEngine"]
 
@@ -266,15 +273,16 @@ class VLLMEngine:
         strength: Any = entry.strength
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
-        return Steering(
-            self.vectors.get(entry.vector), strength=strength, positions=entry.positions
-        )
+        vector = self.vectors.get(entry.vector)
+        refuse_site(vector.site)
+        return Steering(vector, strength=strength, positions=entry.positions)
 
     def _probe(self, entry: ReadoutEntry) -> tuple[int, torch.Tensor]:
         """The torch engine's probe (``TorchEngine._readout``): unit float32 direction."""
         if not isinstance(entry, ReadoutEntry):
             raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
         vector = self.vectors.get(entry.vector)
+        refuse_site(vector.site)
         layer = entry.layer
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise InvalidInputError(f"readout layer must be an int, got {layer!r}")

@@ -152,6 +152,7 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
                 f"positions {term.positions!r} select tokens by their text, which the vLLM "
                 f"plugin does not support (use index-based positions)"
             )
+        refuse_site(term.resolved_site)
         vector = {
             str(layer): term.vector.directions[layer].to(torch.float32).tolist()
             for layer in term.vector.layers
@@ -166,6 +167,24 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             }
         )
     return {"steering": entries}
+
+
+def refuse_site(site: str) -> None:
+    """Refuse a site other than the residual stream, naming it: vLLM's decoder layers fuse
+    attention, MLP and the residual add into kernels the plugin cannot hook inside.
+
+    >>> refuse_site("resid")
+    >>> refuse_site("head")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: the vLLM engine steers the residual stream only ...
+    """
+    if site != "resid":
+        raise InvalidInputError(
+            f"the vLLM engine steers the residual stream only (site 'resid'); this vector is "
+            f"for site {site!r}, which vLLM's fused attention and MLP kernels leave no place to "
+            f"hook; serve it with the torch engine (steerlab serve --engine torch)"
+        )
 
 
 # --- worker side --------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""Sites: where in a decoder block a vector is read or added.
+
+=============  ======================================================================  ========
+site           the activation                                                          width
+=============  ======================================================================  ========
+``resid``      the residual stream at the output of block ``L`` (the default)          d_model
+``attn_out``   what block ``L``'s attention module outputs, before it joins the        d_model
+               residual stream
+``mlp_out``    what block ``L``'s MLP (or mixture of experts) outputs                  d_model
+``head``       the per-head outputs: the input of the attention output projection,     n_heads
+               one ``head_dim`` slice per head (``heads=[...]`` picks some)            × head_dim
+``router``     a mixture of experts' router logits, one per expert                     n_experts
+=============  ======================================================================  ========
+
+Steering, reading (``model.activations(..., site=)``), the methods and the ablations
+(:mod:`steerlab.ablation.sites` maps its components onto these) all locate a site here.
+
+>>> from steerlab.testing import tiny_model
+>>> adapter = tiny_model("llama").adapter
+>>> module, kind = site_hook(adapter, "head", 1)
+>>> kind, site_width(adapter, "head") == adapter.n_heads * adapter.head_dim
+('forward_pre', True)
+>>> head_mask(adapter, [1]).nonzero().flatten().tolist() == list(range(8, 16))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerlab.adapter import ModelAdapter
+from steerlab.errors import InvalidInputError
+
+__all__ = [
+    "SITES",
+    "check_heads",
+    "check_site",
+    "head_mask",
+    "output_hidden",
+    "replace_output_hidden",
+    "site_hook",
+    "site_width",
+]
+
+SITES: tuple[str, ...] = ("resid", "attn_out", "mlp_out", "head", "router")
+"""The sites a vector can live at (see the table above)."""
+
+# Vector files written before sites existed say "block_output" for the residual stream.
+_ALIASES = {"block_output": "resid"}
+
+
+def check_site(site: object, argument: str = "site") -> str:
+    """``site`` in its canonical spelling, or an error naming ``argument`` and the sites.
+
+    >>> check_site("block_output")
+    'resid'
+    >>> check_site("ffn")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: unknown site='ffn'; use one of resid, attn_out, ...
+    """
+    name = _ALIASES.get(site, site) if isinstance(site, str) else site
+    if name not in SITES:
+        raise InvalidInputError(f"unknown {argument}={site!r}; use one of {', '.join(SITES)}")
+    return str(name)
+
+
+def site_hook(adapter: ModelAdapter, site: str, layer: int) -> tuple[nn.Module, str]:
+    """The module whose hook of the returned kind sees ``site`` at ``layer``: its output
+    (``"forward"``), or for heads the input of the output projection (``"forward_pre"``).
+
+    >>> from steerlab.testing import tiny_model
+    >>> adapter = tiny_model("gpt2").adapter
+    >>> module, kind = site_hook(adapter, "resid", 0)
+    >>> module is adapter.block(0), kind
+    (True, 'forward')
+    """
+    site = check_site(site)
+    if site == "resid":
+        return adapter.block(layer), "forward"
+    if site == "attn_out":
+        return adapter.attention(layer), "forward"
+    if site == "mlp_out":
+        return adapter.mlp(layer), "forward"
+    if site == "head":
+        return adapter.attn_out(layer), "forward_pre"
+    return adapter.router(layer), "forward"
+
+
+def site_width(adapter: ModelAdapter, site: str) -> int:
+    """The last dimension of ``site``'s activation.
+
+    >>> from steerlab.testing import tiny_model
+    >>> site_width(tiny_model("mixtral").adapter, "router")
+    4
+    """
+    site = check_site(site)
+    if site == "head":
+        return adapter.n_heads * adapter.head_dim
+    if site == "router":
+        adapter.router(0)  # a dense model, or an MoE whose router was not found, says so
+        return adapter.n_experts
+    return adapter.d_model
+
+
+def check_heads(
+    adapter: ModelAdapter, heads: int | Sequence[int] | None, argument: str = "heads"
+) -> tuple[int, ...]:
+    """The heads ``heads`` names (an int or a list; negative indices count from the end),
+    non-negative and without repeats, in the order given. ``argument`` names the option in
+    errors.
+
+    >>> from steerlab.testing import tiny_model
+    >>> adapter = tiny_model("llama").adapter
+    >>> check_heads(adapter, [-1, 0, adapter.n_heads - 1]) == (adapter.n_heads - 1, 0)
+    True
+    >>> check_heads(adapter, [9])
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: heads: head 9 is out of range for a model with 4 heads
+    """
+    if heads is None:
+        raise InvalidInputError(f"{argument}= is needed (an int or a list of ints)")
+    items = [heads] if isinstance(heads, int) else list(heads)
+    if not items:
+        raise InvalidInputError(f"{argument}: the list of heads is empty")
+    out: list[int] = []
+    for head in items:
+        if isinstance(head, bool) or not isinstance(head, int):
+            raise InvalidInputError(f"{argument}: a head index must be an int, got {head!r}")
+        if not -adapter.n_heads <= head < adapter.n_heads:
+            raise InvalidInputError(
+                f"{argument}: head {head} is out of range for a model with {adapter.n_heads} heads"
+            )
+        if head % adapter.n_heads not in out:
+            out.append(head % adapter.n_heads)
+    return tuple(out)
+
+
+def head_mask(adapter: ModelAdapter, heads: Sequence[int]) -> torch.Tensor:
+    """``Tensor[n_heads * head_dim]`` bool, true on the slices of ``heads`` (query heads: with
+    grouped-query attention the output projection still reads one slice per query head).
+
+    >>> from steerlab.testing import tiny_model
+    >>> int(head_mask(tiny_model("qwen3").adapter, [0, 3]).sum())
+    16
+    """
+    mask = torch.zeros(adapter.n_heads, adapter.head_dim, dtype=torch.bool)
+    mask[list(check_heads(adapter, heads))] = True
+    return mask.flatten()
+
+
+# --- module outputs: tensor (transformers 5) or tuple (transformers 4, attention, gpt-oss MLP) --
+def output_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output that may be a tensor or a tuple.
+
+    >>> output_hidden((torch.ones(1), None)).tolist()
+    [1.0]
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the hidden state in a module output of type {type(output)}")
+
+
+def replace_output_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced, keeping the container type.
+
+    >>> replace_output_hidden((torch.ones(1), "kept"), torch.zeros(1))[1]
+    'kept'
+    """
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (
+        type(output)((hidden, *output[1:])) if isinstance(output, tuple) else [hidden, *output[1:]]
+    )
