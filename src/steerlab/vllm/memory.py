@@ -64,8 +64,10 @@ def _total() -> int:
 
 
 def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # no vLLM here: nothing will start, nothing to size
+        return False
     return bool(current_platform.is_cpu())
 
 
