@@ -19,7 +19,16 @@ steering method. This module runs that protocol offline:
    prompting baseline (the instruction plus the hint, unsteered), all scored the same way
    against the original instruction;
 4. every row also carries the damage on the neutral corpus (KL and perplexity with the steering
-   left on at the same positions; 0 and the unsteered perplexity for prompting).
+   left on at the same positions; 0 and the unsteered perplexity for prompting);
+5. and how reliable it is, item by item: ``wrong_way``, the share of held-out instructions on
+   which the candidate's concept score is *below* the unsteered one's (Tan et al. 2024 found
+   steering moves many items the wrong way), beside ``consistency``, the steerability
+   predictor of Braun et al. 2025: the mean cosine of the per-pair training differences to their
+   mean (near 1: one shared direction; near 0: the pairs disagree and steering is unreliable).
+
+With ``judge=`` (a :class:`~steerlab.judge.Judge`: any OpenAI-compatible endpoint) the three
+scores are AxBench's LLM judgements instead (0-2 each, reported divided by 2); replies without a
+readable rating are counted per row (``unparsed``) and left out of the means.
 
 >>> from steerlab.testing import tiny_model
 >>> model = tiny_model("llama")
@@ -48,8 +57,10 @@ from steerlab.analysis import residual_norms
 from steerlab.data import ContrastDataset, load_builtin
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.interventions import Steering
+from steerlab.judge import Judge
 from steerlab.methods import extract_activations, run_method
 from steerlab.operators import operator_names
+from steerlab.progress import progress_bar
 from steerlab.scorers import (
     embedding_score,
     fluency_scores,
@@ -71,6 +82,7 @@ __all__ = [
     "available_operators",
     "builtin_concepts",
     "concept_instructions",
+    "pair_consistency",
     "evaluate_concept",
     "score_texts",
 ]
@@ -86,7 +98,8 @@ class Concept:
 
     ``scorer``: ``"words"`` (``words`` found in the text), ``"vader"`` (sentiment toward
     ``sign``) or ``"embedding"`` (similarity to ``positive`` vs ``negative``). ``hint`` is added
-    to the instruction for the prompting baseline.
+    to the instruction for the prompting baseline; ``description`` is what an LLM judge is told
+    the concept is (default: the name).
     """
 
     name: str
@@ -96,6 +109,7 @@ class Concept:
     words: tuple[str, ...] = ()
     hint: str = ""
     sign: int = 1
+    description: str = ""
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -129,18 +143,19 @@ def _read_json(name: str) -> Any:
 
 @functools.cache
 def builtin_concepts() -> dict[str, Concept]:
-    """The concepts shipped with steerlab: ``sentiment`` (VADER), ``formality`` and ``food``
-    (word lists; formality's is ``datasets/concepts/formality_words.json``).
+    """The concepts shipped with steerlab: ``sentiment`` (VADER), ``formality``, ``food``,
+    ``music`` and ``animals`` (word lists; formality's is
+    ``datasets/concepts/formality_words.json``), 24 or more contrastive pairs each.
 
     >>> sorted(builtin_concepts())
-    ['food', 'formality', 'sentiment']
+    ['animals', 'food', 'formality', 'music', 'sentiment']
     """
     sentiment = load_builtin("sentiment")
     formality = load_builtin("formality")
     # the 20 words of formality.json are for next-token probability mass; in a text they find a
     # formal marker in 22% of that set's own formal sentences: the scorer uses a longer list
     formal_words = _read_json("formality_words")["words"]
-    food = _read_json("food")
+    topics = {name: _topic(_read_json(name)) for name in ("food", "music", "animals")}
     return {
         "sentiment": Concept(
             name="sentiment",
@@ -148,6 +163,7 @@ def builtin_concepts() -> dict[str, Concept]:
             negative=sentiment.negative,
             scorer="vader",
             hint="Answer in a very happy, positive and enthusiastic tone.",
+            description="positive sentiment: a happy, enthusiastic, approving tone",
         ),
         "formality": Concept(
             name="formality",
@@ -156,23 +172,30 @@ def builtin_concepts() -> dict[str, Concept]:
             scorer="words",
             words=tuple(w.strip() for w in formal_words),
             hint="Answer in a very formal, polite and official register.",
+            description="a formal register: polite, official, elaborate wording",
         ),
-        "food": Concept(
-            name="food",
-            positive=tuple(p["positive"] for p in food["pairs"]),
-            negative=tuple(p["negative"] for p in food["pairs"]),
-            scorer="words",
-            words=tuple(w.strip() for w in food["positive_words"]),
-            hint="Talk about food in your answer.",
-        ),
+        **topics,
     }
 
 
+def _topic(data: Mapping[str, Any]) -> Concept:
+    name = str(data["name"])
+    return Concept(
+        name=name,
+        positive=tuple(p["positive"] for p in data["pairs"]),
+        negative=tuple(p["negative"] for p in data["pairs"]),
+        scorer="words",
+        words=tuple(w.strip() for w in data["positive_words"]),
+        hint=str(data.get("hint", f"Talk about {name} in your answer.")),
+        description=str(data.get("judge_description", name)),
+    )
+
+
 def concept_instructions() -> list[str]:
-    """The 16 shipped instructions (first half: strength selection; second half: report).
+    """The 40 shipped instructions (first half: strength selection; the other 20: report).
 
     >>> len(concept_instructions())
-    16
+    40
     """
     return list(_read_json("instructions")["instructions"])
 
@@ -208,7 +231,12 @@ class ConceptRow:
 
     ``concept``, ``fluency``, ``relevance`` and ``combined`` (their harmonic mean per text, then
     averaged) are in ``[0, 1]``; ``perplexity`` is the mean perplexity of the continuations under
-    the unsteered model; ``train_combined`` the score that chose ``strength``.
+    the unsteered model; ``train_combined`` the score that chose ``strength``. ``wrong_way``:
+    the share of held-out instructions whose concept score is below the unsteered one's (``None``
+    for the unsteered row); ``consistency``: the steerability predictor of the vector's training
+    pairs (:func:`pair_consistency`; ``None`` for the baselines); ``unparsed``: judge replies
+    without a rating; ``concept_items`` the concept score of each held-out instruction (NaN where
+    a judge gave no rating), in order.
     """
 
     name: str
@@ -225,6 +253,10 @@ class ConceptRow:
     kl_neutral: float | None = None
     perplexity_neutral: float | None = None
     example: str = ""
+    wrong_way: float | None = None
+    consistency: float | None = None
+    unparsed: int = 0
+    concept_items: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The row as a flat dict."""
@@ -261,9 +293,29 @@ class ConceptResult:
 
 # --- evaluation ----------------------------------------------------------------------------------
 def _score_block(
-    model: Any, concept: Concept, instructions: Sequence[str], texts: Sequence[str]
+    model: Any,
+    concept: Concept,
+    instructions: Sequence[str],
+    texts: Sequence[str],
+    judge: Judge | None = None,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     fluency = fluency_scores(model, instructions, texts, chat=_chat(model))
+    if judge is not None:
+        scores = judge.score(
+            concept.description or concept.name, instructions, texts, progress=progress
+        )
+        # AxBench's 0-2 ratings, halved to share the [0, 1] scale of the built-in scorers
+        rated = {k: (v / 2.0).float() for k, v in scores.ratings.items()}
+        unparsed = torch.stack([torch.isnan(v) for v in scores.ratings.values()]).sum(dim=0)
+        return {
+            **fluency,
+            "fluency": rated["fluency"],
+            "relevance": rated["relevance"],
+            "concept": rated["concept"],
+            "combined": harmonic_mean(rated["concept"], rated["fluency"], rated["relevance"]),
+            "unparsed": unparsed.float(),
+        }
     relevance = relevance_scores(model, instructions, texts, chat=_chat(model))
     presence = score_texts(concept, texts)
     return {
@@ -271,6 +323,7 @@ def _score_block(
         "relevance": relevance,
         "concept": presence,
         "combined": harmonic_mean(presence, fluency["fluency"], relevance),
+        "unparsed": torch.zeros(len(texts)),
     }
 
 
@@ -285,15 +338,25 @@ def _generate(
     *,
     max_new_tokens: int,
     batch_size: int,
+    progress: bool | None = None,
 ) -> list[str]:
-    ids = model.generate_ids(
-        list(prompts),
-        steering=list(steering) if any(s is not None for s in steering) else None,
-        max_new_tokens=max_new_tokens,
-        chat=_chat(model),
-        batch_size=batch_size,
-    )
-    return [str(model.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
+    out: list[str] = []
+    bar = progress_bar(len(prompts), "generate", progress)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(steering[start : start + batch_size])
+            ids = model.generate_ids(
+                list(prompts[start : start + batch_size]),
+                steering=chunk if any(s is not None for s in chunk) else None,
+                max_new_tokens=max_new_tokens,
+                chat=_chat(model),
+                batch_size=batch_size,
+            )
+            out.extend(str(model.tokenizer.decode(row, skip_special_tokens=True)) for row in ids)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out
 
 
 STEERED_POSITIONS = slice(1, None)
@@ -320,6 +383,22 @@ def _sem(values: torch.Tensor) -> float:
     return float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
 
 
+def pair_consistency(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The steerability predictor of Braun et al. 2025: the mean cosine between each pair's
+    activation difference and the mean difference (``[n, d]`` each, paired by row).
+
+    >>> import torch
+    >>> pair_consistency(torch.tensor([[2.0, 0.0], [3.0, 0.0]]), torch.zeros(2, 2))
+    1.0
+    >>> round(pair_consistency(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), torch.zeros(2, 2)), 4)
+    0.7071
+    """
+    diffs = positive.double() - negative.double()
+    mean = diffs.mean(dim=0)
+    cos = torch.nn.functional.cosine_similarity(diffs, mean.expand_as(diffs), dim=-1)
+    return float(cos.mean())
+
+
 def _vectors(
     model: Any,
     dataset: ContrastDataset,
@@ -327,12 +406,14 @@ def _vectors(
     methods: Sequence[str],
     *,
     progress: bool | None,
-) -> dict[str, SteeringVector]:
-    """One activation pass, every method on it (as :func:`~steerlab.methods.compute_vector`)."""
+) -> tuple[dict[str, SteeringVector], float]:
+    """One activation pass, every method on it (as :func:`~steerlab.methods.compute_vector`),
+    and the pairs' consistency (:func:`pair_consistency`)."""
     acts = extract_activations(
         model, list(dataset.positive + dataset.negative), layers=[layer], progress=progress
     )
     n = len(dataset.positive)
+    consistency = pair_consistency(acts[layer][:n], acts[layer][n:])
     out = {}
     for method in methods:
         result = run_method(method, acts[layer][:n], acts[layer][n:], paired=True, seed=0)
@@ -342,7 +423,7 @@ def _vectors(
             dataset={"name": dataset.name, "n_pairs": n, "paired": True},
         )
         out[method] = SteeringVector({layer: result.direction.float()}, metadata=metadata)
-    return out
+    return out, consistency
 
 
 def evaluate_concept(
@@ -364,6 +445,7 @@ def evaluate_concept(
     max_pairs: int | None = None,
     model_name: str | None = None,
     progress: bool | None = None,
+    judge: Judge | None = None,
 ) -> ConceptResult:
     """Run the AxBench-style protocol for one concept (see the module docstring).
 
@@ -376,7 +458,9 @@ def evaluate_concept(
     half) choose each candidate's strength, the rest are the report. ``max_pairs`` uses the
     first pairs of the concept only (CPU budgets). ``operators`` default to
     :func:`available_operators`. Rows: ``unsteered``, ``prompting`` (if asked), then one per
-    method × operator (``"pca"``, ``"pca+clamp"``...).
+    method × operator (``"pca"``, ``"pca+clamp"``...). ``judge`` scores with an LLM judge
+    (:class:`~steerlab.judge.Judge`) instead of the built-in scorers, train and held-out alike.
+    ``progress``: bars on a terminal by default (``None``), forced on or off with True/False.
     """
     if isinstance(concept, str):
         known = builtin_concepts()
@@ -407,7 +491,7 @@ def evaluate_concept(
             negative=dataset.negative[:max_pairs],
             paired=True,
         )
-    vectors = _vectors(model, dataset, layer, methods, progress=progress)
+    vectors, consistency = _vectors(model, dataset, layer, methods, progress=progress)
     raw_norms = {method: float(vec[layer].norm()) for method, vec in vectors.items()}
     residual: float | None = None
     if scale == "residual":
@@ -423,8 +507,17 @@ def evaluate_concept(
     configs = [(name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in values]
     prompts = [p for _ in configs for p in train]
     rows = [c[2] for c in configs for _ in train]
-    texts = _generate(model, prompts, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scored = _score_block(model, concept, prompts, texts)["combined"]
+    texts = _generate(
+        model,
+        prompts,
+        rows,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    train_block = _score_block(model, concept, prompts, texts, judge, progress)
+    scored = train_block["combined"]
+    train_unparsed = int(train_block["unparsed"].sum())
     curves: dict[str, list[tuple[float, float]]] = {}
     chosen: dict[str, tuple[float, float]] = {}
     for k, (name, s, _) in enumerate(configs):
@@ -447,10 +540,15 @@ def evaluate_concept(
     all_prompts = [p for entry in report for p in entry[2]]
     all_rows = [r for entry in report for r in entry[3]]
     outputs = _generate(
-        model, all_prompts, all_rows, max_new_tokens=max_new_tokens, batch_size=batch_size
+        model,
+        all_prompts,
+        all_rows,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
     )
     # every continuation is judged against the original instruction, prompting included
-    judged = _score_block(model, concept, list(test) * len(report), outputs)
+    judged = _score_block(model, concept, list(test) * len(report), outputs, judge, progress)
     damages: dict[str, tuple[float, float]] = {}
     if damage:
         names = [entry[0] for entry in report]
@@ -459,9 +557,15 @@ def evaluate_concept(
         damages = {n: (d.kl, d.perplexity) for n, d in zip(names, measured, strict=True)}
     result_rows = []
     n = len(test)
+    base = judged["concept"][:n].double()  # the unsteered row comes first
     for k, (name, s, _, _, train_score) in enumerate(report):
         part = {key: value[k * n : (k + 1) * n] for key, value in judged.items()}
         kl, ppl = damages.get(name, (None, None))
+        wrong: float | None = None
+        if k > 0:
+            here = part["concept"].double()
+            both = torch.isfinite(here) & torch.isfinite(base)
+            wrong = float((here[both] < base[both]).double().mean()) if both.any() else math.nan
         result_rows.append(
             ConceptRow(
                 name=name,
@@ -478,6 +582,10 @@ def evaluate_concept(
                 kl_neutral=kl,
                 perplexity_neutral=ppl,
                 example=outputs[k * n].strip(),
+                wrong_way=wrong,
+                consistency=consistency if name in final else None,
+                unparsed=int(part["unparsed"].sum()),
+                concept_items=tuple(float(v) for v in part["concept"]),
             )
         )
     return ConceptResult(
@@ -499,5 +607,8 @@ def evaluate_concept(
             "scorer": concept.scorer,
             "hint": concept.hint,
             "positions": "every token but the first (the attention sink)",
+            "pair_consistency": consistency,
+            "judge": None if judge is None else {"url": judge.url, "model": judge.model},
+            "judge_unparsed_train": train_unparsed,
         },
     )

@@ -14,6 +14,7 @@ True
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -137,8 +138,11 @@ def caa(
     ] = None,
     out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("caa.json"),
     progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress", help="Progress bars (default: on a terminal only)."
+        ),
+    ] = None,
 ) -> None:
     """Reproduce CAA's A/B behaviour table: p(answer matching the behaviour) per multiplier."""
     values = parse_numbers(multipliers, "multipliers")
@@ -234,7 +238,7 @@ def concept(
     ] = "residual",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per continuation.")] = 24,
     instructions: Annotated[
-        int | None, typer.Option(help="Use the first N shipped instructions (default 16).")
+        int | None, typer.Option(help="Use the first N shipped instructions (default all 40).")
     ] = None,
     prompting: Annotated[
         bool, typer.Option("--prompting/--no-prompting", help="Include the prompting baseline.")
@@ -248,9 +252,26 @@ def concept(
         typer.Option("--model", "-m", help="Model folder or cached hub id (default: SmolLM2)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("concept.json"),
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            help="An OpenAI-compatible endpoint (…/v1) whose model judges concept, relevance "
+            "and fluency 0-2 (AxBench); default: the built-in scorers."
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="The judge's model name (with --judge-url).")
+    ] = None,
+    judge_key: Annotated[
+        str | None,
+        typer.Option(help="API key for the judge (default: $OPENAI_API_KEY, else 'EMPTY')."),
+    ] = None,
     progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress", help="Progress bars (default: on a terminal only)."
+        ),
+    ] = None,
 ) -> None:
     """AxBench-style: steer continuations of instructions, score concept x fluency x relevance."""
     values = parse_numbers(strengths, "strengths")
@@ -259,9 +280,17 @@ def concept(
         raise typer.BadParameter("methods: give at least one")
     if max_new_tokens < 1:
         raise typer.BadParameter("--max-new-tokens must be positive")
+    if (judge_url is None) != (judge_model is None):
+        raise typer.BadParameter("--judge-url and --judge-model go together")
     try:
         import steerlab as sl
         from steerlab.concepts import concept_instructions, evaluate_concept
+        from steerlab.judge import Judge
+
+        judge = None
+        if judge_url is not None and judge_model is not None:
+            key = judge_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+            judge = Judge(judge_url, judge_model, api_key=key)
 
         items = concept_instructions()
         if instructions is not None:
@@ -282,6 +311,7 @@ def concept(
             damage=damage,
             model_name=model or "SmolLM2-135M-Instruct",
             progress=progress,
+            judge=judge,
         )
         _write_json(out, result.to_dict())
     except SteerlabError as err:
@@ -291,7 +321,12 @@ def concept(
         typer.echo(
             f"{row.name:>18} s={row.strength:<5g} concept {row.concept:.2f}  fluency "
             f"{row.fluency:.2f}  relevance {row.relevance:.2f}  combined {row.combined:.3f}"
+            + ("" if row.wrong_way is None else f"  wrong-way {row.wrong_way:.2f}")
+            + ("" if row.consistency is None else f"  consistency {row.consistency:.2f}")
         )
+    unparsed = sum(r.unparsed for r in result.rows) + result.settings["judge_unparsed_train"]
+    if judge is not None:
+        typer.echo(f"judge replies without a rating: {unparsed}")
     typer.echo(f"wrote {out}")
 
 
