@@ -133,6 +133,13 @@ def test_eval_concept_writes_rows(model_dir: Path, tmp_path: Path) -> None:
     assert set(doc["train_curves"]) >= {"mean_diff", "pca"}
     assert doc["settings"]["scale"] == "residual" and doc["settings"]["residual_norm"] > 0
     assert doc["settings"]["operators"] == ["add", "clamp", "add_norm"]
+    # reliability beside every vector row: the pairs' consistency, the wrong-way share
+    consistency = doc["settings"]["pair_consistency"]
+    assert -1.0 <= consistency <= 1.0 and doc["settings"]["judge"] is None
+    for row in doc["rows"][2:]:
+        assert row["consistency"] == consistency and 0.0 <= row["wrong_way"] <= 1.0
+        assert len(row["concept_items"]) == 2  # 4 instructions: 2 chose the strength
+    assert "wrong-way" in result.output and "consistency" in result.output
     raw = CliRunner().invoke(
         app,
         [
@@ -152,3 +159,14 @@ def test_eval_concept_writes_rows(model_dir: Path, tmp_path: Path) -> None:
         app, ["eval", "concept", "--concept", "nope", "--model", str(model_dir)]
     )
     assert unknown.exit_code == 1 and "unknown concept 'nope'" in unknown.output
+
+
+def test_eval_concept_judge_flags_go_together(model_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["eval", "concept", "--concept", "food", "--layer", "1", "--model", str(model_dir),
+         "--judge-url", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "c.json")],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--judge-url and --judge-model go together" in result.output
+    assert "Traceback" not in result.output
