@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import steerlab as sl
 from steerlab.sae import SAE, hook_layer
+from steerlab.testing import tiny_model
 
 FIXTURES = Path(__file__).parent / "data" / "saelens"
 PROMPTS = ["the cat sat on the mat", "a dog", "we went to the market today"]
@@ -322,3 +323,35 @@ def test_top_features_match_a_direct_encoding(tmp_path: Path, llama: sl.SteeredM
     assert len(top.table().splitlines()) == sum(len(i) for i in ids)
     with pytest.raises(sl.VectorMismatchError, match="width"):
         sl.load_sae(_saelens_folder(tmp_path / "w", _weights(d_in=16))).top_features(llama, PROMPTS)
+
+
+def test_a_feature_clamp_is_served_like_the_library(tmp_path: Path) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from steerlab.server.app import create_app, serve_in_thread
+    from steerlab.server.engine import TorchEngine
+
+    served, reference = tiny_model("llama"), tiny_model("llama")  # same seed, same weights
+    sae = sl.load_sae(_saelens_folder(tmp_path / "s", _weights(6)))
+    h = torch.cat(reference.activations(PROMPTS, layers=[1], positions="all")[1])
+    i = int(sae.encode(h).gt(0).float().mean(0).argmax())
+    vec = sae.feature(i)
+    vec.save(tmp_path / "feat.safetensors")
+    engine = TorchEngine(served, max_batch=4, model_id="tiny")
+    engine.vectors.register("feat", sl.SteeringVector.load(tmp_path / "feat.safetensors"))
+    with serve_in_thread(create_app(engine, max_strength=100.0)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for strength in (0.0, 40.0):
+            steering = [{"vector": "feat", "strength": strength, "op": "clamp"}]
+            reply = client.completions.create(
+                model="tiny",
+                prompt=PROMPTS[0],
+                max_tokens=6,
+                temperature=0,
+                extra_body={"steering": steering},
+            )
+            want = reference.generate(
+                PROMPTS[0], steering=vec, strength=strength, op="clamp", max_new_tokens=6
+            )
+            assert reply.choices[0].text == want
+        assert want != reference.generate(PROMPTS[0], max_new_tokens=6)
