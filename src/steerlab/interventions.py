@@ -52,10 +52,12 @@ from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.operators import Add, Operator, check_extras, get_operator, stack_params
 from steerlab.positions import Positions, PositionSpec, marker_flags
 from steerlab.sites import (
+    check_experts,
     check_site,
     head_mask,
     output_hidden,
     replace_output_hidden,
+    reroute,
     site_hook,
     site_width,
 )
@@ -769,7 +771,10 @@ class Steering(Intervention):
     ``site`` (:mod:`steerlab.sites`; ``None``: the vector's own, ``"resid"`` by default) is
     where the operator acts: the residual stream, a block's attention or MLP output, or the
     per-head outputs; ``heads=[...]`` with ``site="head"`` adds only those heads' slices of the
-    direction (the rest of the vector is ignored).
+    direction (the rest of the vector is ignored). On a mixture of experts, ``site="router"``
+    adds the vector (one entry per expert) to the router logits, ``experts=[...]`` keeping only
+    those experts' entries; with ``site="mlp_out"``, ``experts=[...]`` adds the vector only at
+    tokens routed to one of those experts.
 
     >>> import torch
     >>> from steerlab.vectors import SteeringVector
@@ -786,6 +791,7 @@ class Steering(Intervention):
     when: Any = None
     site: str | None = None
     heads: Sequence[int] | None = None
+    experts: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.vector, SteeringVector):
@@ -831,6 +837,16 @@ class Steering(Intervention):
                     f"heads= selects slices of an added direction; op {self.operator.name!r} "
                     f"acts on the whole head activation (leave heads= out)"
                 )
+        if self.experts is not None:
+            if site not in ("router", "mlp_out"):
+                raise InvalidInputError(
+                    f"experts= applies to site='router' or 'mlp_out', not {site!r}"
+                )
+            if isinstance(self.experts, int):
+                object.__setattr__(self, "experts", (self.experts,))
+            if isinstance(self.experts, (str, bytes)) or not isinstance(self.experts, Sequence):
+                raise InvalidInputError(f"experts must be a list of integers, not {self.experts!r}")
+            object.__setattr__(self, "experts", tuple(self.experts))
 
     @property
     def resolved_site(self) -> str:
@@ -871,6 +887,11 @@ class Steering(Intervention):
                 f"steering vector has size {vector.d_model} but {where} is {width}"
             )
         keep = head_mask(adapter, self.heads) if self.heads is not None else None
+        if self.experts is not None:
+            experts = list(check_experts(adapter, self.experts))
+            if site == "router":
+                keep = torch.zeros(width, dtype=torch.bool)
+                keep[experts] = True
         vec_layers = {layer: adapter.resolve_layer(layer) for layer in vector.layers}
         if isinstance(self.strength, Mapping):
             pairs = [(k, adapter.resolve_layer(k), float(v)) for k, v in self.strength.items()]
@@ -983,7 +1004,7 @@ class RowSteering(Intervention):
     def hooks(self, adapter: ModelAdapter, tracker: PositionTracker) -> list[HookSpec]:
         n_rows = len(self.rows)
         # (op name, positions, condition identity, site) -> layer -> per-row constants
-        Key = tuple[str, Positions, int, str]
+        Key = tuple[str, Positions, int, str, tuple[int, ...] | None]
         groups: dict[Key, dict[int, list[dict[str, torch.Tensor] | None]]] = {}
         meta: dict[Key, tuple[Operator, Positions, Any]] = {}
         for row, steering in enumerate(self.rows):
@@ -991,7 +1012,9 @@ class RowSteering(Intervention):
                 continue
             positions = Positions.parse(steering.positions)
             op = steering.operator
-            key = (op.name, positions, id(steering.when), steering.resolved_site)
+            site = steering.resolved_site
+            gate = tuple(steering.experts) if site == "mlp_out" and steering.experts else None
+            key = (op.name, positions, id(steering.when), site, gate)
             meta[key] = (op, positions, steering.when)
             per_layer = groups.setdefault(key, {})
             for layer, params in steering.layer_params(adapter).items():
@@ -999,9 +1022,10 @@ class RowSteering(Intervention):
         probes: dict[int, Any] = {}
         specs_first: list[HookSpec] = []
         terms_by_site: dict[tuple[int, int, str], list[_Term]] = {}
+        routings: dict[int, _Routing] = {}
         for key, per_layer in groups.items():
             op, positions, when = meta[key]
-            site = key[3]
+            site, gate = key[3], key[4]
             if positions.needs_ids:
                 if not positions.bound:
                     raise InvalidInputError(
@@ -1036,14 +1060,28 @@ class RowSteering(Intervention):
                 present = torch.tensor([p is not None for p in per_row], dtype=torch.bool)
                 # residual steering first at a layer: hooks keep the order they were made in
                 order = (layer, SITE_ORDER[site], site)
-                terms_by_site.setdefault(order, []).append(
-                    _Term(op, positions, stacked, None if bool(present.all()) else present, probe)
-                )
+                some = None if bool(present.all()) else present
+                term = _Term(op, positions, stacked, some, probe)
+                if gate is not None:
+                    term.experts = torch.tensor(check_experts(adapter, gate))
+                    term.routing = routings.setdefault(layer, _Routing())
+                terms_by_site.setdefault(order, []).append(term)
         specs = []
         for (layer, _, site), terms in sorted(terms_by_site.items()):
             module, kind = site_hook(adapter, site, layer)
-            hook = _SteerHook(tracker, terms, self.uniform, pre=kind == "forward_pre")
+            hook = _SteerHook(
+                tracker,
+                terms,
+                self.uniform,
+                pre=kind == "forward_pre",
+                router=module if site == "router" else None,
+            )
             specs.append(HookSpec(module, kind, hook))
+        # after any router steering of the same layer, so they see the final routing
+        specs += [
+            HookSpec(adapter.router(layer), "forward", routing.capture)
+            for layer, routing in routings.items()
+        ]
         return specs_first + specs
 
 
@@ -1056,18 +1094,36 @@ class _Term:
     params: dict[str, torch.Tensor]  # [rows, k] float32
     rows: torch.Tensor | None  # [rows] bool, None = every row
     probe: Any = None
+    experts: torch.Tensor | None = None  # only tokens routed to one of these experts
+    routing: _Routing | None = None
+
+
+class _Routing(threading.local):
+    """The experts a layer's router picked for each token in this thread's forward pass."""
+
+    indices: torch.Tensor | None = None
+
+    def capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.indices = output[2]
 
 
 class _SteerHook:
     """Forward hook applying its terms (in order) at the selected tokens of a block's output."""
 
     def __init__(
-        self, tracker: PositionTracker, terms: list[_Term], uniform: bool, *, pre: bool = False
+        self,
+        tracker: PositionTracker,
+        terms: list[_Term],
+        uniform: bool,
+        *,
+        pre: bool = False,
+        router: nn.Module | None = None,
     ):
         self.tracker = tracker
         self.terms = terms
         self.uniform = uniform
         self.pre = pre  # a forward pre-hook: the activation is the module's first argument
+        self.router = router  # steering router logits: the routing is recomputed from them
         self._placed: dict[tuple[int, torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
 
     def _params(self, index: int, like: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
@@ -1110,6 +1166,13 @@ class _SteerHook:
             rows = p.get("__rows__")
             if rows is not None:
                 mask = rows.expand(batch, hidden.shape[1]) if mask is None else mask & rows
+            if term.routing is not None and term.experts is not None:
+                picked = term.routing.indices
+                if picked is None:
+                    raise InvalidInputError("no routing was seen before the MoE output")
+                picked = picked.reshape(*hidden.shape[:2], -1)
+                routed = torch.isin(picked, term.experts.to(picked.device)).any(dim=-1)
+                mask = routed if mask is None else mask & routed
             if is_add:
                 # the historical exact path: h + delta in the model's dtype, zero elsewhere
                 delta = p["delta"]
@@ -1121,6 +1184,8 @@ class _SteerHook:
             values = {k: v for k, v in p.items() if k != "__rows__"}
             edited = term.op.apply(hidden.float(), values).to(hidden.dtype)
             hidden = edited if mask is None else torch.where(mask[..., None], edited, hidden)
+        if self.router is not None:
+            return reroute(self.router, output, hidden.reshape(flat))
         return replace_output_hidden(output, hidden.reshape(flat))
 
 

@@ -39,9 +39,11 @@ __all__ = [
     "SITES",
     "check_heads",
     "check_site",
+    "check_experts",
     "head_mask",
     "output_hidden",
     "replace_output_hidden",
+    "reroute",
     "site_hook",
     "site_width",
 ]
@@ -152,6 +154,66 @@ def head_mask(adapter: ModelAdapter, heads: Sequence[int]) -> torch.Tensor:
     mask = torch.zeros(adapter.n_heads, adapter.head_dim, dtype=torch.bool)
     mask[list(check_heads(adapter, heads))] = True
     return mask.flatten()
+
+
+def check_experts(adapter: ModelAdapter, experts: int | Sequence[int]) -> tuple[int, ...]:
+    """The experts ``experts`` names, checked against the model's expert count.
+
+    >>> from steerlab.testing import tiny_model
+    >>> check_experts(tiny_model("mixtral").adapter, [3, 0, 3])
+    (3, 0)
+    """
+    adapter.router(0)  # refuses a dense model, naming why
+    items = [experts] if isinstance(experts, int) else list(experts)
+    if not items:
+        raise InvalidInputError("experts: the list of experts is empty")
+    out: list[int] = []
+    for expert in items:
+        if isinstance(expert, bool) or not isinstance(expert, int):
+            raise InvalidInputError(f"experts: an expert index must be an int, got {expert!r}")
+        if not 0 <= expert < adapter.n_experts:
+            raise InvalidInputError(
+                f"experts: expert {expert} is out of range for a model with "
+                f"{adapter.n_experts} experts (0..{adapter.n_experts - 1})"
+            )
+        if expert not in out:
+            out.append(expert)
+    return tuple(out)
+
+
+# Routers that pick the top-k logits and softmax over those alone; the others softmax over
+# every expert, take the top k and (unless norm_topk_prob is false) renormalise them.
+_TOPK_THEN_SOFTMAX = ("GptOssTopKRouter",)
+
+
+def reroute(router: nn.Module, output: Any, logits: torch.Tensor) -> Any:
+    """The router's ``(logits, scores, indices)`` output recomputed from edited ``logits``,
+    the way that router computes them (so a zero edit gives its own output back, bit for bit).
+
+    >>> from steerlab.testing import tiny_model
+    >>> router = tiny_model("olmoe").adapter.router(0)
+    >>> out = router(torch.randn(5, 32))
+    >>> again = reroute(router, out, out[0])
+    >>> all(torch.equal(a, b) for a, b in zip(out, again))
+    True
+    """
+    top_k = getattr(router, "top_k", None)
+    if not isinstance(output, tuple) or len(output) != 3 or not isinstance(top_k, int):
+        raise InvalidInputError(
+            f"steerlab cannot re-route {type(router).__name__}: it knows routers that return "
+            f"(logits, scores, indices) and have a top_k"
+        )
+    scores_dtype = output[1].dtype
+    if type(router).__name__ in _TOPK_THEN_SOFTMAX:
+        top, indices = torch.topk(logits, top_k, dim=-1)
+        scores = torch.softmax(top, dim=1, dtype=top.dtype)
+    else:
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, indices = torch.topk(probs, top_k, dim=-1)
+        if getattr(router, "norm_topk_prob", True):
+            top = top / top.sum(dim=-1, keepdim=True)
+        scores = top
+    return (logits, scores.to(scores_dtype), indices)
 
 
 # --- module outputs: tensor (transformers 5) or tuple (transformers 4, attention, gpt-oss MLP) --
