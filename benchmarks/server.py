@@ -277,6 +277,8 @@ def _gaps_once(url: str, streams: int, baseline: int, long_prompt: str, cap: int
     for thread in threads:
         thread.start()
     while min(len(s) for s in stamps) < baseline:
+        if not all(thread.is_alive() for thread in threads):
+            raise RuntimeError("a stream ended before its baseline tokens (see its error)")
         time.sleep(0.01)
     arrived = time.perf_counter()
     reply = httpx.post(
@@ -332,6 +334,7 @@ def _head_of_line(args: argparse.Namespace, argv: list[str] | None) -> dict[str,
     modes: dict[str, Any] = {}
     with serve_in_thread(create_app(engine, max_tokens_cap=cap)) as url:
         _gaps_once(url, 1, 3, PROMPTS[0], cap)  # warm-up
+        print("warm-up done", flush=True)
         for mode, chunk in (("chunked", DEFAULT_PREFILL_CHUNK), ("whole", None)):
             engine.prefill_chunk = chunk
             modes[mode] = _gaps_once(url, args.streams, args.baseline_tokens, long_prompt, cap)

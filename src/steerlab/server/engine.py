@@ -1100,8 +1100,11 @@ class TorchEngine:
 
         chunked = self.prefill_chunk is not None
         budget = self.prefill_chunk or 0
-        if chunked and self._rows and self._token_time > 0 and self._step_time > 0:
-            budget = min(budget, max(_MIN_CHUNK, int(self._step_time / self._token_time)))
+        if chunked and self._rows:
+            if self._token_time > 0 and self._step_time > 0:
+                budget = min(budget, max(_MIN_CHUNK, int(self._step_time / self._token_time)))
+            else:  # nothing timed yet: a small first piece, timed for the next ones
+                budget = min(budget, _MIN_CHUNK)
         while self._prefilling:
             if chunked and budget <= 0:
                 return
