@@ -255,7 +255,9 @@ def _gaps_once(url: str, streams: int, baseline: int, long_prompt: str, cap: int
     (non-streaming, one token) and stop the streams when it is answered."""
     import httpx
 
-    stamps: list[list[float]] = [[] for _ in range(streams)]
+    # per stream, the token times of each of its requests (a stream whose request ends, at an
+    # end-of-sequence token, sends the next one at once)
+    stamps: list[list[list[float]]] = [[] for _ in range(streams)]
     stop = threading.Event()
 
     def stream(i: int) -> None:
@@ -266,19 +268,25 @@ def _gaps_once(url: str, streams: int, baseline: int, long_prompt: str, cap: int
             "temperature": 0,
             "stream": True,
         }
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as reply:
-            for line in reply.iter_lines():
-                if line.startswith("data: {"):
-                    stamps[i].append(time.perf_counter())
-                if stop.is_set():
-                    break  # closing the connection cancels the request on the server
+        while not stop.is_set():
+            times: list[float] = []
+            stamps[i].append(times)
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as reply:
+                for line in reply.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+                    if stop.is_set():
+                        break  # closing the connection cancels the request on the server
+
+    def tokens(i: int) -> int:
+        return sum(len(times) for times in stamps[i])
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
     for thread in threads:
         thread.start()
-    while min(len(s) for s in stamps) < baseline:
+    while min(tokens(i) for i in range(streams)) < baseline:
         if not all(thread.is_alive() for thread in threads):
-            raise RuntimeError("a stream ended before its baseline tokens (see its error)")
+            raise RuntimeError("a stream failed before its baseline tokens (see its error)")
         time.sleep(0.01)
     arrived = time.perf_counter()
     reply = httpx.post(
@@ -293,16 +301,14 @@ def _gaps_once(url: str, streams: int, baseline: int, long_prompt: str, cap: int
         thread.join()
     before: list[float] = []
     during: list[float] = []
-    for times in stamps:
-        for a, b in itertools.pairwise(times[1:]):  # from the 2nd token on: decoding gaps
-            if b <= arrived:
-                before.append(b - a)
-            elif b <= answered:
-                during.append(b - a)
-        # a stream still waiting when the answer came: its open gap counts too
-        later = [t for t in times if t > arrived]
-        if not later or later[0] > answered:
-            during.append(answered - max(t for t in times if t <= arrived))
+    for per_stream in stamps:
+        for times in per_stream:
+            # from a request's 2nd token on: decoding gaps only (the first waits for its prompt)
+            for a, b in itertools.pairwise(times[1:]):
+                if b <= arrived:
+                    before.append(b - a)
+                elif a < answered:  # the gap overlaps the time the long prompt was being read
+                    during.append(b - a)
     return {
         "long_prompt_tokens": int(reply.json()["usage"]["prompt_tokens"]),
         "long_first_token_s": answered - arrived,
