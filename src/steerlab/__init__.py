@@ -63,6 +63,7 @@ from steerlab.model import Batch, LayerActivations, PrefixCache, SteeredModel, w
 from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sae import SAE, TopFeatures, load_sae
+from steerlab.site_methods import expert_attribution, head_probes, iti_vector
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.training import (
     PreferenceItem,
@@ -147,6 +148,9 @@ __all__ = [
     "logit_lens",
     "logprob_diff",
     "mean_diff",
+    "expert_attribution",
+    "head_probes",
+    "iti_vector",
     "preference_items",
     "methods",
     "read_gguf",
