@@ -62,6 +62,24 @@ def test_compute_writes_the_library_vector(
     assert loaded["names"] == [None]
 
 
+def test_compute_plane_flag_stores_the_rotation_plane(
+    app: typer.Typer, loaded: dict[str, Any], tmp_path: Path
+) -> None:
+    stored = {}
+    for flag in ("--plane", "--no-plane", None):
+        out = tmp_path / f"{flag}.safetensors"
+        args = ["compute", "-d", "sentiment", "--layers", "1", "-o", str(out)]
+        result = runner.invoke(app, args + ([flag] if flag else []))
+        assert result.exit_code == 0, result.output
+        stored[flag] = SteeringVector.load(out)
+    reference = compute_vector(
+        loaded["model"], load_builtin("sentiment"), layers=[1], plane=True, progress=False
+    )
+    assert torch.equal(stored["--plane"].extras["plane"][1], reference.extras["plane"][1])
+    assert "plane" not in stored["--no-plane"].extras and "plane" not in stored[None].extras
+    assert torch.equal(stored[None][1], reference[1])
+
+
 def test_compute_from_text_files_with_options(
     app: typer.Typer, loaded: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -412,3 +412,61 @@ def test_pca_and_probe_agree_in_sign_with_mean_diff_on_real_data(default_model: 
         assert _cos(pca, reference) > 0.8
         assert _cos(probe.direction, reference) > 0.4
         assert probe.info["heldout_accuracy"] >= 0.75
+
+
+# --- cost: a mean_diff vector reads only up to its deepest layer -------------------------------
+def _count_blocks(model: Any) -> tuple[list[int], list[Any]]:
+    calls = [0] * model.n_layers
+
+    def counter(layer: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            calls[layer] += 1
+
+        return hook
+
+    handles = [
+        model.adapter.block(layer).register_forward_hook(counter(layer))
+        for layer in range(model.n_layers)
+    ]
+    return calls, handles
+
+
+@pytest.mark.parametrize("positions", ["last", -2])
+def test_mean_diff_runs_blocks_only_up_to_its_layer_and_is_bit_identical(positions: Any) -> None:
+    model = tiny_model("llama")  # 3 blocks
+    pos = ["i love it so", "so happy today", "what a great day"]
+    neg = ["i hate it so", "so sad today", "what a bad day"]
+    calls, handles = _count_blocks(model)
+    try:
+        cheap = compute_vector(model, pos, neg, layers=[1], positions=positions, batch_size=2)
+        assert calls == [3, 3, 0]  # three batches of the six prompts, block 2 never runs
+        calls[:] = [0, 0, 0]
+        full = compute_vector(
+            model, pos, neg, layers=[1], positions=positions, batch_size=2, plane=True
+        )
+        assert calls == [3, 3, 3]
+        calls[:] = [0, 0, 0]
+        last = compute_vector(model, pos, neg, layers=[0, 2], positions=positions, batch_size=2)
+        assert calls == [3, 3, 3]  # the last layer is read anyway: the plane comes for free
+    finally:
+        for handle in handles:
+            handle.remove()
+    # the direction and the affine reference are the same bits as the full pass's (the code
+    # before this change read every layer for every mean_diff vector)
+    assert torch.equal(cheap[1], full[1])
+    assert torch.equal(cheap.extras["reference"][1], full.extras["reference"][1])
+    assert "plane" not in cheap.extras and set(full.extras["plane"]) == {1}
+    assert set(last.extras["plane"]) == {0}
+    # ...and equal to the formula on activations read separately
+    acts = extract_activations(model, pos + neg, layers=[1], positions=positions)[1]
+    means = [half.double().mean(dim=0).float() for half in (acts[:3], acts[3:])]
+    assert torch.equal(cheap[1], means[0] - means[1])
+    assert torch.equal(cheap.extras["reference"][1], means[1])
+    # rotate needs the plane: the error says how to get one
+    with pytest.raises(sl.VectorMismatchError, match="plane=True"):
+        model.logits(["the cat"], steering=cheap, strength=30.0, op="rotate")
+    model.logits(["the cat"], steering=full, strength=30.0, op="rotate")
+    no_plane = compute_vector(model, pos, neg, layers=[2], plane=False)
+    assert "plane" not in no_plane.extras and "reference" in no_plane.extras
+    with pytest.raises(InvalidInputError, match="plane"):
+        compute_vector(model, pos, neg, layers=[1], plane="yes")  # type: ignore[arg-type]

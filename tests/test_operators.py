@@ -299,6 +299,21 @@ def test_sweep_and_tune_compare_operators_on_the_same_data(llama: sl.SteeredMode
     assert tuned.to_dict()["recommended"]["op"] == tuned.op
 
 
+def test_tune_with_rotate_computes_the_plane_itself(llama: sl.SteeredModel) -> None:
+    # layer 1 of 3: a plain compute_vector stops there and stores no plane; tune asks for it
+    tuned = sl.tune(
+        llama,
+        "sentiment",
+        layers=[1],
+        strengths=[30.0],
+        op="rotate",
+        n_examples=1,
+        max_new_tokens=2,
+        progress=False,
+    )
+    assert set(tuned.vector.extras["plane"]) == {1} and tuned.op == "rotate"
+
+
 def test_cli_takes_op_positions_and_when(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 

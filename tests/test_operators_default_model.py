@@ -32,6 +32,7 @@ def sentiment(default_model: Any) -> tuple[sl.SteeringVector, Any, Any]:
         list(train.negative)[:24],
         layers=[LAYER],
         progress=False,
+        plane=True,  # op="rotate" below
     )
     return vec, train, test
 

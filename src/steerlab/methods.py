@@ -518,6 +518,7 @@ def compute_vector(
     chat: bool = False,
     progress: bool | None = None,
     site: str = "resid",
+    plane: bool | None = None,
     **options: Any,
 ) -> SteeringVector:
     """Compute a steering vector with a registered method at every requested layer.
@@ -533,6 +534,14 @@ def compute_vector(
     The result carries the full metadata schema of :mod:`steerlab.vectors`, plus per-layer
     numbers the method reports under ``layer_info`` (``{"<layer>": {...}}``).
 
+    ``method="mean_diff"`` also stores what the ``affine`` and ``rotate`` operators read
+    (``vec.extras``): the negative prompts' mean at each layer, and angular steering's rotation
+    ``plane``, which is defined over the candidate directions of *every* layer. The forward pass
+    stops after the deepest layer it needs, so ``plane`` decides the cost: ``None`` (default)
+    stores the plane when the requested layers include the last one (the pass reads every layer
+    anyway), ``True`` always (a full forward pass), ``False`` never. Directions and means are
+    the same, bit for bit, whichever is chosen.
+
     >>> import steerlab as sl
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("llama")
@@ -545,9 +554,14 @@ def compute_vector(
     inputs = resolve_inputs(positive, negative, paired=paired)
     site = check_site(site)
     resolved = model.adapter.resolve_layers(layers)
-    # mean_diff also records what the rotate/affine operators need (see below); the plane of
-    # angular steering is defined over every layer's candidate direction
-    read_layers = list(range(model.n_layers)) if method == "mean_diff" else resolved
+    if plane is not None and not isinstance(plane, bool):
+        raise InvalidInputError(f"plane must be True, False or None, got {plane!r}")
+    # angular steering's plane needs every layer's activations; without it the pass stops at
+    # the deepest requested layer (model.activations ends the forward there)
+    if plane is None:
+        plane = max(resolved) == model.n_layers - 1
+    store_plane = method == "mean_diff" and plane and model.n_layers >= 2
+    read_layers = list(range(model.n_layers)) if store_plane else list(resolved)
     acts = extract_activations(
         model,
         inputs.positive + inputs.negative,
@@ -594,12 +608,12 @@ def compute_vector(
         extras["reference"] = {
             layer: acts[layer][n_pos:].double().mean(dim=0).float() for layer in resolved
         }
-        if len(read_layers) >= 2:
-            plane = angular_plane(
+        if store_plane:
+            second = angular_plane(
                 {layer: acts[layer][:n_pos] for layer in read_layers},
                 {layer: acts[layer][n_pos:] for layer in read_layers},
             )
-            extras["plane"] = {resolved[0]: plane}
+            extras["plane"] = {resolved[0]: second}
     return SteeringVector(directions, metadata=metadata, extras=extras)
 
 
@@ -617,10 +631,13 @@ def mean_diff(
     batch_size: int = 16,
     progress: bool | None = None,
     site: str = "resid",
+    plane: bool | None = None,
 ) -> SteeringVector:
     """Contrastive mean-difference vector: ``mean(acts(positive)) - mean(acts(negative))``,
     read at ``site`` (:mod:`steerlab.sites`; ``"attn_out"``/``"mlp_out"`` give a vector that
     steers the attention or MLP output).
+
+    ``plane``: whether to store angular steering's rotation plane, as in :func:`compute_vector`.
 
     >>> import steerlab as sl
     >>> from steerlab.testing import tiny_model
@@ -639,4 +656,5 @@ def mean_diff(
         batch_size=batch_size,
         progress=progress,
         site=site,
+        plane=plane,
     )

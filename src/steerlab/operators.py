@@ -542,8 +542,8 @@ def check_extras(op: Operator, extras: Mapping[str, Any], layer: int) -> None:
             "method='mean_diff'), which stores it, or add one with vec.with_extras(reference="
             "{layer: mean}))",
             "plane": "the second basis vector of the rotation plane (compute the vector with "
-            "sl.compute_vector(..., method='mean_diff'), which stores it, or add one with "
-            "vec.with_extras(plane={layer: vector}))",
+            "sl.compute_vector(..., method='mean_diff', plane=True), which stores it, or add "
+            "one with vec.with_extras(plane={layer: vector}))",
             "loreft_b": "the LoReFT matrices R, W, b (train them with sl.train_intervention)",
         }
         raise VectorMismatchError(

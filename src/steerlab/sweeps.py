@@ -1024,6 +1024,11 @@ def tune(
     candidate_layers = model.adapter.resolve_layers(
         default_layers(model.n_layers) if layers is None else layers
     )
+    from steerlab.operators import get_operator
+
+    op_names = [get_operator(o).name for o in ([op] if isinstance(op, str) else list(op))]
+    if not op_names or len(set(op_names)) != len(op_names):
+        raise InvalidInputError(f"op must be an operator name or a list of distinct ones: {op!r}")
     from steerlab.methods import compute_vector
 
     vector = compute_vector(
@@ -1034,16 +1039,13 @@ def tune(
         method=method,
         positions=vector_positions,
         progress=progress,
+        # a full forward pass only when an operator reads the rotation plane
+        plane=any("plane" in get_operator(name).needs for name in op_names) or None,
     ).with_metadata(dataset=data.name, split_seed=seed, test_fraction=test_fraction)
 
     # A/B prompts already carry the chat template when asked for; never apply it twice
     text_chat = chat and not data.answers
     common = {"positions": positions, "mode": mode, "chat": text_chat}
-    from steerlab.operators import get_operator
-
-    op_names = [get_operator(o).name for o in ([op] if isinstance(op, str) else list(op))]
-    if not op_names or len(set(op_names)) != len(op_names):
-        raise InvalidInputError(f"op must be an operator name or a list of distinct ones: {op!r}")
     op_sweeps = {
         name: sweep(
             model,

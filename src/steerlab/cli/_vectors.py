@@ -167,6 +167,15 @@ def compute(
     ] = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 16,
+    plane: Annotated[
+        bool | None,
+        typer.Option(
+            "--plane/--no-plane",
+            help="mean_diff: store the rotation plane of --op rotate (reads every layer). "
+            "Default: only when --layers includes the last layer.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Compute a steering vector from contrastive data and save it."""
     from steerlab.methods import METHODS, compute_vector
@@ -187,6 +196,7 @@ def compute(
         seed=seed,
         batch_size=batch_size,
         chat=chat,
+        plane=plane,
     )
     if normalize:
         vec = vec.normalized()

@@ -17,7 +17,7 @@ the definition of :attr:`steerlab.server.engine.TokenEvent.readout`.
 Steering entries with ``when`` (a condition) or text-selected positions (``after:``,
 ``between:``, ``outside:``) get a clear 400: the plugin's wire format carries neither.
 
->>> VLLMEngine.__name__  # the engine starts vLLM on start(); see the README for a full run
+>>> VLLMEngine.__name__  # the engine starts vLLM on start(); docs/vllm.md has a full run
 'VLLMEngine'
 """
 
