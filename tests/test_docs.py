@@ -22,6 +22,10 @@ Conventions (for anyone writing docs):
 
 * Only fences opened exactly as ```python (optionally followed by attributes) count; ```pycon,
   ```text and ```bash blocks are prose.
+* A new page gets a row in README.md's feature map (checked here) and an entry in mkdocs.yml's
+  nav (a page missing there is still built, listed under "More pages"). `make docs` builds the
+  site with warnings as errors: links between pages are checked, and so are the docstrings the
+  API reference renders (text like ``x[0]`` outside backticks or a doctest reads as a link).
 """
 
 from __future__ import annotations
@@ -235,3 +239,12 @@ def test_site_hooks_fence_doctests_and_find_modules() -> None:
     modules = hooks.public_modules()
     assert {"steerlab", "steerlab.model", "steerlab.server.app", "steerlab.vllm"} <= set(modules)
     assert not [m for m in modules if any(part.startswith("_") for part in m.split("."))]
+
+
+def test_every_docs_page_is_on_the_readme_map() -> None:
+    """README.md's feature map is the way in: each docs/*.md page is linked from it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [
+        p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"](docs/{p.name}" not in readme
+    ]
+    assert not missing, f"add a row to README.md's feature map for: {missing}"
