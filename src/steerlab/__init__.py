@@ -67,6 +67,7 @@ from steerlab.site_methods import expert_attribution, head_probes, iti_vector
 from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
 from steerlab.training import (
     PreferenceItem,
+    intervention_loss,
     preference_items,
     train_intervention,
     train_vector,
@@ -140,6 +141,7 @@ __all__ = [
     "evaluate",
     "export_gguf",
     "fit_condition",
+    "intervention_loss",
     "kl_divergence",
     "load_builtin",
     "load_dataset",

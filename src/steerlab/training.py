@@ -46,7 +46,7 @@ from steerlab.data import ContrastDataset, load_caa
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.interventions import Steering, activate
 from steerlab.model import Batch, SteeredModel
-from steerlab.operators import get_operator, loreft_extras
+from steerlab.operators import get_operator, loreft_extras, loreft_matrices
 from steerlab.positions import Positions, PositionSpec
 from steerlab.progress import progress_bar
 from steerlab.vectors import SteeringVector, vector_metadata
@@ -54,6 +54,7 @@ from steerlab.vectors import SteeringVector, vector_metadata
 __all__ = [
     "OBJECTIVES",
     "PreferenceItem",
+    "intervention_loss",
     "preference_items",
     "train_intervention",
     "train_vector",
@@ -651,6 +652,106 @@ def _orthonormal_rows(raw: torch.Tensor) -> torch.Tensor:
     return (q * signs).transpose(0, 1)
 
 
+def _loreft_steering(
+    d_model: int,
+    layer: int,
+    positions: PositionSpec,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+) -> _LiveSteering:
+    rank = r.shape[0]
+    extras = {f"loreft_r{i}": r[i] for i in range(rank)}
+    extras.update({f"loreft_w{i}": w[i] for i in range(rank)})
+    extras["loreft_b"] = torch.cat([b, b.new_zeros(d_model - rank)])
+    return _LiveSteering(
+        SteeringVector({layer: torch.zeros(d_model)}),
+        strength=1.0,
+        positions=positions,
+        op=get_operator("loreft"),
+        live={layer: (r[0], extras)},
+    )
+
+
+def _loreft_loss(
+    model: SteeredModel,
+    enc: _Encoded,
+    rows: Sequence[int],
+    matrices: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    layer: int,
+    positions: PositionSpec,
+    penalty: float,
+) -> torch.Tensor:
+    r, w, b = matrices
+    tails = [enc.chosen[i] for i in rows]
+    batch = _batch([enc.prompt[i] for i in rows], tails, model.pad_token_id)
+    live = _loreft_steering(model.d_model, layer, positions, r, w, b)
+    total, counts = _steered_logprobs(model, live, batch, tails)
+    size = ((w - r) ** 2).sum() + (b * b).sum()
+    return -total.sum() / counts.sum() + penalty * size
+
+
+def intervention_loss(
+    model: SteeredModel,
+    data: TrainingData,
+    intervention: SteeringVector | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    layer: int,
+    positions: PositionSpec = "all",
+    penalty: float = 1e-3,
+    chat: bool = False,
+) -> torch.Tensor:
+    """The objective :func:`train_intervention` minimises, over all of ``data``.
+
+    ``intervention`` is a LoReFT vector (its matrices at ``layer``) or the matrices
+    ``(R, W, b)`` themselves (``[rank, d_model]``, ``[rank, d_model]``, ``[rank]``;
+    differentiable, as in training, where ``R`` is the QR-orthonormalised form of the trained
+    matrix). Use it for the loss on held-out items.
+
+    >>> import torch, steerlab as sl
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> data = [{"prompt": "the movie was", "chosen": " good", "rejected": " bad"}]
+    >>> r = torch.eye(32)[:2]
+    >>> with torch.no_grad():  # W = R, b = 0: the identity, so the unsteered NLL
+    ...     same = sl.intervention_loss(model, data, (r, r, torch.zeros(2)), layer=1)
+    ...     plain = sl.training_loss(model, data, torch.zeros(32), layer=1,
+    ...                              objective="likelihood")
+    >>> bool(torch.isclose(same, plain))
+    True
+    """
+    if not isinstance(model, SteeredModel):
+        raise InvalidInputError(f"model must be a SteeredModel, not {type(model).__name__}")
+    resolved = model.adapter.resolve_layer(as_int(layer, "layer"))
+    if isinstance(intervention, SteeringVector):
+        per_layer = {}
+        for name, tensors in intervention.extras.items():
+            if resolved in tensors or len(tensors) == 1:
+                per_layer[name] = tensors.get(resolved, next(iter(tensors.values())))
+        intervention = loreft_matrices(per_layer)
+    if not (isinstance(intervention, tuple) and len(intervention) == 3):
+        raise InvalidInputError("intervention must be a LoReFT vector or a tuple (R, W, b)")
+    r, w, b = intervention
+    if r.ndim != 2 or w.shape != r.shape or b.shape != (r.shape[0],) or r.shape[1] != model.d_model:
+        raise InvalidInputError(
+            f"LoReFT matrices must be R, W [rank, {model.d_model}] and b [rank], got "
+            f"{tuple(r.shape)}, {tuple(w.shape)}, {tuple(b.shape)}"
+        )
+    Positions.parse(positions)
+    items = preference_items(data)
+    device = model.device
+    return _loreft_loss(
+        model,
+        _encode(model, items, bool(chat)),
+        range(len(items)),
+        (r.to(device), w.to(device), b.to(device)),
+        layer=resolved,
+        positions=positions,
+        penalty=as_finite_float(penalty, "penalty"),
+    )
+
+
 def train_intervention(
     model: SteeredModel,
     data: TrainingData,
@@ -700,24 +801,12 @@ def train_intervention(
     raw = init.to(dtype=dtype, device=model.device).requires_grad_(True)
     weight = _orthonormal_rows(init).to(dtype=dtype, device=model.device).requires_grad_(True)
     bias = torch.zeros(rank, dtype=dtype, device=model.device, requires_grad=True)
-    op = get_operator("loreft")
-    base = SteeringVector({resolved: torch.zeros(model.d_model)})
-
-    def live() -> _LiveSteering:
-        r = _orthonormal_rows(raw)
-        extras = {f"loreft_r{i}": r[i] for i in range(rank)}
-        extras.update({f"loreft_w{i}": weight[i] for i in range(rank)})
-        extras["loreft_b"] = torch.cat([bias, bias.new_zeros(model.d_model - rank)])
-        return _LiveSteering(
-            base, strength=1.0, positions=positions, op=op, live={resolved: (r[0], extras)}
-        )
 
     def loss_of(rows: list[int]) -> torch.Tensor:
-        tails = [enc.chosen[i] for i in rows]
-        batch = _batch([enc.prompt[i] for i in rows], tails, model.pad_token_id)
-        total, counts = _steered_logprobs(model, live(), batch, tails)
-        size = ((weight - _orthonormal_rows(raw)) ** 2).sum() + (bias * bias).sum()
-        return -total.sum() / counts.sum() + penalty * size
+        matrices = (_orthonormal_rows(raw), weight, bias)
+        return _loreft_loss(
+            model, enc, rows, matrices, layer=resolved, positions=positions, penalty=penalty
+        )
 
     run = _optimise(
         [raw, weight, bias],
