@@ -116,3 +116,42 @@ def test_moe_arguments_are_checked() -> None:
     assert hook_count(model.hf_model) == 0 and hook_count(dense.hf_model) == 0
     out = output_hidden(model.adapter.router(0)(torch.randn(3, 32)))
     assert tuple(out.shape) == (3, 4)
+
+
+def test_threads_steering_different_sites_of_one_moe_get_their_solo_results() -> None:
+    import threading
+
+    model = tiny_model("qwen3_moe")
+    direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
+    head = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    entries: list[Any] = [
+        None,
+        _router_vector([0.0, 6.0, 0.0, -6.0]),
+        sl.Steering(
+            sl.SteeringVector({LAYER: direction}, metadata={"site": "mlp_out"}), experts=[0]
+        ),
+        sl.Steering(sl.SteeringVector({LAYER: head}, metadata={"site": "head"}), heads=[1, 2]),
+    ]
+    solo = [model.logits(PROMPTS, steering=entry) for entry in entries]
+    assert all(not torch.equal(solo[0], other) for other in solo[1:])
+    results: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(entries))}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(entries))
+
+    def run(index: int) -> None:
+        try:
+            start.wait()
+            for _ in range(4):
+                results[index].append(model.logits(PROMPTS, steering=entries[index]))
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(entries))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, outs in results.items():
+        assert all(torch.equal(out, solo[index]) for out in outs), index
+    assert hook_count(model.hf_model) == 0
