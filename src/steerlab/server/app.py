@@ -36,6 +36,7 @@ from fastapi.sse import format_sse_event
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 
@@ -69,6 +70,7 @@ from steerlab.server.protocol import (
     error_body,
     new_id,
     now,
+    validation_message,
 )
 
 __all__ = [
@@ -238,11 +240,8 @@ def create_app(
         if any(p.get("type") == "json_invalid" for p in problems):
             message = "the request body is not valid JSON"
             return error_response(400, message, "invalid_request_error")
-        parts = []
-        for problem in problems[:5]:
-            where = ".".join(str(x) for x in problem.get("loc", ()) if x != "body")
-            parts.append(f"{where or 'body'}: {problem.get('msg', 'invalid')}")
-        return error_response(422, "; ".join(parts), "invalid_request_error")
+        message, param = validation_message(problems)
+        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_starlette_error(_: Request, err: StarletteHTTPException) -> Any:
@@ -343,10 +342,10 @@ def create_app(
             raw = await request.body()
             try:
                 body = await run_in_threadpool(VectorUpload.model_validate_json, raw)
-            except ValueError as err:
+            except ValidationError as err:
                 raise InvalidInputError(
                     f"send multipart form data (file, name) or JSON {{'name', 'data': base64}}: "
-                    f"{str(err).splitlines()[0]}"
+                    f"{validation_message(err.errors())[0]}"
                 ) from None
             try:
                 data = await run_in_threadpool(base64.b64decode, body.data, validate=True)
@@ -390,7 +389,7 @@ def create_app(
             admit, lambda: body.to_generation(default_max_tokens=16, max_strength=max_strength)
         )
         return await serve(
-            request, gen, events, chat=False, stream=body.stream, usage_chunk=_usage(body)
+            request, gen, events, chat=False, stream=body.streaming, usage_chunk=_usage(body)
         )
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
@@ -403,7 +402,7 @@ def create_app(
             lambda: body.to_generation(default_max_tokens=chat_default, max_strength=max_strength),
         )
         return await serve(
-            request, gen, events, chat=True, stream=body.stream, usage_chunk=_usage(body)
+            request, gen, events, chat=True, stream=body.streaming, usage_chunk=_usage(body)
         )
 
     def check_counts(body: CompletionRequest | ChatCompletionRequest) -> None:

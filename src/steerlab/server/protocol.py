@@ -1,8 +1,14 @@
 """OpenAI's request/response schema as pydantic models, plus steerlab's ``steering``/``readout``.
 
-Requests accept the fields OpenAI clients send; fields steerlab cannot honour (``n > 1``,
-non-zero penalties, ``best_of``, ``echo``, ``logit_bias``, tools) are refused with a 400 rather
-than silently ignored. Unknown extra fields are ignored, as OpenAI-compatible servers do.
+Requests are parsed strictly: no coercion (``true`` is not a number or a position, ``"4"`` is
+not an int, ``"yes"`` is not a boolean) and unknown fields are refused, as OpenAI's API does.
+OpenAI fields steerlab does not implement (``n > 1``, penalties, ``best_of``, ``echo``,
+``suffix``, ``logit_bias``, ``response_format``, ``tools``, ``tool_choice``, ``functions``,
+``function_call``, ``parallel_tool_calls``, audio, ``prediction``, ``reasoning_effort``, ...) are
+refused by name unless their value asks for nothing (``null``, ``n: 1``, ``tools: []``,
+``response_format: {"type": "text"}``), never silently ignored. Chat roles are ``system``,
+``developer`` (as ``system``), ``user`` and ``assistant``. Every refusal is a 400 whose message
+starts with the field (``steering[0].positions: ...``); see :func:`validation_message`.
 
 Two additions:
 
@@ -25,9 +31,12 @@ slice(2, None, None)
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +62,7 @@ __all__ = [
     "error_body",
     "new_id",
     "parse_positions",
+    "validation_message",
 ]
 
 _MODES = ("all", "last", "prompt", "generated")
@@ -106,10 +116,15 @@ def parse_positions(spec: Any) -> PositionSpec:
     return result
 
 
+_STRICT = ConfigDict(strict=True, extra="forbid")
+"""Requests are parsed without coercion (``true`` is not a number, ``"4"`` is not an int) and
+unknown fields are refused, as OpenAI's API does."""
+
+
 class SteeringSpec(BaseModel):
     """One entry of the ``steering`` field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     vector: str
     strength: float | dict[str, float] = 1.0
@@ -117,45 +132,48 @@ class SteeringSpec(BaseModel):
     op: str = "add"
     when: str | None = None
 
-    def to_entry(self, *, max_strength: float | None = None) -> SteeringEntry:
-        """The engine's :class:`SteeringEntry`, checking finiteness and the strength cap."""
+    def to_entry(
+        self, *, max_strength: float | None = None, field: str = "steering"
+    ) -> SteeringEntry:
+        """The engine's :class:`SteeringEntry`, checking finiteness and the strength cap
+        (errors name ``field``, e.g. ``steering[2]``)."""
         strength: float | dict[int, float]
         if isinstance(self.strength, dict):
             if not self.strength:
-                raise InvalidInputError("a per-layer strength mapping must not be empty")
+                raise InvalidInputError(f"{field}.strength: a per-layer mapping must not be empty")
             strength = {}
             for key, value in self.strength.items():
                 try:
                     layer = int(key)
                 except ValueError:
                     raise InvalidInputError(
-                        f"per-layer strength keys must be layer numbers, got {key!r}"
+                        f"{field}.strength: per-layer keys must be layer numbers, got {key!r}"
                     ) from None
-                strength[layer] = _check_strength(value, max_strength)
+                strength[layer] = _check_strength(value, max_strength, f"{field}.strength")
         else:
-            strength = _check_strength(self.strength, max_strength)
+            strength = _check_strength(self.strength, max_strength, f"{field}.strength")
+        try:
+            positions = parse_positions(self.positions)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{field}.positions: {err}") from None
         return SteeringEntry(
-            vector=self.vector,
-            strength=strength,
-            positions=parse_positions(self.positions),
-            op=self.op,
-            when=self.when,
+            vector=self.vector, strength=strength, positions=positions, op=self.op, when=self.when
         )
 
 
-def _check_strength(value: float, cap: float | None) -> float:
+def _check_strength(value: float, cap: float | None, field: str) -> float:
     number = float(value)
     if not math.isfinite(number):
-        raise InvalidInputError(f"strength must be finite, got {value}")
+        raise InvalidInputError(f"{field} must be finite, got {value}")
     if cap is not None and abs(number) > cap:
-        raise InvalidInputError(f"strength {number:g} is over this server's cap of {cap:g}")
+        raise InvalidInputError(f"{field} {number:g} is over this server's cap of {cap:g}")
     return number
 
 
 class ReadoutSpec(BaseModel):
     """One entry of the ``readout`` field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     vector: str
     layer: int
@@ -168,58 +186,123 @@ class ReadoutSpec(BaseModel):
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options``."""
 
-    include_usage: bool = False
+    model_config = _STRICT
+
+    include_usage: bool | None = None
+
+
+# OpenAI request fields this server does not implement, with the values that ask for nothing
+# (accepted, so clients that send defaults keep working); any other value is refused by name.
+_NO_OP: dict[str, tuple[Any, ...]] = {
+    "audio": (None,),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "frequency_penalty": (None, 0, 0.0),
+    "function_call": (None, "none"),
+    "functions": (None, []),
+    "logit_bias": (None, {}),
+    "modalities": (None, ["text"]),
+    "moderation": (None,),
+    "n": (None, 1),
+    "parallel_tool_calls": (None,),
+    "prediction": (None,),
+    "presence_penalty": (None, 0, 0.0),
+    "prompt_cache_options": (None,),
+    "prompt_cache_retention": (None,),
+    "reasoning_effort": (None,),
+    "response_format": (None, {"type": "text"}),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "suffix": (None, ""),
+    "tool_choice": (None, "none"),
+    "tools": (None, []),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
 
 
 class _Common(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions.
 
-    model_config = ConfigDict(extra="ignore")
+    ``user``, ``metadata``, ``safety_identifier`` and ``prompt_cache_key`` are accepted and
+    change nothing (they label a request; they do not ask for different output).
+    """
+
+    model_config = _STRICT
 
     model: str = "default"
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
     steering: list[SteeringSpec] = Field(default_factory=list)
     readout: list[ReadoutSpec] = Field(default_factory=list)
+    # accepted, no effect on the output
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # refused unless they ask for nothing (see _NO_OP)
+    n: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    service_tier: Any = None
+    store: Any = None
 
-    def _check_common(self) -> None:
-        if self.n != 1:
-            raise InvalidInputError("only n=1 is supported")
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidInputError("presence and frequency penalties are not supported")
-        if self.logit_bias:
-            raise InvalidInputError("logit_bias is not supported")
+    def _refuse_unimplemented(self) -> None:
+        for name in type(self).model_fields:
+            if name in _NO_OP:
+                value = getattr(self, name)
+                if not any(
+                    (value == ok and type(value) is type(ok)) or (ok == 0 and _zero(value))
+                    for ok in _NO_OP[name]
+                ):
+                    raise InvalidInputError(
+                        f"{name} is not supported by this server (got {_short(value)}); leave "
+                        f"it out" + (" (only n=1 is served)" if name == "n" else "")
+                    )
 
     def _stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if len(stops) > 4:
-            raise InvalidInputError("at most 4 stop strings are allowed")
+            raise InvalidInputError(f"stop: at most 4 stop strings are allowed, got {len(stops)}")
         return tuple(stops)
 
+    @property
+    def streaming(self) -> bool:
+        """Whether the answer is streamed (``stream: true``)."""
+        return bool(self.stream)
+
     def _base(self, *, default_max_tokens: int, max_strength: float | None) -> dict[str, Any]:
-        self._check_common()
+        self._refuse_unimplemented()
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
         return {
             "max_tokens": max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
             "seed": self.seed,
             "stop": self._stops(),
-            "steering": tuple(s.to_entry(max_strength=max_strength) for s in self.steering),
+            "steering": tuple(
+                s.to_entry(max_strength=max_strength, field=f"steering[{k}]")
+                for k, s in enumerate(self.steering)
+            ),
             "readout": tuple(r.to_entry() for r in self.readout),
         }
+
+
+def _zero(value: Any) -> bool:
+    return type(value) in (int, float) and value == 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class CompletionRequest(_Common):
@@ -227,9 +310,9 @@ class CompletionRequest(_Common):
 
     prompt: str | list[str]
     logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
 
     def to_generation(
         self, *, default_max_tokens: int = 16, max_strength: float | None = None
@@ -238,36 +321,67 @@ class CompletionRequest(_Common):
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise InvalidInputError("send one prompt per request (a list of exactly one)")
+                raise InvalidInputError(
+                    f"prompt: send one prompt per request (a list of exactly one), got "
+                    f"{len(prompt)}"
+                )
             prompt = prompt[0]
-        if self.echo:
-            raise InvalidInputError("echo is not supported")
-        if self.best_of not in (None, 1):
-            raise InvalidInputError("best_of is not supported")
-        if self.suffix:
-            raise InvalidInputError("suffix is not supported")
         base = self._base(default_max_tokens=default_max_tokens, max_strength=max_strength)
         return GenerationRequest(prompt=prompt, chat=False, logprobs=self.logprobs, **base)
 
 
-class ChatMessageIn(BaseModel):
-    """A chat message; ``content`` may be a string or a list of text parts."""
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Chat roles served (``developer`` is OpenAI's newer name for ``system``)."""
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatMessageIn(BaseModel):
+    """A chat message; ``content`` may be a string or a list of text parts.
+
+    Roles are ``system``, ``developer`` (rendered as ``system``), ``user`` and ``assistant``;
+    tool and function turns, ``name``, ``tool_calls`` and ``function_call`` are refused.
+    """
+
+    model_config = _STRICT
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
 
-    def text(self) -> str:
+    def turn(self, field: str) -> ChatMessage:
+        """This message as the engine's :class:`ChatMessage` (errors name ``field``)."""
+        if self.role not in _ROLES:
+            raise InvalidInputError(
+                f"{field}.role {_short(self.role)} is not supported; use system, developer, user "
+                f"or assistant"
+            )
+        for name in ("name", "tool_calls", "function_call", "audio", "refusal"):
+            if getattr(self, name) is not None:
+                raise InvalidInputError(f"{field}.{name} is not supported by this server")
+        if self.content is None and self.role != "assistant":
+            raise InvalidInputError(f"{field}.content is missing")
+        return ChatMessage(_ROLES[self.role], self.text(field))
+
+    def text(self, field: str = "message") -> str:
         """The message's text (text parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
+        for k, part in enumerate(self.content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidInputError("only text content parts are supported")
+                raise InvalidInputError(
+                    f"{field}.content[{k}]: only text parts are supported, got type "
+                    f"{_short(part.get('type'))}"
+                )
+            if set(part) - {"type", "text"}:
+                raise InvalidInputError(
+                    f"{field}.content[{k}]: unknown keys {sorted(set(part) - {'type', 'text'})}"
+                )
             parts.append(part["text"])
         return "".join(parts)
 
@@ -277,9 +391,23 @@ class ChatCompletionRequest(_Common):
 
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    response_format: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
     def to_generation(
         self, *, default_max_tokens: int = 16, max_strength: float | None = None
@@ -288,17 +416,20 @@ class ChatCompletionRequest(_Common):
         any other conversation goes in ``messages``."""
         if not self.messages:
             raise InvalidInputError("messages must not be empty")
-        if self.tools:
-            raise InvalidInputError("tools are not supported")
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
+        turns = tuple(m.turn(f"messages[{k}]") for k, m in enumerate(self.messages))
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise InvalidInputError(
+                    "max_tokens and max_completion_tokens differ; send one of them"
+                )
         base = self._base(default_max_tokens=default_max_tokens, max_strength=max_strength)
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            base["max_tokens"] = self.max_completion_tokens
         logprobs = None
         if self.logprobs:
             logprobs = self.top_logprobs or 0
         elif self.top_logprobs:
             raise InvalidInputError("top_logprobs needs logprobs: true")
-        turns = tuple(ChatMessage(m.role, m.text()) for m in self.messages)
         if len(turns) == 1 and turns[0].role == "user":
             return GenerationRequest(prompt=turns[0].content, chat=True, logprobs=logprobs, **base)
         return GenerationRequest(prompt="", chat=True, messages=turns, logprobs=logprobs, **base)
@@ -311,6 +442,83 @@ class VectorUpload(BaseModel):
 
     name: str
     data: str = Field(description="base64 of the .safetensors file")
+
+
+def validation_message(problems: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """A pydantic error list as ``(message, param)``: each problem as ``field: what is wrong``
+    with the field written as in the request (``steering[0].positions``), the alternatives of
+    a union folded into one line; ``param`` is the first field.
+
+    >>> problems = [{"loc": ("body", "steering", 0, "strength", "float"), "msg": "Input should be a"
+    ...              " valid number", "input": True, "type": "float_type"},
+    ...             {"loc": ("body", "steering", 0, "strength", "dict[str,float]"), "msg": "Input "
+    ...              "should be a valid dictionary", "input": True, "type": "dict_type"}]
+    >>> validation_message(problems)
+    ('steering[0].strength: true is not a number or a mapping of them', 'steering[0].strength')
+    """
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for problem in problems:
+        path = ""
+        for part in problem.get("loc", ()):
+            if part == "body" and not path:
+                continue
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif isinstance(part, str) and _TYPE_TAG.fullmatch(part):
+                continue  # which member of a union was tried, not a field
+            else:
+                path += f".{part}" if path else str(part)
+        grouped.setdefault(path, []).append(problem)
+    lines = []
+    for path, found in list(grouped.items())[:5]:
+        first = found[0]
+        shown = _json_repr(first.get("input"))
+        kind = str(first.get("type", ""))
+        if kind == "extra_forbidden":
+            what = "unknown field (this server does not implement it)"
+        elif kind == "missing":
+            what = "required"
+        elif len(found) > 1 or kind.endswith("_type") or kind.startswith("int_"):
+            expected = _expected(found)
+            what = f"{shown} is not {expected}" if expected else str(first.get("msg"))
+        else:
+            what = f"{first.get('msg', 'invalid')} (got {shown})"
+        lines.append(f"{path or 'body'}: {what}")
+    params = [p for p in grouped if p]
+    return "; ".join(lines), (params[0] if params else None)
+
+
+_TYPE_TAG = re.compile(r"(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])")
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "a boolean",
+    "list_type": "a list",
+    "dict_type": "a mapping of them",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "none_required": "null",
+}
+
+
+def _expected(found: Sequence[Mapping[str, Any]]) -> str:
+    words = list(dict.fromkeys(_TYPE_WORDS.get(str(p.get("type")), "") for p in found))
+    words = [w for w in words if w]
+    if not words:
+        return ""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _json_repr(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --- responses -----------------------------------------------------------------------------------

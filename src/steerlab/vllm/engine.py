@@ -216,7 +216,7 @@ class VLLMEngine:
         """Validate ``request`` and queue it in vLLM; see the server's ``Engine``."""
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
-        request.check()
+        request.check(context_length=self.max_model_len)
         if request.readout and self._options["worker_extension_cls"] != READOUT_EXTENSION:
             raise InvalidInputError(
                 f"readout needs steerlab's vLLM worker extension, but this engine runs vLLM with "
