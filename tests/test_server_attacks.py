@@ -171,3 +171,32 @@ def test_no_op_values_of_unimplemented_fields_are_accepted() -> None:
         request = ChatCompletionRequest.model_validate({**body, field: value})
         with pytest.raises(InvalidInputError, match=field):
             request.to_generation()
+
+
+def test_text_too_long_for_any_context_is_refused_before_tokenizing() -> None:
+    """Tokenizing holds the lock every running stream needs to detokenize, so a prompt that
+    cannot fit is refused by its length in characters, before the tokenizer sees it."""
+    from steerlab.server.engine import TorchEngine
+    from steerlab.testing import tiny_model
+
+    engine = TorchEngine(tiny_model("llama"))  # context 128 tokens
+    longest = max(len(t) for t in engine.model.tokenizer.get_vocab())
+    bound = 4 * 128 * max(16, longest)
+
+    def no_tokenizing(request: GenerationRequest) -> list[int]:
+        raise AssertionError("the tokenizer was reached")
+
+    engine._encode = no_tokenizing  # type: ignore[method-assign]
+    for request, field in (
+        (GenerationRequest(prompt="a" * (bound + 1)), "prompt"),
+        (
+            GenerationRequest(
+                prompt="", chat=True, messages=(ChatMessage("user", "a" * (bound + 1)),)
+            ),
+            "messages",
+        ),
+    ):
+        with pytest.raises(InvalidInputError, match=f"{field} has {bound + 1} characters"):
+            engine.submit(request)
+    with pytest.raises(AssertionError, match="tokenizer was reached"):
+        engine.submit(GenerationRequest(prompt="a" * bound))

@@ -760,6 +760,7 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._tokenizer_lock = threading.Lock()
+        self._max_chars: int | None = None  # see _check_length
         self._counter = 0
         # the batch (worker thread only)
         self._rows: list[_Job] = []
@@ -817,6 +818,7 @@ class TorchEngine:
         request.check(context_length=self._max_positions)
         steerings = [self._steering(entry) for entry in request.steering]
         readouts = [self._readout(entry) for entry in request.readout]
+        self._check_length(request)
         prompt_ids = self._encode(request)
         if self._max_positions is not None:
             total = len(prompt_ids) + request.max_tokens
@@ -902,6 +904,27 @@ class TorchEngine:
         if not norm > 0:
             raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
         return _Readout(layer=layer, direction=direction / norm)
+
+    def _check_length(self, request: GenerationRequest) -> None:
+        """Refuse text far too long for the context before tokenizing it: tokenizing holds
+        the tokenizer lock that every running stream needs to detokenize its next token, so a
+        4-million-character prompt would freeze them all for seconds. No token decodes to more
+        characters than the longest vocabulary entry; the factor 4 covers normalizers that
+        shrink text (composed accents), so only prompts that cannot fit are refused here."""
+        if self._max_positions is None:
+            return
+        if self._max_chars is None:
+            with self._tokenizer_lock:
+                vocab = self.model.tokenizer.get_vocab()
+            self._max_chars = 4 * self._max_positions * max(16, *(len(t) for t in vocab))
+        field, chars = "prompt", len(request.prompt)
+        if request.messages:
+            field, chars = "messages", sum(len(m.content) for m in request.messages)
+        if chars > self._max_chars:
+            raise InvalidInputError(
+                f"{field} has {chars} characters, more than a {self._max_positions}-token "
+                f"context can hold (at most {self._max_chars} characters for this tokenizer)"
+            )
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         with self._tokenizer_lock:

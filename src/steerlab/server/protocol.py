@@ -363,7 +363,16 @@ class ChatMessageIn(BaseModel):
                 raise InvalidInputError(f"{field}.{name} is not supported by this server")
         if self.content is None and self.role != "assistant":
             raise InvalidInputError(f"{field}.content is missing")
-        return ChatMessage(_ROLES[self.role], self.text(field))
+        text = self.text(field)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            # checked here too: a lone user turn travels as the engine's ``prompt``
+            raise InvalidInputError(
+                f"{field}.content cannot be encoded as UTF-8: a lone surrogate "
+                f"{text[err.start]!r} at character {err.start}"
+            ) from None
+        return ChatMessage(_ROLES[self.role], text)
 
     def text(self, field: str = "message") -> str:
         """The message's text (text parts joined)."""
