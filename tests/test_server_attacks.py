@@ -9,6 +9,8 @@ the strictness makes the mark fail the moment the fix lands, so it cannot outliv
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,11 +39,17 @@ from steerlab.server.protocol import (
     validation_message,
 )
 
+_OUTCOMES: list[dict[str, Any]] = []
+
 
 @pytest.fixture(scope="module")
 def harness() -> Iterator[Harness]:
     with running_server() as h:
         yield h
+    target = os.environ.get("STEERLAB_ATTACK_JSON")
+    if target:  # the table's rows as run here, for docs/server-attacks.md
+        with open(target, "w") as f:
+            json.dump({"rows": _OUTCOMES}, f, indent=1)
 
 
 def _row(attack: ServerAttack) -> Any:
@@ -52,6 +60,7 @@ def _row(attack: ServerAttack) -> Any:
 @pytest.mark.parametrize("attack", [_row(a) for a in ATTACKS])
 def test_server_attack(attack: ServerAttack, harness: Harness) -> None:
     kind, affected, detail = attempt(harness, attack)
+    _OUTCOMES.append({"row": attack.id, "kind": kind, "affected": affected, "detail": detail})
     assert (kind, affected) == ("clean", False), detail
 
 
