@@ -271,3 +271,51 @@ def test_prefix_cache_shares_unsteered_blocks(engines: tuple[Any, sl.SteeredMode
     again = _request(llm, follow, None, 8)
     _same(again, want, "follow-up")
     assert again[1].num_cached_tokens == full  # the prompt blocks only
+
+
+# --- operators other than add, mixed per row ----------------------------------------------------
+def test_operators_equal_the_library_mixed_per_row(engines: tuple[Any, sl.SteeredModel]) -> None:
+    """Every operator on the vLLM wire == the library's, one operator per row of one batch
+    (greedy tokens; first-token logprobs within 1e-3), unsteered rows untouched."""
+    import steerlab.vllm as slv
+
+    llm, model = engines
+    gen = torch.Generator().manual_seed(11)
+    d = model.d_model
+
+    def rand() -> torch.Tensor:
+        return torch.randn(d, generator=gen)
+
+    vec = sl.SteeringVector({15: rand() / 2, 10: rand() / 2})
+    wide = sl.SteeringVector({layer: rand() for layer in range(4, 28, 2)})
+    with_extras = vec.with_extras(
+        plane={15: rand(), 10: rand()}, reference={15: rand() / 4, 10: rand() / 4}
+    )
+    rows: list[Any] = [
+        None,
+        sl.Steering(vec, strength=8.0, op="add_norm", positions="all"),
+        sl.Steering(vec, strength=6.0, op="clamp", positions="last"),
+        sl.Steering(vec, strength=-5.0, op="cap", positions="all"),
+        sl.Steering(wide, op="ablate", positions="prompt"),
+        sl.Steering(with_extras, strength=120.0, op="rotate", positions="all"),
+        sl.Steering(with_extras, strength=3.0, op="affine", positions="generated"),
+        sl.Steering(vec, strength=8.0, positions="all"),
+    ]
+    prompts = PROMPTS[: len(rows)]
+    got, outputs = slv.generate_ids(
+        llm, prompts, steering=rows, max_new_tokens=NEW, logprobs=0, return_outputs=True
+    )
+    want = model.generate_ids(prompts, steering=rows, max_new_tokens=NEW)
+    ref = torch.log_softmax(model.next_token_logits(prompts, steering=rows).double(), dim=-1)
+    plain = model.generate_ids(prompts, max_new_tokens=NEW)
+    worst = 0.0
+    for row, steer in enumerate(rows):
+        name = "unsteered" if steer is None else steer.resolved_op
+        assert torch.equal(got[row], want[row]), f"row {row} ({name}) differs from the library"
+        first = outputs[row].outputs[0]
+        token = first.token_ids[0]
+        worst = max(worst, abs(first.logprobs[0][token].logprob - float(ref[row, token])))
+        if steer is not None:
+            assert not torch.equal(want[row], plain[row]), f"{name} changed nothing"
+    assert worst < 1e-3, worst
+    print(f"operators on vLLM vs the library: first-token logprob max |difference| {worst:.1e}")

@@ -69,6 +69,11 @@ def test_concurrent_steered_requests_equal_the_library(
             (SteeringEntry("one", {15: 8.0}, "generated"),),
             ("one", {15: 8.0}, "generated"),
         ),
+        (
+            PROMPTS[0],
+            (SteeringEntry("four", 6.0, "all", op="clamp"),),
+            ("four", 6.0, "all", "clamp"),
+        ),
     ]
     requests = [
         GenerationRequest(prompt=p, max_tokens=12, temperature=0.0, steering=s, logprobs=0)
@@ -77,10 +82,18 @@ def test_concurrent_steered_requests_equal_the_library(
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda r: _run(engine, r), requests))
     steers = [
-        None if ref is None else sl.Steering(vectors[ref[0]], strength=ref[1], positions=ref[2])
+        None
+        if ref is None
+        else sl.Steering(
+            vectors[ref[0]],
+            strength=ref[1],
+            positions=ref[2],
+            op=ref[3] if len(ref) > 3 else None,
+        )
         for _, _, ref in cases
     ]
     wants = model.generate_ids([p for p, _, _ in cases], steering=steers, max_new_tokens=12)
+    assert not torch.equal(wants[4], wants[0])  # the clamp row moved away from unsteered
     for (prompt, _, _), events, want in zip(cases, results, wants):
         got = [e.token_id for e in events if e.token_id >= 0]
         assert got == want.tolist(), prompt

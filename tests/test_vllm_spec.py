@@ -62,7 +62,8 @@ def test_wire_round_trip_gives_library_deltas() -> None:
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
-        ({"steering": [{"vector": {"0": [1.0, 2.0]}, "op": "ablate"}]}, sl.InvalidInputError),
+        ({"steering": [{"vector": {"0": [1.0, 2.0]}, "op": "bogus"}]}, sl.InvalidInputError),
+        ({"steering": [{"vector": {"0": [1.0, 2.0]}, "op": "rotate"}]}, sl.VectorMismatchError),
         ({"steering": [{"vector": {"9": [1.0, 2.0]}}]}, sl.LayerIndexError),
         ({"steering": [{"vector": {"0": [1.0]}}]}, sl.VectorMismatchError),
         ({"steering": [{"vector": {"0": [1.0, 2.0]}, "strength": "x"}]}, sl.InvalidInputError),
@@ -238,8 +239,8 @@ def test_api_server_validator_refuses_bad_steering_and_passes_good() -> None:
     good = extra_args(sl.SteeringVector({1: torch.ones(3)}), positions=slice(2, None))
     SteeringValidator.validate_params(SimpleNamespace(extra_args=good))
     SteeringValidator.validate_params(SimpleNamespace(extra_args=None))
-    text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "ablate"}]})
-    with pytest.raises(ValueError, match="invalid steerlab steering: steering op 'ablate'"):
+    text = json.dumps({"steering": [{"vector": {"1": [1.0]}, "op": "bogus"}]})
+    with pytest.raises(ValueError, match="invalid steerlab steering: unknown steering op 'bogus'"):
         SteeringValidator.validate_params(SimpleNamespace(extra_args={"steerlab": text}))
 
 
@@ -254,7 +255,7 @@ def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
     assert "Traceback" not in result.output
 
 
-def test_operators_conditions_and_text_positions_are_refused_not_added() -> None:
+def test_operators_travel_conditions_and_text_positions_are_refused() -> None:
     import pytest as _pytest
     import torch as _torch
 
@@ -264,10 +265,13 @@ def test_operators_conditions_and_text_positions_are_refused_not_added() -> None
     from steerlab.vllm.spec import to_wire as _to_wire
 
     vec = _Vector({0: _torch.tensor([1.0, 0.5])})
-    with _pytest.raises(_Invalid, match="op='clamp'"):
-        _to_wire([_Steering(vec, op="clamp")])
-    with _pytest.raises(_Invalid, match="op='ablate'"):  # project_out vectors ablate by default
-        _to_wire([_Steering(vec.with_metadata(operation="project_out"))])
+    assert _to_wire([_Steering(vec, op="clamp")])["steering"][0]["op"] == "clamp"
+    # project_out vectors ablate by default: the wire says so explicitly
+    wire = _to_wire([_Steering(vec.with_metadata(operation="project_out"))])
+    assert wire["steering"][0]["op"] == "ablate"
+    with _pytest.raises(_Invalid, match="when= condition"):
+        gate = sl.Condition(_torch.ones(2), layer=0, threshold=0.5)
+        _to_wire([_Steering(vec, when=gate)])
     with _pytest.raises(_Invalid, match="by their text"):
         _to_wire([_Steering(vec, positions="after:cat")])
     assert _to_wire([_Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"

@@ -16,9 +16,10 @@ generated positions (or only at the last prompt token) still shares every block 
 first steered position with unsteered requests.
 
 The digest is of the steering *content* the worker applies: per entry, its operator, the
-float32 ``strength × direction`` of each resolved layer (so ``strength=8`` and ``{15: 8}`` on a
-one-layer vector are the same), and the offsets of the block's tokens it selects. Readout never
-enters it: probes read the stream, they do not change it.
+float32 ``strength × direction`` (other operators: their constants) of each resolved layer (so
+``strength=8`` and ``{15: 8}`` on a one-layer vector are the same), and the offsets of the
+block's tokens it selects. Readout never enters it: probes read the stream, they do not change
+it.
 
 Why not vLLM's ``cache_salt``: it salts the first block and therefore the whole chain, so a
 request steered only at generated positions would either lose all sharing with unsteered
@@ -93,11 +94,18 @@ def steering_digests(wire: Any, *, n_layers: int, d_model: int) -> list[EntryDig
         return [_raw_digest(wire)]
     out: list[EntryDigest] = []
     for entry in entries:
-        hasher = hashlib.sha256(b"add")
-        for layer in sorted(entry.deltas):
-            delta = entry.deltas[layer].detach().to("cpu", torch.float32).contiguous()
+        hasher = hashlib.sha256(entry.op.encode())
+        tensors = (
+            {layer: {"delta": d} for layer, d in entry.deltas.items()}
+            if entry.op == "add"
+            else entry.params
+        )
+        for layer in sorted(tensors):
             hasher.update(layer.to_bytes(4, "little", signed=True))
-            hasher.update(delta.numpy().tobytes())
+            for name in sorted(tensors[layer]):
+                value = tensors[layer][name].detach().to("cpu", torch.float32).contiguous()
+                hasher.update(name.encode() + b"\0")
+                hasher.update(value.numpy().tobytes())
         out.append(EntryDigest(entry.positions, hasher.digest()))
     return out
 

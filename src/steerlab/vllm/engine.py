@@ -266,16 +266,12 @@ class VLLMEngine:
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
         if entry.when is not None:
             raise InvalidInputError(f"steering 'when': {entry.when!r}: {_NO_CONDITIONS}")
-        if entry.op != "add":
-            raise InvalidInputError(
-                f"steering op {entry.op!r} is not supported by the vLLM engine (only 'add')"
-            )
         strength: Any = entry.strength
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
         vector = self.vectors.get(entry.vector)
         refuse_site(vector.site)
-        return Steering(vector, strength=strength, positions=entry.positions)
+        return Steering(vector, strength=strength, positions=entry.positions, op=entry.op)
 
     def _probe(self, entry: ReadoutEntry) -> tuple[int, torch.Tensor]:
         """The torch engine's probe (``TorchEngine._readout``): unit float32 direction."""

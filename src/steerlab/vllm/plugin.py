@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
+from steerlab.operators import get_operator
 from steerlab.vllm.cache import EXTRA_KEY as CACHE_EXTRA_KEY
 from steerlab.vllm.cache import request_block_key
 from steerlab.vllm.spec import (
@@ -55,9 +56,11 @@ from steerlab.vllm.spec import (
     Readout,
     ResolvedEntry,
     StepRequest,
+    TokenEdit,
     resolve,
     resolve_readout,
     token_deltas,
+    token_edits,
 )
 
 __all__ = [
@@ -155,10 +158,36 @@ class _Reads:
 
 @dataclasses.dataclass
 class StepPlan:
-    """What the hooks do in one forward: ``{layer: delta}`` to add, ``{layer: reads}`` to take."""
+    """What the hooks do in one forward: ``{layer: delta}`` to add, ``{layer: edits}`` of other
+    operators to apply after it, ``{layer: reads}`` to take."""
 
     deltas: dict[int, torch.Tensor]
     reads: dict[int, _Reads]
+    edits: dict[int, list[TokenEdit]] = dataclasses.field(default_factory=dict)
+
+
+def apply_edits(output: Any, edits: Sequence[TokenEdit]) -> Any:
+    """``output`` of a decoder layer with each edit's operator applied to its rows of the
+    residual stream, in order (float32, as the library's hooks compute them).
+
+    >>> import torch
+    >>> from steerlab.vllm.spec import TokenEdit
+    >>> h, r = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.ones(2, 2)
+    >>> edit = TokenEdit(torch.tensor([1]), "ablate", {"u": torch.tensor([0.0, 1.0])})
+    >>> out = apply_edits((h, r), [edit])
+    >>> (out[0] + out[1]).tolist()
+    [[2.0, 3.0], [4.0, 0.0]]
+    """
+    for edit in edits:
+        stream = block_stream(output)
+        rows = edit.rows.to(stream.device)
+        before = stream.index_select(0, rows).to(torch.float32)
+        params = {k: v.to(stream.device) for k, v in edit.params.items()}
+        after = get_operator(edit.op).apply(before, params)
+        change = torch.zeros_like(stream)
+        change.index_copy_(0, rows, (after - before).to(stream.dtype))
+        output = add_to_block_output(output, change)
+    return output
 
 
 def layer_hook(state: RunnerSteering, layer: int) -> Callable[[nn.Module, Any, Any], Any]:
@@ -172,6 +201,10 @@ def layer_hook(state: RunnerSteering, layer: int) -> Callable[[nn.Module, Any, A
         changed = delta is not None
         if delta is not None:
             output = add_to_block_output(output, delta)
+        edits = plan.edits.get(layer)
+        if edits:
+            output = apply_edits(output, edits)
+            changed = True
         reads = plan.reads.get(layer)
         if reads is not None:
             stream = block_stream(output)
@@ -267,6 +300,7 @@ class RunnerSteering:
         return StepPlan(
             deltas={layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()},
             reads=_reads(probing, positions, device=device),
+            edits=token_edits(steps, positions) if steps else {},
         )
 
     def record(self, plan: StepPlan) -> None:

@@ -11,7 +11,8 @@ without pickling anything a client could abuse:
          "strength": 4.0 | {"15": 4.0},
          "positions": "all" | "last" | "prompt" | "generated" | 3 | [0, -1] | "2:" | "0:8:2",
          "layers": [15, 16] | null,
-         "op": "add"}
+         "op": "add",                             # or any steerlab operator
+         "extras": {"plane": {"15": [0.3, ...]}}}  # per-layer extras the operator needs
     ],
      "readout": {"key": "req-7",                          # optional probes
                  "probes": [{"layer": 15, "direction": [0.1, ...]}]}}
@@ -53,6 +54,7 @@ import torch
 
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
 from steerlab.interventions import Steering
+from steerlab.operators import OPERATORS
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
@@ -69,7 +71,9 @@ __all__ = [
     "resolve",
     "resolve_readout",
     "to_wire",
+    "TokenEdit",
     "token_deltas",
+    "token_edits",
     "validate",
 ]
 
@@ -141,11 +145,10 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             raise InvalidInputError(
                 f"vLLM steering takes Steering terms or SteeringVectors, got {type(term).__name__}"
             )
-        # the plugin adds; anything else would be applied wrongly, so it is refused here
-        if term.resolved_op != "add" or term.when is not None:
+        if term.when is not None:
             raise InvalidInputError(
-                f"the vLLM plugin applies op='add' without conditions; this steering has "
-                f"op={term.resolved_op!r}{' and a when= condition' if term.when else ''}"
+                "the vLLM plugin applies steering without conditions; this steering has a "
+                "when= condition"
             )
         if Positions.parse(term.positions).needs_ids:
             raise InvalidInputError(
@@ -163,7 +166,20 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
                 "strength": _strength_to_wire(term.strength),
                 "positions": positions_to_wire(term.positions),
                 "layers": None if term.layers is None else [int(x) for x in term.layers],
-                "op": "add",
+                "op": term.resolved_op,
+                **(
+                    {
+                        "extras": {
+                            name: {
+                                str(layer): t.to(torch.float32).tolist()
+                                for layer, t in per_layer.items()
+                            }
+                            for name, per_layer in term.vector.extras.items()
+                        }
+                    }
+                    if term.vector.extras
+                    else {}
+                ),
             }
         )
     return {"steering": entries}
@@ -190,10 +206,13 @@ def refuse_site(site: str) -> None:
 # --- worker side --------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ResolvedEntry:
-    """One steering term ready for the worker: positions and ``{layer: float32 delta}``."""
+    """One steering term ready for the worker: positions and ``{layer: float32 delta}`` (op
+    ``"add"``), or the operator's name and ``{layer: constants}`` (:meth:`Operator.params`)."""
 
     positions: Positions
     deltas: Mapping[int, torch.Tensor]
+    op: str = "add"
+    params: Mapping[int, Mapping[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 class _Dims:
@@ -268,14 +287,12 @@ def _vector(raw: Any) -> SteeringVector:
 def _entry(raw: Any) -> Steering:
     if not isinstance(raw, Mapping):
         raise InvalidInputError(f"a steering entry must be an object, got {raw!r}")
-    unknown = set(raw) - {"vector", "strength", "positions", "layers", "op"}
+    unknown = set(raw) - {"vector", "strength", "positions", "layers", "op", "extras"}
     if unknown:
         raise InvalidInputError(f"unknown steering entry fields: {sorted(unknown)}")
     op = raw.get("op", "add")
-    if op != "add":
-        raise InvalidInputError(
-            f"steering op {op!r} is not supported by the vLLM plugin (use 'add')"
-        )
+    if not isinstance(op, str) or op not in OPERATORS:
+        raise InvalidInputError(f"unknown steering op {op!r}; available: {', '.join(OPERATORS)}")
     strength = raw.get("strength", 1.0)
     if isinstance(strength, Mapping):
         strength = {_int_key(k, "strength"): v for k, v in strength.items()}
@@ -284,12 +301,34 @@ def _entry(raw: Any) -> Steering:
         not isinstance(layers, (list, tuple)) or any(isinstance(x, bool) for x in layers)
     ):
         raise InvalidInputError(f"'layers' must be a list of layer numbers, got {layers!r}")
+    vector = _vector(raw.get("vector"))
+    extras = raw.get("extras")
+    if extras is not None:
+        vector = vector.with_extras(**_extras(extras))
     return Steering(
-        _vector(raw.get("vector")),
+        vector,
+        op=op,
         strength=strength,
         positions=parse_positions(raw.get("positions", "all")),
         layers=None if layers is None else [_int_key(x, "layers") for x in layers],
     )
+
+
+def _extras(raw: Any) -> dict[str, dict[int, torch.Tensor]]:
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(name, str) and isinstance(per_layer, Mapping) for name, per_layer in raw.items()
+    ):
+        raise InvalidInputError("a steering entry's 'extras' must be {name: {layer: [floats]}}")
+    try:
+        return {
+            name: {
+                _int_key(layer, "extras"): torch.tensor(values, dtype=torch.float32)
+                for layer, values in per_layer.items()
+            }
+            for name, per_layer in raw.items()
+        }
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"steering extras must hold lists of numbers: {error}") from None
 
 
 def _wire_dict(wire: Any) -> Mapping[str, Any]:
@@ -378,8 +417,15 @@ def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
     out: list[ResolvedEntry] = []
     for raw in _entries(wire):
         term = _entry(raw)
-        deltas = term.layer_deltas(cast(Any, dims))
-        out.append(ResolvedEntry(positions=Positions.parse(term.positions), deltas=deltas))
+        positions = Positions.parse(term.positions)
+        if term.resolved_op == "add":
+            out.append(ResolvedEntry(positions, term.layer_deltas(cast(Any, dims))))
+        else:
+            params = {
+                layer: {k: v.float().reshape(-1) for k, v in constants.items()}
+                for layer, constants in term.layer_params(cast(Any, dims)).items()
+            }
+            out.append(ResolvedEntry(positions, {}, op=term.resolved_op, params=params))
     return out
 
 
@@ -482,6 +528,8 @@ def token_deltas(
         abs_index = flat[request.start : request.stop].unsqueeze(0)
         plen = torch.tensor([request.prompt_len])
         for entry in request.entries:
+            if entry.op != "add":
+                continue
             mask = entry.positions.mask(abs_index, plen)[0]
             if not bool(mask.any()):
                 continue
@@ -491,4 +539,46 @@ def token_deltas(
                 if target is None:
                     target = out[layer] = torch.zeros(total, d_model, dtype=torch.float32)
                 target[request.start : request.stop] += weight * delta[None, :]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEdit:
+    """A non-additive operator applied at one layer to rows ``rows`` of the flattened batch."""
+
+    rows: torch.Tensor  # [n] long, on the CPU
+    op: str
+    params: Mapping[str, torch.Tensor]
+
+
+def token_edits(
+    requests: Sequence[StepRequest], positions: torch.Tensor
+) -> dict[int, list[TokenEdit]]:
+    """``{layer: [edits]}`` of the non-additive entries in one step (each request's entries in
+    their order, after that layer's additions from :func:`token_deltas`).
+
+    >>> import torch
+    >>> u = {0: {"u": torch.ones(2)}}
+    >>> e = ResolvedEntry(Positions.parse("last"), {}, op="ablate", params=u)
+    >>> edits = token_edits([StepRequest(0, 3, 2, [e])], torch.tensor([0, 1, 2]))
+    >>> edits[0][0].rows.tolist(), edits[0][0].op
+    ([1, 2], 'ablate')
+    """
+    total = int(positions.shape[-1])
+    flat = positions.reshape(-1)[:total].to("cpu", torch.long)
+    out: dict[int, list[TokenEdit]] = {}
+    for request in requests:
+        if request.stop <= request.start:
+            continue
+        abs_index = flat[request.start : request.stop].unsqueeze(0)
+        plen = torch.tensor([request.prompt_len])
+        for entry in request.entries:
+            if entry.op == "add":
+                continue
+            mask = entry.positions.mask(abs_index, plen)[0]
+            rows = torch.nonzero(mask).reshape(-1) + request.start
+            if rows.numel() == 0:
+                continue
+            for layer, params in entry.params.items():
+                out.setdefault(layer, []).append(TokenEdit(rows, entry.op, params))
     return out
