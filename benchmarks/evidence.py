@@ -41,7 +41,12 @@ def log(message: str) -> None:
 
 
 # --- runs -----------------------------------------------------------------------------------------
+def _curve(vector: Any) -> list[float]:
+    return [round(float(x), 5) for x in vector.metadata.get("loss_curve", [])]
+
+
 def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import steerlab as sl
     from steerlab.caa import (
         CAA_BEHAVIOURS,
         caa_generate_splits,
@@ -54,13 +59,15 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     root = find_caa_data(args.data)
     layers = list(range(args.first_layer, model.n_layers, args.layer_step))
     behaviours = list(CAA_BEHAVIOURS) if args.behaviours == "all" else args.behaviours.split(",")
-    raw = {}
+    multipliers = sorted({-1.0, 0.0, 1.0, *(float(m) for m in args.caa_multipliers.split(","))})
+    raw, splits = {}, {}
     for behaviour in behaviours:
         start = time.perf_counter()
         # --validation generate items (from the end) choose the layer: they stay out of the vector
         train, _ = caa_generate_splits(
             behaviour, data=root, train_limit=args.train_limit, validation=args.validation
         )
+        splits[behaviour] = train
         raw[behaviour] = caa_vector(model, train, layers=layers)
         log(f"caa vector {behaviour}: {len(train)} pairs, {time.perf_counter() - start:.0f} s")
     vectors = normalize_across(raw) if len(raw) > 1 else raw
@@ -73,48 +80,141 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             data=root,
             layer="best",
             sweep_layers=layers,
-            multipliers=[-1.0, 0.0, 1.0],
+            multipliers=multipliers,
             limit=args.limit,
             validation=args.validation,
-            open_ended=True,
-            open_limit=args.open_limit,
+            open_ended=args.open_limit > 0,
+            open_limit=args.open_limit or None,
             damage_passages=args.damage_passages,
             vector=vectors[behaviour],
             model_name="SmolLM2-135M-Instruct",
         )
         data = result.to_dict()
-        results.append(data)
+        data["seconds"] = round(time.perf_counter() - start)
         cells = ", ".join(f"{p['p_matching']:.3f}" for p in data["results"])
-        log(f"caa {behaviour}: layer {result.layer}: {cells} ({time.perf_counter() - start:.0f} s)")
+        log(f"caa {behaviour}: layer {result.layer}: {cells} ({data['seconds']} s)")
+        if args.train_steps > 0:
+            # the trained vector at the layer mean difference chose on validation, trained on
+            # the same generate items, judged on the same test items
+            start = time.perf_counter()
+            trained = sl.train_vector(
+                model,
+                splits[behaviour],
+                layer=result.layer,
+                objective="preference",
+                steps=args.train_steps,
+                lr=args.train_lr,
+                chat=True,
+                progress=False,
+                batch_size=args.train_batch,
+            )
+            took = time.perf_counter() - start
+            scored = evaluate_caa(
+                model,
+                behaviour,
+                data=root,
+                layer=result.layer,
+                multipliers=[-1.0, 0.0, 1.0],
+                limit=args.limit,
+                damage_passages=args.damage_passages,
+                vector=trained,
+                model_name="SmolLM2-135M-Instruct",
+            ).to_dict()
+            data["trained"] = {
+                "objective": "preference",
+                "steps": args.train_steps,
+                "lr": args.train_lr,
+                "n_items": len(splits[behaviour].prompts),
+                "norm": round(float(trained[result.layer].norm()), 4),
+                "loss_curve": _curve(trained),
+                "train_seconds": round(took),
+                "results": scored["results"],
+            }
+            cells = ", ".join(f"{p['p_matching']:.3f}" for p in scored["results"])
+            log(f"caa {behaviour} trained: {cells} ({time.perf_counter() - start:.0f} s)")
+        results.append(data)
         _save(Path(args.caa_json), results)
     return results
 
 
+def concept_training_items(concept: Any, instructions: list[str], n: int) -> list[dict[str, str]]:
+    """Preference items for one concept: each train instruction answered by a positive text
+    (chosen) or its paired negative text (rejected), cycling over the instructions."""
+    return [
+        {"prompt": instructions[i % len(instructions)], "chosen": f" {pos}", "rejected": f" {neg}"}
+        for i, (pos, neg) in enumerate(zip(concept.positive[:n], concept.negative[:n], strict=True))
+    ]
+
+
 def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from steerlab.concepts import concept_instructions, evaluate_concept
+    import steerlab as sl
+    from steerlab.concepts import builtin_concepts, concept_instructions, evaluate_concept
 
     instructions = concept_instructions()[: args.instructions]
+    cut = args.n_train or len(instructions) // 2
     results = []
     for name in args.concepts.split(","):
         start = time.perf_counter()
+        concept = builtin_concepts()[name]
+        extra: dict[str, Any] = {}
+        curves: dict[str, Any] = {}
+        if args.train_steps > 0:
+            items = concept_training_items(concept, instructions[:cut], args.max_pairs or 10**6)
+            options = dict(
+                layer=args.concept_layer,
+                steps=args.train_steps,
+                lr=args.train_lr,
+                chat=True,
+                progress=False,
+                batch_size=args.train_batch,
+            )
+            began = time.perf_counter()
+            trained = sl.train_vector(model, items, objective="preference", **options)
+            extra["trained"] = (trained, "add")
+            curves["trained"] = {
+                "objective": "preference",
+                "loss_curve": _curve(trained),
+                "norm": round(float(trained[args.concept_layer].norm()), 4),
+                "seconds": round(time.perf_counter() - began),
+            }
+            began = time.perf_counter()
+            reft = sl.train_intervention(model, items, rank=args.rank, **options)
+            extra["loreft"] = (reft, "loreft")
+            curves["loreft"] = {
+                "objective": "likelihood",
+                "rank": args.rank,
+                "loss_curve": _curve(reft),
+                "seconds": round(time.perf_counter() - began),
+            }
+            log(f"concept {name}: trained in {time.perf_counter() - start:.0f} s")
         result = evaluate_concept(
             model,
-            name,
+            concept,
             layer=args.concept_layer,
+            operators=args.operators.split(","),
             strengths=[float(s) for s in args.strengths.split(",")],
             scale=args.scale,
             instructions=instructions,
+            n_train=cut,
             max_new_tokens=args.max_new_tokens,
             damage_passages=args.damage_passages,
             max_pairs=args.max_pairs,
             model_name="SmolLM2-135M-Instruct",
+            progress=False,
+            extra=extra,
+            extra_strengths=[float(s) for s in args.extra_strengths.split(",")],
         )
-        results.append(result.to_dict())
+        data = result.to_dict()
+        data["training"] = {
+            "n_items": len(concept.positive[: args.max_pairs or None]),
+            "steps": args.train_steps,
+            "lr": args.train_lr,
+            **curves,
+        }
+        data["seconds"] = round(time.perf_counter() - start)
+        results.append(data)
         best = result.best()
-        log(
-            f"concept {name}: best {best.name} {best.combined:.3f} "
-            f"({time.perf_counter() - start:.0f} s)"
-        )
+        log(f"concept {name}: best {best.name} {best.combined:.3f} ({data['seconds']} s)")
         _save(OUT / "concepts.json", results)
     return results
 
@@ -259,20 +359,28 @@ def concept_figure(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def _sizes(part: str, args: argparse.Namespace, n_layers: int) -> str:
+    trained = (
+        f"trained vectors: {args.train_steps} steps, lr {args.train_lr}, batch {args.train_batch}"
+        if args.train_steps
+        else "no trained vectors"
+    )
     if part == "caa":
         return (
             f"{args.train_limit} generate pairs and {args.limit} A/B test items per behaviour "
             f"(of 290-1000 and 50), {args.validation} generate items of each behaviour "
             "held out to choose the layer (both sets balanced over the answer letters), "
             f"{args.open_limit} open-ended items, layers "
-            f"{args.first_layer}..{n_layers - 1} step {args.layer_step}, "
-            f"{args.damage_passages} neutral passages"
+            f"{args.first_layer}..{n_layers - 1} step {args.layer_step}, multipliers -1, 0, 1 "
+            f"and {args.caa_multipliers}, {args.damage_passages} neutral passages; {trained}"
         )
+    cut = args.n_train or args.instructions // 2
     return (
-        f"layer {args.concept_layer}, strengths {args.strengths} ({_scale_words(args.scale)}), "
-        f"{args.instructions} instructions (half train, half held out), "
-        f"{args.max_new_tokens} new tokens, greedy"
+        f"layer {args.concept_layer}, operators {args.operators}, strengths {args.strengths} "
+        f"({_scale_words(args.scale)}), trained candidates at {args.extra_strengths} times "
+        f"their learned size, {args.instructions} instructions ({cut} choose the strength, "
+        f"{args.instructions - cut} held out), {args.max_new_tokens} new tokens, greedy"
         + (f", {args.max_pairs} contrast pairs" if args.max_pairs else "")
+        + f", {args.damage_passages} neutral passages; {trained}, LoReFT rank {args.rank}"
     )
 
 
@@ -404,6 +512,9 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "",
         "![p(matching) over layers per behaviour](evidence/caa_layers.png)",
         "",
+    ]
+    lines += caa_trained_lines(caa)
+    lines += [
         "## 2. AxBench-style concept evaluation",
         "",
         "For each concept the vector comes from its contrastive prompts at one layer; each "
@@ -424,8 +535,8 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "concept.",
         "",
         "| concept | candidate | strength | concept | fluency | relevance | combined | "
-        "ppl (unsteered judge) | KL neutral | example (held-out) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "ppl (unsteered judge) | KL neutral | wrong way | consistency | example (held-out) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for result in concepts:
         for row in result["rows"]:
@@ -435,7 +546,8 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
                 f"{_fmt(row['concept'], 2)} | {_fmt(row['fluency'], 2)} | "
                 f"{_fmt(row['relevance'], 2)} | **{_fmt(row['combined'])}** ± "
                 f"{_fmt(row['combined_sem'])} | "
-                f"{_fmt(row['perplexity'], 1)} | {_fmt(row['kl_neutral'])} | {example} |"
+                f"{_fmt(row['perplexity'], 1)} | {_fmt(row['kl_neutral'])} | "
+                f"{_fmt(row.get('wrong_way'), 2)} | {_fmt(row.get('consistency'), 2)} | {example} |"
             )
     wins, presence = [], []
     for result in concepts:
@@ -456,12 +568,176 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "",
         "![held-out combined score per concept and candidate](evidence/concepts.png)",
         "",
+    ]
+    lines += concept_target_lines(concepts)
+    if _curve_series(caa, concepts):
+        lines += ["![training loss per step](evidence/training_curves.png)", ""]
+    lines += [
         "## Reading",
         "",
         READING.strip(),
         "",
     ]
     return "\n".join(lines)
+
+
+TRAINED = ("trained", "loreft")
+KL_LIMIT = 0.5
+
+
+def beats_prompting(result: dict[str, Any], name: str) -> bool | None:
+    """Whether candidate ``name`` beats prompting by more than one standard error of the
+    difference (sqrt(se^2 + se^2), items treated as independent) at KL <= KL_LIMIT on neutral
+    text; None when either row is missing."""
+    rows = {r["name"]: r for r in result["rows"]}
+    if name not in rows or "prompting" not in rows:
+        return None
+    row, base = rows[name], rows["prompting"]
+    kl = row.get("kl_neutral")
+    margin = math.hypot(row["combined_sem"], base["combined_sem"])
+    return bool(row["combined"] - base["combined"] > margin and kl is not None and kl <= KL_LIMIT)
+
+
+def concept_target_lines(concepts: list[dict[str, Any]]) -> list[str]:
+    """The headline target, counted from the JSON, and the trained vectors' loss curves."""
+    if not concepts:
+        return []
+    names: list[str] = []
+    for result in concepts:
+        names += [r["name"] for r in result["rows"] if r["name"] not in names]
+    names = [n for n in names if n not in ("unsteered", "prompting")]
+    counts = []
+    for name in names:
+        won = [r["concept"] for r in concepts if beats_prompting(r, name)]
+        counts.append(f"{name} {len(won)} of {len(concepts)} ({', '.join(won) or 'none'})")
+    trained_wins = {r["concept"] for r in concepts for n in TRAINED if beats_prompting(r, n)}
+    met = len(trained_wins) >= 3 and len(concepts) >= 5
+    lines = [
+        "**Target** (issue 19): a trained method (`trained`, `loreft`) beats prompting by more "
+        f"than one standard error of the difference, at KL <= {KL_LIMIT} nats/token on neutral "
+        f"text, on at least 3 of 5 concepts. Counted from `concepts.json`: "
+        + "; ".join(counts)
+        + f". A trained method wins on {len(trained_wins)} of {len(concepts)} concepts: the "
+        f"target is **{'met' if met else 'not met'}**.",
+        "",
+        "| concept | candidate | objective | steps | first loss | last loss | norm | train s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for result in concepts:
+        training = result.get("training", {})
+        for name in TRAINED:
+            entry = training.get(name)
+            if not entry or not entry.get("loss_curve"):
+                continue
+            curve = entry["loss_curve"]
+            lines.append(
+                f"| {result['concept']} | {name} | {entry['objective']} | {len(curve)} | "
+                f"{curve[0]:.3f} | {curve[-1]:.3f} | {_fmt(entry.get('norm'), 1)} | "
+                f"{entry.get('seconds', '–')} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _at(points: list[dict[str, Any]], m: float, key: str = "p_matching") -> Any:
+    return next((p.get(key) for p in points if p["multiplier"] == m), None)
+
+
+def caa_trained_lines(caa: list[dict[str, Any]]) -> list[str]:
+    """Trained (preference) beside mean difference at the same layer, and mean difference at
+    larger multipliers, both on the test items, from ``caa.json``."""
+    lines: list[str] = []
+    trained = [r for r in caa if r.get("trained")]
+    if trained:
+        lines += [
+            "",
+            "### Trained (`preference`, BiPO) beside mean difference",
+            "",
+            "Same layer (chosen for mean difference on the validation items), same generate "
+            "items to train on, same held-out test items. The trained vector is applied at "
+            "x-1 / x0 / x+1 of its learned norm. Loss: the BiPO loss per step on a minibatch "
+            "of the training items (2 log 2 = 1.386 at v = 0); a flat curve means the vector "
+            "found nothing on the training items that moves the answer.",
+            "",
+            "| behaviour | layer | mean diff gap ± se | trained x-1 | x0 | x+1 | trained gap ± se "
+            "| KL x-1 / x+1 | norm | loss first 5 → last 5 steps | train s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in trained:
+            t = r["trained"]
+            pts = t["results"]
+            gap = _at(pts, 1.0) - _at(pts, -1.0)
+            se = math.hypot(_at(pts, 1.0, "p_sem") or 0.0, _at(pts, -1.0, "p_sem") or 0.0)
+            curve = t["loss_curve"]
+            head, tail = curve[:5], curve[-5:]
+            lines.append(
+                f"| {r['behaviour']} | {r['layer']} | {_p(r, 1.0) - _p(r, -1.0):+.3f} ± "
+                f"{_gap_se(r):.3f} | {_fmt(_at(pts, -1.0))} | {_fmt(_at(pts, 0.0))} | "
+                f"{_fmt(_at(pts, 1.0))} | {gap:+.3f} ± {se:.3f} | "
+                f"{_fmt(_at(pts, -1.0, 'kl_neutral'))} / {_fmt(_at(pts, 1.0, 'kl_neutral'))} | "
+                f"{t['norm']:.1f} | {sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f} | "
+                f"{t['train_seconds']} |"
+            )
+    multipliers = sorted({p["multiplier"] for r in caa for p in r["results"]})
+    if any(abs(m) > 1 for m in multipliers):
+        lines += [
+            "",
+            "### Mean difference at larger multipliers",
+            "",
+            "p(matching) on the test items at the chosen layer; in brackets the KL (nats per "
+            "token) on neutral text with the vector on at every token.",
+            "",
+            "| behaviour | " + " | ".join(f"x{m:+g}" for m in multipliers) + " |",
+            "| --- " + "| ---: " * len(multipliers) + "|",
+        ]
+        for r in caa:
+            cells = [
+                f"{_fmt(_at(r['results'], m))} ({_fmt(_at(r['results'], m, 'kl_neutral'), 2)})"
+                for m in multipliers
+            ]
+            lines.append(f"| {r['behaviour']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _curve_series(
+    caa: list[dict[str, Any]], concepts: list[dict[str, Any]]
+) -> list[tuple[str, list[float]]]:
+    series = [
+        (f"caa {r['behaviour']}", r["trained"]["loss_curve"]) for r in caa if r.get("trained")
+    ]
+    for result in concepts:
+        for name in TRAINED:
+            entry = result.get("training", {}).get(name)
+            if entry and entry.get("loss_curve"):
+                series.append((f"{result['concept']} {name}", entry["loss_curve"]))
+    return series
+
+
+def curves_figure(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], path: Path) -> None:
+    """The training loss per step of every trained vector (CAA behaviours and concepts)."""
+    series = _curve_series(caa, concepts)
+    if not series:
+        return
+    figure = _figure(7.5, 3.2)
+    panels = [("caa", "CAA (preference)"), ("trained", "concepts: trained (preference)"),
+              ("loreft", "concepts: loreft (likelihood)")]  # fmt: skip
+    for k, (key, title) in enumerate(panels):
+        ax = figure.add_subplot(1, 3, k + 1)
+        for label, curve in series:
+            if (key == "caa") == label.startswith("caa") and (key == "caa" or label.endswith(key)):
+                ax.plot(
+                    range(1, len(curve) + 1),
+                    curve,
+                    label=label.split(" ")[1 if key == "caa" else 0],
+                    linewidth=1,
+                )
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("loss", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=5)
+    figure.tight_layout()
+    figure.savefig(path, format="png", bbox_inches="tight")
 
 
 READING = """
@@ -554,19 +830,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-layer", type=int, default=0)
     parser.add_argument("--layer-step", type=int, default=3)
     parser.add_argument("--damage-passages", type=int, default=4)
-    parser.add_argument("--concepts", default="sentiment,formality,food")
+    parser.add_argument("--concepts", default="sentiment,formality,food,music,animals")
     parser.add_argument("--concept-layer", type=int, default=12)
     parser.add_argument("--strengths", default="0.1,0.2,0.4,0.8")
     parser.add_argument("--scale", default="residual", help="residual (fractions) or raw")
-    parser.add_argument("--instructions", type=int, default=8)
+    parser.add_argument("--instructions", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--caa-json", default=str(OUT / "caa.json"), help="where CAA results go")
     parser.add_argument("--max-pairs", type=int, default=None, help="contrast pairs per concept")
+    parser.add_argument("--n-train", type=int, default=4, help="instructions choosing strength")
+    parser.add_argument("--operators", default="add", help="operators of the statistical methods")
+    parser.add_argument("--extra-strengths", default="0.5,1,2", help="trained candidates' grid")
+    parser.add_argument("--caa-multipliers", default="-8,-4,-2,2,4,8", help="beside -1, 0, 1")
+    parser.add_argument("--train-steps", type=int, default=40, help="0: no trained vectors")
+    parser.add_argument("--train-lr", type=float, default=0.05)
+    parser.add_argument("--train-batch", type=int, default=4, help="items per training step")
+    parser.add_argument("--rank", type=int, default=4, help="LoReFT rank")
     parser.add_argument("--skip-caa", action="store_true")
     parser.add_argument("--skip-concepts", action="store_true")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
     import steerlab as sl
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     meta_path = OUT / "meta.json"
@@ -611,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         caa_figure(caa, OUT / "caa_layers.png", paper_table(meta.get("data")))
     if concepts:
         concept_figure(concepts, OUT / "concepts.png")
+    curves_figure(caa, concepts, OUT / "training_curves.png")
     (DOCS / "evidence.md").write_text(render(caa, concepts, meta), encoding="utf-8")
     log(f"wrote {DOCS / 'evidence.md'} ({time.perf_counter() - start:.0f} s)")
     return 0

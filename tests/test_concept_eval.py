@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -201,3 +203,62 @@ def test_judge_through_a_local_steerlab_serve(tmp_path: Path) -> None:
         Judge(url, "x", max_tokens=2).score("food", ["a"], ["b"], progress=False)
     with pytest.raises(sl.InvalidInputError, match="judge_url"):
         Judge("localhost:8000", "x")
+
+
+def test_extra_candidates_run_at_their_own_scale() -> None:
+    """A vector made elsewhere (here a fixed random one) is used as given: its held-out row is
+    the direct steered generation at the chosen multiple, scored, with its wrong-way share."""
+    model = tiny_model("llama")
+    vec = sl.SteeringVector(
+        {1: torch.randn(model.d_model, generator=torch.Generator().manual_seed(3))}
+    )
+    result = evaluate_concept(
+        model,
+        TOY,
+        layer=1,
+        methods=("mean_diff",),
+        operators=("add",),
+        strengths=(0.5,),
+        instructions=ITEMS,
+        max_new_tokens=4,
+        damage=False,
+        progress=False,
+        extra={"given": (vec, "add")},
+        extra_strengths=(3.0,),
+    )
+    rows = {r.name: r for r in result.rows}
+    assert rows["given"].strength == 3.0
+    assert result.settings["extra"] == {"given": {"op": "add", "strengths": [3.0]}}
+    test = ITEMS[3:]
+    direct = model.generate(
+        test, max_new_tokens=4, chat=True, steering=vec, strength=3.0, positions=slice(1, None)
+    )
+    items = score_texts(TOY, direct).tolist()
+    assert list(rows["given"].concept_items) == items
+    base = torch.tensor(rows["unsteered"].concept_items)
+    want = float((torch.tensor(items) < base).double().mean())
+    assert rows["given"].wrong_way == pytest.approx(want)
+    assert rows["given"].consistency == rows["mean_diff"].consistency
+
+
+@pytest.mark.parametrize(
+    ("extra", "strengths", "message"),
+    [
+        ({"x": "not a pair"}, (1.0,), "extra['x']"),
+        ({"mean_diff": (None, "add")}, (1.0,), "extra['mean_diff']"),
+        ({"prompting": (sl.SteeringVector({1: torch.ones(32)}), "add")}, (1.0,), "clashes"),
+        ({"x": (sl.SteeringVector({1: torch.ones(32)}), "add")}, (0.0,), "extra_strengths"),
+    ],
+)
+def test_bad_extra_candidates_are_refused(extra: Any, strengths: Any, message: str) -> None:
+    with pytest.raises(sl.errors.InvalidInputError, match=re.escape(message)):
+        evaluate_concept(
+            tiny_model("llama"),
+            TOY,
+            layer=1,
+            methods=("mean_diff",),
+            instructions=ITEMS,
+            extra=extra,
+            extra_strengths=strengths,
+            progress=False,
+        )

@@ -446,6 +446,8 @@ def evaluate_concept(
     model_name: str | None = None,
     progress: bool | None = None,
     judge: Judge | None = None,
+    extra: Mapping[str, tuple[SteeringVector, str]] | None = None,
+    extra_strengths: Sequence[float] = (0.5, 1.0, 2.0),
 ) -> ConceptResult:
     """Run the AxBench-style protocol for one concept (see the module docstring).
 
@@ -461,6 +463,10 @@ def evaluate_concept(
     method × operator (``"pca"``, ``"pca+clamp"``...). ``judge`` scores with an LLM judge
     (:class:`~steerlab.judge.Judge`) instead of the built-in scorers, train and held-out alike.
     ``progress``: bars on a terminal by default (``None``), forced on or off with True/False.
+    ``extra`` adds candidates made elsewhere, ``{name: (vector, op)}`` (e.g. a vector from
+    :func:`~steerlab.training.train_vector`, or LoReFT matrices with ``op="loreft"``): they
+    are used at their own scale (a trained vector's norm is its dose), with the strength chosen
+    from ``extra_strengths`` (multiples) on the train instructions like every other candidate.
     """
     if isinstance(concept, str):
         known = builtin_concepts()
@@ -478,6 +484,19 @@ def evaluate_concept(
     if not values or any(not math.isfinite(s) or s == 0 for s in values):
         raise InvalidInputError("strengths must be non-zero finite numbers")
     ops = tuple(available_operators() if operators is None else operators)
+    extras = dict(extra or {})
+    extra_values = [float(s) for s in extra_strengths]
+    if extras and (not extra_values or any(not math.isfinite(s) or s == 0 for s in extra_values)):
+        raise InvalidInputError("extra_strengths must be non-zero finite numbers")
+    for name, entry in extras.items():
+        if (
+            not isinstance(entry, tuple)
+            or len(entry) != 2
+            or not isinstance(entry[0], SteeringVector)
+        ):
+            raise InvalidInputError(f"extra[{name!r}] must be a (SteeringVector, op) pair")
+        if name in ("unsteered", "prompting") or name in methods:
+            raise InvalidInputError(f"extra[{name!r}] clashes with a built-in candidate's name")
     if scale not in SCALES:
         raise InvalidInputError(f"scale must be one of {SCALES}, not {scale!r}")
     layer = model.adapter.resolve_layer(layer)
@@ -503,8 +522,14 @@ def evaluate_concept(
         for method in methods
         for op in ops
     ]
+    grids = {name: values for name, _, _ in candidates}
+    for name, (vec, op) in extras.items():
+        candidates.append((name, vec, op))
+        grids[name] = extra_values
     # every (candidate, strength) on the train instructions: rows of one batched generation
-    configs = [(name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in values]
+    configs = [
+        (name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in grids[name]
+    ]
     prompts = [p for _ in configs for p in train]
     rows = [c[2] for c in configs for _ in train]
     texts = _generate(
@@ -598,6 +623,9 @@ def evaluate_concept(
             "methods": list(methods),
             "operators": list(ops),
             "strengths": values,
+            "extra": {
+                name: {"op": op, "strengths": extra_values} for name, (_, op) in extras.items()
+            },
             "scale": scale,
             "residual_norm": residual,
             "raw_vector_norms": raw_norms,
