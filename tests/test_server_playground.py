@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("fastapi")
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
+import httpx  # noqa: E402
+
 import steerlab as sl  # noqa: E402
 from steerlab.server.app import create_app, serve_in_thread  # noqa: E402
 from steerlab.server.engine import TorchEngine  # noqa: E402
@@ -157,3 +159,100 @@ def test_playground_on_the_default_model_saves_the_screenshot(
     assert got["base"] != got["steered"]
     assert got["base_chunks"] >= 8 and got["steered_chunks"] >= 8
     assert shot.stat().st_size > 10_000
+
+
+def test_playground_with_an_api_key_keeps_it_and_never_shows_unsteered_text() -> None:
+    """A server with --api-key: the key is asked for, kept across a reload (sessionStorage),
+    vectors load once it is set, and the steered pane refuses (with an error, sending nothing)
+    rather than show an unsteered continuation: no vector, only zero strengths, or a vector the
+    server has since deleted."""
+    model = tiny_model("llama")
+    engine = TorchEngine(model, max_batch=4)
+    gen = torch.Generator().manual_seed(3)
+    for name in ("joy", "calm"):
+        engine.vectors.register(
+            name, sl.SteeringVector({1: torch.randn(model.d_model, generator=gen) * 3})
+        )
+    key = {"Authorization": "Bearer s3cret"}
+    executable = _chromium()
+    options = "document.querySelectorAll('#vector-picker option').length"
+    panes_done = (
+        "document.querySelector('#pane-base').dataset.done === 'true' && "
+        "document.querySelector('#pane-steered').dataset.done === 'true'"
+    )
+    with serve_in_thread(create_app(engine, api_key="s3cret", max_strength=16.0)) as url:
+        with playwright_sync.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                posts: list[dict[str, Any]] = []
+                page.on(
+                    "request",
+                    lambda r: (
+                        posts.append(r.post_data_json)
+                        if r.method == "POST" and "completions" in r.url
+                        else None
+                    ),
+                )
+                page.goto(url + "/")
+                page.wait_for_function("document.querySelector('#error').textContent !== ''")
+                assert "API key" in page.inner_text("#error")
+                assert page.evaluate(options) == 1  # the placeholder only
+                assert page.inner_text("#model-info") == "not connected"
+
+                page.fill("#api-key", "wrong")
+                page.press("#api-key", "Enter")
+                page.wait_for_function("document.querySelector('#error').textContent !== ''")
+                assert "wrong API key" in page.inner_text("#error")
+                page.fill("#api-key", "s3cret")
+                page.press("#api-key", "Enter")
+                page.wait_for_function(f"{options} === 3", timeout=60_000)
+                assert page.inner_text("#error") == ""
+                stored = page.evaluate("sessionStorage.getItem('steerlab-api-key')")
+                assert stored == "s3cret"
+
+                page.reload()  # the key survives: vectors load without typing it again
+                page.wait_for_function(f"{options} === 3", timeout=60_000)
+                assert page.input_value("#api-key") == "s3cret"
+                assert "3 layers · 2 vector(s)" in page.inner_text("#model-info")
+                page.fill("#prompt", "i think the movie was")
+                page.fill("#max-tokens", "8")
+
+                page.click("#generate")  # no steering yet: refused, nothing sent
+                assert "add a steering vector" in page.inner_text("#error")
+                page.select_option("#vector-picker", "joy")
+                page.click("#generate")  # strength 0: refused too
+                assert "strength is 0" in page.inner_text("#error")
+                assert posts == []
+
+                slider = page.locator('.steer-item[data-vector="joy"] input.strength')
+                slider.focus()
+                for _ in range(8):
+                    page.keyboard.press("ArrowRight")
+                page.click("#generate")
+                page.wait_for_function(panes_done, timeout=120_000)
+                assert page.inner_text("#error") == ""
+                base, steered = page.inner_text("#pane-base"), page.inner_text("#pane-steered")
+                assert base.strip() and steered.strip() and base != steered
+                assert sorted(len(p.get("steering", [])) for p in posts) == [0, 1]
+                sent = next(p for p in posts if p.get("steering"))["steering"][0]
+                assert sent["vector"] == "joy" and sent["strength"] == 4.0
+
+                # the vector goes away on the server: the steered pane shows the error, not
+                # the unsteered text, and the request it sent still asked for the vector
+                assert httpx.delete(url + "/v1/vectors/joy", headers=key).status_code == 200
+                posts.clear()
+                page.click("#generate")
+                page.wait_for_function(
+                    "document.querySelector('#pane-steered').dataset.failed === 'true' && "
+                    "document.querySelector('#generate').disabled === false",
+                    timeout=120_000,
+                )
+                assert "unknown vector 'joy'" in page.inner_text("#error")
+                assert page.inner_text("#pane-steered") == ""
+                assert [p["steering"][0]["vector"] for p in posts if p.get("steering")] == ["joy"]
+                assert errors == []
+            finally:
+                browser.close()

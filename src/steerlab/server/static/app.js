@@ -3,6 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { model: null, nLayers: 0, vectors: [], steering: [], maxStrength: 16 };
+// the key lives as long as the tab (a reload keeps it, closing the tab forgets it)
+const KEY_SLOT = "steerlab-api-key";
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -22,31 +24,82 @@ function showError(message) {
   $("error").textContent = message || "";
 }
 
-async function init() {
+// (re)load the model and its vectors: on start, and whenever the API key changes
+async function connect() {
+  state.model = null;
+  state.vectors = [];
+  const picker = $("vector-picker");
+  const readout = $("readout-vector");
+  picker.length = 1; // keep the "+ add a vector" placeholder
+  readout.length = 1; // keep "none"
   try {
     const health = await getJSON("/health");
     state.maxStrength = Math.min(health.limits.max_strength, 32);
     const models = await getJSON("/v1/models");
+    const vectors = await getJSON("/v1/vectors");
     state.model = models.data[0].id;
     state.nLayers = models.data[0].n_layers || 0;
-    const vectors = await getJSON("/v1/vectors");
     state.vectors = vectors.data;
     $("model-info").textContent =
       `${state.model} · ${state.nLayers} layers · ${state.vectors.length} vector(s)`;
     showError("");
   } catch (err) {
     $("model-info").textContent = "not connected";
-    showError(String(err.message || err) + " (set the API key below, then reload)");
-    return;
+    $("api-key-box").open = true;
+    showError(String(err.message || err) + " (enter the server's API key under 'API key')");
   }
-  const picker = $("vector-picker");
-  const readout = $("readout-vector");
   for (const v of state.vectors) {
     picker.add(new Option(`${v.id}  (layers ${v.layers.join(", ")})`, v.id));
     readout.add(new Option(v.id, v.id));
   }
-  readout.addEventListener("change", fillReadoutLayers);
+  // entries whose vector this server does not have (any more) cannot be sent
+  state.steering = state.steering.filter((s) => state.vectors.some((v) => v.id === s.vector));
+  renderSteering();
   fillReadoutLayers();
+}
+
+function init() {
+  const saved = sessionStorage.getItem(KEY_SLOT);
+  if (saved) {
+    $("api-key").value = saved;
+    $("api-key-box").open = true;
+  }
+  let tried = saved || "";
+  const keyChanged = () => {
+    const key = $("api-key").value.trim();
+    if (key === tried && state.model) return; // Enter, then the change event of the same key
+    tried = key;
+    if (key) sessionStorage.setItem(KEY_SLOT, key);
+    else sessionStorage.removeItem(KEY_SLOT);
+    connect();
+  };
+  $("api-key").addEventListener("change", keyChanged);
+  $("api-key").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      keyChanged();
+    }
+  });
+  $("readout-vector").addEventListener("change", fillReadoutLayers);
+  connect();
+}
+
+// why the steered pane cannot be generated as asked, or "" when it can: the steered pane
+// must never quietly show an unsteered continuation
+function steeringProblem() {
+  if (!state.model) return "not connected to the server (see the error above, or the API key)";
+  if (!state.steering.length) {
+    return "add a steering vector first: without one the steered pane would be unsteered";
+  }
+  const missing = state.steering.filter((s) => !state.vectors.some((v) => v.id === s.vector));
+  if (missing.length) {
+    return `the server has no vector ${missing.map((s) => s.vector).join(", ")} any more`;
+  }
+  if (state.steering.every((s) => Number(s.strength) === 0)) {
+    return "every steering strength is 0: move a strength slider (the steered pane would " +
+      "equal the unsteered one)";
+  }
+  return "";
 }
 
 function fillReadoutLayers() {
@@ -167,6 +220,7 @@ function paintStrip(strip, tokens, scale) {
 async function stream(body, pane, strip, usageBox) {
   pane.textContent = "";
   pane.dataset.done = "false";
+  pane.dataset.failed = "false";
   pane.dataset.streaming = "true";
   strip.innerHTML = "";
   strips.delete(strip);
@@ -181,6 +235,7 @@ async function stream(body, pane, strip, usageBox) {
   if (!reply.ok) {
     const err = await reply.json().catch(() => ({}));
     pane.dataset.streaming = "false";
+    pane.dataset.failed = "true";
     throw new Error(err.error ? err.error.message : reply.statusText);
   }
   const reader = reply.body.getReader();
@@ -201,7 +256,11 @@ async function stream(body, pane, strip, usageBox) {
         const data = line.slice(5).trim();
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.error) {
+          pane.dataset.streaming = "false";
+          pane.dataset.failed = "true";
+          throw new Error(chunk.error.message);
+        }
         if (chunk.usage) {
           usageBox.textContent =
             `${chunk.usage.prompt_tokens} prompt + ${chunk.usage.completion_tokens} generated tokens`;
@@ -224,6 +283,11 @@ async function stream(body, pane, strip, usageBox) {
 }
 
 async function generate() {
+  const problem = steeringProblem();
+  if (problem) {
+    showError(problem);
+    return;
+  }
   showError("");
   const button = $("generate");
   button.disabled = true;
@@ -249,6 +313,10 @@ async function generate() {
     ]);
   } catch (err) {
     showError(String(err.message || err));
+    // a failed steered request leaves its pane empty, never with someone else's text
+    for (const pane of [$("pane-base"), $("pane-steered")]) {
+      if (pane.dataset.failed === "true") pane.textContent = "";
+    }
   } finally {
     button.disabled = false;
   }
