@@ -410,8 +410,9 @@ def test_validation_runs_off_the_event_loop() -> None:
     assert threads and "uvicorn" not in threads[0]
 
 
-def test_health_answers_while_a_huge_prompt_is_tokenized() -> None:
+def test_health_answers_while_a_thousand_steering_entries_are_validated() -> None:
     engine = _engine()
+    engine.vectors.register("v", _vector(engine.model.d_model, 2))
     entered, finished = threading.Event(), threading.Event()
     submit = engine.submit
 
@@ -423,19 +424,19 @@ def test_health_answers_while_a_huge_prompt_is_tokenized() -> None:
             finished.set()
 
     engine.submit = watched_submit  # type: ignore[method-assign]
-    app = create_app(engine, max_body_bytes=8 * 1024 * 1024)
-    prompt = "hello world " * 333_334  # 4 million characters: seconds to tokenize
+    app = create_app(engine, max_steering_entries=1000)
+    # each marker is tokenized when the entry is bound: 2 million characters, seconds of work
+    entry = {"vector": "v", "strength": 0.001, "positions": "after:" + "word " * 400}
+    body = _completion(max_tokens=1, steering=[entry] * 1000)
     with serve_in_thread(app) as url, ThreadPoolExecutor(1) as pool:
-        heavy = pool.submit(
-            httpx.post, url + "/v1/completions", json=_completion(prompt), timeout=300
-        )
+        heavy = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=600)
         assert entered.wait(120)
-        # answered while the engine is still validating and tokenizing the prompt (on the
-        # event loop, /health would only be served after that finished)
-        assert httpx.get(url + "/health", timeout=300).status_code == 200
+        # answered while the engine is still validating the entries (on the event loop,
+        # /health would only be served after that finished)
+        assert httpx.get(url + "/health", timeout=600).status_code == 200
         assert not finished.is_set()
         reply = heavy.result()
-    assert reply.status_code == 400 and "context" in reply.json()["error"]["message"]
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 1
 
 
 # --- client disconnects -----------------------------------------------------------------------
