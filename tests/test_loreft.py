@@ -236,3 +236,72 @@ def test_intervention_gradient_matches_finite_differences() -> None:
     with torch.no_grad():
         held = float(sl.intervention_loss(tiny_model("llama"), ITEMS[:4], ref, layer=LAYER))
     assert held < ref.metadata["loss_curve"][0]
+
+
+# --- where the operator cannot run: refused, never degraded to adding Rᵀb ------------------------
+def test_adding_a_loreft_vector_is_refused_unless_forced() -> None:
+    model = tiny_model("llama")
+    vec = _loreft(model.d_model, 2, seed=6)
+    base = model.logits(PROMPTS)
+    for op in (None, "add"):  # the default resolves to 'add' too
+        with pytest.raises(sl.VectorMismatchError, match=r"LoReFT.*op='loreft'.*force=True"):
+            model.logits(PROMPTS, steering=vec, op=op)
+        with pytest.raises(sl.VectorMismatchError, match="LoReFT"):
+            with model.steer(vec, op=op):
+                pass
+    assert hook_count(model.hf_model) == 0
+    assert torch.equal(model.logits(PROMPTS), base)
+    # force=True adds Rᵀb (strength 2) with a warning, exactly like a plain vector
+    with pytest.warns(UserWarning, match="adding Rᵀb"), model.steer(vec, strength=2.0, force=True):
+        forced = model.logits(PROMPTS)
+    plain = sl.SteeringVector(vec.directions)
+    assert torch.equal(forced, model.logits(PROMPTS, steering=plain, strength=2.0))
+    assert not torch.allclose(forced, base)
+    # op='loreft' is unchanged: the operator's formula, as in the tests above
+    got = _hidden(model, steering=sl.Steering(vec, op="loreft"))
+    for b, h in zip(_hidden(model), got, strict=True):
+        assert torch.allclose(h.double(), _expected(b, vec, 1.0), atol=2e-5, rtol=1e-5)
+
+
+def test_edit_refuses_adding_and_applies_op_loreft_exactly() -> None:
+    model = tiny_model("llama")
+    vec = _loreft(model.d_model, 2, seed=7)
+    for steering in (vec, sl.Steering(vec), sl.Steering(vec, op="add")):
+        with pytest.raises(sl.VectorMismatchError, match=r"LoReFT.*op='loreft'"):
+            model.edit(steering)
+    assert hook_count(model.hf_model) == 0
+    with model.edit(sl.Steering(vec, op="loreft")) as edited:
+        got = edited.logits(PROMPTS)
+    assert torch.equal(got, model.logits(PROMPTS, steering=vec, op="loreft"))
+    assert hook_count(model.hf_model) == 0
+
+
+def test_bake_refuses_a_loreft_vector_and_writes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("llama")
+    vec = _loreft(model.d_model, 2, seed=8)
+    out = tmp_path / "baked"
+    edited = model.edit(sl.Steering(vec, op="loreft"))
+    for model_, steering in [
+        (model, vec),
+        (model, sl.Steering(vec, op="add")),
+        (model, sl.Steering(vec, op="loreft")),
+        (edited, None),  # the LoReFT edit of an EditedModel
+    ]:
+        with pytest.raises(sl.BakeError, match=r"LoReFT.*cannot be baked.*op='loreft'"):
+            sl.bake(model_, steering, out)
+        assert not out.exists()
+        assert list(tmp_path.iterdir()) == []
+    assert hook_count(model.hf_model) == 0
+
+
+def test_gguf_export_refuses_a_loreft_vector_and_writes_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    vec = _loreft(16, 2, seed=9, layer=2)
+    out = tmp_path / "reft.gguf"
+    for steering in (vec, sl.Steering(vec), sl.Steering(vec, op="loreft")):
+        with pytest.raises(sl.InvalidInputError, match=r"LoReFT.*llama.cpp.*op='loreft'"):
+            sl.export_gguf(steering, out)
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    # the same direction without the matrices exports as before
+    back = sl.read_gguf(sl.export_gguf(sl.SteeringVector(vec.directions), out, strength=2.0))
+    assert torch.equal(back[2], vec[2] * 2.0)

@@ -515,3 +515,60 @@ def test_vllm_server_engine_refuses_readout_with_another_worker_extension(
         )
     assert reply.status_code == 400, reply.text
     assert "--engine torch" in reply.json()["error"]["message"]
+
+
+def _reft(d_model: int) -> sl.SteeringVector:
+    from steerlab.operators import loreft_extras
+
+    r = torch.eye(d_model)[:2]
+    extras = loreft_extras(r, r * 0.5, torch.tensor([1.0, -2.0]), 1)
+    return sl.SteeringVector({1: torch.tensor([1.0, -2.0]) @ r}, extras=extras)
+
+
+def test_loreft_vectors_are_refused_by_the_plugin_when_added(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reft = _reft(4)
+    for term in (sl.Steering(reft), sl.Steering(reft, op="add")):
+        with pytest.raises(sl.InvalidInputError, match=r"LoReFT.*op 'add'.*op='loreft'"):
+            to_wire([term])
+    wire = json.loads(json.dumps(to_wire([sl.Steering(reft, op="loreft")])))
+    assert wire["steering"][0]["op"] == "loreft"
+    # a LoReFT file named on the wire is refused on the worker side unless op='loreft' is sent
+    reft.save(tmp_path / "reft.safetensors")
+    sl.SteeringVector(reft.directions).save(tmp_path / "plain.safetensors")
+    monkeypatch.setenv("STEERLAB_VLLM_VECTORS", str(tmp_path))
+    for entry in ({"vector": "reft"}, {"vector": "reft", "op": "add"}):
+        with pytest.raises(sl.InvalidInputError, match="LoReFT"):
+            resolve([entry], n_layers=3, d_model=4)
+    (named,) = resolve([{"vector": "reft", "op": "loreft"}], n_layers=3, d_model=4)
+    (sent,) = resolve(wire, n_layers=3, d_model=4)
+    assert named.op == sent.op == "loreft"
+    (entry,) = resolve([{"vector": "plain", "strength": 2.0}], n_layers=3, d_model=4)
+    assert torch.equal(entry.deltas[1], reft[1] * 2)
+
+
+def test_vllm_server_engine_answers_an_added_loreft_vector_with_a_400(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from steerlab.server.app import create_app
+
+    engine = _stand_in_vllm_engine(tmp_path, monkeypatch)
+    engine.vectors.register("reft", _reft(engine.d_model))
+    with TestClient(create_app(engine, manage_engine=False)) as client:
+        for entry in ({}, {"op": "add"}):
+            reply = client.post(
+                "/v1/completions",
+                json={
+                    "model": "default",
+                    "prompt": "the cat",
+                    "max_tokens": 2,
+                    "steering": [{"vector": "reft", **entry}],
+                },
+            )
+            assert reply.status_code == 400, reply.text
+            message = reply.json()["error"]["message"]
+            assert "LoReFT intervention" in message and "op='loreft'" in message

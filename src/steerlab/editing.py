@@ -90,6 +90,7 @@ from steerlab.interventions import (
     strip_dispatchers,
 )
 from steerlab.model import EditedModel, SteeredModel, edit, wrap
+from steerlab.operators import is_loreft
 from steerlab.positions import Positions
 from steerlab.vectors import (
     CHECKSUM_KEY,
@@ -144,6 +145,13 @@ def _plan(adapter: ModelAdapter, interventions: Sequence[Intervention]) -> _Plan
     for item in interventions:
         name = type(item).__name__
         if isinstance(item, Steering):
+            if is_loreft(item.vector):
+                raise BakeError(
+                    "a LoReFT intervention (sl.train_intervention, op 'loreft') cannot be baked: "
+                    "its edit Rᵀ(W h + b − R h) depends on the activation h, and a bias adds only "
+                    "a constant (its direction Rᵀb); keep it as hooks with "
+                    "model.edit(sl.Steering(vec, op='loreft'))"
+                )
             if item.resolved_op != "add" or item.when is not None:
                 raise BakeError(
                     f"only additive, unconditional steering can become a bias; this one uses "
@@ -644,6 +652,13 @@ def export_gguf(
     import numpy as np
 
     strength = as_finite_float(strength, "strength")
+    if is_loreft(getattr(steering, "vector", steering)):
+        raise InvalidInputError(
+            "steering is a LoReFT intervention (sl.train_intervention, op 'loreft'), which "
+            "llama.cpp cannot apply: a control vector only adds a direction, and this one's "
+            "direction Rᵀb is not the trained edit; apply it in steerlab with op='loreft' "
+            "(model.steer, or the torch server)"
+        )
     if isinstance(steering, Steering):
         if not Positions.parse(steering.positions).covers_everything:
             raise InvalidInputError("llama.cpp applies control vectors at every token")

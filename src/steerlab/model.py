@@ -47,6 +47,7 @@ from steerlab.interventions import (
     output_hidden,
     scoped_hooks,
 )
+from steerlab.operators import is_loreft
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
 from steerlab.sites import check_site, site_hook, site_width
@@ -437,6 +438,11 @@ class SteeredModel:
                 if not force:
                     raise VectorMismatchError(message + " (or pass force=True to add it anyway)")
                 warnings.warn("adding " + message, stacklevel=3)
+            if is_loreft(vector) and steering.resolved_op == "add":
+                message = _LOREFT_ADD + " (op=None means 'add')"
+                if not force:
+                    raise VectorMismatchError(message + "; or pass force=True to add Rᵀb anyway")
+                warnings.warn("adding Rᵀb: " + message, stacklevel=3)
             if vector in self._checked_vectors:
                 continue
             vector.check_compatible(self, force=force)
@@ -1422,6 +1428,13 @@ class _ScopedHandle(HookHandle):
         self._owner._scoped.discard(self._entry)
 
 
+_LOREFT_ADD = (
+    "this vector is a LoReFT intervention (sl.train_intervention): its direction is only Rᵀb, "
+    "the constant part of an edit that depends on the activation, so adding it is not the "
+    "trained edit; apply it with op='loreft'"
+)
+
+
 class EditedModel(SteeredModel):
     """A model that stays edited: every call runs with the edits' hooks installed.
 
@@ -1616,6 +1629,11 @@ def edit(
                 tokenizer=model.tokenizer,
             )
         )
+    for item in new:
+        if isinstance(item, Steering) and is_loreft(item.vector) and item.resolved_op == "add":
+            raise VectorMismatchError(
+                _LOREFT_ADD + ": edit with model.edit(sl.Steering(vec, op='loreft'))"
+            )
     if isinstance(model, EditedModel):
         model.check_alive()
         return EditedModel(model.original, [*model.edits, *new])

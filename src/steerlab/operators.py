@@ -71,6 +71,7 @@ __all__ = [
     "angular_plane",
     "check_extras",
     "get_operator",
+    "is_loreft",
     "loreft_extras",
     "loreft_matrices",
     "operator_names",
@@ -434,6 +435,24 @@ def loreft_extras(
     padded[:rank] = b.detach()
     out["loreft_b"] = {layer: padded}
     return out
+
+
+def is_loreft(vector: Any) -> bool:
+    """True for a vector carrying LoReFT matrices (:func:`steerlab.training.train_intervention`).
+
+    Its direction is only ``Rᵀb``, the constant part of an edit that depends on the activation,
+    so whatever can only add a direction (an added vector, a baked bias, a llama.cpp control
+    vector, the vLLM plugin) refuses it rather than apply a different edit.
+
+    >>> import torch
+    >>> from steerlab.vectors import SteeringVector
+    >>> ex = loreft_extras(torch.eye(3)[:1], torch.zeros(1, 3), torch.tensor([1.0]), 0)
+    >>> plain = SteeringVector({0: torch.ones(3)})
+    >>> is_loreft(SteeringVector(plain.directions, extras=ex)), is_loreft(plain)
+    (True, False)
+    """
+    extras = getattr(vector, "extras", None)
+    return isinstance(extras, Mapping) and "loreft_b" in extras
 
 
 def loreft_matrices(

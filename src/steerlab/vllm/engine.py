@@ -60,6 +60,7 @@ from steerlab.vllm.plugin import READOUT_EXTENSION
 from steerlab.vllm.spec import (
     EXTRA_ARGS_KEY,
     readout_to_wire,
+    refuse_loreft_add,
     refuse_site,
     resolve,
     resolve_readout,
@@ -271,7 +272,9 @@ class VLLMEngine:
             strength = {int(k): float(v) for k, v in strength.items()}
         vector = self.vectors.get(entry.vector)
         refuse_site(vector.site)
-        return Steering(vector, strength=strength, positions=entry.positions, op=entry.op)
+        term = Steering(vector, strength=strength, positions=entry.positions, op=entry.op)
+        refuse_loreft_add(term)
+        return term
 
     def _probe(self, entry: ReadoutEntry) -> tuple[int, torch.Tensor]:
         """The torch engine's probe (``TorchEngine._readout``): unit float32 direction."""

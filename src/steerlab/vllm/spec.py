@@ -54,7 +54,7 @@ import torch
 
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
 from steerlab.interventions import Steering
-from steerlab.operators import OPERATORS
+from steerlab.operators import OPERATORS, is_loreft
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
@@ -156,6 +156,7 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
                 f"plugin does not support (use index-based positions)"
             )
         refuse_site(term.resolved_site)
+        refuse_loreft_add(term)
         vector = {
             str(layer): term.vector.directions[layer].to(torch.float32).tolist()
             for layer in term.vector.layers
@@ -183,6 +184,21 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             }
         )
     return {"steering": entries}
+
+
+def refuse_loreft_add(term: Steering) -> None:
+    """Refuse adding a LoReFT intervention (:func:`~steerlab.operators.is_loreft`): ``op`` is
+    ``'add'`` by default on the wire and in the engine's requests, and a LoReFT vector's
+    direction ``Rᵀb`` is not its trained edit (``op='loreft'`` applies it).
+
+    >>> refuse_loreft_add(Steering(SteeringVector({0: torch.ones(2)})))
+    """
+    if is_loreft(term.vector) and term.resolved_op == "add":
+        raise InvalidInputError(
+            "this vector is a LoReFT intervention (sl.train_intervention): its direction is "
+            "only Rᵀb, so adding it (op 'add', the default) is not the trained edit; send "
+            "op='loreft'"
+        )
 
 
 def refuse_site(site: str) -> None:
@@ -305,13 +321,15 @@ def _entry(raw: Any) -> Steering:
     extras = raw.get("extras")
     if extras is not None:
         vector = vector.with_extras(**_extras(extras))
-    return Steering(
+    term = Steering(
         vector,
         op=op,
         strength=strength,
         positions=parse_positions(raw.get("positions", "all")),
         layers=None if layers is None else [_int_key(x, "layers") for x in layers],
     )
+    refuse_loreft_add(term)  # a LoReFT file named on the wire, or extras sent without its op
+    return term
 
 
 def _extras(raw: Any) -> dict[str, dict[int, torch.Tensor]]:
