@@ -1,13 +1,17 @@
 """``make evidence``: the CAA behaviour table and the concept evaluation on the default model.
 
-Runs :func:`steerlab.caa.evaluate_caa` for the seven CAA behaviours (vectors normalised across
-behaviours per layer, a layer sweep, multipliers -1/0/+1, the open-ended variant and the damage
-metrics) and :func:`steerlab.concepts.evaluate_concept` for sentiment, formality and a topic
-(food), then writes ``docs/evidence.md`` with tables, figures (``docs/evidence/*.png``) and the
-raw JSON (``docs/evidence/*.json``). Sizes are options so the run fits a shared 2-core machine
-(``--help``); at the sizes of docs/evidence.md the CAA part took 10 minutes and the concept part
-31 there (load average 3-7), and the two can run as separate processes (``--skip-concepts`` /
-``--skip-caa``, each writing its part of ``meta.json``).
+Runs :func:`steerlab.caa.evaluate_caa` for the CAA behaviours (vectors normalised across
+behaviours per layer, a layer sweep, multipliers -1/0/+1 and larger ones, the damage metrics)
+plus a ``preference``-trained vector (:func:`steerlab.training.train_vector`) at the layer chosen
+on validation, and :func:`steerlab.concepts.evaluate_concept` for the built-in concepts with a
+preference-trained vector and a LoReFT intervention (:func:`steerlab.training.train_intervention`,
+both trained on instruction -> positive / negative concept text) beside mean_diff/pca/probe,
+prompting and unsteered. Writes ``docs/evidence.md`` with tables, figures
+(``docs/evidence/*.png``, loss curves included) and the raw JSON (``docs/evidence/*.json``).
+Sizes are options so the run fits a shared 2-core machine (``--help``); the two parts can run
+as separate processes (``--skip-concepts`` / ``--skip-caa``, each writing its part of
+``meta.json``). Each finished concept / behaviour is saved at once, so a run stopped at a
+deadline keeps what it finished.
 
     python -m benchmarks.evidence                 # everything, default sizes
     python -m benchmarks.evidence --render-only   # rebuild docs/evidence.md from the JSON
@@ -741,79 +745,56 @@ def curves_figure(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], pat
 
 
 READING = """
-**Sizes and time.** Cut for a 2-core machine shared with three other agents (load average 3-7
-during the run, sampled with `uptime`; the page's header gives each part's start and end): the
-CAA part ran 10 minutes, the concept part 31, as two processes side by side. A first CAA run,
-with vectors from the first 24 generate items of each file, was stopped after three behaviours:
-those items are lopsided in the answer letter (16 of the first 24 hallucination items have the
-matching answer B), so the vector carried a letter direction: at layer 27, the layer chosen on
-validation for both, it moved p(matching) by -0.10 (corrigible-neutral-HHH) and -0.07
-(hallucination) on the test items. Both sets are now balanced over the letters
-(`steerlab.caa.caa_generate_splits`) and that run is not reported. With 16 test items a cell's
-standard error is ~0.04, a gap's up to 0.07.
+**Sizes and time (this run).** The machine (2 cores) was shared with six other agents: load
+average 17-20 for most of the run, each of the two processes (CAA and concepts, side by side,
+one torch thread each) got about a tenth of a core. The run was therefore cut far below the
+issue's sizes and stopped at a fixed deadline: the CAA part covers the behaviours in its table
+(the others are listed as not run), the concept part the concepts in its table. Training one
+concept's two candidates (15 steps each) took 17 minutes of wall time at that load; a full
+5-concept run needs an unloaded machine (or `make evidence` on a GPU). The earlier run's
+7-behaviour and 3-concept results are in the git history of `docs/evidence/`.
 
-**CAA does not reproduce on a 135M model at the paper's multipliers.**
+**CAA: does any method move this model's A/B behaviour?** Barely, and only by pushing hard.
 
-* Llama-2-7b-chat moves p(matching) by 0.15-0.58 between x-1 and x+1 at layer 13. Here no
-  behaviour moves by more than 0.04 on the test items at the layer chosen on validation, and no
-  test gap exceeds twice its standard error. The direction matches the paper for 5 of 7; noise
-  around zero gives 5 or more of 7 in 23% of runs.
-* The layer choice has nothing to choose from: the largest validation gap is +0.044
-  (survival-instinct) and the others are +0.002 to +0.012, and the validation and test sweeps
-  disagree in sign at many layers (corrigible-neutral-HHH: +0.005 on validation at layer 27,
-  -0.039 on test). The plots show flat lines at every layer, far from the paper's triangles.
-* At x0 the model puts 0.46-0.56 on the matching letter for every behaviour (the paper's
-  unsteered model: 0.36-0.76). It barely prefers either answer, so there is no preference for
-  the vector to amplify or reverse.
-* The push is small: at x±1 the normalised vectors cost 0.01-0.02 nats per token of KL on
-  neutral text, and neutral perplexity goes from 20.9 to at most 22.8. Larger multipliers were
-  not run (the issue's table is -1, 0, +1), so this page cannot tell whether a bigger push
-  would reproduce the direction or only do more damage.
-* The open-ended variant (answer *texts*) is flat too: it moves by at most 0.03 between x-1 and
-  x+1. Its values sit below 0.5 for most behaviours, so the model finds the non-matching answer
-  texts more likely whatever the steering.
+* Mean difference at the paper's x-1 / x+1 moves p(matching) by -0.002 (sycophancy) and
+  +0.009 (survival-instinct) on the 16 test items (standard error of a gap 0.07). At x+8 it
+  rises to 0.547 and 0.578 from 0.465 / 0.493 unsteered, and x-8 gives 0.477 / 0.460, but the
+  cost is 2.6-6.1 nats per token of KL on neutral text: the text is being damaged, not steered.
+  At KL <= 0.5 (x±2 and below, sycophancy x-4) no cell moves beyond its standard error.
+* The `preference` (BiPO) vector for sycophancy, trained on the same 24 generate items at the
+  layer mean difference chose (27), kept its loss at 2 log 2 = 1.386 for all 20 steps (batch 2,
+  lr 0.05; final norm 5.1) and moved held-out p(matching) the wrong way (-0.019). A flat loss on
+  the training items says the training found no direction that separates the matching from the
+  other letter there; with so few steps this is also compatible with undertraining, which this
+  run cannot rule out. For survival-instinct (layer 13) the loss dipped (1.386 to 1.06-1.30 in
+  the last steps, norm 10.8) and held-out p(matching) went 0.479 / 0.493 / 0.506: +0.027 ±
+  0.062, within noise, at KL 0.00 on neutral text.
 
-**Concepts: steering and prompting are within noise of each other.**
-With five held-out instructions a combined score has a standard error of 0.02-0.06 for
-sentiment and 0.13-0.19 for formality and food, so only large differences count.
+**Concepts: the target is not met in this run** (count above, from the JSON).
 
-* **Scale.** The raw mean-difference vectors have norms from 5.2 (sentiment) to 44 (food)
-  against a mean residual norm of 146 at layer 12. Strengths are therefore fractions of that
-  residual norm, the same push for every method and concept. The earlier grid of raw multiples
-  4 and 8 meant 0.14-0.28 of the residual norm for sentiment but 1.2-2.4 for food: on four
-  instructions food steering at 4 wrote "The, (or, extra,)" and at 8 "Meanwhile, (Meanwhile,",
-  with no food word to score.
-* **Sentiment.** The unsteered model already writes upbeat text (VADER presence 0.78). pca at
-  0.1 scores 0.872 ± 0.015 combined (presence 0.89), against unsteered 0.841 ± 0.024 (about one
-  standard error apart) and prompting 0.785 ± 0.046. Prompting raises presence to 0.87 but
-  drifts from the instruction (relevance 0.73). Every candidate chose the smallest strength of
-  the grid, and every train curve falls as the strength grows, so the best strength may lie
-  below 0.1. KL on neutral text is 0.03-0.06.
-* **Formality** does not measurably steer. Presence is 0.10 unsteered, 0.30 with prompting and
-  at most 0.20 steered; combined scores are 0.13-0.28 ± 0.13-0.17 for every row. Steered text
-  does turn more official ("I am honored to be a part of", "sacred"), but it seldom uses the
-  scorer's register markers, and at 0.8 every candidate's train score falls to 0-0.21. The
-  word-list scorer is the weak link: it finds a marker in 61% of the dataset's own formal
-  sentences, and 20 tokens give few chances.
-* **Food** is the one concept where steering adds what the unsteered model never shows
-  (presence 0). pca at 0.4 reaches presence 0.70 and combined 0.520 ± 0.148, prompting 0.40 and
-  0.447 ± 0.185. The gain costs KL 1.40 nats per token on neutral text, and neutral perplexity
-  rises from 20.9 to 115; the combined score cannot see that cost. mean_diff chose 0.2 on the
-  train instructions and showed no food at all on the held-out ones: five train instructions
-  choose a strength noisily.
-* **Operators.** `add_norm` often writes the same text as `add` at these strengths. `clamp`
-  sets every token's component along the direction to one value, s·‖v‖, instead of adding to
-  it. It scores lower for sentiment with mean_diff and pca (0.748 and 0.779, against 0.852 and
-  0.872 with add). Clamping the first token as well reversed the formality effect: the text
-  turned to "yeah, you can’s totally do it, but you’s gonna make". The evaluation now leaves
-  that token alone.
-* **AxBench's headline** (prompting beats every steering method) is neither reproduced nor
-  refuted here. By the combined score the order is steering > unsteered > prompting for
-  sentiment, a tie for formality, and steering ≥ prompting within one standard error for food.
-  Two things differ from AxBench's setting. Prompting a 135M model is weak: it often ignores the
-  hint (food presence 0.40) or wanders off the instruction. And steering's leads come with damage
-  on unrelated text that AxBench's score does not count. Counting that damage, prompting is
-  ahead: it costs nothing on unrelated text. It also gives the highest formality presence.
+* Sentiment (20 held-out instructions): the unsteered model already writes upbeat text
+  (presence 0.69). The trained vector reaches the highest presence of the steered candidates
+  (0.81, prompting 0.76) at KL 0.09, but its combined score (0.785 ± 0.020) is level with
+  prompting (0.764 ± 0.024), within one standard error. mean_diff at 0.1 has the best combined
+  score (0.824 ± 0.016): beyond one standard error of prompting, within one of unsteered
+  (0.805 ± 0.020). LoReFT (rank 4, 15
+  likelihood steps, loss 5.8 → 2.7) over-steers: presence 0.78 but combined 0.43 and KL 0.54
+  on neutral text ("I was thrilled of the food was delicious"), above the 0.5 limit.
+* Formality: prompting wins (0.330 ± 0.078 combined, presence 0.33). The trained vector is the
+  best steered candidate (0.157 ± 0.063, presence 0.15, KL 0.15: "I am pleased to inform you
+  that..."); mean_diff/pca/probe at 0.1 change nothing measurable; LoReFT derails the text
+  (0.01, KL 0.57).
+* Food: the unsteered model never mentions food (0.00) and prompting barely (0.069 ± 0.047).
+  mean_diff at 0.4 scores highest (0.265 ± 0.059) but at KL 1.05, over the limit. LoReFT
+  (0.139 ± 0.051, KL 0.48) beats prompting by 0.070 against a margin of 0.069: the one win
+  counted for a trained method, by a hair. The trained vector wrote no food word on the
+  held-out instructions (0.00) though its loss fell 1.386 → 0.36 on the training pairs.
+* Wrong way: the share of held-out instructions whose concept score falls below the unsteered
+  one is 0.10-0.30 for sentiment (prompting 0.25) and 0-0.10 for formality and food, where
+  the unsteered score is mostly 0 and cannot fall.
+* The trained vector's loss fell steadily for every concept (1.386 → 0.73 / 0.43 / 0.36 in 15
+  steps): on the concept texts there is a direction to learn, unlike on the A/B letters. Music
+  and animals were not run (deadline), so the 3-of-5 target could not be met in this run.
 """
 
 
