@@ -103,3 +103,23 @@ def test_ctrl_c_writes_the_vector_so_far_and_nothing_partial(
     assert vec.metadata["interrupted"] is True and vec.metadata["steps"] == 2
     assert torch.equal(vec[1], real(model, ITEMS, layer=1, steps=2)[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prefs.jsonl", "v.safetensors"]
+
+
+def test_generate_with_a_loreft_file_needs_op_loreft(model: Any, tmp_path: Path) -> None:
+    out = tmp_path / "reft.safetensors"
+    steerlab.train_intervention(model, ITEMS, layer=1, rank=1, steps=1).save(out)
+    base = ["generate", "the cat", "--vector", str(out), "--max-new-tokens", "3"]
+    for extra in ([], ["--op", "add"]):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "--op loreft" in lines[0]
+        assert "Traceback" not in result.output and result.stdout == ""
+    result = runner.invoke(app, [*base, "--op", "loreft"])
+    assert result.exit_code == 0, result.output
+    want = model.generate(
+        ["the cat"],
+        steering=steerlab.Steering(SteeringVector.load(out), op="loreft"),
+        max_new_tokens=3,
+    )
+    assert result.stdout == f"the cat{want[0]}\n"

@@ -11,7 +11,14 @@ import torch
 
 import steerlab as sl
 from steerlab.data import ContrastDataset
-from steerlab.testing import hook_count, tiny_hf_model, tiny_model, tiny_tokenizer
+from steerlab.testing import (
+    MOE_ARCHITECTURES,
+    TINY_ARCHITECTURES,
+    hook_count,
+    tiny_hf_model,
+    tiny_model,
+    tiny_tokenizer,
+)
 from steerlab.training import PreferenceItem, data_hash
 
 SUBJECTS = (
@@ -75,6 +82,103 @@ def test_gradient_matches_finite_differences(objective: str) -> None:
         # errors 1.5e-5 to 7e-4)
         assert abs(fd - analytic) <= 2e-3 * abs(analytic) + 1e-6, (fd, analytic)
         assert abs(analytic) > 1e-3  # a direction the loss actually depends on
+
+
+class _HeadSizes:
+    """Element counts of every ``lm_head`` output, and a switch that makes the model compute
+    the logits of every position (the implementation before ``logits_to_keep``)."""
+
+    def __init__(self, model: sl.SteeredModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        self.full = False
+        model.adapter.unembed.register_forward_hook(
+            lambda module, args, out: self.sizes.append(out.numel())
+        )
+        original = model.hf_model.forward
+
+        def forward(*args: Any, logits_to_keep: Any = 0, **kwargs: Any) -> Any:
+            keep = 0 if self.full else logits_to_keep
+            return original(*args, logits_to_keep=keep, **kwargs)
+
+        monkeypatch.setattr(model.hf_model, "forward", forward)
+
+    def run(self, full: bool, fn: Any) -> tuple[Any, int]:
+        self.full, self.sizes = full, []
+        out = fn()
+        return out, max(self.sizes)
+
+
+# prompts of different lengths and completions of one to four tokens: the gathered positions
+# must line up per row under left padding
+UNEVEN = [
+    {"prompt": "the cat sat on the mat and then it was", "chosen": " good", "rejected": " bad"},
+    {"prompt": "a dog", "chosen": " very good indeed", "rejected": " bad"},
+    {"prompt": "my house is", "chosen": " fine", "rejected": " not fine at all"},
+]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_loss_and_gradient_equal_full_logits_with_a_smaller_head(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # float64, except where transformers 5 cannot: Gemma 2's (the soft-capped head) float64
+    # attention gives NaN under left padding with either head, and the mixture-of-experts
+    # grouped matmul takes no float64; those are compared in float32
+    exact = arch != "gemma2" and arch not in MOE_ARCHITECTURES
+    hf = tiny_hf_model(arch)
+    model = sl.wrap(hf.double() if exact else hf, tiny_tokenizer())
+    heads = _HeadSizes(model, monkeypatch)
+    v = 0.5 * torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
+    v = v.double() if exact else v
+    rel = 1e-10 if exact else 1e-5
+
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
+        x = v.clone().requires_grad_()
+        loss = sl.training_loss(model, UNEVEN, x, layer=1, beta=0.5)
+        (grad,) = torch.autograd.grad(loss, x)
+        return float(loss.detach()), grad
+
+    (loss, grad), kept = heads.run(False, loss_and_grad)
+    (ref_loss, ref_grad), full = heads.run(True, loss_and_grad)
+    assert loss == pytest.approx(ref_loss, rel=rel, abs=1e-12)
+    assert torch.allclose(
+        grad, ref_grad, rtol=10 * rel, atol=10 * rel * float(ref_grad.abs().max())
+    )
+    assert float(grad.norm()) > 1e-4  # the loss depends on v here
+    # tiny_tokenizer: prompts of 10, 2 and 3 tokens; rejected completions of 1, 1 and 4. The
+    # largest head output: 3 rows x (longest completion 4 + 1) positions, not x 11 (the widest
+    # prompt + completion)
+    vocab = model.adapter.unembed.weight.shape[0]
+    assert (kept, full) == (3 * 5 * vocab, 3 * 11 * vocab), (kept, full)
+
+
+def test_trained_vector_and_intervention_equal_full_logits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = sl.wrap(tiny_hf_model("llama").double(), tiny_tokenizer())
+    heads = _HeadSizes(model, monkeypatch)
+    for objective in ("preference", "likelihood"):
+
+        def train(objective: str = objective) -> sl.SteeringVector:
+            return sl.train_vector(
+                model, UNEVEN, layer=1, objective=objective, steps=4, lr=0.05, batch_size=2
+            )
+
+        (vec, kept), (ref, full) = heads.run(False, train), heads.run(True, train)
+        assert kept < full
+        assert torch.allclose(vec[1].double(), ref[1].double(), rtol=1e-6, atol=1e-9)
+        assert float(vec[1].norm()) > 1e-3  # it moved
+        curve, ref_curve = vec.metadata["loss_curve"], ref.metadata["loss_curve"]
+        assert curve == pytest.approx(ref_curve, rel=1e-9)
+
+    def intervene() -> sl.SteeringVector:
+        return sl.train_intervention(model, UNEVEN, layer=1, rank=2, steps=3, lr=0.05)
+
+    (reft, kept), (ref_reft, full) = heads.run(False, intervene), heads.run(True, intervene)
+    assert kept < full
+    for key, value in reft.extras.items():
+        assert torch.allclose(value[1].double(), ref_reft.extras[key][1].double(), atol=1e-8), key
+    assert reft.metadata["loss_curve"] == pytest.approx(ref_reft.metadata["loss_curve"], rel=1e-9)
 
 
 def test_weights_untouched_and_only_the_vector_gets_a_gradient() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -246,14 +247,28 @@ def _batch(prompts: Sequence[list[int]], tails: Sequence[list[int]], pad: int) -
     return Batch(ids, mask, (mask.cumsum(dim=1) - 1).clamp(min=0), lengths, "left")
 
 
+def _takes_logits_to_keep(model: SteeredModel) -> bool:
+    """Whether ``hf_model`` names a ``logits_to_keep`` argument (every causal LM of recent
+    transformers does; a custom model may not, and then gets every position's logits)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _completion_logprobs(
     model: SteeredModel, batch: Batch, tails: Sequence[list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of log p(completion tokens), number of completion tokens)`` per row."""
     longest = max(len(t) for t in tails)
+    # Rows are left-padded, so every completion lies in the last ``longest`` positions and is
+    # predicted from the ``longest + 1`` before the end. Asking the head for only those keeps the
+    # [rows, prompt + completion, vocab] logits (12 GB for a CAA-sized batch) out of the graph;
+    # the model's own head still applies the final norm, soft-capping and scaling.
+    head = {"logits_to_keep": longest + 1} if _takes_logits_to_keep(model) else {}
     with model.call_scope(batch):
-        logits = model.forward_batch(batch).logits
-    logits = logits[:, -longest - 1 : -1]
+        logits = model.forward_batch(batch, **head).logits
+    logits = logits[:, -longest - 1 : -1]  # also right for a model that returned every position
     logits = logits if logits.dtype == torch.float64 else logits.float()
     logp = logits.log_softmax(dim=-1)
     targets = batch.input_ids[:, -longest:].to(logp.device)
@@ -798,7 +813,9 @@ def train_intervention(
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     init = torch.randn(rank, model.d_model, generator=gen, dtype=torch.float64)
-    raw = init.to(dtype=dtype, device=model.device).requires_grad_(True)
+    # a copy: on a float64 model ``to`` would return ``init`` itself, and ``weight`` below would
+    # then be computed from a tensor that requires grad (not a leaf the optimiser can take)
+    raw = init.to(dtype=dtype, device=model.device, copy=True).requires_grad_(True)
     weight = _orthonormal_rows(init).to(dtype=dtype, device=model.device).requires_grad_(True)
     bias = torch.zeros(rank, dtype=dtype, device=model.device, requires_grad=True)
 

@@ -152,6 +152,7 @@ def generate(
 ) -> None:
     """Generate text, optionally steered by a vector file."""
     import steerlab as sl
+    from steerlab.operators import is_loreft
 
     steered_model = _load(model)
     steering = None
@@ -172,6 +173,14 @@ def generate(
             op=op,
             when=condition,
         )
+        if is_loreft(vec) and steering.resolved_op == "add":
+            # the library's message speaks of op='loreft' and force=True; here the fix is an option
+            typer.echo(
+                f"error: {vector} is a LoReFT intervention (steerlab train --rank): adding its "
+                f"direction is not the trained edit; apply it with --op loreft",
+                err=True,
+            )
+            raise typer.Exit(code=2)
     options: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         chat=chat,
