@@ -23,7 +23,7 @@ __all__ = ["ENGINES", "register"]
 
 def _torch_engine(model: str | None, max_batch: int, **options: Any) -> Any:
     import steerlab as sl
-    from steerlab.server.engine import TorchEngine
+    from steerlab.server.torch_engine import TorchEngine
 
     return TorchEngine(sl.load_model(model), max_batch=max_batch, **options)
 

@@ -2,8 +2,11 @@
 
 Three layers, each replaceable on its own:
 
-* :mod:`steerlab.server.engine` -- the engine interface (:class:`Engine`, the typed
-  :class:`GenerationRequest` and the :class:`TokenEvent` stream it yields) and the torch engine,
+* :mod:`steerlab.server.engine` -- the engine interface (:class:`Engine`), which re-exports its
+  parts: the typed :class:`GenerationRequest` and :class:`TokenEvent` values
+  (:mod:`steerlab.server.requests`), the :class:`RequestStream` of events and the stop-string
+  matcher (:mod:`steerlab.server.stream`), the registries of named vectors and conditions
+  (:mod:`steerlab.server.registry`) and the torch engine (:mod:`steerlab.server.torch_engine`),
   which batches all active requests into one forward pass per decoding step;
 * :mod:`steerlab.server.protocol` -- pydantic models of OpenAI's request/response schema plus the
   ``steering`` and ``readout`` fields;

@@ -1,7 +1,7 @@
 """The FastAPI application of ``steerlab serve``: a thin shell over an :class:`Engine`.
 
 Handlers parse and validate with pydantic (:mod:`steerlab.server.protocol`), hand a typed
-:class:`~steerlab.server.engine.GenerationRequest` to the engine, and stream what comes back
+:class:`~steerlab.server.requests.GenerationRequest` to the engine, and stream what comes back
 (SSE framing by FastAPI's ``format_sse_event``). Every error is an OpenAI error object.
 
 >>> from fastapi.testclient import TestClient
@@ -41,13 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 
 from steerlab.errors import InvalidInputError, SteerlabError
-from steerlab.server.engine import (
-    Engine,
-    EngineError,
-    GenerationRequest,
-    RequestStream,
-    TokenEvent,
-)
+from steerlab.server.engine import Engine
 from steerlab.server.guard import BodyTooLarge, RequestGuard
 from steerlab.server.protocol import (
     ChatChoice,
@@ -72,6 +66,8 @@ from steerlab.server.protocol import (
     now,
     validation_message,
 )
+from steerlab.server.requests import EngineError, GenerationRequest, TokenEvent
+from steerlab.server.stream import RequestStream
 
 __all__ = [
     "STATIC_DIR",

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steerlab.errors import InvalidInputError
 from steerlab.positions import Positions, PositionSpec
-from steerlab.server.engine import (
+from steerlab.server.requests import (
     ChatMessage,
     GenerationRequest,
     ReadoutEntry,

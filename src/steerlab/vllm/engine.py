@@ -4,15 +4,15 @@ interface), each request steered by steerlab's vLLM plugin.
 vLLM's ``AsyncLLM`` runs in an event loop on a thread of its own; :meth:`VLLMEngine.submit`
 validates the request in the caller's thread (vector names, strengths, positions, layers
 against the model), tokenizes it as the torch engine does, and hands it to that loop, which
-streams vLLM's outputs into the request's :class:`~steerlab.server.engine.RequestStream`.
-Stop strings are applied with the server's :class:`~steerlab.server.engine.StopMatcher` (same
+streams vLLM's outputs into the request's :class:`~steerlab.server.stream.RequestStream`.
+Stop strings are applied with the server's :class:`~steerlab.server.stream.StopMatcher` (same
 text as the torch engine); a stopped or cancelled request is aborted in vLLM.
 
 Readout (per-token probe scores) is computed in vLLM's workers by the plugin's hooks and
 fetched per streamed chunk with ``collective_rpc`` through steerlab's worker extension
 (:class:`steerlab.vllm.plugin.ReadoutExtension`, installed as vLLM's ``worker_extension_cls``):
 the value of each generated token is the one read at the position whose forward produced it,
-the definition of :attr:`steerlab.server.engine.TokenEvent.readout`.
+the definition of :attr:`steerlab.server.requests.TokenEvent.readout`.
 
 Steering entries with ``when`` (a condition) or text-selected positions (``after:``,
 ``between:``, ``outside:``) get a clear 400: the plugin's wire format carries neither.
@@ -42,18 +42,16 @@ from steerlab.errors import (
     VectorMismatchError,
 )
 from steerlab.interventions import Steering, direction_at
-from steerlab.server.engine import (
-    ConditionRegistry,
+from steerlab.server.registry import ConditionRegistry, VectorRegistry
+from steerlab.server.requests import (
     EngineError,
     GenerationRequest,
     ReadoutEntry,
-    RequestStream,
     SteeringEntry,
-    StopMatcher,
     TokenEvent,
     TokenLogprob,
-    VectorRegistry,
 )
+from steerlab.server.stream import RequestStream, StopMatcher
 from steerlab.vectors import SteeringVector
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.plugin import READOUT_EXTENSION
