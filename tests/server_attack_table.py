@@ -529,7 +529,9 @@ def _long_prompt_interleaved(h: Harness) -> Reply:
     started = threading.Event()
 
     def run_victim() -> None:
-        body = _completion(prompt="the cat sat", max_tokens=60, temperature=0, stream=True)
+        # long enough to outlast the long request on a quiet machine too (the tiny model decodes
+        # 60 tokens in about 0.1 s, before the long request is even sent); cancelled below
+        body = _completion(prompt="the cat sat", max_tokens=1500, temperature=0, stream=True)
         with httpx.Client(timeout=TIMEOUT * 4) as client:
             with client.stream(
                 "POST", h.url + "/v1/completions", json=body, headers=AUTH
