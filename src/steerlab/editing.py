@@ -72,6 +72,7 @@ from steerlab.ablation.means import ActivationMeans
 from steerlab.ablation.sites import check_heads, component_width
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_finite_float
+from steerlab.deprecation import loose_steering_keywords, warn_deprecated
 from steerlab.errors import (
     BakeError,
     FileWriteError,
@@ -492,10 +493,12 @@ def bake(
 ) -> Path:
     """Write ``model`` with ``steering`` baked into its weights as a Hugging Face folder.
 
-    ``steering`` is a vector (with ``strength``/``layers``), a
-    :class:`~steerlab.interventions.Steering` at all positions, a writer-mode
-    :class:`~steerlab.ablation.DirectionalAblation`, a zero/mean ablation of a head, ``attn`` or
-    ``mlp``, or a tuple of these (an :class:`EditedModel`'s own edits are baked first). The
+    ``steering`` is a vector, a :class:`~steerlab.interventions.Steering` at all positions, a
+    writer-mode :class:`~steerlab.ablation.DirectionalAblation`, a zero/mean ablation of a head,
+    ``attn`` or ``mlp``, or ``None``; an :class:`EditedModel`'s own edits are baked first, so
+    several edits are baked by chaining them: ``bake(model.edit(a).edit(b), None, out_dir)``.
+    (A tuple of edits, and ``strength``/``layers`` beside a vector, are deprecated spellings of
+    the same: a tuple means one entry per row everywhere else.) The
     original is never touched: a deep copy is edited (memory for a second model), compared with
     the hooked original on a probe prompt (``verify``; tolerance :data:`BAKE_TOLERANCE` relative
     to ``1 + max |logit|``), checked against its own config, and saved into a temporary folder
@@ -507,10 +510,10 @@ def bake(
     >>> model = tiny_model("gpt2")
     >>> vec = sl.SteeringVector({1: torch.randn(model.d_model)})
     >>> d = tempfile.TemporaryDirectory()
-    >>> out = bake(model, vec, pathlib.Path(d.name, "baked"), strength=2.0)
+    >>> out = bake(model, sl.Steering(vec, strength=2.0), pathlib.Path(d.name, "baked"))
     >>> plain = transformers.AutoModelForCausalLM.from_pretrained(out)
     >>> ids = model.encode(["the cat sat"]).input_ids
-    >>> hooked = model.logits(["the cat sat"], steering=vec, strength=2.0)
+    >>> hooked = model.logits(["the cat sat"], steering=sl.Steering(vec, strength=2.0))
     >>> bool(torch.allclose(plain(ids).logits, hooked, atol=1e-4))
     True
     >>> d.cleanup()
@@ -538,6 +541,11 @@ def bake(
     else:
         base = model
         interventions = []
+    loose_steering_keywords("bake", strength=strength, layers=layers)
+    if isinstance(steering, tuple):
+        warn_deprecated(
+            "bake(model, (a, b), out_dir)", "bake(model.edit(a).edit(b), None, out_dir)"
+        )
     if steering is not None:
         items = list(steering) if isinstance(steering, tuple) else [steering]
         for item in items:

@@ -71,7 +71,9 @@ from typing import Any
 import torch
 
 from steerlab.checks import check_texts
+from steerlab.deprecation import loose_steering_keywords
 from steerlab.errors import InvalidInputError
+from steerlab.interventions import steering_with
 from steerlab.model import position_kwargs
 
 __all__ = [
@@ -676,18 +678,23 @@ def evaluate(
 ) -> torch.Tensor:
     """Score ``task`` under one steering configuration: per-prompt ``Tensor[n]``.
 
+    ``steering`` is what :meth:`~steerlab.SteeredModel.logits` takes: a vector, a
+    :class:`~steerlab.interventions.Steering`, or a list with one entry per prompt.
+    ``strength``/``positions`` are deprecated: put them in the ``Steering``.
+
     >>> import torch, steerlab as sl
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
-    >>> bool((evaluate(model, kl_task(["the cat"]), steering=vec, strength=4.0) > 0).all())
+    >>> scores = evaluate(model, kl_task(["the cat"]), steering=sl.Steering(vec, strength=4.0))
+    >>> bool((scores > 0).all())
     True
     """
+    loose_steering_keywords("evaluate", strength=strength, positions=positions)
+    steering = steering_with(steering, strength=strength, positions=positions)
     prompts = list(task.prompts)
     base = model.next_token_logits(prompts, batch_size=batch_size)
     if steering is None:
         return task.score(base, base)
-    steered = model.next_token_logits(
-        prompts, steering=steering, strength=strength, positions=positions, batch_size=batch_size
-    )
+    steered = model.next_token_logits(prompts, steering=steering, batch_size=batch_size)
     return task.score(steered, base)

@@ -83,6 +83,7 @@ __all__ = [
     "positions_without_2d_mask",
     "replace_output_hidden",
     "scoped_hooks",
+    "steering_with",
     "strip_dispatchers",
 ]
 
@@ -754,6 +755,19 @@ def _finite(value: object, what: str) -> float:
     return as_finite_float(value, what)
 
 
+class _DefaultPositions(str):
+    """The default of :attr:`Steering.positions`: equal to ``"all"`` (and read as ``"all"``
+    everywhere), but of its own type, so :func:`normalize_steering` can tell "not given" (a call's
+    ``positions=`` fills it in) from an explicit ``"all"`` (kept). A type rather than an identity
+    check, because copies, pickles and ``dataclasses.replace`` keep the type but not the object.
+    """
+
+    __slots__ = ()
+
+
+_ALL_BY_DEFAULT: PositionSpec = _DefaultPositions("all")
+
+
 @dataclasses.dataclass(frozen=True)
 class Steering(Intervention):
     """Steer the residual stream at the vector's layers with an operator (default: add).
@@ -785,7 +799,7 @@ class Steering(Intervention):
 
     vector: SteeringVector
     strength: float | Mapping[int, float] = 1.0
-    positions: PositionSpec = "all"
+    positions: PositionSpec = _ALL_BY_DEFAULT
     layers: Sequence[int] | None = None
     op: str | Operator | None = None
     when: Any = None
@@ -1193,6 +1207,76 @@ class _SteerHook:
 SITE_ORDER = {"head": 0, "attn_out": 1, "router": 2, "mlp_out": 3, "resid": 4}
 
 
+def steering_with(
+    steering: Any,
+    *,
+    strength: float | Mapping[int, float] | None = None,
+    positions: PositionSpec | None = None,
+    layers: Sequence[int] | None = None,
+    op: str | Operator | None = None,
+    when: Any = None,
+) -> Any:
+    """The ``steering=`` value that ``steering`` plus loose keywords describe, keywords folded in.
+
+    ``strength``/``positions``/``layers``/``op``/``when`` turn a bare
+    :class:`~steerlab.vectors.SteeringVector` into a :class:`Steering`; ``positions``/``op``/
+    ``when`` also fill in a :class:`Steering` that left them unset (an explicit ``"all"`` is
+    kept). A list or tuple is per-row: each entry is folded the same way (``None`` stays
+    ``None``). Keywords left at ``None`` change nothing; with none given, ``steering`` comes back
+    as it is. This is what ``steer``'s shorthand builds, and what the deprecated keywords of the
+    other calls still mean.
+
+    >>> import torch
+    >>> from steerlab.vectors import SteeringVector
+    >>> vec = SteeringVector({0: torch.ones(2)})
+    >>> s = steering_with(vec, strength=0.5, positions="last")
+    >>> s.strength, s.positions
+    (0.5, 'last')
+    >>> steering_with(Steering(vec, positions="all"), positions="last").positions
+    'all'
+    """
+    if strength is None and positions is None and layers is None and op is None and when is None:
+        return steering
+    if op is not None:
+        get_operator(op)
+    given: dict[str, Any] = {
+        key: value
+        for key, value in (("strength", strength), ("positions", positions), ("layers", layers))
+        if value is not None
+    }
+
+    def one(item: Any) -> Any:
+        if item is None:
+            return None
+        if isinstance(item, SteeringVector):
+            return Steering(item, **given, op=op, when=when)
+        if isinstance(item, Intervention):
+            if strength is not None or layers is not None:
+                raise InvalidInputError(
+                    "strength=/layers= apply to bare SteeringVectors; a Steering or other "
+                    "intervention carries its own (use Steering(vec, strength=..., layers=...))"
+                )
+            if isinstance(item, Steering):
+                changes: dict[str, Any] = {}
+                if positions is not None and isinstance(item.positions, _DefaultPositions):
+                    changes["positions"] = positions
+                if op is not None and item.op is None:
+                    changes["op"] = op
+                if when is not None and item.when is None:
+                    changes["when"] = when
+                return dataclasses.replace(item, **changes) if changes else item
+            if when is not None or op is not None:
+                raise InvalidInputError(
+                    f"op=/when= apply to steering vectors, not to {type(item).__name__}"
+                )
+            return item
+        return item  # anything else is refused by normalize_steering, with the reason
+
+    if isinstance(steering, (list, tuple)):
+        return [one(item) for item in steering]
+    return one(steering)
+
+
 def normalize_steering(
     steering: Any,
     *,
@@ -1207,11 +1291,9 @@ def normalize_steering(
     """Turn what users pass as ``steering=`` into a list of interventions.
 
     Accepts ``None``, a :class:`SteeringVector`, a :class:`Steering` or other
-    :class:`Intervention`, or a list with one entry per row (``None`` for an unsteered row).
-    ``strength``/``positions``/``layers``/``op`` fill in for bare vectors; ``when`` (a
-    condition) and ``positions``/``op`` also fill in for :class:`Steering` objects that left
-    them at their defaults. ``tokenizer`` turns text markers of content-based positions
-    (``"after:..."``) into token ids.
+    :class:`Intervention`, or a list (or tuple) with one entry per row (``None`` for an unsteered
+    row). The keywords are folded in first, as :func:`steering_with` does. ``tokenizer`` turns
+    text markers of content-based positions (``"after:..."``) into token ids.
 
     >>> import torch
     >>> from steerlab.vectors import SteeringVector
@@ -1221,8 +1303,13 @@ def normalize_steering(
     """
     if steering is None:
         return []
-    if op is not None:
-        get_operator(op)
+    if isinstance(steering, (list, tuple)) and n_rows is not None and len(steering) != n_rows:
+        raise InvalidInputError(
+            f"per-row steering has {len(steering)} entries but there are {n_rows} prompts"
+        )
+    steering = steering_with(
+        steering, strength=strength, positions=positions, layers=layers, op=op, when=when
+    )
 
     def bind(item: Steering) -> Steering:
         spec = Positions.parse(item.positions)
@@ -1234,35 +1321,10 @@ def normalize_steering(
         if item is None:
             return None
         if isinstance(item, SteeringVector):
-            return bind(
-                Steering(
-                    item,
-                    strength=1.0 if strength is None else strength,
-                    positions="all" if positions is None else positions,
-                    layers=layers,
-                    op=op,
-                    when=when,
-                )
-            )
+            return bind(Steering(item))
+        if isinstance(item, Steering):
+            return bind(item)
         if isinstance(item, Intervention):
-            if strength is not None or layers is not None:
-                raise InvalidInputError(
-                    "strength=/layers= apply to bare SteeringVectors; a Steering or other "
-                    "intervention carries its own (use Steering(vec, strength=..., layers=...))"
-                )
-            if isinstance(item, Steering):
-                changes: dict[str, Any] = {}
-                if positions is not None and item.positions == "all":
-                    changes["positions"] = positions
-                if op is not None and item.op is None:
-                    changes["op"] = op
-                if when is not None and item.when is None:
-                    changes["when"] = when
-                return bind(dataclasses.replace(item, **changes) if changes else item)
-            if when is not None or op is not None:
-                raise InvalidInputError(
-                    f"op=/when= apply to steering vectors, not to {type(item).__name__}"
-                )
             return item
         if isinstance(item, torch.Tensor):
             raise InvalidInputError(
@@ -1272,10 +1334,6 @@ def normalize_steering(
         raise InvalidInputError(f"cannot steer with {type(item).__name__}")
 
     if isinstance(steering, (list, tuple)):
-        if n_rows is not None and len(steering) != n_rows:
-            raise InvalidInputError(
-                f"per-row steering has {len(steering)} entries but there are {n_rows} prompts"
-            )
         items = [one(item) for item in steering]
         if any(item is not None and not isinstance(item, Steering) for item in items):
             raise InvalidInputError("per-row steering entries must be vectors, Steering or None")

@@ -28,9 +28,10 @@ from typing import Any, overload
 
 import torch
 
+from steerlab.deprecation import loose_steering_keywords
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import RowSteering as _RowSteering
-from steerlab.interventions import Steering, normalize_steering
+from steerlab.interventions import Steering, normalize_steering, steering_with
 from steerlab.positions import PositionSpec
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, VECTORS_ENV, resolve, to_wire
@@ -64,12 +65,15 @@ def per_row_steering(
     >>> v = sl.SteeringVector({0: torch.ones(2)})
     >>> [len(r) for r in per_row_steering([v, None], n_rows=2)]
     [1, 0]
+
+    ``strength``/``positions``/``layers`` are deprecated: give a
+    :class:`~steerlab.interventions.Steering` (see ``docs/migrating.md``).
     """
+    loose_steering_keywords(
+        "per_row_steering", strength=strength, positions=positions, layers=layers
+    )
     interventions = normalize_steering(
-        steering,
-        strength=strength,
-        positions=positions,
-        layers=layers,
+        steering_with(steering, strength=strength, positions=positions, layers=layers),
         n_rows=n_rows if isinstance(steering, (list, tuple)) else None,
     )
     rows: list[list[Steering]] = [[] for _ in range(n_rows)]
@@ -99,9 +103,13 @@ def extra_args(
 
     >>> extra_args(None)
     {}
+
+    ``strength``/``positions``/``layers`` are deprecated: give a
+    :class:`~steerlab.interventions.Steering`.
     """
+    loose_steering_keywords("extra_args", strength=strength, positions=positions, layers=layers)
     (terms,) = per_row_steering(
-        steering, n_rows=1, strength=strength, positions=positions, layers=layers
+        steering_with(steering, strength=strength, positions=positions, layers=layers), n_rows=1
     )
     return {EXTRA_ARGS_KEY: to_wire(terms)} if terms else {}
 
@@ -215,7 +223,8 @@ def generate_ids(
 
     Arguments mean what they mean for :meth:`steerlab.SteeredModel.generate_ids`; ``llm`` is a
     ``vllm.LLM`` (see :func:`load`). ``return_outputs=True`` also returns vLLM's
-    ``RequestOutput`` objects (for ``logprobs``).
+    ``RequestOutput`` objects (for ``logprobs``). ``strength``/``positions``/``layers`` are
+    deprecated: give ``steering=sl.Steering(vector, strength=..., ...)``.
 
     >>> ids = generate_ids(load(), ["The cat"], max_new_tokens=4)  # doctest: +SKIP
     """
@@ -226,8 +235,10 @@ def generate_ids(
         raise InvalidInputError("prompts must be a non-empty string or list of strings")
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    loose_steering_keywords("generate_ids", strength=strength, positions=positions, layers=layers)
     rows = per_row_steering(
-        steering, n_rows=len(items), strength=strength, positions=positions, layers=layers
+        steering_with(steering, strength=strength, positions=positions, layers=layers),
+        n_rows=len(items),
     )
     n_layers, d_model = _dims(llm)
     wires = []
@@ -268,8 +279,8 @@ def generate(llm: Any, prompts: Sequence[str] | str, **kwargs: Any) -> str | lis
     >>> import torch, steerlab as sl
     >>> llm = load(max_model_len=512)                      # doctest: +SKIP
     >>> vec = sl.SteeringVector({15: torch.randn(576)})
-    >>> texts = generate(llm, ["I think", "I think"], steering=[vec, None],
-    ...                  strength=4.0, max_new_tokens=8)   # doctest: +SKIP
+    >>> texts = generate(llm, ["I think", "I think"], steering=[sl.Steering(vec, strength=4.0),
+    ...                  None], max_new_tokens=8)          # doctest: +SKIP
     """
     tokenizer = llm.get_tokenizer()
     texts = [
