@@ -97,7 +97,10 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         data["seconds"] = round(time.perf_counter() - start)
         cells = ", ".join(f"{p['p_matching']:.3f}" for p in data["results"])
         log(f"caa {behaviour}: layer {result.layer}: {cells} ({data['seconds']} s)")
-        if args.train_steps > 0:
+        steps = args.train_steps if args.caa_train_steps is None else args.caa_train_steps
+        lr = args.train_lr if args.caa_train_lr is None else args.caa_train_lr
+        batch = args.train_batch if args.caa_train_batch is None else args.caa_train_batch
+        if steps > 0:
             # the trained vector at the layer mean difference chose on validation, trained on
             # the same generate items, judged on the same test items
             start = time.perf_counter()
@@ -106,11 +109,11 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
                 splits[behaviour],
                 layer=result.layer,
                 objective="preference",
-                steps=args.train_steps,
-                lr=args.train_lr,
+                steps=steps,
+                lr=lr,
                 chat=True,
                 progress=False,
-                batch_size=args.train_batch,
+                batch_size=batch,
             )
             took = time.perf_counter() - start
             scored = evaluate_caa(
@@ -126,8 +129,9 @@ def run_caa(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             ).to_dict()
             data["trained"] = {
                 "objective": "preference",
-                "steps": args.train_steps,
-                "lr": args.train_lr,
+                "steps": steps,
+                "lr": lr,
+                "batch": batch,
                 "n_items": len(splits[behaviour].prompts),
                 "norm": round(float(trained[result.layer].norm()), 4),
                 "loss_curve": _curve(trained),
@@ -150,9 +154,14 @@ def concept_training_items(concept: Any, instructions: list[str], n: int) -> lis
     ]
 
 
+def _grid(text: str) -> list[float]:
+    return [float(s) for s in text.split(",")]
+
+
 def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     import steerlab as sl
     from steerlab.concepts import builtin_concepts, concept_instructions, evaluate_concept
+    from steerlab.site_methods import iti_vector
 
     instructions = concept_instructions()[: args.instructions]
     cut = args.n_train or len(instructions) // 2
@@ -162,6 +171,26 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         concept = builtin_concepts()[name]
         extra: dict[str, Any] = {}
         curves: dict[str, Any] = {}
+        iti_info: dict[str, Any] = {}
+        if args.iti_k > 0:
+            # ITI (Li et al. 2023): the top-K heads by held-out probe accuracy on the concept's
+            # contrast pairs, each shifted by its mean difference, at its own grid of multiples
+            began = time.perf_counter()
+            pairs = args.max_pairs or len(concept.positive)
+            iti = iti_vector(
+                model, list(concept.positive[:pairs]), list(concept.negative[:pairs]), k=args.iti_k
+            )
+            extra["iti"] = (iti, "add", _grid(args.iti_strengths))
+            iti_info = {
+                "k": args.iti_k,
+                "heads": iti.metadata["heads"],
+                "accuracy": {
+                    f"{layer}.{key.split('_')[1]}": round(value, 3)
+                    for layer, accs in iti.metadata["layer_info"].items()
+                    for key, value in accs.items()
+                },
+                "seconds": round(time.perf_counter() - began),
+            }
         if args.train_steps > 0:
             items = concept_training_items(concept, instructions[:cut], args.max_pairs or 10**6)
             options = dict(
@@ -174,7 +203,7 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             began = time.perf_counter()
             trained = sl.train_vector(model, items, objective="preference", **options)
-            extra["trained"] = (trained, "add")
+            extra["trained"] = (trained, "add", _grid(args.extra_strengths))
             curves["trained"] = {
                 "objective": "preference",
                 "loss_curve": _curve(trained),
@@ -183,7 +212,7 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             }
             began = time.perf_counter()
             reft = sl.train_intervention(model, items, rank=args.rank, **options)
-            extra["loreft"] = (reft, "loreft")
+            extra["loreft"] = (reft, "loreft", _grid(args.loreft_strengths))
             curves["loreft"] = {
                 "objective": "likelihood",
                 "rank": args.rank,
@@ -206,7 +235,7 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             model_name="SmolLM2-135M-Instruct",
             progress=False,
             extra=extra,
-            extra_strengths=[float(s) for s in args.extra_strengths.split(",")],
+            max_kl=args.max_kl or None,
         )
         data = result.to_dict()
         data["training"] = {
@@ -215,6 +244,8 @@ def run_concepts(model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             "lr": args.train_lr,
             **curves,
         }
+        if iti_info:
+            data["iti"] = iti_info
         data["seconds"] = round(time.perf_counter() - start)
         results.append(data)
         best = result.best()
@@ -241,6 +272,13 @@ def _merged_caa() -> list[dict[str, Any]]:
     if merged:
         _save(OUT / "caa.json", merged)
     return merged
+
+
+def _update_meta(path: Path, ours: dict[str, Any]) -> None:
+    # read again just before writing: another part's process may have written meanwhile
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta.update(ours)
+    _save(path, meta)
 
 
 def _save(path: Path, data: Any) -> None:
@@ -369,6 +407,14 @@ def _sizes(part: str, args: argparse.Namespace, n_layers: int) -> str:
         else "no trained vectors"
     )
     if part == "caa":
+        steps = args.train_steps if args.caa_train_steps is None else args.caa_train_steps
+        lr = args.train_lr if args.caa_train_lr is None else args.caa_train_lr
+        batch = args.train_batch if args.caa_train_batch is None else args.caa_train_batch
+        trained = (
+            f"trained vectors: {steps} steps, lr {lr}, batch {batch}"
+            if steps
+            else "no trained vectors"
+        )
         return (
             f"{args.train_limit} generate pairs and {args.limit} A/B test items per behaviour "
             f"(of 290-1000 and 50), {args.validation} generate items of each behaviour "
@@ -380,9 +426,22 @@ def _sizes(part: str, args: argparse.Namespace, n_layers: int) -> str:
     cut = args.n_train or args.instructions // 2
     return (
         f"layer {args.concept_layer}, operators {args.operators}, strengths {args.strengths} "
-        f"({_scale_words(args.scale)}), trained candidates at {args.extra_strengths} times "
-        f"their learned size, {args.instructions} instructions ({cut} choose the strength, "
-        f"{args.instructions - cut} held out), {args.max_new_tokens} new tokens, greedy"
+        f"({_scale_words(args.scale)}), the trained vector at {args.extra_strengths} times "
+        f"its learned size, LoReFT at {args.loreft_strengths}"
+        + (
+            f", ITI over the top {args.iti_k} heads at {args.iti_strengths} times their mean "
+            "differences"
+            if args.iti_k
+            else ", no ITI"
+        )
+        + f", {args.instructions} instructions ({cut} choose the strength, "
+        f"{args.instructions - cut} held out), "
+        + (
+            f"strength chosen among those with KL <= {args.max_kl} on neutral text, "
+            if args.max_kl
+            else "strength chosen on score alone, "
+        )
+        + f"{args.max_new_tokens} new tokens, greedy"
         + (f", {args.max_pairs} contrast pairs" if args.max_pairs else "")
         + f", {args.damage_passages} neutral passages; {trained}, LoReFT rank {args.rank}"
     )
@@ -414,6 +473,11 @@ def _run_line(meta: dict[str, Any], part: str, label: str) -> str:
     run = meta.get(f"{part}_run")
     if not run:
         return f"{label}: not run."
+    if "seconds" not in run:
+        return (
+            f"{label}: started {run['started']} and stopped before it finished (cut at the "
+            f"deadline; the tables hold every item it finished) (`{run['command'].strip()}`)."
+        )
     low, high = run["load_average"]
     return (
         f"{label}: finished {run['when']}, {run['seconds'] / 60:.0f} min wall, load average "
@@ -526,7 +590,9 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
         "instructions with the steering on; each continuation is scored for "
         "concept presence, fluency and instruction relevance (each in [0, 1], definitions in "
         "`steerlab.scorers`), combined by their harmonic mean; the strength is chosen on the "
-        "first half of the instructions and the table reports the second half. Prompting = "
+        "first instructions (the strength-choice set, also the prompts the trained candidates "
+        "train on) and the table reports the rest (held out, never seen by any choice or "
+        "training). Prompting = "
         "the instruction plus a hint asking for the concept, unsteered, judged against the "
         "original instruction.",
         "",
@@ -576,13 +642,161 @@ def render(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], meta: dict
     lines += concept_target_lines(concepts)
     if _curve_series(caa, concepts):
         lines += ["![training loss per step](evidence/training_curves.png)", ""]
-    lines += [
-        "## Reading",
-        "",
-        READING.strip(),
-        "",
-    ]
+    lines += iti_lines(concepts)
+    lines += timing_lines(caa, concepts)
+    lines += ["## Reading", "", *reading_lines(caa, concepts), "", READING.strip(), ""]
     return "\n".join(lines)
+
+
+def _diff(row: dict[str, Any], other: dict[str, Any]) -> str:
+    margin = math.hypot(row["combined_sem"], other["combined_sem"])
+    return f"{row['combined'] - other['combined']:+.3f} ± {margin:.3f}"
+
+
+def iti_lines(concepts: list[dict[str, Any]]) -> list[str]:
+    """ITI (head site) beside the residual candidates, same protocol and held-out items."""
+    rows = [(r, {x["name"]: x for x in r["rows"]}) for r in concepts if r.get("iti")]
+    if not rows:
+        return []
+    k = rows[0][0]["iti"]["k"]
+    lines = [
+        "### ITI (attention heads) beside residual steering",
+        "",
+        f"Inference-time intervention (Li et al. 2023) as `steerlab.site_methods.iti_vector`: "
+        f"one logistic probe per (layer, head) on the heads' outputs at the last token of the "
+        f"concept's contrast pairs (a quarter held out), the top {k} heads by held-out probe "
+        "accuracy, each shifted by its mean difference before the output projection "
+        '(`site="head"`). Same protocol as every row above: strength (a multiple of the mean '
+        "differences) chosen on the strength-choice instructions within the damage budget, "
+        "reported on the held-out ones, damage with the steering on at every token but the "
+        "first. `vs mean_diff` / `vs prompting`: held-out combined difference ± one standard "
+        "error of the difference.",
+        "",
+        "| concept | ITI strength | concept | combined | KL neutral | wrong way | mean_diff "
+        "combined | mean_diff KL | vs mean_diff | vs prompting | heads (layer.head: accuracy) "
+        "| s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for result, by in rows:
+        iti, md, pr = by["iti"], by.get("mean_diff"), by.get("prompting")
+        heads = ", ".join(f"{h}: {a:.2f}" for h, a in list(result["iti"]["accuracy"].items()))
+        lines.append(
+            f"| {result['concept']} | {iti['strength']:g} | {_fmt(iti['concept'], 2)} | "
+            f"{_fmt(iti['combined'])} ± {_fmt(iti['combined_sem'])} | "
+            f"{_fmt(iti['kl_neutral'])} | {_fmt(iti.get('wrong_way'), 2)} | "
+            f"{_fmt(md['combined']) if md else '–'} | {_fmt(md['kl_neutral']) if md else '–'} | "
+            f"{_diff(iti, md) if md else '–'} | {_diff(iti, pr) if pr else '–'} | {heads} | "
+            f"{result['iti']['seconds']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def timing_lines(caa: list[dict[str, Any]], concepts: list[dict[str, Any]]) -> list[str]:
+    """Wall time of each finished part on this machine, from the JSON."""
+    lines = ["### Time per part (this machine, one torch thread)", ""]
+    if concepts:
+        lines += [
+            "| concept | total s | trained vector s | LoReFT s | ITI s |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in concepts:
+            t = r.get("training", {})
+            lines.append(
+                f"| {r['concept']} | {r.get('seconds', '–')} | "
+                f"{t.get('trained', {}).get('seconds', '–')} | "
+                f"{t.get('loreft', {}).get('seconds', '–')} | "
+                f"{r.get('iti', {}).get('seconds', '–')} |"
+            )
+        lines.append("")
+    if caa:
+        lines += [
+            "| behaviour | mean difference sweep + multipliers s | trained vector s |",
+            "| --- | ---: | ---: |",
+        ]
+        for r in caa:
+            lines.append(
+                f"| {r['behaviour']} | {r.get('seconds', '–')} | "
+                f"{r.get('trained', {}).get('train_seconds', '–')} |"
+            )
+        lines.append("")
+    return lines
+
+
+def caa_moves(caa: list[dict[str, Any]]) -> list[str]:
+    """Every CAA test cell within the damage budget whose p(matching) differs from x0 by
+    more than twice the standard error of the difference (mean difference at any multiplier,
+    the trained vector at x-1 / x+1), as ``behaviour method xm: p0 -> p``."""
+    found = []
+    for r in caa:
+        sources = [("mean diff", r["results"])]
+        if r.get("trained"):
+            sources.append(("trained", r["trained"]["results"]))
+        for label, pts in sources:
+            zero = next(p for p in pts if p["multiplier"] == 0.0)
+            for p in pts:
+                kl = p.get("kl_neutral")
+                if p["multiplier"] == 0.0 or kl is None or kl > KL_LIMIT:
+                    continue
+                se = math.hypot(p.get("p_sem", 0.0), zero.get("p_sem", 0.0))
+                if abs(p["p_matching"] - zero["p_matching"]) > 2 * se:
+                    found.append(
+                        f"{r['behaviour']} {label} x{p['multiplier']:+g}: "
+                        f"{zero['p_matching']:.3f} -> {p['p_matching']:.3f} (KL {kl:.2f})"
+                    )
+    return found
+
+
+def reading_lines(caa: list[dict[str, Any]], concepts: list[dict[str, Any]]) -> list[str]:
+    """The page's answers, computed from the JSON."""
+    lines = []
+    if caa:
+        moved = caa_moves(caa)
+        n_cells = sum(
+            1
+            for r in caa
+            for key in ("results", "trained")
+            for p in (r["results"] if key == "results" else r.get("trained", {}).get("results", []))
+            if p["multiplier"] != 0.0 and (p.get("kl_neutral") or 0.0) <= KL_LIMIT
+        )
+        flat = [
+            r["behaviour"]
+            for r in caa
+            if r.get("trained")
+            and sum(r["trained"]["loss_curve"][-5:]) / len(r["trained"]["loss_curve"][-5:])
+            > 0.98 * sum(r["trained"]["loss_curve"][:5]) / len(r["trained"]["loss_curve"][:5])
+        ]
+        lines += [
+            f"**CAA: does any method move this model's A/B behaviour?** Of the {n_cells} test "
+            f"cells (mean difference at every multiplier, the trained vector at x-1 / x+1, "
+            f"{len(caa)} behaviours) within the damage budget (KL <= {KL_LIMIT} on neutral "
+            f"text), {len(moved)} differ from unsteered by more than twice the standard error "
+            "of the difference" + (": " + "; ".join(moved) if moved else "") + ". Trained "
+            f"vectors whose loss stayed flat (last 5 steps within 2% of the first 5): "
+            f"{len(flat)} of {sum(1 for r in caa if r.get('trained'))} "
+            f"({', '.join(flat) or 'none'}).",
+            "",
+        ]
+    if concepts:
+        best = []
+        for r in concepts:
+            by = {x["name"]: x for x in r["rows"]}
+            pr = by.get("prompting")
+            ok = [by[n] for n in TRAINED if n in by]
+            if not pr or not ok:
+                continue
+            top = max(ok, key=lambda x: x["combined"])
+            best.append(
+                f"{r['concept']}: {top['name']} {top['combined']:.3f} ± {top['combined_sem']:.3f} "
+                f"(KL {_fmt(top['kl_neutral'], 2)}) vs prompting {pr['combined']:.3f} ± "
+                f"{pr['combined_sem']:.3f}"
+            )
+        lines += [
+            "**Concepts: best trained candidate against prompting** (held-out combined score "
+            "± se): " + "; ".join(best) + ".",
+            "",
+        ]
+    return lines
 
 
 TRAINED = ("trained", "loreft")
@@ -745,56 +959,20 @@ def curves_figure(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], pat
 
 
 READING = """
-**Sizes and time (this run).** The machine (2 cores) was shared with six other agents: load
-average 17-20 for most of the run, each of the two processes (CAA and concepts, side by side,
-one torch thread each) got about a tenth of a core. The run was therefore cut far below the
-issue's sizes and stopped at a fixed deadline: the CAA part covers the behaviours in its table
-(the others are listed as not run), the concept part the concepts in its table. Training one
-concept's two candidates (15 steps each) took 17 minutes of wall time at that load; a full
-5-concept run needs an unloaded machine (or `make evidence` on a GPU). The earlier run's
-7-behaviour and 3-concept results are in the git history of `docs/evidence/`.
+**How to read the concept numbers.** Scores are the built-in scorers (word lists, VADER), not an
+LLM judge: the concept score of a continuation is 0 unless it uses one of the concept's words
+(food, music, animals, formality) or reads as positive (sentiment), and the harmonic mean makes
+a continuation without the concept score 0 whatever its fluency. `± se` is the standard error
+over the held-out instructions; "beats prompting" needs the difference to exceed
+sqrt(se² + se²), which treats the two rows as independent although they share instructions
+(conservative). Every candidate's strength, the trained vectors and LoReFT saw only the
+strength-choice instructions (and the concept's contrast texts); the damage budget of the
+strength choice is measured on the neutral corpus, which is neither.
 
-**CAA: does any method move this model's A/B behaviour?** Barely, and only by pushing hard.
-
-* Mean difference at the paper's x-1 / x+1 moves p(matching) by -0.002 (sycophancy) and
-  +0.009 (survival-instinct) on the 16 test items (standard error of a gap 0.07). At x+8 it
-  rises to 0.547 and 0.578 from 0.465 / 0.493 unsteered, and x-8 gives 0.477 / 0.460, but the
-  cost is 2.6-6.1 nats per token of KL on neutral text: the text is being damaged, not steered.
-  At KL <= 0.5 (x±2 and below, sycophancy x-4) no cell moves beyond its standard error.
-* The `preference` (BiPO) vector for sycophancy, trained on the same 24 generate items at the
-  layer mean difference chose (27), kept its loss at 2 log 2 = 1.386 for all 20 steps (batch 2,
-  lr 0.05; final norm 5.1) and moved held-out p(matching) the wrong way (-0.019). A flat loss on
-  the training items says the training found no direction that separates the matching from the
-  other letter there; with so few steps this is also compatible with undertraining, which this
-  run cannot rule out. For survival-instinct (layer 13) the loss dipped (1.386 to 1.06-1.30 in
-  the last steps, norm 10.8) and held-out p(matching) went 0.479 / 0.493 / 0.506: +0.027 ±
-  0.062, within noise, at KL 0.00 on neutral text.
-
-**Concepts: the target is not met in this run** (count above, from the JSON).
-
-* Sentiment (20 held-out instructions): the unsteered model already writes upbeat text
-  (presence 0.69). The trained vector reaches the highest presence of the steered candidates
-  (0.81, prompting 0.76) at KL 0.09, but its combined score (0.785 ± 0.020) is level with
-  prompting (0.764 ± 0.024), within one standard error. mean_diff at 0.1 has the best combined
-  score (0.824 ± 0.016): beyond one standard error of prompting, within one of unsteered
-  (0.805 ± 0.020). LoReFT (rank 4, 15
-  likelihood steps, loss 5.8 → 2.7) over-steers: presence 0.78 but combined 0.43 and KL 0.54
-  on neutral text ("I was thrilled of the food was delicious"), above the 0.5 limit.
-* Formality: prompting wins (0.330 ± 0.078 combined, presence 0.33). The trained vector is the
-  best steered candidate (0.157 ± 0.063, presence 0.15, KL 0.15: "I am pleased to inform you
-  that..."); mean_diff/pca/probe at 0.1 change nothing measurable; LoReFT derails the text
-  (0.01, KL 0.57).
-* Food: the unsteered model never mentions food (0.00) and prompting barely (0.069 ± 0.047).
-  mean_diff at 0.4 scores highest (0.265 ± 0.059) but at KL 1.05, over the limit. LoReFT
-  (0.139 ± 0.051, KL 0.48) beats prompting by 0.070 against a margin of 0.069: the one win
-  counted for a trained method, by a hair. The trained vector wrote no food word on the
-  held-out instructions (0.00) though its loss fell 1.386 → 0.36 on the training pairs.
-* Wrong way: the share of held-out instructions whose concept score falls below the unsteered
-  one is 0.10-0.30 for sentiment (prompting 0.25) and 0-0.10 for formality and food, where
-  the unsteered score is mostly 0 and cannot fall.
-* The trained vector's loss fell steadily for every concept (1.386 → 0.73 / 0.43 / 0.36 in 15
-  steps): on the concept texts there is a direction to learn, unlike on the A/B letters. Music
-  and animals were not run (deadline), so the 3-of-5 target could not be met in this run.
+**Time.** The machine has 2 cores shared with six other agents' test and benchmark processes;
+every process runs in its own scheduler group (Linux autogroups), so this single-threaded run
+got about a third of a core for most of its time whatever the niceness. The sizes above were
+chosen to finish in about an hour of that; the time table gives what each part took.
 """
 
 
@@ -821,12 +999,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pairs", type=int, default=None, help="contrast pairs per concept")
     parser.add_argument("--n-train", type=int, default=4, help="instructions choosing strength")
     parser.add_argument("--operators", default="add", help="operators of the statistical methods")
-    parser.add_argument("--extra-strengths", default="0.5,1,2", help="trained candidates' grid")
+    parser.add_argument("--extra-strengths", default="0.5,1,2,4", help="trained vector's grid")
+    parser.add_argument("--loreft-strengths", default="0.25,0.5,1", help="LoReFT's grid")
+    parser.add_argument("--iti-k", type=int, default=16, help="ITI heads (0: no ITI candidate)")
+    parser.add_argument("--iti-strengths", default="1,2,4", help="ITI's grid (mean differences)")
+    parser.add_argument(
+        "--max-kl", type=float, default=0.5, help="damage budget of the strength choice (0: none)"
+    )
     parser.add_argument("--caa-multipliers", default="-8,-4,-2,2,4,8", help="beside -1, 0, 1")
     parser.add_argument("--train-steps", type=int, default=40, help="0: no trained vectors")
     parser.add_argument("--train-lr", type=float, default=0.05)
     parser.add_argument("--train-batch", type=int, default=4, help="items per training step")
     parser.add_argument("--rank", type=int, default=4, help="LoReFT rank")
+    parser.add_argument("--caa-train-steps", type=int, default=None, help="default --train-steps")
+    parser.add_argument("--caa-train-lr", type=float, default=None, help="default --train-lr")
+    parser.add_argument("--caa-train-batch", type=int, default=None, help="default --train-batch")
     parser.add_argument("--skip-caa", action="store_true")
     parser.add_argument("--skip-concepts", action="store_true")
     parser.add_argument("--render-only", action="store_true")
@@ -856,26 +1043,30 @@ def main(argv: list[str] | None = None) -> int:
         }
         # each part records its own sizes, time and load, so the two parts can run as separate
         # processes (--skip-caa / --skip-concepts) and still describe the page together
-        parts = [("caa", run_caa, "caa.json"), ("concept", run_concepts, "concepts.json")]
+        # the headline (concepts) first, so a run stopped at a deadline has it
+        parts = [("concept", run_concepts, "concepts.json"), ("caa", run_caa, "caa.json")]
         results: dict[str, list[dict[str, Any]]] = {}
         for part, runner, name in parts:
             if args.skip_caa if part == "caa" else args.skip_concepts:
                 results[part] = _previous(OUT / name)
                 continue
             began, load = time.perf_counter(), os.getloadavg()[0]
-            results[part] = runner(model, args)
+            # recorded before the part runs: a run cut short still says what it was running
             ours[f"{part}_run"] = {
-                "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "seconds": round(time.perf_counter() - began),
-                "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "sizes": _sizes(part, args, model.n_layers),
                 "command": "python -m benchmarks.evidence " + " ".join(argv or sys.argv[1:]),
             }
+            _update_meta(meta_path, ours)
+            results[part] = runner(model, args)
+            ours[f"{part}_run"].update(
+                when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                seconds=round(time.perf_counter() - began),
+                load_average=[round(load, 1), round(os.getloadavg()[0], 1)],
+            )
+            _update_meta(meta_path, ours)
         caa, concepts = results["caa"], results["concept"]
-        # read again just before writing: the other part's process may have written meanwhile
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        meta.update(ours)
-        _save(meta_path, meta)
+        meta = json.loads(meta_path.read_text())
     if caa:
         caa_figure(caa, OUT / "caa_layers.png", paper_table(meta.get("data")))
     if concepts:

@@ -262,3 +262,72 @@ def test_bad_extra_candidates_are_refused(extra: Any, strengths: Any, message: s
             extra_strengths=strengths,
             progress=False,
         )
+
+
+def test_strength_choice_keeps_to_the_damage_budget() -> None:
+    """With ``max_kl`` every (candidate, strength) is measured on the neutral corpus exactly as
+    ``neutral_damage`` measures it, and the chosen strength is the best-scoring one within the
+    budget; an entry with its own grid uses that grid."""
+    from steerlab.scorers import neutral_corpus, neutral_damage
+
+    model = tiny_model("llama")
+    vec = sl.SteeringVector(
+        {1: torch.randn(model.d_model, generator=torch.Generator().manual_seed(5))}
+    )
+    grid = (0.5, 4.0, 40.0)
+    kwargs: dict[str, Any] = dict(
+        layer=1,
+        methods=("mean_diff",),
+        operators=("add",),
+        strengths=(0.5,),
+        instructions=ITEMS,
+        max_new_tokens=3,
+        damage_passages=2,
+        progress=False,
+        extra={"given": (vec, "add", grid)},
+    )
+    direct = neutral_damage(
+        model,
+        [sl.Steering(vec, s, slice(1, None)) for s in grid],
+        passages=neutral_corpus(2),
+    )
+    kls = [d.kl for d in direct]
+    assert kls[0] < kls[1] < kls[2]
+    budget = (kls[0] + kls[1]) / 2  # only the smallest strength fits
+    result = evaluate_concept(model, TOY, max_kl=budget, **kwargs)
+    assert result.settings["extra"]["given"]["strengths"] == list(grid)
+    measured = dict(map(tuple, result.settings["train_kl"]["given"]))
+    assert [measured[s] for s in grid] == pytest.approx(kls, rel=1e-6)
+    rows = {r.name: r for r in result.rows}
+    assert rows["given"].strength == 0.5
+    assert rows["given"].kl_neutral == pytest.approx(kls[0], rel=1e-6)
+    # no budget: the best train score over the whole grid, as the curve says
+    free = evaluate_concept(model, TOY, **kwargs)
+    curve = free.train_curves["given"]
+    want = max(curve, key=lambda p: p[1])[0]
+    assert {r.name: r for r in free.rows}["given"].strength == want
+    assert free.settings["train_kl"] == {}
+    # a budget nothing meets keeps the least damaging strength
+    tight = evaluate_concept(model, TOY, max_kl=kls[0] / 2, **kwargs)
+    assert {r.name: r for r in tight.rows}["given"].strength == 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_kl": 0.0}, "max_kl"),
+        ({"max_kl": 0.5, "damage": False}, "max_kl"),
+        ({"extra": {"x": (sl.SteeringVector({1: torch.ones(32)}), "add", ())}}, "extra['x']"),
+    ],
+)
+def test_bad_damage_budget_or_grid_is_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(sl.errors.InvalidInputError, match=re.escape(message)):
+        evaluate_concept(
+            tiny_model("llama"),
+            TOY,
+            layer=1,
+            methods=("mean_diff",),
+            instructions=ITEMS,
+            progress=False,
+            **options,
+        )

@@ -84,6 +84,58 @@ def test_beats_prompting_needs_one_standard_error_and_small_damage() -> None:
     assert "the target is **not met**" in lines  # one concept of the five asked for
 
 
+def test_caa_moves_counts_cells_beyond_two_standard_errors_within_the_budget() -> None:
+    def point(m: float, p: float, sem: float, kl: float) -> dict[str, float]:
+        return {"multiplier": m, "p_matching": p, "p_sem": sem, "kl_neutral": kl}
+
+    result = {
+        "behaviour": "b",
+        "results": [
+            point(0.0, 0.50, 0.03, 0.0),
+            # 2 se of the difference: 2 * sqrt(0.03² + 0.04²) = 0.10
+            point(1.0, 0.61, 0.04, 0.1),  # moves
+            point(-1.0, 0.41, 0.04, 0.1),  # 0.09: does not
+            point(8.0, 0.90, 0.04, 3.0),  # beyond, but over the damage budget
+        ],
+        "trained": {
+            "loss_curve": [1.386] * 6,
+            "results": [point(0.0, 0.50, 0.03, 0.0), point(-1.0, 0.30, 0.04, 0.2)],
+        },
+    }
+    assert evidence.caa_moves([result]) == [
+        "b mean diff x+1: 0.500 -> 0.610 (KL 0.10)",
+        "b trained x-1: 0.500 -> 0.300 (KL 0.20)",
+    ]
+    text = "\n".join(evidence.reading_lines([result], []))
+    assert (
+        "Of the 3 test cells" in text
+    )  # x+8 is over the budget and ", 2 differ from unsteered" in text
+    assert "1 of 1 (b)" in text  # the flat loss curve
+
+
+def test_iti_lines_and_a_run_cut_short() -> None:
+    rows = [
+        {**_row("prompting", 0.20, 0.03, 0.0), "strength": 0.0, "concept": 0.2},
+        {**_row("mean_diff", 0.30, 0.04, 0.3), "strength": 0.2, "concept": 0.3},
+        {**_row("iti", 0.45, 0.05, 0.4), "strength": 2.0, "concept": 0.5, "wrong_way": 0.1},
+    ]
+    result = {
+        "concept": "food",
+        "rows": rows,
+        "iti": {"k": 16, "heads": {"3": [5]}, "accuracy": {"3.5": 0.9}, "seconds": 12},
+    }
+    text = "\n".join(evidence.iti_lines([result]))
+    # vs mean_diff: 0.45 - 0.30 ± sqrt(0.05² + 0.04²); vs prompting: 0.25 ± sqrt(0.05² + 0.03²)
+    assert (
+        "| food | 2 | 0.50 | 0.450 ± 0.050 | 0.400 | 0.10 | 0.300 | 0.300 | +0.150 ± 0.064 "
+        "| +0.250 ± 0.058 | 3.5: 0.90 | 12 |" in text
+    )
+    assert evidence.iti_lines([{"concept": "x", "rows": rows}]) == []
+    meta = {"concept_run": {"started": "t0", "sizes": "S", "command": "c"}}
+    line = evidence._run_line(meta, "concept", "Concept part")
+    assert line.startswith("Concept part: started t0 and stopped before it finished")
+
+
 def _load(name: str) -> list[dict[str, object]]:
     path = ROOT / "docs" / "evidence" / name
     return json.loads(path.read_text()) if path.is_file() else []
@@ -125,5 +177,9 @@ def test_published_page_matches_its_json() -> None:
             assert f"| {result['concept']} | {name} | {row['strength']:g} |" in page
             if row.get("wrong_way") is not None:
                 assert f"| {row['wrong_way']:.2f} |" in page
+        iti = rows.get("iti")
+        if iti is not None:
+            assert f"| {result['concept']} | iti | {iti['strength']:g} |" in page
+            assert f"| {result['concept']} | {iti['strength']:g} | {iti['concept']:.2f} |" in page
     if concepts:
         assert f"A trained method wins on {len(wins)} of {len(concepts)} concepts" in page

@@ -426,6 +426,31 @@ def _vectors(
     return out, consistency
 
 
+def _choose(
+    points: Sequence[tuple[float, float]],
+    kls: Sequence[tuple[float, float]] | None,
+    max_kl: float | None,
+) -> tuple[float, float]:
+    """The (strength, train score) with the best score, among the strengths whose neutral KL
+    is within ``max_kl`` when it is given (none within it: the least damaging strength).
+
+    >>> _choose([(1.0, 0.2), (2.0, 0.5)], None, None)
+    (2.0, 0.5)
+    >>> _choose([(1.0, 0.2), (2.0, 0.5)], [(1.0, 0.1), (2.0, 0.9)], 0.5)
+    (1.0, 0.2)
+    >>> _choose([(1.0, 0.2), (2.0, 0.5)], [(1.0, 0.7), (2.0, 0.9)], 0.5)
+    (1.0, 0.2)
+    """
+    allowed = list(points)
+    if kls is not None and max_kl is not None:
+        kl = dict(kls)
+        allowed = [p for p in points if kl[p[0]] <= max_kl]
+        if not allowed:
+            return min(points, key=lambda p: kl[p[0]])
+    # the first of equal scores wins (the grid's order)
+    return max(allowed, key=lambda p: p[1])
+
+
 def evaluate_concept(
     model: Any,
     concept: Concept | str,
@@ -446,8 +471,9 @@ def evaluate_concept(
     model_name: str | None = None,
     progress: bool | None = None,
     judge: Judge | None = None,
-    extra: Mapping[str, tuple[SteeringVector, str]] | None = None,
+    extra: Mapping[str, tuple[Any, ...]] | None = None,
     extra_strengths: Sequence[float] = (0.5, 1.0, 2.0),
+    max_kl: float | None = None,
 ) -> ConceptResult:
     """Run the AxBench-style protocol for one concept (see the module docstring).
 
@@ -466,7 +492,15 @@ def evaluate_concept(
     ``extra`` adds candidates made elsewhere, ``{name: (vector, op)}`` (e.g. a vector from
     :func:`~steerlab.training.train_vector`, or LoReFT matrices with ``op="loreft"``): they
     are used at their own scale (a trained vector's norm is its dose), with the strength chosen
-    from ``extra_strengths`` (multiples) on the train instructions like every other candidate.
+    from ``extra_strengths`` (multiples) on the train instructions like every other candidate;
+    an entry ``(vector, op, strengths)`` brings its own grid (e.g. a head-site ITI vector,
+    whose natural unit differs from a trained vector's).
+
+    ``max_kl`` (nats per token) makes the strength choice respect a damage budget: every
+    (candidate, strength) is also measured on the neutral corpus (KL with the steering on,
+    as the rows' damage), and only strengths within the budget compete; a candidate with none
+    within it keeps its least damaging strength. The neutral corpus is not the held-out
+    instructions, so the choice still sees none of the report's items.
     """
     if isinstance(concept, str):
         known = builtin_concepts()
@@ -484,19 +518,28 @@ def evaluate_concept(
     if not values or any(not math.isfinite(s) or s == 0 for s in values):
         raise InvalidInputError("strengths must be non-zero finite numbers")
     ops = tuple(available_operators() if operators is None else operators)
-    extras = dict(extra or {})
-    extra_values = [float(s) for s in extra_strengths]
-    if extras and (not extra_values or any(not math.isfinite(s) or s == 0 for s in extra_values)):
-        raise InvalidInputError("extra_strengths must be non-zero finite numbers")
-    for name, entry in extras.items():
+    extras: dict[str, tuple[SteeringVector, str]] = {}
+    extra_grids: dict[str, list[float]] = {}
+    for name, entry in dict(extra or {}).items():
         if (
             not isinstance(entry, tuple)
-            or len(entry) != 2
+            or len(entry) not in (2, 3)
             or not isinstance(entry[0], SteeringVector)
         ):
-            raise InvalidInputError(f"extra[{name!r}] must be a (SteeringVector, op) pair")
+            raise InvalidInputError(
+                f"extra[{name!r}] must be a (SteeringVector, op) or (SteeringVector, op, "
+                "strengths) tuple"
+            )
         if name in ("unsteered", "prompting") or name in methods:
             raise InvalidInputError(f"extra[{name!r}] clashes with a built-in candidate's name")
+        where = "extra_strengths" if len(entry) == 2 else f"extra[{name!r}] strengths"
+        grid = [float(s) for s in (extra_strengths if len(entry) == 2 else entry[2])]
+        if not grid or any(not math.isfinite(s) or s == 0 for s in grid):
+            raise InvalidInputError(f"{where} must be non-zero finite numbers")
+        extras[name] = (entry[0], str(entry[1]))
+        extra_grids[name] = grid
+    if max_kl is not None and (not math.isfinite(max_kl) or max_kl <= 0 or not damage):
+        raise InvalidInputError(f"max_kl must be a positive number with damage on, got {max_kl!r}")
     if scale not in SCALES:
         raise InvalidInputError(f"scale must be one of {SCALES}, not {scale!r}")
     layer = model.adapter.resolve_layer(layer)
@@ -525,7 +568,7 @@ def evaluate_concept(
     grids = {name: values for name, _, _ in candidates}
     for name, (vec, op) in extras.items():
         candidates.append((name, vec, op))
-        grids[name] = extra_values
+        grids[name] = extra_grids[name]
     # every (candidate, strength) on the train instructions: rows of one batched generation
     configs = [
         (name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in grids[name]
@@ -544,12 +587,17 @@ def evaluate_concept(
     scored = train_block["combined"]
     train_unparsed = int(train_block["unparsed"].sum())
     curves: dict[str, list[tuple[float, float]]] = {}
-    chosen: dict[str, tuple[float, float]] = {}
     for k, (name, s, _) in enumerate(configs):
         mean = _mean(scored[k * len(train) : (k + 1) * len(train)])
         curves.setdefault(name, []).append((s, mean))
-        if name not in chosen or mean > chosen[name][1]:
-            chosen[name] = (s, mean)
+    train_kl: dict[str, list[tuple[float, float]]] = {}
+    if max_kl is not None:
+        measured_kl = neutral_damage(
+            model, [c[2] for c in configs], passages=neutral_corpus(damage_passages)
+        )
+        for (name, s, _), d in zip(configs, measured_kl, strict=True):
+            train_kl.setdefault(name, []).append((s, d.kl))
+    chosen = {name: _choose(points, train_kl.get(name), max_kl) for name, points in curves.items()}
     # held-out report: unsteered, prompting, every candidate at its chosen strength
     report: list[tuple[str, float, list[str], list[Steering | None], float]] = [
         ("unsteered", 0.0, list(test), [None] * len(test), math.nan)
@@ -624,8 +672,10 @@ def evaluate_concept(
             "operators": list(ops),
             "strengths": values,
             "extra": {
-                name: {"op": op, "strengths": extra_values} for name, (_, op) in extras.items()
+                name: {"op": op, "strengths": extra_grids[name]} for name, (_, op) in extras.items()
             },
+            "max_kl": max_kl,
+            "train_kl": {k: [list(p) for p in v] for k, v in train_kl.items()},
             "scale": scale,
             "residual_norm": residual,
             "raw_vector_norms": raw_norms,
