@@ -70,11 +70,11 @@ from typing import Any
 
 import torch
 
+from steerlab.batch import position_kwargs
 from steerlab.checks import check_texts
 from steerlab.deprecation import loose_steering_keywords
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import steering_with
-from steerlab.model import position_kwargs
 
 __all__ = [
     "AB_SUFFIX",

@@ -18,9 +18,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import inspect
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,8 +26,16 @@ from typing import Any, overload
 import torch
 from torch import nn
 
+from steerlab import generation, replay
 from steerlab.adapter import ModelAdapter
-from steerlab.checks import as_finite_float, as_int, as_positive_int, check_prompts
+from steerlab.batch import (
+    Batch,
+    check_steering_rows,
+    last_token_logits,
+    position_kwargs,
+    tile_rows,
+)
+from steerlab.checks import as_int, as_positive_int, check_prompts
 from steerlab.errors import EditRemovedError, InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
@@ -50,6 +55,7 @@ from steerlab.interventions import (
 from steerlab.operators import is_loreft
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
+from steerlab.replay import LastTokenCache, PrefixCache
 from steerlab.sites import check_site, site_hook, site_width
 from steerlab.vectors import SteeringVector
 
@@ -61,41 +67,12 @@ __all__ = [
     "PrefixCache",
     "SteeredModel",
     "edit",
+    "position_kwargs",
+    "tile_rows",
     "wrap",
 ]
 
 _REDUCTIONS = ("last", "mean", "all")
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """A padded batch built by steerlab: ``prompt_lengths[i]`` real tokens in row ``i``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prompt_lengths: torch.Tensor
-    padding_side: str
-
-    def rows(self, start: int, stop: int) -> Batch:
-        """Rows ``start:stop`` (same padded length)."""
-        return Batch(
-            self.input_ids[start:stop],
-            self.attention_mask[start:stop],
-            self.position_ids[start:stop],
-            self.prompt_lengths[start:stop],
-            self.padding_side,
-        )
-
-    def to(self, device: torch.device) -> Batch:
-        """The same batch on ``device``."""
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.position_ids.to(device),
-            self.prompt_lengths,
-            self.padding_side,
-        )
 
 
 class LayerActivations(dict[int, Any]):
@@ -116,86 +93,8 @@ class LayerActivations(dict[int, Any]):
         return super().__contains__(layer)
 
 
-@dataclasses.dataclass(frozen=True)
-class PrefixCache:
-    """What :meth:`SteeredModel.run_from` needs to re-run blocks ``layer..`` alone.
-
-    ``hidden`` is the input of block ``layer``; ``block_inputs`` the other arguments each later
-    block received; ``logits`` the unsteered next-token logits; ``exact`` whether a replay of
-    the tail reproduced them.
-    """
-
-    batch: Batch
-    layer: int
-    hidden: torch.Tensor
-    block_inputs: Mapping[int, tuple[tuple[Any, ...], dict[str, Any]]]
-    logits: torch.Tensor
-    exact: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class LastTokenCache:
-    """What :meth:`SteeredModel.run_last` needs to re-run only the last token of each prompt.
-
-    ``past`` is the unsteered key/value cache of every prompt minus its last token (left
-    padding puts every last token in the final column); ``logits`` the unsteered next-token
-    logits; ``exact`` whether replaying the last token over ``past`` reproduced them.
-    """
-
-    batch: Batch
-    past: Any
-    logits: torch.Tensor
-    exact: bool
-
-
-def tile_rows(value: Any, copies: int, batch: int) -> Any:
-    """Repeat every batch-aligned tensor (``[batch, ...]``, 2-D or more, also inside tuples,
-    lists and dicts) ``copies`` times along dim 0; 1-D tensors such as cache positions and
-    anything else pass through."""
-    if copies == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        if value.ndim >= 2 and value.shape[0] == batch:
-            return value.repeat(copies, *([1] * (value.ndim - 1)))
-        return value
-    if isinstance(value, tuple):
-        return tuple(tile_rows(v, copies, batch) for v in value)
-    if isinstance(value, list):
-        return [tile_rows(v, copies, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: tile_rows(v, copies, batch) for k, v in value.items()}
-    return value
-
-
 class _StopForward(Exception):
     """Raised by a capture hook once the deepest requested layer has run."""
-
-
-def _output_cache(out: Any) -> Any:
-    """The key/value cache a forward pass returned: ``out.cache`` on transformers releases
-    that renamed it (reading the old ``past_key_values`` there warns), else the old name."""
-    keys = out.keys() if callable(getattr(out, "keys", None)) else ()
-    if "cache" in keys:
-        return out["cache"]
-    return getattr(out, "past_key_values", None)
-
-
-def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{"position_ids": position_ids}`` when ``hf_model.forward`` takes them, else ``{}``.
-
-    OPT before transformers 4.46 has no ``position_ids`` argument; it derives positions from
-    the attention mask, which gives the real tokens the same numbers.
-
-    >>> from steerlab.testing import tiny_hf_model
-    >>> sorted(position_kwargs(tiny_hf_model("llama"), torch.zeros(1, 2)))
-    ['position_ids']
-    """
-    try:
-        params = inspect.signature(hf_model.forward).parameters
-    except (TypeError, ValueError):
-        return {"position_ids": position_ids}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"position_ids": position_ids} if takes_any or "position_ids" in params else {}
 
 
 class SteeredModel:
@@ -589,14 +488,26 @@ class SteeredModel:
             **kwargs,
         )
 
-    def call_scope(self, batch: Batch) -> contextlib.AbstractContextManager[list[PositionTracker]]:
+    def call_scope(
+        self,
+        batch: Batch,
+        *,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        row_offset: int = 0,
+        op: str | None = None,
+        when: Any = None,
+    ) -> contextlib.AbstractContextManager[list[PositionTracker]]:
         """What every call of this model runs under, for code that runs an encoded batch itself
-        (with hooks of its own, as :func:`steerlab.ablation.compute_means` does).
+        (with hooks of its own, as :func:`steerlab.ablation.compute_means` and the cache
+        replays of :mod:`steerlab.replay` do).
 
         For a ``with`` block: installs the steering recorded on this model (``add_steering``,
-        ``steer`` in this context; an edited model's edits first) and pins every position
-        tracker to ``batch``'s prompt lengths; yields the active trackers. Run the batch with
-        :meth:`forward_batch` inside it.
+        ``steer`` in this context; an edited model's edits first), then the per-call
+        ``steering`` (as in :meth:`logits`; a per-row list is sliced from ``row_offset``), and
+        pins every position tracker to ``batch``'s prompt lengths; yields the active trackers.
+        Run the batch with :meth:`forward_batch` inside it.
 
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("gpt2")
@@ -606,7 +517,15 @@ class SteeredModel:
         >>> bool(torch.equal(logits, model.logits(["the cat sat", "a dog"])))
         True
         """
-        return self._call_scope(None, batch, strength=None, positions=None)
+        return self._call_scope(
+            steering,
+            batch,
+            strength=strength,
+            positions=positions,
+            row_offset=row_offset,
+            op=op,
+            when=when,
+        )
 
     def forward_batch(self, batch: Batch, **kwargs: Any) -> Any:
         """``hf_model``'s output for a batch from :meth:`encode`: moved to the model's device,
@@ -616,12 +535,6 @@ class SteeredModel:
         (see the example there).
         """
         return self._forward(batch, **kwargs)
-
-    def _check_steering_rows(self, steering: Any, n_rows: int) -> None:
-        if isinstance(steering, (list, tuple)) and len(steering) != n_rows:
-            raise InvalidInputError(
-                f"per-row steering has {len(steering)} entries but there are {n_rows} prompts"
-            )
 
     @torch.no_grad()
     def logits(
@@ -677,7 +590,7 @@ class SteeredModel:
         items = check_prompts(prompts)
         if batch_size is not None:
             batch_size = as_positive_int(batch_size, "batch_size")
-        self._check_steering_rows(steering, len(items))
+        check_steering_rows(steering, len(items))
         batch = self.encode(items, padding_side=padding_side, chat=chat)
         size = batch_size or len(items)
         outputs = []
@@ -720,7 +633,7 @@ class SteeredModel:
         """
         return self._run_chunks(
             prompts,
-            self._last_logits,
+            lambda chunk: last_token_logits(self, chunk),
             steering=steering,
             strength=strength,
             positions=positions,
@@ -730,64 +643,14 @@ class SteeredModel:
             when=when,
         )
 
-    def _last_logits(self, batch: Batch) -> torch.Tensor:
-        try:
-            out = self._forward(batch, logits_to_keep=1)
-        except TypeError:  # older or custom models without logits_to_keep
-            out = self._forward(batch)
-        return out.logits[:, -1].float().cpu()
-
-    # --- prefix reuse ----------------------------------------------------------------------------
-    @torch.no_grad()
+    # --- cache replays (steerlab.replay) -------------------------------------------------------
     def prefix_cache(
         self, prompts: Sequence[str] | str, *, layer: int, chat: bool = False
     ) -> PrefixCache:
-        """Run the prompts once and keep what blocks ``layer..`` need to be re-run alone.
+        """Run the prompts once and keep what blocks ``layer..`` need to be re-run alone
+        (:func:`steerlab.replay.prefix_cache`)."""
+        return replay.prefix_cache(self, prompts, layer=layer, chat=chat)
 
-        Sweeps and scans that only change blocks ``>= layer`` reuse this prefix through
-        :meth:`run_from` instead of recomputing the blocks below for every configuration.
-        ``cache.exact`` is False when the replayed tail did not reproduce the full forward
-        pass (an unusual architecture); callers then fall back to full passes.
-
-        >>> from steerlab.testing import tiny_model
-        >>> model = tiny_model("llama")
-        >>> cache = model.prefix_cache(["the cat", "a dog ran"], layer=1)
-        >>> cache.exact, tuple(cache.hidden.shape)
-        (True, (2, 3, 32))
-        """
-        items = check_prompts(prompts)
-        start_layer = self.adapter.resolve_layer(layer)
-        batch = self.encode(items, chat=chat).to(self.device)
-        inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-        def make_capture(index: int) -> Any:
-            def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                inputs[index] = (args, dict(kwargs))
-
-            return capture
-
-        captures = [
-            HookSpec(self.adapter.block(index), "forward_pre_kwargs", make_capture(index))
-            for index in range(start_layer, self.n_layers)
-        ]
-        with self._call_scope(None, batch, strength=None, positions=None):
-            with scoped_hooks(captures):
-                logits = self._last_logits(batch)
-        args, kwargs = inputs[start_layer]
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = PrefixCache(
-            batch=batch,
-            layer=start_layer,
-            hidden=hidden,
-            block_inputs=inputs,
-            logits=logits,
-            exact=True,
-        )
-        replayed = self.run_from(cache)
-        exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
-        return dataclasses.replace(cache, exact=exact)
-
-    @torch.no_grad()
     def run_from(
         self,
         cache: PrefixCache,
@@ -797,115 +660,29 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None = None,
         positions: PositionSpec | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``.
-
-        Row ``c * n + i`` is prompt ``i`` under configuration ``c``: pass per-row ``steering``
-        (a list of ``repeat * n`` entries) to evaluate many strengths or vectors in one batch.
-        Interventions below ``cache.layer`` have no effect here (that part was computed once).
-        """
-        if not isinstance(cache, PrefixCache):
-            raise InvalidInputError(
-                f"run_from needs a PrefixCache from model.prefix_cache(...), got "
-                f"{type(cache).__name__}"
-            )
-        repeat = as_positive_int(repeat, "repeat")
-        n = cache.batch.input_ids.shape[0]
-        expanded = Batch(
-            cache.batch.input_ids.repeat(repeat, 1),
-            cache.batch.attention_mask.repeat(repeat, 1),
-            cache.batch.position_ids.repeat(repeat, 1),
-            cache.batch.prompt_lengths.repeat(repeat),
-            cache.batch.padding_side,
+        """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``
+        (:func:`steerlab.replay.run_from`)."""
+        return replay.run_from(
+            self, cache, repeat=repeat, steering=steering, strength=strength, positions=positions
         )
-        self._check_steering_rows(steering, n * repeat)
-        hidden = tile_rows(cache.hidden, repeat, n)
-        with self._call_scope(steering, expanded, strength=strength, positions=positions) as trk:
-            for tracker in trk:
-                tracker.pre_hook(
-                    self.adapter.backbone,
-                    (),
-                    {"input_ids": expanded.input_ids, "attention_mask": expanded.attention_mask},
-                )
-            for index in range(cache.layer, self.n_layers):
-                args, kwargs = cache.block_inputs[index]
-                args = tuple(tile_rows(a, repeat, n) for a in args)
-                kwargs = {k: tile_rows(v, repeat, n) for k, v in kwargs.items()}
-                if "hidden_states" in kwargs:
-                    kwargs["hidden_states"] = hidden
-                else:
-                    args = (hidden, *args[1:])
-                hidden = output_hidden(self.adapter.block(index)(*args, **kwargs))
-            return self.adapter.logits_from_final_hidden(hidden[:, -1:]).squeeze(1).float().cpu()
 
-    # --- last-position reuse -------------------------------------------------------------------
-    @torch.no_grad()
     def last_token_cache(
         self, prompts: Sequence[str] | str, *, chat: bool = False
     ) -> LastTokenCache:
-        """Run the prompts once, unsteered, and keep the key/value cache of all but the last token.
-
-        Steering that only touches the last prompt position cannot change anything before it
-        (attention is causal), so :meth:`run_last` re-runs that one token per configuration over
-        this cache: ``T`` times fewer token-block passes than a full forward pass for prompts of
-        ``T`` tokens. ``cache.exact`` is False when the replayed last token did not reproduce the
-        full pass (a prompt of one token, or a model whose cache cannot be cropped); callers then
-        use full passes.
-
-        >>> from steerlab.testing import tiny_model
-        >>> model = tiny_model("llama")
-        >>> cache = model.last_token_cache(["the cat sat", "a dog"])
-        >>> cache.exact, tuple(cache.logits.shape) == (2, model.hf_model.config.vocab_size)
-        (True, True)
-        """
-        items = check_prompts(prompts)
-        batch = self.encode(items, chat=chat)
-        device_batch = batch.to(self.device)
-        with self._call_scope(None, batch, strength=None, positions=None):
-            try:
-                out = self.hf_model(
-                    input_ids=device_batch.input_ids,
-                    attention_mask=device_batch.attention_mask,
-                    position_ids=device_batch.position_ids,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            except TypeError:  # models without logits_to_keep
-                out = self.hf_model(
-                    input_ids=device_batch.input_ids,
-                    attention_mask=device_batch.attention_mask,
-                    position_ids=device_batch.position_ids,
-                    use_cache=True,
-                )
-        logits = out.logits[:, -1].float().cpu()
-        past = _output_cache(out)
-        exact = (
-            past is not None
-            and callable(getattr(past, "crop", None))
-            and callable(getattr(past, "reorder_cache", None))
-            and bool(getattr(past, "is_croppable", True))
-            and int(batch.prompt_lengths.min()) >= 2
-        )
-        if exact and past is not None:
-            past.crop(-1)  # negative: drop that many tokens (every transformers version)
-        cache = LastTokenCache(batch=batch, past=past, logits=logits, exact=exact)
-        if exact:
-            replayed = self.run_last(cache)
-            exact = bool(torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4))
-        return dataclasses.replace(cache, exact=exact)
+        """Run the prompts once, unsteered, and keep the key/value cache of all but the last
+        token (:func:`steerlab.replay.last_token_cache`)."""
+        return replay.last_token_cache(self, prompts, chat=chat)
 
     def cache_keyword(self) -> str:
-        """The keyword this model's forward takes its key/value cache by: ``"cache"`` on
-        transformers releases that renamed it (the old name then warns), else
-        ``"past_key_values"``.
+        """The keyword this model's forward takes its key/value cache by
+        (:func:`steerlab.replay.cache_keyword`).
 
         >>> from steerlab.testing import tiny_model
         >>> tiny_model("llama").cache_keyword() in ("cache", "past_key_values")
         True
         """
-        params = inspect.signature(self.hf_model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return replay.cache_keyword(self.hf_model)
 
-    @torch.no_grad()
     def run_last(
         self,
         cache: LastTokenCache,
@@ -916,13 +693,8 @@ class SteeredModel:
         positions: PositionSpec | None = None,
         last_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token.
-
-        Row ``c * n + i`` is prompt ``i`` under configuration ``c`` (as in :meth:`run_from`).
-        Only steering of the last position is exact here: anything it would do to earlier
-        positions is not applied (they come from the cache). ``last_ids`` replaces the last
-        token of each of the ``n`` prompts (same prefix, another final token: the CAA answer
-        letters ``A`` and ``B`` share everything before the letter).
+        """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token
+        (:func:`steerlab.replay.run_last`).
 
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("gpt2")
@@ -931,18 +703,16 @@ class SteeredModel:
         ...                     atol=1e-5))
         True
         """
-        logits, _ = self.run_last_with_activations(
+        return replay.run_last(
+            self,
             cache,
-            layers=(),
             repeat=repeat,
             steering=steering,
             strength=strength,
             positions=positions,
             last_ids=last_ids,
         )
-        return logits
 
-    @torch.no_grad()
     def run_last_with_activations(
         self,
         cache: LastTokenCache,
@@ -954,94 +724,24 @@ class SteeredModel:
         positions: PositionSpec | None = None,
         last_ids: Sequence[int] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """:meth:`run_last` plus the block outputs at the re-run token:
-        ``(logits, {layer: Tensor[repeat * n, d_model]})`` (float32, CPU).
-
-        >>> from steerlab.testing import tiny_model
-        >>> model = tiny_model("llama")
-        >>> logits, acts = model.run_last_with_activations(
-        ...     model.last_token_cache(["the cat sat"]), layers=[1])
-        >>> tuple(acts[1].shape) == (1, model.d_model)
-        True
-        """
-        if repeat < 1:
-            raise InvalidInputError(f"repeat must be positive, got {repeat}")
-        if cache.past is None:
-            raise InvalidInputError("this LastTokenCache holds no key/value cache")
-        n = cache.batch.input_ids.shape[0]
-        self._check_steering_rows(steering, n * repeat)
-        ids = cache.batch.input_ids
-        if last_ids is not None:
-            replacement = torch.as_tensor(last_ids, dtype=torch.long).reshape(-1)
-            if replacement.shape[0] != n:
-                raise InvalidInputError(f"last_ids has {replacement.shape[0]} ids for {n} prompts")
-            ids = ids.clone()
-            ids[:, -1] = replacement
-        expanded = Batch(
-            ids.repeat(repeat, 1),
-            cache.batch.attention_mask.repeat(repeat, 1),
-            cache.batch.position_ids.repeat(repeat, 1),
-            cache.batch.prompt_lengths.repeat(repeat),
-            cache.batch.padding_side,
+        """:meth:`run_last` plus the block outputs at the re-run token
+        (:func:`steerlab.replay.run_last_with_activations`)."""
+        return replay.run_last_with_activations(
+            self,
+            cache,
+            layers=layers,
+            repeat=repeat,
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            last_ids=last_ids,
         )
-        # the forward pass appends to the cache: every call works on its own tiled copy
-        past = copy.deepcopy(cache.past)
-        if repeat > 1:
-            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
-        device_batch = expanded.to(self.device)
-        wanted = self.adapter.resolve_layers(list(layers)) if layers else []
-        captured: dict[int, torch.Tensor] = {}
 
-        def make_capture(index: int) -> Any:
-            def grab(module: nn.Module, args: Any, output: Any) -> None:
-                captured[index] = output_hidden(output)[:, -1].float().cpu()
-
-            return grab
-
-        reads = [
-            HookSpec(self.adapter.block(layer), "forward", make_capture(layer)) for layer in wanted
-        ]
-        with self._call_scope(steering, expanded, strength=strength, positions=positions):
-            with scoped_hooks(reads):
-                out = self.hf_model(
-                    input_ids=device_batch.input_ids[:, -1:],
-                    attention_mask=device_batch.attention_mask,
-                    position_ids=device_batch.position_ids[:, -1:],
-                    use_cache=True,
-                    **{self.cache_keyword(): past},
-                )
-        return out.logits[:, -1].float().cpu(), captured
-
-    @torch.no_grad()
     def prompt_cache(self, prompts: Sequence[str] | str, *, chat: bool = False) -> LastTokenCache:
-        """Run the prompts once, unsteered, keeping the key/value cache of *every* prompt token.
+        """Run the prompts once, unsteered, keeping the key/value cache of every prompt token
+        (:func:`steerlab.replay.prompt_cache`)."""
+        return replay.prompt_cache(self, prompts, chat=chat)
 
-        :meth:`score_continuations` then scores continuations after them under steering that
-        only touches the continuation (``positions="generated"``), without re-running the
-        prompts. ``cache.logits`` are the unsteered next-token logits after each prompt.
-
-        >>> from steerlab.testing import tiny_model
-        >>> cache = tiny_model("llama").prompt_cache(["the cat", "a dog ran"])
-        >>> cache.exact, cache.logits.shape[0]
-        (True, 2)
-        """
-        items = check_prompts(prompts)
-        batch = self.encode(items, chat=chat)
-        device_batch = batch.to(self.device)
-        with self._call_scope(None, batch, strength=None, positions=None):
-            out = self.hf_model(
-                input_ids=device_batch.input_ids,
-                attention_mask=device_batch.attention_mask,
-                position_ids=device_batch.position_ids,
-                use_cache=True,
-            )
-        past = _output_cache(out)
-        exact = past is not None and callable(getattr(past, "reorder_cache", None))
-        return LastTokenCache(
-            batch=batch, past=past, logits=out.logits[:, -1].float().cpu(), exact=exact
-        )
-
-    @torch.no_grad()
     def score_continuations(
         self,
         cache: LastTokenCache,
@@ -1052,68 +752,17 @@ class SteeredModel:
         strength: float | Mapping[int, float] | None = None,
         positions: PositionSpec | None = None,
     ) -> torch.Tensor:
-        """Sum of log p(continuation tokens) after each cached prompt: ``Tensor[repeat * n]``.
-
-        Row ``c * n + i`` scores ``continuations[c * n + i]`` (token ids) after prompt ``i`` of
-        a :meth:`prompt_cache`, under per-row ``steering`` (as in :meth:`run_from`). Only
-        steering of the continuation is applied (the prompt comes from the cache): use
-        ``positions="generated"``. The first token is scored from ``cache.logits``. float64.
-
-        >>> from steerlab.testing import tiny_model
-        >>> model = tiny_model("llama")
-        >>> cache = model.prompt_cache(["the cat"])
-        >>> ids = model.tokenizer(" sat on", add_special_tokens=False)["input_ids"]
-        >>> bool(model.score_continuations(cache, [ids])[0] < 0)
-        True
-        """
-        if repeat < 1:
-            raise InvalidInputError(f"repeat must be positive, got {repeat}")
-        if not cache.exact or cache.past is None:
-            raise InvalidInputError("this cache cannot be reused (no reorderable key/value cache)")
-        n = cache.batch.input_ids.shape[0]
-        rows = n * repeat
-        if len(continuations) != rows:
-            raise InvalidInputError(f"{len(continuations)} continuations for {rows} rows")
-        tails = [torch.as_tensor(list(c), dtype=torch.long) for c in continuations]
-        if any(t.numel() == 0 for t in tails):
-            raise InvalidInputError("every continuation needs at least one token")
-        self._check_steering_rows(steering, rows)
-        width = max(t.numel() for t in tails)
-        tail_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
-        tail_mask = torch.zeros((rows, width), dtype=torch.long)
-        for row, tail in enumerate(tails):
-            tail_ids[row, : tail.numel()] = tail
-            tail_mask[row, : tail.numel()] = 1
-        lengths = cache.batch.prompt_lengths.repeat(repeat)
-        tail_pos = lengths[:, None] + torch.arange(width)[None, :]
-        expanded = Batch(
-            torch.cat([cache.batch.input_ids.repeat(repeat, 1), tail_ids], dim=1),
-            torch.cat([cache.batch.attention_mask.repeat(repeat, 1), tail_mask], dim=1),
-            torch.cat([cache.batch.position_ids.repeat(repeat, 1), tail_pos], dim=1),
-            lengths,
-            cache.batch.padding_side,
+        """Sum of log p(continuation tokens) after each cached prompt
+        (:func:`steerlab.replay.score_continuations`)."""
+        return replay.score_continuations(
+            self,
+            cache,
+            continuations,
+            repeat=repeat,
+            steering=steering,
+            strength=strength,
+            positions=positions,
         )
-        past = copy.deepcopy(cache.past)
-        if repeat > 1:
-            past.reorder_cache(torch.arange(n, device=self.device).repeat(repeat))
-        device_batch = expanded.to(self.device)
-        with self._call_scope(steering, expanded, strength=strength, positions=positions):
-            out = self.hf_model(
-                input_ids=device_batch.input_ids[:, -width:],
-                attention_mask=device_batch.attention_mask,
-                position_ids=device_batch.position_ids[:, -width:],
-                use_cache=True,
-                **{self.cache_keyword(): past},
-            )
-        logp = out.logits.double().cpu().log_softmax(dim=-1)
-        first = cache.logits.double().log_softmax(dim=-1).repeat(repeat, 1)
-        totals = torch.empty(rows, dtype=torch.float64)
-        for row, tail in enumerate(tails):
-            total = first[row, tail[0]]
-            if tail.numel() > 1:
-                total = total + logp[row, : tail.numel() - 1].gather(1, tail[1:, None]).sum()
-            totals[row] = total
-        return totals
 
     @torch.no_grad()
     def activations(
@@ -1162,7 +811,7 @@ class SteeredModel:
                 f"not {positions!r}"
             )
         batch_size = as_positive_int(batch_size, "batch_size")
-        self._check_steering_rows(steering, len(items))
+        check_steering_rows(steering, len(items))
         wanted = self.adapter.resolve_layers(layers)
         read_at = {layer: site_hook(self.adapter, site, layer) for layer in wanted}
         deepest = max(wanted)
@@ -1251,7 +900,6 @@ class SteeredModel:
         ]
         return texts[0] if single else texts
 
-    @torch.no_grad()
     def generate_ids(
         self,
         prompts: Sequence[str] | str,
@@ -1272,82 +920,24 @@ class SteeredModel:
         when: Any = None,
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
-        items = check_prompts(prompts)
-        max_new_tokens = as_int(max_new_tokens, "max_new_tokens")
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if batch_size is not None:
-            batch_size = as_positive_int(batch_size, "batch_size")
-        _check_sampling(do_sample, temperature, top_p, top_k, seed)
-        self._check_steering_rows(steering, len(items))
-        batch = self.encode(items, chat=chat, reserve=max_new_tokens)
-        size = batch_size or len(items)
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        options: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "pad_token_id": self.pad_token_id,
-            "use_cache": use_cache,
-        }
-        if eos is not None:
-            options["eos_token_id"] = eos
-        if do_sample:
-            options["temperature"] = temperature
-            options["top_p"] = 1.0 if top_p is None else top_p
-            options["top_k"] = 0 if top_k is None else top_k
-        else:
-            options.update(temperature=None, top_p=None, top_k=None)
-        outputs: list[torch.Tensor] = []
-        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(items), size):
-                chunk = batch.rows(start, start + size).to(self.device)
-                with self._call_scope(
-                    steering,
-                    chunk,
-                    strength=strength,
-                    positions=positions,
-                    row_offset=start,
-                    op=op,
-                    when=when,
-                ):
-                    out = self.hf_model.generate(  # type: ignore[operator]
-                        input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, **options
-                    )
-                width = chunk.input_ids.shape[1]
-                for row in out[:, width:].cpu():
-                    outputs.append(_strip_after_eos(row, eos))
-        return outputs
-
-
-def _check_sampling(
-    do_sample: object, temperature: object, top_p: object, top_k: object, seed: object
-) -> None:
-    """Refuse sampling options transformers would reject late or obscurely (or ignore)."""
-    if not isinstance(do_sample, bool):
-        raise InvalidInputError(f"do_sample must be True or False, got {do_sample!r}")
-    if do_sample:
-        value = as_finite_float(temperature, "temperature")
-        if value <= 0:
-            raise InvalidInputError(
-                f"temperature must be positive, got {value} (for greedy decoding use "
-                f"do_sample=False)"
-            )
-        if top_p is not None and not 0 < as_finite_float(top_p, "top_p") <= 1:
-            raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and as_int(top_k, "top_k") < 0:
-            raise InvalidInputError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if seed is not None and not 0 <= as_int(seed, "seed") < 2**63:
-        raise InvalidInputError(f"seed must be an integer in [0, 2**63), got {seed}")
-
-
-def _strip_after_eos(ids: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
-    if eos is None:
-        return ids
-    stops = torch.tensor([eos] if isinstance(eos, int) else list(eos))
-    hits = torch.isin(ids, stops).nonzero()
-    return ids[: int(hits[0, 0])] if len(hits) else ids
+        return generation.generate_ids(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            steering=steering,
+            strength=strength,
+            positions=positions,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            chat=chat,
+            batch_size=batch_size,
+            use_cache=use_cache,
+            op=op,
+            when=when,
+        )
 
 
 def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str | int) -> torch.Tensor:

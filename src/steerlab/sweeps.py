@@ -69,9 +69,9 @@ from steerlab.evaluation import (
     perplexity,
 )
 from steerlab.interventions import Steering
-from steerlab.model import LastTokenCache, PrefixCache
 from steerlab.positions import Positions
 from steerlab.progress import progress_bar
+from steerlab.replay import LastTokenCache, PrefixCache
 from steerlab.report import write_report
 from steerlab.vectors import SteeringVector
 

@@ -42,11 +42,12 @@ from typing import Any, Union
 
 import torch
 
+from steerlab.batch import Batch
 from steerlab.checks import as_finite_float, as_int, as_positive_int
 from steerlab.data import ContrastDataset, load_caa
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.interventions import Steering, activate
-from steerlab.model import Batch, SteeredModel
+from steerlab.model import SteeredModel
 from steerlab.operators import get_operator, loreft_extras, loreft_matrices
 from steerlab.positions import Positions, PositionSpec
 from steerlab.progress import progress_bar

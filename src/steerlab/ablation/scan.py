@@ -29,6 +29,7 @@ from steerlab.ablation.means import ActivationMeans, absolute_positions
 from steerlab.ablation.plots import layer_heatmap
 from steerlab.ablation.sites import check_component, check_heads
 from steerlab.adapter import ModelAdapter
+from steerlab.batch import tile_rows
 from steerlab.checks import check_prompts
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import (
@@ -39,7 +40,6 @@ from steerlab.interventions import (
     output_hidden,
     scoped_hooks,
 )
-from steerlab.model import tile_rows
 from steerlab.progress import progress_bar
 from steerlab.scan_metrics import METRICS, LogitDiff, Loss, Metric
 

@@ -1,0 +1,177 @@
+"""An encoded batch and what code that runs one needs from a model.
+
+:class:`Batch` is what :meth:`~steerlab.model.SteeredModel.encode` builds: padded token ids with
+explicit ``position_ids``. :class:`BatchRunner` names the part of a
+:class:`~steerlab.model.SteeredModel` that the cache replays (:mod:`steerlab.replay`) and
+generation (:mod:`steerlab.generation`) are built on (its public ``call_scope`` and
+``forward_batch``), so those modules sit below the model and the model delegates to them.
+
+>>> from steerlab.testing import tiny_model
+>>> batch = tiny_model("llama").encode(["the cat", "a"])
+>>> batch.rows(1, 2).prompt_lengths.tolist()
+[1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from steerlab.adapter import ModelAdapter
+from steerlab.errors import InvalidInputError
+from steerlab.interventions import PositionTracker
+from steerlab.positions import PositionSpec
+
+__all__ = [
+    "Batch",
+    "BatchRunner",
+    "check_steering_rows",
+    "last_token_logits",
+    "position_kwargs",
+    "tile_rows",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A padded batch built by steerlab: ``prompt_lengths[i]`` real tokens in row ``i``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+    padding_side: str
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` (same padded length)."""
+        return Batch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.position_ids[start:stop],
+            self.prompt_lengths[start:stop],
+            self.padding_side,
+        )
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.prompt_lengths,
+            self.padding_side,
+        )
+
+
+class BatchRunner(Protocol):
+    """What the replays and generation use of a :class:`~steerlab.model.SteeredModel`."""
+
+    hf_model: nn.Module
+    tokenizer: Any
+    adapter: ModelAdapter
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def pad_token_id(self) -> int: ...
+
+    def encode(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        padding_side: str = "left",
+        chat: bool = False,
+        reserve: int = 0,
+    ) -> Batch: ...
+
+    def call_scope(
+        self,
+        batch: Batch,
+        *,
+        steering: Any = None,
+        strength: float | Mapping[int, float] | None = None,
+        positions: PositionSpec | None = None,
+        row_offset: int = 0,
+        op: str | None = None,
+        when: Any = None,
+    ) -> contextlib.AbstractContextManager[list[PositionTracker]]: ...
+
+    def forward_batch(self, batch: Batch, **kwargs: Any) -> Any: ...
+
+
+def tile_rows(value: Any, copies: int, batch: int) -> Any:
+    """Repeat every batch-aligned tensor (``[batch, ...]``, 2-D or more, also inside tuples,
+    lists and dicts) ``copies`` times along dim 0; 1-D tensors such as cache positions and
+    anything else pass through.
+
+    >>> tile_rows((torch.zeros(2, 3), torch.arange(4)), 2, 2)[0].shape
+    torch.Size([4, 3])
+    """
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= 2 and value.shape[0] == batch:
+            return value.repeat(copies, *([1] * (value.ndim - 1)))
+        return value
+    if isinstance(value, tuple):
+        return tuple(tile_rows(v, copies, batch) for v in value)
+    if isinstance(value, list):
+        return [tile_rows(v, copies, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: tile_rows(v, copies, batch) for k, v in value.items()}
+    return value
+
+
+def position_kwargs(hf_model: nn.Module, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"position_ids": position_ids}`` when ``hf_model.forward`` takes them, else ``{}``.
+
+    OPT before transformers 4.46 has no ``position_ids`` argument; it derives positions from
+    the attention mask, which gives the real tokens the same numbers.
+
+    >>> from steerlab.testing import tiny_hf_model
+    >>> sorted(position_kwargs(tiny_hf_model("llama"), torch.zeros(1, 2)))
+    ['position_ids']
+    """
+    try:
+        params = inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):
+        return {"position_ids": position_ids}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"position_ids": position_ids} if takes_any or "position_ids" in params else {}
+
+
+def check_steering_rows(steering: Any, n_rows: int) -> None:
+    """Refuse per-row ``steering`` (a list or tuple) whose length is not ``n_rows``.
+
+    >>> check_steering_rows([None, None], 2)
+    """
+    if isinstance(steering, (list, tuple)) and len(steering) != n_rows:
+        raise InvalidInputError(
+            f"per-row steering has {len(steering)} entries but there are {n_rows} prompts"
+        )
+
+
+def last_token_logits(model: BatchRunner, batch: Batch) -> torch.Tensor:
+    """``model``'s next-token logits after each row of ``batch``, ``[rows, vocab]`` (float32,
+    CPU), unembedding only the last position where the model allows it.
+
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> last_token_logits(model, model.encode(["the cat"])).shape[0]
+    1
+    """
+    try:
+        out = model.forward_batch(batch, logits_to_keep=1)
+    except TypeError:  # older or custom models without logits_to_keep
+        out = model.forward_batch(batch)
+    return out.logits[:, -1].float().cpu()
