@@ -109,11 +109,12 @@ def test_generate_with_a_loreft_file_needs_op_loreft(model: Any, tmp_path: Path)
     out = tmp_path / "reft.safetensors"
     steerlab.train_intervention(model, ITEMS, layer=1, rank=1, steps=1).save(out)
     base = ["generate", "the cat", "--vector", str(out), "--max-new-tokens", "3"]
-    for extra in ([], ["--op", "add"]):
+    for extra, op in (([], "add"), (["--op", "add"], "add"), (["--op", "ablate"], "ablate")):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 2, (extra, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "--op loreft" in lines[0]
+        assert f"op {op!r}" in lines[0]
         assert "Traceback" not in result.output and result.stdout == ""
     result = runner.invoke(app, [*base, "--op", "loreft"])
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import steerlab as sl
-from steerlab.operators import loreft_extras, loreft_matrices
+from steerlab.operators import loreft_extras, loreft_matrices, operator_names
 from steerlab.testing import hook_count, tiny_model
 
 PROMPTS = ["the cat sat on the", "a dog", "i love the movie so much"]
@@ -195,6 +195,16 @@ def test_served_by_the_torch_engine(tmp_path) -> None:  # type: ignore[no-untype
                 max_tokens=2,
                 extra_body={"steering": [{"vector": "plain", "strength": 1.0, "op": "loreft"}]},
             )
+        # every other operator on the LoReFT file: a 400 naming the field and the operator
+        for op in [name for name in operator_names() if name != "loreft"]:
+            entry: dict[str, Any] = {"vector": "reft", "strength": 1.0, "op": op}
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.completions.create(
+                    model="default", prompt="a", max_tokens=2, extra_body={"steering": [entry]}
+                )
+            message = caught.value.body["message"]
+            assert message.startswith("steering[0].op: this vector is a LoReFT"), message
+            assert f"op {op!r} would act on" in message, message
 
 
 def test_intervention_gradient_matches_finite_differences() -> None:
@@ -261,6 +271,30 @@ def test_adding_a_loreft_vector_is_refused_unless_forced() -> None:
     got = _hidden(model, steering=sl.Steering(vec, op="loreft"))
     for b, h in zip(_hidden(model), got, strict=True):
         assert torch.allclose(h.double(), _expected(b, vec, 1.0), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", [name for name in operator_names() if name not in ("add", "loreft")])
+def test_every_other_operator_on_a_loreft_vector_is_refused_by_name(op: str) -> None:
+    model = tiny_model("llama")
+    vec = _loreft(model.d_model, 2, seed=6)
+    base = model.logits(PROMPTS)
+    with pytest.raises(sl.VectorMismatchError, match=rf"LoReFT.*op '{op}'.*op='loreft'"):
+        model.logits(PROMPTS, steering=vec, op=op)
+    with pytest.raises(sl.VectorMismatchError, match=rf"op '{op}'.*model.edit"):
+        model.edit(sl.Steering(vec, op=op))
+    assert hook_count(model.hf_model) == 0
+    assert torch.equal(model.logits(PROMPTS), base)
+
+
+def test_forced_ablate_acts_on_the_direction_with_a_warning() -> None:
+    model = tiny_model("llama")
+    vec = _loreft(model.d_model, 2, seed=6)
+    with pytest.warns(UserWarning, match="applying op 'ablate' to Rᵀb"):
+        with model.steer(vec, op="ablate", force=True):
+            forced = model.logits(PROMPTS)
+    plain = sl.SteeringVector(vec.directions)
+    assert torch.equal(forced, model.logits(PROMPTS, steering=plain, op="ablate"))
+    assert not torch.allclose(forced, model.logits(PROMPTS))
 
 
 def test_edit_refuses_adding_and_applies_op_loreft_exactly() -> None:

@@ -131,6 +131,39 @@ def test_stop_strings_and_errors(
         engine.vectors.register("small", sl.SteeringVector({1: torch.ones(8)}))
 
 
+def test_sites_other_than_resid_are_refused_naming_the_field(
+    served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
+) -> None:
+    engine, _, vectors = served
+    direction = vectors["one"][15]
+    engine.vectors.register(
+        "attn", sl.SteeringVector({15: direction}, metadata={"site": "attn_out"})
+    )
+    engine.vectors.register("same", sl.SteeringVector({15: direction}))
+    engine.vectors.register("iti", sl.SteeringVector({15: direction}, metadata={"site": "head"}))
+    refused = [
+        (SteeringEntry("attn", 4.0), "this vector is for site 'attn_out'"),
+        (SteeringEntry("one", 4.0, site="mlp_out"), r"steering\[1\]\.site: the vLLM engine"),
+        (SteeringEntry("one", 4.0, site="head"), r"steering\[1\]\.site: the vLLM .* not 'head'"),
+        (SteeringEntry("iti", 4.0, site="resid"), r"steering\[1\]\.site: site='resid': the"),
+        (SteeringEntry("one", 4.0, heads=(0,)), r"steering\[1\]\.heads: the vLLM engine"),
+        (SteeringEntry("one", 4.0, experts=(0,)), r"steering\[1\]\.experts: the vLLM engine"),
+    ]
+    for entry, says in refused:
+        with pytest.raises(sl.InvalidInputError, match=says):
+            engine.submit(GenerationRequest(prompt="hi", steering=(SteeringEntry("one"), entry)))
+
+    def ids(name: str | None, **site: Any) -> list[int]:
+        steering = () if name is None else (SteeringEntry(name, 8.0, **site),)
+        request = GenerationRequest(
+            prompt=PROMPTS[0], max_tokens=8, temperature=0.0, steering=steering
+        )
+        return [e.token_id for e in _run(engine, request)]
+
+    # an attn_out vector moved to the residual stream steers as the same resid vector does
+    assert ids("attn", site="resid") == ids("same") != ids(None)
+
+
 def test_readout_equals_the_torch_engine(
     served: tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]],
 ) -> None:

@@ -54,6 +54,7 @@ from steerlab.positions import Positions, PositionSpec, marker_flags
 from steerlab.sites import (
     check_experts,
     check_site,
+    check_site_override,
     head_mask,
     output_hidden,
     replace_output_hidden,
@@ -837,6 +838,7 @@ class Steering(Intervention):
             )
         if self.site is not None:
             object.__setattr__(self, "site", check_site(self.site))
+            check_site_override(self.vector.metadata.get("site"), self.site)
         site = self.resolved_site
         if self.heads is not None:
             if site != "head":

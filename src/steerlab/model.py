@@ -52,7 +52,7 @@ from steerlab.interventions import (
     output_hidden,
     scoped_hooks,
 )
-from steerlab.operators import is_loreft
+from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
 from steerlab.replay import LastTokenCache, PrefixCache
@@ -337,11 +337,16 @@ class SteeredModel:
                 if not force:
                     raise VectorMismatchError(message + " (or pass force=True to add it anyway)")
                 warnings.warn("adding " + message, stacklevel=3)
-            if is_loreft(vector) and steering.resolved_op == "add":
-                message = _LOREFT_ADD + " (op=None means 'add')"
+            op = steering.resolved_op
+            refusal = loreft_op_refusal(vector, op)
+            if refusal is not None:
+                message = refusal + (" (op=None means 'add')" if steering.op is None else "")
                 if not force:
-                    raise VectorMismatchError(message + "; or pass force=True to add Rᵀb anyway")
-                warnings.warn("adding Rᵀb: " + message, stacklevel=3)
+                    raise VectorMismatchError(
+                        message + f"; or pass force=True to apply op {op!r} to Rᵀb anyway"
+                    )
+                doing = "adding Rᵀb" if op == "add" else f"applying op {op!r} to Rᵀb"
+                warnings.warn(f"{doing}: {message}", stacklevel=3)
             if vector in self._checked_vectors:
                 continue
             vector.check_compatible(self, force=force)
@@ -1018,13 +1023,6 @@ class _ScopedHandle(HookHandle):
         self._owner._scoped.discard(self._entry)
 
 
-_LOREFT_ADD = (
-    "this vector is a LoReFT intervention (sl.train_intervention): its direction is only Rᵀb, "
-    "the constant part of an edit that depends on the activation, so adding it is not the "
-    "trained edit; apply it with op='loreft'"
-)
-
-
 class EditedModel(SteeredModel):
     """A model that stays edited: every call runs with the edits' hooks installed.
 
@@ -1220,9 +1218,12 @@ def edit(
             )
         )
     for item in new:
-        if isinstance(item, Steering) and is_loreft(item.vector) and item.resolved_op == "add":
+        refusal = (
+            loreft_op_refusal(item.vector, item.resolved_op) if isinstance(item, Steering) else None
+        )
+        if refusal is not None:
             raise VectorMismatchError(
-                _LOREFT_ADD + ": edit with model.edit(sl.Steering(vec, op='loreft'))"
+                refusal + ": edit with model.edit(sl.Steering(vec, op='loreft'))"
             )
     if isinstance(model, EditedModel):
         model.check_alive()

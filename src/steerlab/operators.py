@@ -74,6 +74,7 @@ __all__ = [
     "is_loreft",
     "loreft_extras",
     "loreft_matrices",
+    "loreft_op_refusal",
     "operator_names",
     "register_operator",
 ]
@@ -453,6 +454,31 @@ def is_loreft(vector: Any) -> bool:
     """
     extras = getattr(vector, "extras", None)
     return isinstance(extras, Mapping) and "loreft_b" in extras
+
+
+def loreft_op_refusal(vector: Any, op: str) -> str | None:
+    """Why operator ``op`` cannot run on ``vector``, or ``None`` when it can: a LoReFT
+    intervention (:func:`is_loreft`) runs only under ``op='loreft'``; every other operator
+    (``add``, ``ablate``, ``clamp``, ...) would act on its direction ``Rᵀb``, which is not the
+    trained edit. The library, the CLI and both server engines refuse with this message.
+
+    >>> import torch
+    >>> from steerlab.vectors import SteeringVector
+    >>> ex = loreft_extras(torch.eye(3)[:1], torch.zeros(1, 3), torch.tensor([1.0]), 0)
+    >>> reft = SteeringVector({0: torch.ones(3)}, extras=ex)
+    >>> plain = SteeringVector({0: torch.ones(3)})
+    >>> loreft_op_refusal(reft, "loreft") is None, loreft_op_refusal(plain, "add") is None
+    (True, True)
+    >>> print(loreft_op_refusal(reft, "ablate"))  # doctest: +ELLIPSIS
+    this vector is a LoReFT intervention (sl.train_intervention): op 'ablate' would act on ...
+    """
+    if not is_loreft(vector) or op == "loreft":
+        return None
+    return (
+        f"this vector is a LoReFT intervention (sl.train_intervention): op {op!r} would act on "
+        f"its direction, which is only Rᵀb, the constant part of an edit that depends on the "
+        f"activation, so it is not the trained edit; apply it with op='loreft'"
+    )
 
 
 def loreft_matrices(

@@ -33,13 +33,16 @@ import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
-from steerlab.errors import InvalidInputError
+from steerlab.errors import InvalidInputError, UnsupportedModelError
 
 __all__ = [
     "SITES",
+    "RESIDUAL_SPACE",
+    "check_experts",
     "check_heads",
     "check_site",
-    "check_experts",
+    "check_site_override",
+    "entry_site_options",
     "head_mask",
     "output_hidden",
     "replace_output_hidden",
@@ -50,6 +53,11 @@ __all__ = [
 
 SITES: tuple[str, ...] = ("resid", "attn_out", "mlp_out", "head", "router")
 """The sites a vector can live at (see the table above)."""
+
+RESIDUAL_SPACE: tuple[str, ...] = ("resid", "attn_out", "mlp_out")
+"""The sites whose activations are vectors of the residual stream's space (``d_model`` wide,
+added into it): a vector computed at one of them may be steered at another. ``head`` and
+``router`` vectors have coordinates of their own (per-head slices, one entry per expert)."""
 
 # Vector files written before sites existed say "block_output" for the residual stream.
 _ALIASES = {"block_output": "resid"}
@@ -69,6 +77,89 @@ def check_site(site: object, argument: str = "site") -> str:
     if name not in SITES:
         raise InvalidInputError(f"unknown {argument}={site!r}; use one of {', '.join(SITES)}")
     return str(name)
+
+
+def check_site_override(recorded: object, site: str, argument: str = "site") -> None:
+    """Refuse steering a vector at ``site`` when the vector records (``recorded``: its
+    ``site`` metadata, ``None`` when it has none) a site whose coordinates differ: a vector
+    may move among :data:`RESIDUAL_SPACE` (``resid``, ``attn_out``, ``mlp_out`` all write
+    into the residual stream), a ``head`` or ``router`` vector only stays where it was
+    computed. A vector that records no site (a raw tensor) may go to any site its width fits.
+
+    >>> check_site_override("resid", "mlp_out")
+    >>> check_site_override(None, "head")
+    >>> check_site_override("resid", "head")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: site='head': the vector was computed for site 'resid'; ...
+    """
+    if recorded is None:
+        return
+    own = check_site(recorded)
+    if own == site or (own in RESIDUAL_SPACE and site in RESIDUAL_SPACE):
+        return
+    raise InvalidInputError(
+        f"{argument}={site!r}: the vector was computed for site {own!r}; a {own!r} vector "
+        f"cannot be steered at {site!r} (resid, attn_out and mlp_out vectors share the "
+        f"residual stream's coordinates and may move among those three; head and router "
+        f"vectors stay at their own site)"
+    )
+
+
+def entry_site_options(
+    adapter: ModelAdapter,
+    vector: Any,
+    *,
+    site: str | None,
+    heads: Sequence[int] | None,
+    experts: Sequence[int] | None,
+    field: str,
+) -> dict[str, Any]:
+    """:class:`~steerlab.interventions.Steering`'s ``site``/``heads``/``experts`` options for
+    one entry of a server request, checked against ``vector`` and the model with errors that
+    start with the request's field (``steering[0].heads: ...``); only given options are kept.
+
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.vectors import SteeringVector
+    >>> adapter = tiny_model("llama").adapter
+    >>> vec = SteeringVector({1: torch.ones(32)}, metadata={"site": "head"})
+    >>> options = dict(heads=None, experts=None, field="steering[0]")
+    >>> entry_site_options(adapter, vec, site=None, **{**options, "heads": [-1]})
+    {'heads': (3,)}
+    >>> entry_site_options(adapter, vec, site="resid", **options)
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: steering[0].site: site='resid': the vector was computed ...
+    """
+    options: dict[str, Any] = {}
+    if site is not None:
+        try:
+            site = check_site(site)
+            check_site_override(vector.metadata.get("site"), site)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{field}.site: {err}") from None
+        options["site"] = site
+    resolved = site if site is not None else vector.site
+    if heads is not None:
+        if resolved != "head":
+            raise InvalidInputError(
+                f"{field}.heads: heads apply to site 'head'; this entry steers at site {resolved!r}"
+            )
+        options["heads"] = check_heads(adapter, heads, f"{field}.heads")
+    if experts is not None:
+        if resolved not in ("router", "mlp_out"):
+            raise InvalidInputError(
+                f"{field}.experts: experts apply to site 'router' or 'mlp_out'; this entry "
+                f"steers at site {resolved!r}"
+            )
+        try:
+            options["experts"] = check_experts(adapter, experts, f"{field}.experts")
+        except (InvalidInputError, UnsupportedModelError) as err:  # a dense model's refusal
+            message = str(err)  # does not name the field
+            if not message.startswith(f"{field}.experts"):
+                message = f"{field}.experts: {message}"
+            raise InvalidInputError(message) from None
+    return options
 
 
 def site_hook(adapter: ModelAdapter, site: str, layer: int) -> tuple[nn.Module, str]:
@@ -156,8 +247,11 @@ def head_mask(adapter: ModelAdapter, heads: Sequence[int]) -> torch.Tensor:
     return mask.flatten()
 
 
-def check_experts(adapter: ModelAdapter, experts: int | Sequence[int]) -> tuple[int, ...]:
-    """The experts ``experts`` names, checked against the model's expert count.
+def check_experts(
+    adapter: ModelAdapter, experts: int | Sequence[int], argument: str = "experts"
+) -> tuple[int, ...]:
+    """The experts ``experts`` names, checked against the model's expert count (``argument``
+    names the option in errors).
 
     >>> from steerlab.testing import tiny_model
     >>> check_experts(tiny_model("mixtral").adapter, [3, 0, 3])
@@ -166,14 +260,14 @@ def check_experts(adapter: ModelAdapter, experts: int | Sequence[int]) -> tuple[
     adapter.router(0)  # refuses a dense model, naming why
     items = [experts] if isinstance(experts, int) else list(experts)
     if not items:
-        raise InvalidInputError("experts: the list of experts is empty")
+        raise InvalidInputError(f"{argument}: the list of experts is empty")
     out: list[int] = []
     for expert in items:
         if isinstance(expert, bool) or not isinstance(expert, int):
-            raise InvalidInputError(f"experts: an expert index must be an int, got {expert!r}")
+            raise InvalidInputError(f"{argument}: an expert index must be an int, got {expert!r}")
         if not 0 <= expert < adapter.n_experts:
             raise InvalidInputError(
-                f"experts: expert {expert} is out of range for a model with "
+                f"{argument}: expert {expert} is out of range for a model with "
                 f"{adapter.n_experts} experts (0..{adapter.n_experts - 1})"
             )
         if expert not in out:

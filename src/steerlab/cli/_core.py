@@ -173,11 +173,12 @@ def generate(
             op=op,
             when=condition,
         )
-        if is_loreft(vec) and steering.resolved_op == "add":
+        if is_loreft(vec) and steering.resolved_op != "loreft":
             # the library's message speaks of op='loreft' and force=True; here the fix is an option
             typer.echo(
-                f"error: {vector} is a LoReFT intervention (steerlab train --rank): adding its "
-                f"direction is not the trained edit; apply it with --op loreft",
+                f"error: {vector} is a LoReFT intervention (steerlab train --rank): op "
+                f"{steering.resolved_op!r} on its direction is not the trained edit; apply it "
+                f"with --op loreft",
                 err=True,
             )
             raise typer.Exit(code=2)

@@ -17,7 +17,8 @@ Two additions:
   ``"last"``, ``"prompt"``, ``"generated"``, an int, a list of ints, or a string the CLI
   accepts (``"3"``, ``"0,2"``, ``"2:"``, ``"-3:-1"``, ``"first:4"``, ``"after:TEXT"``,
   ``"between:<think>,</think>"``, ``"outside:<think>,</think>"``). ``when`` (optional) names a
-  condition registered on the server.
+  condition registered on the server. ``site`` (optional: the vector's own), ``heads`` and
+  ``experts`` (optional: all) are :class:`~steerlab.interventions.Steering`'s (``docs/sites.md``).
 * ``readout``: ``[{"vector": NAME, "layer": 15}]``; each choice (and each streamed chunk)
   then carries ``"readout": [{"vector", "layer", "values": [one float per generated token]}]``.
 
@@ -49,6 +50,7 @@ from steerlab.server.requests import (
     ReadoutEntry,
     SteeringEntry,
 )
+from steerlab.sites import check_site
 
 __all__ = [
     "ChatCompletionRequest",
@@ -131,6 +133,9 @@ class SteeringSpec(BaseModel):
     positions: str | int | list[int] = "all"
     op: str = "add"
     when: str | None = None
+    site: str | None = None
+    heads: int | list[int] | None = None
+    experts: int | list[int] | None = None
 
     def to_entry(
         self, *, max_strength: float | None = None, field: str = "steering"
@@ -156,9 +161,33 @@ class SteeringSpec(BaseModel):
             positions = parse_positions(self.positions)
         except InvalidInputError as err:
             raise InvalidInputError(f"{field}.positions: {err}") from None
+        site = None
+        if self.site is not None:
+            try:
+                site = check_site(self.site)
+            except InvalidInputError as err:
+                raise InvalidInputError(f"{field}.site: {err}") from None
         return SteeringEntry(
-            vector=self.vector, strength=strength, positions=positions, op=self.op, when=self.when
+            vector=self.vector,
+            strength=strength,
+            positions=positions,
+            op=self.op,
+            when=self.when,
+            site=site,
+            heads=_indices(self.heads, f"{field}.heads"),
+            experts=_indices(self.experts, f"{field}.experts"),
         )
+
+
+def _indices(value: int | list[int] | None, field: str) -> tuple[int, ...] | None:
+    """A ``heads``/``experts`` value as a tuple; the ranges depend on the model, and the
+    engine checks them (naming ``field``)."""
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, int) else tuple(value)
+    if not items:
+        raise InvalidInputError(f"{field}: the list must not be empty (leave the field out)")
+    return items
 
 
 def _check_strength(value: float, cap: float | None, field: str) -> float:

@@ -49,7 +49,9 @@ class SteeringEntry:
     at each of those layers, as in :class:`~steerlab.interventions.Steering`); ``positions`` is
     any :data:`~steerlab.positions.PositionSpec`; ``op`` is the operation (``"add"``; engines
     refuse ops they do not implement); ``when`` names a registered condition that gates this
-    entry (``None``: always on). Entries of one request compose in list order.
+    entry (``None``: always on). ``site``, ``heads`` and ``experts`` are
+    :class:`~steerlab.interventions.Steering`'s (``None``: the vector's own site, every head,
+    every expert); see ``docs/sites.md``. Entries of one request compose in list order.
 
     >>> SteeringEntry(vector="calm", strength={15: 4.0}).positions
     'all'
@@ -60,6 +62,9 @@ class SteeringEntry:
     positions: PositionSpec = "all"
     op: str = "add"
     when: str | None = None
+    site: str | None = None
+    heads: tuple[int, ...] | None = None
+    experts: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

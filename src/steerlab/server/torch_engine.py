@@ -192,7 +192,7 @@ class TorchEngine:
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
         request.check(context_length=self._max_positions)
-        steerings = [self._steering(entry) for entry in request.steering]
+        steerings = [self._steering(e, f"steering[{i}]") for i, e in enumerate(request.steering)]
         readouts = [self._readout(entry) for entry in request.readout]
         self._check_length(request)
         prompt_ids = self._encode(request)
@@ -236,8 +236,10 @@ class TorchEngine:
         return stream
 
     # --- validation helpers (caller's thread) ------------------------------------------------
-    def _steering(self, entry: SteeringEntry) -> Any:
+    def _steering(self, entry: SteeringEntry, field: str = "steering") -> Any:
         from steerlab.interventions import PositionTracker, RowSteering, Steering
+        from steerlab.operators import loreft_op_refusal
+        from steerlab.sites import entry_site_options
 
         if not isinstance(entry, SteeringEntry):
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
@@ -254,7 +256,18 @@ class TorchEngine:
         options: dict[str, Any] = {"strength": strength, "positions": positions, "when": when}
         if entry.op != "add":
             options["op"] = entry.op
+        options |= entry_site_options(
+            self.model.adapter,
+            vector,
+            site=entry.site,
+            heads=entry.heads,
+            experts=entry.experts,
+            field=field,
+        )
         steering = Steering(vector, **options)
+        refusal = loreft_op_refusal(vector, steering.resolved_op)
+        if refusal is not None:  # a LoReFT file runs only under op 'loreft'
+            raise InvalidInputError(f"{field}.op: {refusal}")
         # validates layers and operator constants against the model, and a condition's layer
         # against the steering layers it gates, before anything is queued
         RowSteering((steering,)).hooks(self.model.adapter, PositionTracker())

@@ -52,6 +52,7 @@ from steerlab.server.requests import (
     TokenLogprob,
 )
 from steerlab.server.stream import RequestStream, StopMatcher
+from steerlab.sites import check_site, check_site_override
 from steerlab.vectors import SteeringVector
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.plugin import READOUT_EXTENSION
@@ -260,7 +261,7 @@ class VLLMEngine:
     def _refuse_condition(condition: Any) -> None:
         raise InvalidInputError(_NO_CONDITIONS)
 
-    def _steering(self, entry: SteeringEntry) -> Steering:
+    def _steering(self, entry: SteeringEntry, field: str = "steering") -> Steering:
         if not isinstance(entry, SteeringEntry):
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
         if entry.when is not None:
@@ -269,8 +270,32 @@ class VLLMEngine:
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
         vector = self.vectors.get(entry.vector)
-        refuse_site(vector.site)
-        term = Steering(vector, strength=strength, positions=entry.positions, op=entry.op)
+        for name in ("heads", "experts"):
+            if getattr(entry, name) is not None:
+                raise InvalidInputError(
+                    f"{field}.{name}: the vLLM engine steers the residual stream only, where "
+                    f"there are no {name} to choose; serve head and expert steering with the "
+                    f"torch engine (steerlab serve --engine torch)"
+                )
+        site = None
+        if entry.site is not None:
+            try:
+                site = check_site(entry.site)
+                check_site_override(vector.metadata.get("site"), site)
+            except InvalidInputError as err:
+                raise InvalidInputError(f"{field}.site: {err}") from None
+            if site != "resid":
+                raise InvalidInputError(
+                    f"{field}.site: the vLLM engine steers the residual stream only (site "
+                    f"'resid'), not {site!r}: vLLM's fused attention and MLP kernels leave no "
+                    f"place to hook; serve it with the torch engine (steerlab serve --engine "
+                    f"torch)"
+                )
+        else:
+            refuse_site(vector.site)
+        term = Steering(
+            vector, strength=strength, positions=entry.positions, op=entry.op, site=site
+        )
         refuse_loreft_add(term)
         return term
 
@@ -298,7 +323,9 @@ class VLLMEngine:
     def _wire(self, request: GenerationRequest, key: str) -> dict[str, Any] | None:
         if not request.steering and not request.readout:
             return None
-        wire = to_wire([self._steering(entry) for entry in request.steering])
+        wire = to_wire(
+            [self._steering(e, f"steering[{i}]") for i, e in enumerate(request.steering)]
+        )
         if request.readout:
             probes = [self._probe(entry) for entry in request.readout]
             wire["readout"] = readout_to_wire(key, probes)

@@ -54,7 +54,7 @@ import torch
 
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
 from steerlab.interventions import Steering
-from steerlab.operators import OPERATORS, is_loreft
+from steerlab.operators import OPERATORS, loreft_op_refusal
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
 
@@ -187,18 +187,16 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
 
 
 def refuse_loreft_add(term: Steering) -> None:
-    """Refuse adding a LoReFT intervention (:func:`~steerlab.operators.is_loreft`): ``op`` is
-    ``'add'`` by default on the wire and in the engine's requests, and a LoReFT vector's
-    direction ``Rᵀb`` is not its trained edit (``op='loreft'`` applies it).
+    """Refuse any operator but ``loreft`` on a LoReFT intervention
+    (:func:`~steerlab.operators.loreft_op_refusal`): ``op`` is ``'add'`` by default on the wire
+    and in the engine's requests, and every other operator would act on the vector's direction
+    ``Rᵀb``, which is not its trained edit.
 
     >>> refuse_loreft_add(Steering(SteeringVector({0: torch.ones(2)})))
     """
-    if is_loreft(term.vector) and term.resolved_op == "add":
-        raise InvalidInputError(
-            "this vector is a LoReFT intervention (sl.train_intervention): its direction is "
-            "only Rᵀb, so adding it (op 'add', the default) is not the trained edit; send "
-            "op='loreft'"
-        )
+    refusal = loreft_op_refusal(term.vector, term.resolved_op)
+    if refusal is not None:
+        raise InvalidInputError(refusal)
 
 
 def refuse_site(site: str) -> None:
