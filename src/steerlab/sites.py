@@ -113,11 +113,13 @@ def entry_site_options(
     site: str | None,
     heads: Sequence[int] | None,
     experts: Sequence[int] | None,
-    field: str,
+    field: str = "steering",
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """:class:`~steerlab.interventions.Steering`'s ``site``/``heads``/``experts`` options for
     one entry of a server request, checked against ``vector`` and the model with errors that
-    start with the request's field (``steering[0].heads: ...``); only given options are kept.
+    start with the request's field (``steering[0].heads: ...``; ``names`` spells the three
+    options otherwise, e.g. the CLI's ``--site``); only given options are kept.
 
     >>> from steerlab.testing import tiny_model
     >>> from steerlab.vectors import SteeringVector
@@ -131,33 +133,38 @@ def entry_site_options(
         ...
     steerlab.errors.InvalidInputError: steering[0].site: site='resid': the vector was computed ...
     """
+    site_name, heads_name, experts_name = names or (
+        f"{field}.site",
+        f"{field}.heads",
+        f"{field}.experts",
+    )
     options: dict[str, Any] = {}
     if site is not None:
         try:
             site = check_site(site)
             check_site_override(vector.metadata.get("site"), site)
         except InvalidInputError as err:
-            raise InvalidInputError(f"{field}.site: {err}") from None
+            raise InvalidInputError(f"{site_name}: {err}") from None
         options["site"] = site
     resolved = site if site is not None else vector.site
     if heads is not None:
         if resolved != "head":
             raise InvalidInputError(
-                f"{field}.heads: heads apply to site 'head'; this entry steers at site {resolved!r}"
+                f"{heads_name}: heads apply to site 'head'; this steering acts at site {resolved!r}"
             )
-        options["heads"] = check_heads(adapter, heads, f"{field}.heads")
+        options["heads"] = check_heads(adapter, heads, heads_name)
     if experts is not None:
         if resolved not in ("router", "mlp_out"):
             raise InvalidInputError(
-                f"{field}.experts: experts apply to site 'router' or 'mlp_out'; this entry "
-                f"steers at site {resolved!r}"
+                f"{experts_name}: experts apply to site 'router' or 'mlp_out'; this steering "
+                f"acts at site {resolved!r}"
             )
         try:
-            options["experts"] = check_experts(adapter, experts, f"{field}.experts")
+            options["experts"] = check_experts(adapter, experts, experts_name)
         except (InvalidInputError, UnsupportedModelError) as err:  # a dense model's refusal
             message = str(err)  # does not name the field
-            if not message.startswith(f"{field}.experts"):
-                message = f"{field}.experts: {message}"
+            if not message.startswith(experts_name):
+                message = f"{experts_name}: {message}"
             raise InvalidInputError(message) from None
     return options
 

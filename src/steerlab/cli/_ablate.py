@@ -19,7 +19,13 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.cli._common import check_output_file, check_output_folder
+from steerlab.cli._common import (
+    HeadsOpt,
+    SiteOpt,
+    check_output_file,
+    check_output_folder,
+    site_options,
+)
 
 __all__ = ["register"]
 
@@ -202,6 +208,8 @@ def bake(
         bool, typer.Option(help="Use a vector made for another model anyway.")
     ] = False,
     model: ModelOpt = None,
+    site: SiteOpt = None,
+    heads: HeadsOpt = None,
 ) -> None:
     """Write a model folder with the vector baked into its weights (plain transformers loads it)."""
     import steerlab as sl
@@ -215,6 +223,11 @@ def bake(
     vec.check_compatible(steered, force=force)
     project_out = ablate_direction or vec.metadata.get("operation") == "project_out"
     if project_out:
+        if (site, heads) != (None, None):
+            raise sl.InvalidInputError(
+                "--site and --heads apply to added steering; a directional ablation (--ablate) "
+                "acts on every residual writer"
+            )
         if chosen is not None:
             vec = vec.select(chosen)
         if len(vec.layers) != 1:
@@ -224,7 +237,8 @@ def bake(
             )
         edit: Any = DirectionalAblation.everywhere(vec)
     else:
-        edit = sl.Steering(vec, strength=strength, layers=chosen)
+        where = site_options(steered, vec, site=site, heads=heads)
+        edit = sl.Steering(vec, strength=strength, layers=chosen, **where)
     path = bake_model(steered, edit, out, overwrite=overwrite)
     what = "directional ablation" if project_out else f"steering at strength {strength:g}"
     typer.echo(f"wrote {path} ({what}); load it with AutoModelForCausalLM.from_pretrained")

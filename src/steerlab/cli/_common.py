@@ -4,12 +4,47 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from steerlab.errors import FileWriteError
+from steerlab.errors import FileWriteError, InvalidInputError
 
-__all__ = ["check_output_file", "check_output_folder", "parse_numbers"]
+__all__ = [
+    "ExpertsOpt",
+    "HeadsOpt",
+    "SiteOpt",
+    "check_output_file",
+    "check_output_folder",
+    "parse_numbers",
+    "site_options",
+]
+
+SiteOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--site",
+        help="Where the vector acts: resid, attn_out, mlp_out, head or router (default: the "
+        "file's own; resid, attn_out and mlp_out vectors may move among those three).",
+        show_default=False,
+    ),
+]
+HeadsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--heads",
+        help="With a head-site vector: only these heads, e.g. '1,3' or '-1' (default: all).",
+        show_default=False,
+    ),
+]
+ExpertsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--experts",
+        help="Mixture of experts, router or mlp_out vector: only these experts, e.g. '0,2'.",
+        show_default=False,
+    ),
+]
 
 
 def check_output_file(path: Path) -> Path:
@@ -60,3 +95,45 @@ def parse_numbers(text: str, what: str) -> list[float]:
     if not values:
         raise typer.BadParameter(f"{what}: give at least one number")
     return values
+
+
+def _indices(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise InvalidInputError(
+            f"{option}: {text!r} is not a comma-separated list of integers, e.g. '1,3'"
+        ) from None
+    return values
+
+
+def site_options(
+    model: Any, vector: Any, *, site: str | None, heads: str | None, experts: str | None = None
+) -> dict[str, Any]:
+    """``--site``/``--heads``/``--experts`` as :class:`~steerlab.interventions.Steering`
+    options, checked against ``vector`` and ``model`` with errors naming the option.
+
+    >>> import torch
+    >>> from steerlab.testing import tiny_model
+    >>> from steerlab.vectors import SteeringVector
+    >>> vec = SteeringVector({1: torch.ones(32)}, metadata={"site": "head"})
+    >>> site_options(tiny_model("llama"), vec, site=None, heads="0,-1")
+    {'heads': (0, 3)}
+    >>> site_options(tiny_model("llama"), vec, site=None, heads="1;3")
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: --heads: '1;3' is not a comma-separated list of ...
+    """
+    from steerlab.sites import entry_site_options
+
+    return entry_site_options(
+        model.adapter,
+        vector,
+        site=site,
+        heads=_indices(heads, "--heads"),
+        experts=_indices(experts, "--experts"),
+        names=("--site", "--heads", "--experts"),
+    )

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from steerlab.cli._common import ExpertsOpt, HeadsOpt, SiteOpt, site_options
+
 __all__ = ["register"]
 
 ModelOption = Annotated[
@@ -149,11 +151,16 @@ def generate(
     force: Annotated[
         bool, typer.Option(help="Apply a vector made for another model anyway.")
     ] = False,
+    site: SiteOpt = None,
+    heads: HeadsOpt = None,
+    experts: ExpertsOpt = None,
 ) -> None:
     """Generate text, optionally steered by a vector file."""
     import steerlab as sl
     from steerlab.operators import is_loreft
 
+    if vector is None and (site, heads, experts) != (None, None, None):
+        raise sl.InvalidInputError("--site, --heads and --experts need a --vector")
     steered_model = _load(model)
     steering = None
     if vector is not None:
@@ -172,6 +179,7 @@ def generate(
             layers=chosen,
             op=op,
             when=condition,
+            **site_options(steered_model, vec, site=site, heads=heads, experts=experts),
         )
         if is_loreft(vec) and steering.resolved_op != "loreft":
             # the library's message speaks of op='loreft' and force=True; here the fix is an option

@@ -176,12 +176,22 @@ def compute(
             show_default=False,
         ),
     ] = None,
+    site: Annotated[
+        str,
+        typer.Option(
+            "--site",
+            help="Where to read the activations: resid, attn_out, mlp_out, head (per-head "
+            "outputs) or router (mixture of experts); the file records it.",
+        ),
+    ] = "resid",
 ) -> None:
     """Compute a steering vector from contrastive data and save it."""
     from steerlab.methods import METHODS, compute_vector
+    from steerlab.sites import check_site
 
     if method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    site = check_site(site, "--site")
     layer_list = parse_layers(layers)
     where = parse_positions(positions)
     check_output_file(out)  # before minutes of computing, not after
@@ -197,6 +207,7 @@ def compute(
         batch_size=batch_size,
         chat=chat,
         plane=plane,
+        site=site,
     )
     if normalize:
         vec = vec.normalized()
@@ -207,7 +218,7 @@ def compute(
     typer.echo(
         f"wrote {path}: {method} on {summary['name']!r} ({summary['n_positive']} positive, "
         f"{summary['n_negative']} negative, {'paired' if summary['paired'] else 'unpaired'}), "
-        f"model {vec.metadata['model_name']!r}"
+        f"model {vec.metadata['model_name']!r}" + ("" if site == "resid" else f", site {site!r}")
     )
     info = vec.metadata.get("layer_info", {})
     typer.echo("  layer      norm  held-out acc")
