@@ -76,7 +76,7 @@ def test_sweep_with_user_words_and_prompts(model_dir: Path, tmp_path: Path) -> N
         (["--layers", "3-1"], "empty range"),
         (["--layers", "a"], "not a layer"),
         (["--mode", "fast"], "mode must be one of"),
-        (["--positions", "1:2:3"], "positions"),
+        (["--positions", "1:2:3:4"], "--positions: unknown spec"),
         (["--max-kl", "-1"], "non-negative"),
     ],
 )

@@ -104,7 +104,7 @@ def test_compute_from_text_files_with_options(
     "args, message",
     [
         (["compute", "-d", "sentiment", "-m", "magic"], "unknown method"),
-        (["compute", "-d", "sentiment", "-l", "x,y"], "cannot read layers"),
+        (["compute", "-d", "sentiment", "-l", "x,y"], "--layers: 'x' is not a layer"),
         (["compute", "-d", "sentiment", "-p", "first"], "positions"),
         (["compute"], "--data"),
         (["compute", "-d", "sentiment", "--positive", "a.txt"], "either --data"),

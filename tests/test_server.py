@@ -18,9 +18,9 @@ import httpx  # noqa: E402
 
 import steerlab as sl  # noqa: E402
 from steerlab.interventions import direction_at  # noqa: E402
+from steerlab.positions import Positions  # noqa: E402
 from steerlab.server.app import create_app, serve_in_thread  # noqa: E402
 from steerlab.server.engine import TorchEngine  # noqa: E402
-from steerlab.server.protocol import parse_positions  # noqa: E402
 from steerlab.testing import tiny_model  # noqa: E402
 
 ARCH = "llama"
@@ -92,7 +92,7 @@ def _library(
                 if isinstance(s["strength"], dict)
                 else s["strength"]
             ),
-            positions=parse_positions(s.get("positions", "all")),
+            positions=Positions.parse(s.get("positions", "all")),
             when=when if "when" in s else None,
         )
         for s in steering

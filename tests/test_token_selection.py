@@ -122,11 +122,3 @@ def test_specs_parse_describe_and_refuse_nonsense() -> None:
 
         model = tiny_model("gpt2")
         install(model.adapter, [sl.Steering(_vector(model), positions="after:cat")])
-
-
-def test_cli_and_json_spelling_is_the_python_one() -> None:
-    from steerlab.cli._core import _parse_positions
-    from steerlab.cli._sweep import _positions
-
-    assert _parse_positions("between:<think>,</think>") == "between:<think>,</think>"
-    assert _positions("outside:<think>,</think>") == Positions.outside("<think>", "</think>")

@@ -26,7 +26,6 @@ from steerlab.vllm.plugin import (
 )
 from steerlab.vllm.spec import (
     StepRequest,
-    parse_positions,
     positions_to_wire,
     readout_to_wire,
     resolve,
@@ -42,7 +41,7 @@ SPECS: list[Any] = ["all", "last", "prompt", "generated", 1, [0, -1], slice(2, N
 @pytest.mark.parametrize("spec", SPECS)
 def test_positions_round_trip(spec: Any) -> None:
     wire = json.loads(json.dumps(positions_to_wire(spec)))
-    assert parse_positions(wire) == Positions.parse(spec)
+    assert Positions.parse(wire) == Positions.parse(spec)
 
 
 def test_wire_round_trip_gives_library_deltas() -> None:
@@ -255,26 +254,108 @@ def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
     assert "Traceback" not in result.output
 
 
-def test_operators_travel_conditions_and_text_positions_are_refused() -> None:
-    import pytest as _pytest
-    import torch as _torch
+def test_operators_travel_conditions_are_refused_text_markers_travel_as_ids() -> None:
+    from steerlab.testing import tiny_tokenizer
 
-    from steerlab.errors import InvalidInputError as _Invalid
-    from steerlab.interventions import Steering as _Steering
-    from steerlab.vectors import SteeringVector as _Vector
-    from steerlab.vllm.spec import to_wire as _to_wire
-
-    vec = _Vector({0: _torch.tensor([1.0, 0.5])})
-    assert _to_wire([_Steering(vec, op="clamp")])["steering"][0]["op"] == "clamp"
+    vec = sl.SteeringVector({0: torch.tensor([1.0, 0.5])})
+    assert to_wire([sl.Steering(vec, op="clamp")])["steering"][0]["op"] == "clamp"
     # project_out vectors ablate by default: the wire says so explicitly
-    wire = _to_wire([_Steering(vec.with_metadata(operation="project_out"))])
+    wire = to_wire([sl.Steering(vec.with_metadata(operation="project_out"))])
     assert wire["steering"][0]["op"] == "ablate"
-    with _pytest.raises(_Invalid, match="when= condition"):
-        gate = sl.Condition(_torch.ones(2), layer=0, threshold=0.5)
-        _to_wire([_Steering(vec, when=gate)])
-    with _pytest.raises(_Invalid, match="by their text"):
-        _to_wire([_Steering(vec, positions="after:cat")])
-    assert _to_wire([_Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"
+    with pytest.raises(sl.InvalidInputError, match="when= condition"):
+        gate = sl.Condition(torch.ones(2), layer=0, threshold=0.5)
+        to_wire([sl.Steering(vec, when=gate)])
+    # text markers need their token ids on the wire (the workers have no tokenizer)
+    with pytest.raises(sl.InvalidInputError, match="travel with their token ids"):
+        to_wire([sl.Steering(vec, positions="after:cat")])
+    with pytest.raises(sl.InvalidInputError, match="travel with their token ids"):
+        validate({"steering": [{"vector": {"0": [1.0, 0.5]}, "positions": "after:cat"}]})
+    bound = Positions.parse("between:<think>,</think>").bind(tiny_tokenizer())
+    wire = json.loads(json.dumps(to_wire([sl.Steering(vec, positions=bound)])))
+    assert wire["steering"][0]["positions"]["ids"] == [
+        [list(v) for v in variants] for variants in bound.marker_ids or ()
+    ]
+    [entry] = resolve(wire, n_layers=2, d_model=2)
+    assert entry.positions == bound
+    assert to_wire([sl.Steering(vec, positions="first:2")])["steering"][0]["op"] == "add"
+
+
+def test_worker_decides_text_positions_as_the_library_does() -> None:
+    """Positions chosen by text, decided by the runner state over vLLM-like steps (chunked
+    prefill, a prefix-cache hit, decode with the newest output id still a placeholder, a
+    preempted request recomputed), select exactly the tokens the library's scan selects."""
+    from types import SimpleNamespace
+
+    from steerlab.positions import marker_flags
+
+    d = 4
+    net = _Net(d, 1)
+    state = RunnerSteering(net, n_layers=3, d_model=d)
+    vec = sl.SteeringVector({1: torch.ones(d)})
+    specs = {
+        "a": Positions.after(ids=[5]),
+        "b": Positions.between(start_ids=[7, 8], end_ids=[9]),
+        "c": Positions.outside(start_ids=[7, 8], end_ids=[9]),
+    }
+    raws = {k: to_wire([sl.Steering(vec, strength=2.0, positions=p)]) for k, p in specs.items()}
+    tokens = {
+        "a": [1, 2, 5, 3, 4, 6, 5, 2, 2],
+        "b": [7, 8, 1, 9, 2, 7, 8, 3, 3, 9, 4],
+        "c": [3, 7, 8, 2, 9, 7, 8, 1, 1, 1],
+    }
+    prompt = {"a": 4, "b": 6, "c": 5}
+
+    def run(steps: list[dict[str, tuple[int, int, int]]]) -> dict[str, dict[int, float]]:
+        """Each step: {request: (first position, count, outputs known)}; per request the
+        delta at every absolute position the steps ran."""
+        seen: dict[str, dict[int, float]] = {k: {} for k in specs}
+        for step in steps:
+            rows, ids, pos, start = [], [], [], 0
+            for key, (first, count, outputs) in step.items():
+                plen = prompt[key]
+                known = tokens[key][: plen + outputs]
+                output = known[plen:]
+                if output and first + count > plen + outputs - 1:
+                    output = output[:-1] + [-1]  # async scheduling: not copied back yet
+                request = SimpleNamespace(
+                    prompt_token_ids=known[:plen], output_token_ids=list(output)
+                )
+                rows.append((key, raws[key], start, start + count, plen, request))
+                ids += tokens[key][first : first + count]
+                pos += list(range(first, first + count))
+                start += count
+            plan = state.plan(
+                rows,
+                torch.tensor(pos),
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                input_ids=torch.tensor(ids),
+            )
+            delta = plan.deltas[1] if plan is not None and 1 in plan.deltas else None
+            for key, _, row_start, row_stop, _, _ in rows:
+                for row in range(row_start, row_stop):
+                    value = 0.0 if delta is None else float(delta[row, 0])
+                    seen[key][pos[row]] = value
+        return seen
+
+    steps = [
+        {"a": (0, 3, 0), "b": (0, 4, 0)},  # chunked prefill
+        {"a": (3, 1, 0), "b": (4, 2, 0), "c": (2, 3, 0)},  # c: positions 0-1 were cached
+        {"a": (4, 1, 1), "b": (6, 1, 1), "c": (5, 1, 1)},  # decode
+        {"a": (5, 1, 2), "b": (7, 1, 2), "c": (6, 1, 2)},
+        {"a": (6, 1, 3), "b": (8, 1, 3), "c": (7, 1, 3)},
+        {"a": (7, 2, 5), "b": (9, 2, 5), "c": (8, 2, 5)},  # two tokens at once
+    ]
+    got = run(steps)
+    for key, spec in specs.items():
+        flags = marker_flags(spec, tokens[key])[0]
+        want = {i: 2.0 * flags[i] for i in got[key]}
+        assert got[key] == want, key
+        assert any(flags) and not all(flags)
+    # a preempted request recomputed from position 0 with other tokens starts a new history
+    tokens["a"] = [5, 1, 1, 1, 1, 1]
+    again = run([{"a": (0, 4, 0)}])["a"]
+    assert again == {i: 2.0 for i in range(4)}
 
 
 def _stand_in_vllm_engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
@@ -296,16 +377,17 @@ def _stand_in_vllm_engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **opti
     return VLLMEngine(tmp_path, **options)
 
 
-def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
+def test_vllm_server_engine_answers_when_with_a_400_and_binds_text_positions(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The refusals happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
+    """The checks happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
     the installed package is enough to build the engine behind the real app."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from steerlab.errors import InvalidInputError
     from steerlab.server.app import create_app
+    from steerlab.server.requests import GenerationRequest, SteeringEntry
 
     engine = _stand_in_vllm_engine(tmp_path, monkeypatch)
     d_model = engine.d_model
@@ -314,22 +396,26 @@ def test_vllm_server_engine_answers_when_and_text_positions_with_a_400(
     with pytest.raises(InvalidInputError, match="not supported by the vLLM engine"):
         engine.conditions.register("gate", gate)
     with TestClient(create_app(engine, manage_engine=False)) as client:
-        for entry, message in [
-            ({"when": "gate"}, "steering 'when': 'gate': conditions are not supported"),
-            ({"positions": "after:cat"}, "select tokens by their text"),
-            ({"positions": "outside:<think>,</think>"}, "select tokens by their text"),
-        ]:
-            reply = client.post(
-                "/v1/completions",
-                json={
-                    "model": "default",
-                    "prompt": "the cat",
-                    "max_tokens": 2,
-                    "steering": [{"vector": "calm", "strength": 1.0, **entry}],
-                },
-            )
-            assert reply.status_code == 400, reply.text
-            assert message in reply.json()["error"]["message"]
+        reply = client.post(
+            "/v1/completions",
+            json={
+                "model": "default",
+                "prompt": "the cat",
+                "max_tokens": 2,
+                "steering": [{"vector": "calm", "strength": 1.0, "when": "gate"}],
+            },
+        )
+        assert reply.status_code == 400, reply.text
+        assert "steering 'when': 'gate': conditions are not supported" in reply.text
+    # text markers leave the engine as the token ids of the served model's tokenizer
+    for spec in ("after:cat", "outside:<think>,</think>"):
+        request = GenerationRequest(
+            prompt="the cat", steering=(SteeringEntry(vector="calm", positions=spec),)
+        )
+        wire = engine._wire(request, "k")
+        want = Positions.parse(spec).bind(engine.tokenizer)
+        assert Positions.parse(wire["steering"][0]["positions"]) == want
+        assert want.marker_ids
 
 
 # --- readout --------------------------------------------------------------------------------------

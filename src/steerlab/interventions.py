@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
-from steerlab.checks import as_finite_float, as_int
 from steerlab.errors import InvalidInputError, VectorMismatchError
+from steerlab.grammar import parse_layers, parse_strength
 from steerlab.operators import Add, Operator, check_extras, get_operator, stack_params
 from steerlab.positions import Positions, PositionSpec, marker_flags
 from steerlab.sites import (
@@ -752,10 +752,6 @@ def scoped_hooks(specs: Sequence[HookSpec]) -> Iterator[None]:
 
 
 # --- additive steering ---------------------------------------------------------------------------
-def _finite(value: object, what: str) -> float:
-    return as_finite_float(value, what)
-
-
 class _DefaultPositions(str):
     """The default of :attr:`Steering.positions`: equal to ``"all"`` (and read as ``"all"``
     everywhere), but of its own type, so :func:`normalize_steering` can tell "not given" (a call's
@@ -815,20 +811,11 @@ class Steering(Intervention):
                 f"tensor with sl.SteeringVector.from_tensor(t, layers=[...])"
             )
         Positions.parse(self.positions)
-        if isinstance(self.strength, Mapping):
-            if not self.strength:
-                raise InvalidInputError("the strength mapping is empty: give {layer: strength}")
-            strengths = {
-                as_int(key, "strength key (a layer)"): _finite(value, f"strength for layer {key}")
-                for key, value in self.strength.items()
-            }
-            object.__setattr__(self, "strength", strengths)
-        else:
-            _finite(self.strength, "strength")
-        if self.layers is not None:
-            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
-                raise InvalidInputError(f"layers must be a list of integers, got {self.layers!r}")
-            object.__setattr__(self, "layers", tuple(as_int(x, "layer") for x in self.layers))
+        # the one parser of each grammar (steerlab.grammar), so every front end agrees
+        object.__setattr__(self, "strength", parse_strength(self.strength))
+        layers = parse_layers(self.layers)
+        if isinstance(layers, list):
+            object.__setattr__(self, "layers", tuple(layers))
         if self.op is not None:
             get_operator(self.op)
         if self.when is not None and not callable(getattr(self.when, "probe", None)):

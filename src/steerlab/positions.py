@@ -18,6 +18,10 @@ spec            tokens selected (P = number of prompt tokens of that row)
                 generated tokens)
 ==============  ========================================================================
 
+The same specs as text, for the command line and JSON requests: ``"3"``, ``"0,-1"`` (indices),
+``"2:"``, ``"-3:-1"``, ``"0:8:2"`` (slices). :meth:`Positions.parse` is the one parser of
+this grammar: the library, the CLI, the server and the vLLM wire all call it.
+
 Token selection by content. These specs are strings, so the same text works in Python, on the
 command line (``--positions``) and in JSON requests; :class:`Positions` has a constructor for
 each. A marker is text, turned into token ids with the model's tokenizer when the steering is
@@ -50,8 +54,9 @@ spec                      tokens selected
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Literal, Union
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
 
 import torch
 
@@ -62,11 +67,20 @@ __all__ = ["PositionSpec", "Positions", "marker_flags"]
 
 _MODES = ("all", "last", "prompt", "generated")
 _MARKER_MODES = ("after", "between", "outside")
+_INT = re.compile(r"-?\d+")
+_INDEX_LIST = re.compile(r"-?\d+(?:\s*,\s*-?\d+)*")
+_SLICE = re.compile(r"(-?\d*)\s*:\s*(-?\d*)(?:\s*:\s*(-?\d*))?")
 
 PositionSpec = Union[
-    Literal["all", "last", "prompt", "generated"], str, int, Sequence[int], slice, "Positions"
+    Literal["all", "last", "prompt", "generated"],
+    str,
+    int,
+    Sequence[int],
+    slice,
+    Mapping[str, Any],
+    "Positions",
 ]
-"""What ``positions=`` accepts; strings beyond the four modes are the content-based specs."""
+"""What ``positions=`` accepts (:meth:`Positions.parse` reads every form)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,56 +169,138 @@ class Positions:
         return cls(mode=mode, markers=tuple(texts), marker_ids=tuple(id_lists) if bound else None)
 
     @classmethod
-    def parse(cls, spec: PositionSpec) -> Positions:
-        """Turn a user spec into :class:`Positions`, or raise ``InvalidInputError``.
+    def parse(cls, spec: PositionSpec | Mapping[str, Any], *, what: str = "positions") -> Positions:
+        """Turn a position spec into :class:`Positions`, or raise ``InvalidInputError``.
+
+        This is the one parser of the positions grammar: the library, the CLI
+        (``--positions``), the server's ``positions`` field and the vLLM wire all call it, so
+        they accept the same forms with the same messages (``what`` names the argument in
+        them). Text forms: the four modes, ``"3"``, ``"0,-1"`` (indices), ``"2:"``,
+        ``"-3:-1"``, ``"0:8:2"`` (slices), ``"first:K"``, ``"after:TEXT"``, ``"between:A,B"``,
+        ``"outside:A,B"``. JSON forms (what :meth:`to_json` writes): an int, a list of ints,
+        ``{"start", "stop", "step"}``, ``{"mode", "markers", "ids"}``.
 
         >>> Positions.parse("between:<think>,</think>").markers
         ('<think>', '</think>')
+        >>> Positions.parse(" -3:-1 ").describe(), Positions.parse("0, 2").indices
+        ('-3:-1', (0, 2))
         """
         if isinstance(spec, Positions):
             return spec
+        try:
+            return cls._parse(spec, what)
+        except InvalidInputError as err:
+            if str(err).startswith(f"{what}:") or str(err).startswith(f"{what} "):
+                raise
+            raise InvalidInputError(f"{what}: {err}") from None
+
+    @classmethod
+    def _parse(cls, spec: Any, what: str) -> Positions:
         if isinstance(spec, str):
-            head, sep, rest = spec.partition(":")
-            if sep and head == "first":
-                try:
-                    k = int(rest)
-                except ValueError:
-                    raise InvalidInputError(f"first:K needs an int, got {spec!r}") from None
-                return cls.first(k)
-            if sep and head == "after":
-                return cls.after(rest) if rest else cls.after("")
-            if sep and head in ("between", "outside"):
-                a, comma, b = rest.partition(",")
-                if not comma or not a or not b:
-                    raise InvalidInputError(
-                        f"{head} needs two markers separated by a comma, e.g. "
-                        f"'{head}:<think>,</think>'; got {spec!r}"
-                    )
-                return cls._markers(head, [(a, None), (b, None)])
-            if spec not in _MODES:
-                raise InvalidInputError(
-                    f"unknown positions {spec!r}; use one of {', '.join(_MODES)}, first:K, "
-                    f"after:TEXT, between:A,B, outside:A,B, an int, a list of ints or a slice"
-                )
-            return cls(mode=spec)
+            return cls._parse_text(spec, what)
         if isinstance(spec, bool):
-            raise InvalidInputError(f"positions must not be a bool, got {spec!r}")
+            raise InvalidInputError(f"{what} must not be a bool, got {spec!r}")
         if isinstance(spec, int):
             return cls(mode="indices", indices=(spec,))
         if isinstance(spec, slice):
-            step = 1 if spec.step is None else spec.step
-            for bound in (spec.start, spec.stop, spec.step):
-                if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
-                    raise InvalidInputError(f"slice bounds must be ints, got {spec!r}")
-            if step <= 0:
-                raise InvalidInputError(f"slice step must be positive, got {step}")
-            return cls(mode="slice", start=spec.start, stop=spec.stop, step=step)
+            return cls._slice(spec.start, spec.stop, spec.step, what, spec)
+        if isinstance(spec, Mapping):
+            return cls._parse_mapping(spec, what)
         if isinstance(spec, Sequence) or isinstance(spec, torch.Tensor):
-            values = [as_int(v, "positions entry") for v in spec]
+            values = [as_int(v, "each index") for v in spec]
             if not values:
-                raise InvalidInputError("positions list is empty")
+                raise InvalidInputError(f"{what}: the list of indices is empty")
             return cls(mode="indices", indices=tuple(values))
-        raise InvalidInputError(f"cannot interpret positions {spec!r}")
+        raise InvalidInputError(f"{what}: cannot interpret {spec!r} ({type(spec).__name__})")
+
+    @classmethod
+    def _parse_text(cls, spec: str, what: str) -> Positions:
+        # a marker's own spaces are part of it: only the text before the head is stripped
+        head, sep, rest = spec.lstrip().partition(":")
+        if sep and head == "first":
+            if not _INT.fullmatch(rest.strip()):
+                raise InvalidInputError(f"{what}: first:K needs an integer K, got {spec!r}")
+            return cls.first(int(rest))
+        if sep and head == "after":
+            return cls._markers("after", [(rest, None)])
+        if sep and head in ("between", "outside"):
+            a, comma, b = rest.partition(",")
+            if not comma or not a or not b:
+                raise InvalidInputError(
+                    f"{what}: {head} needs two markers separated by a comma, e.g. "
+                    f"'{head}:<think>,</think>'; got {spec!r}"
+                )
+            return cls._markers(head, [(a, None), (b, None)])
+        text = spec.strip()
+        if text in _MODES:
+            return cls(mode=text)
+        if _INDEX_LIST.fullmatch(text):
+            return cls(mode="indices", indices=tuple(int(p) for p in text.split(",")))
+        match = _SLICE.fullmatch(text)
+        if match:
+            start, stop, step = (int(g) if g else None for g in match.groups())
+            return cls._slice(start, stop, step, what, spec)
+        raise InvalidInputError(
+            f"{what}: unknown spec {spec!r}; use one of {', '.join(_MODES)}, an index "
+            f"('3'), indices ('0,2'), a slice ('2:', '-3:-1', '0:8:2'), first:K, after:TEXT, "
+            f"between:A,B or outside:A,B"
+        )
+
+    @classmethod
+    def _slice(cls, start: Any, stop: Any, step: Any, what: str, spec: Any) -> Positions:
+        for bound in (start, stop, step):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise InvalidInputError(f"{what}: slice bounds must be ints, got {spec!r}")
+        step = 1 if step is None else step
+        if step <= 0:
+            raise InvalidInputError(f"{what}: slice step must be positive, got {step}")
+        return cls(mode="slice", start=start, stop=stop, step=step)
+
+    @classmethod
+    def _parse_mapping(cls, spec: Mapping[str, Any], what: str) -> Positions:
+        keys = set(spec)
+        if keys and keys <= {"start", "stop", "step"}:
+            return cls._slice(spec.get("start"), spec.get("stop"), spec.get("step"), what, spec)
+        mode = spec.get("mode")
+        if keys <= {"mode", "markers", "ids"} and mode in _MARKER_MODES:
+            texts = spec.get("markers")
+            count = 1 if mode == "after" else 2
+            if (
+                not isinstance(texts, Sequence)
+                or isinstance(texts, str)
+                or len(texts) != count
+                or not all(isinstance(t, str) and t for t in texts)
+            ):
+                raise InvalidInputError(f"{what}: {mode} needs {count} non-empty marker texts")
+            parsed = cls._markers(str(mode), [(t, None) for t in texts])
+            if spec.get("ids") is None:
+                return parsed
+            return dataclasses.replace(parsed, marker_ids=_marker_ids(spec["ids"], count, what))
+        raise InvalidInputError(
+            f"{what}: a positions object is {{'start', 'stop', 'step'}} or {{'mode': 'after' | "
+            f"'between' | 'outside', 'markers': [...], 'ids': [...]}}, got {dict(spec)!r}"
+        )
+
+    def to_json(self) -> str | int | list[int] | dict[str, Any]:
+        """The JSON form of these positions: :meth:`parse` reads it back to an equal value.
+
+        Content specs whose markers are bound carry their token ids (one list of variants per
+        marker), so a process without the tokenizer selects the same tokens.
+
+        >>> Positions.parse("0,-1").to_json(), Positions.parse("2:").to_json()
+        ([0, -1], '2:')
+        >>> Positions.after(ids=[7]).to_json()
+        {'mode': 'after', 'markers': ['@7'], 'ids': [[[7]]]}
+        """
+        if self.mode == "indices":
+            return list(self.indices)
+        plain_text = not self.markers or "," not in self.markers[0]
+        if self.needs_ids and (self.marker_ids is not None or not plain_text):
+            out: dict[str, Any] = {"mode": self.mode, "markers": list(self.markers)}
+            if self.marker_ids is not None:
+                out["ids"] = [[list(v) for v in variants] for variants in self.marker_ids]
+            return out
+        return self.describe()
 
     @property
     def covers_everything(self) -> bool:
@@ -304,6 +400,27 @@ class Positions:
             b = "" if self.stop is None else str(self.stop)
             return f"{a}:{b}" + (f":{self.step}" if self.step != 1 else "")
         return self.mode
+
+
+def _marker_ids(raw: Any, count: int, what: str) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Token ids of ``count`` markers: per marker, a non-empty list of non-empty id lists."""
+
+    def ids(value: Any) -> tuple[int, ...]:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+            raise InvalidInputError(f"{what}: a marker's token ids must be a non-empty list")
+        out = tuple(as_int(i, f"{what} marker token id") for i in value)
+        if any(i < 0 for i in out):
+            raise InvalidInputError(f"{what}: marker token ids must not be negative")
+        return out
+
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) != count:
+        raise InvalidInputError(f"{what}: 'ids' needs one list of id lists per marker ({count})")
+    per_marker = []
+    for variants in raw:
+        if isinstance(variants, (str, bytes)) or not isinstance(variants, Sequence) or not variants:
+            raise InvalidInputError(f"{what}: each marker needs at least one list of token ids")
+        per_marker.append(tuple(ids(v) for v in variants))
+    return tuple(per_marker)
 
 
 def _ends_at(ids: Sequence[int], i: int, variants: tuple[tuple[int, ...], ...]) -> bool:

@@ -26,6 +26,7 @@ from steerlab.cli._common import (
     check_output_folder,
     site_options,
 )
+from steerlab.grammar import ALL, parse_layers
 
 __all__ = ["register"]
 
@@ -51,16 +52,9 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
-    from steerlab.cli._vectors import parse_layers
-
-    if text is None:
-        return None
-    try:
-        return parse_layers(text)
-    except typer.BadParameter:
-        raise typer.BadParameter(
-            f"cannot read {what} {text!r}: use '3', '0,2,5' or '2-6'"
-        ) from None
+    """``--layers``/``--heads`` (:func:`steerlab.grammar.parse_layers`); ``"all"`` → ``None``."""
+    values = parse_layers(text, what=f"--{what}", text=True)
+    return None if values == ALL else values
 
 
 def ablate(

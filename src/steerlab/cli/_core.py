@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from steerlab.cli._common import ExpertsOpt, HeadsOpt, SiteOpt, site_options
+from steerlab.cli._common import ExpertsOpt, HeadsOpt, SiteOpt, parse_numbers, site_options
+from steerlab.grammar import parse_layers, parse_strength, resolve_all
+from steerlab.positions import Positions
 
 __all__ = ["register"]
 
@@ -33,46 +35,13 @@ def _load(model: str | None) -> Any:
         raise typer.Exit(code=1) from None
 
 
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{what}: {text.strip()!r} is not an integer") from None
-
-
-def _parse_layers(text: str | None, n_layers: int) -> list[int] | None:
-    if text is None or text.strip() == "":
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-            out.extend(range(_int(lo, "--layers"), _int(hi, "--layers") + 1))
-        else:
-            out.append(_int(part, "--layers"))
-    return out
-
-
-def _parse_positions(text: str) -> Any:
-    if text in ("all", "last", "prompt", "generated"):
-        return text
-    if text.split(":", 1)[0] in ("first", "after", "between", "outside"):
-        return text  # parsed (and checked) by steerlab.positions
-    if ":" in text:
-        parts = [_int(p, "--positions") if p.strip() else None for p in text.split(":")]
-        if len(parts) > 3:
-            raise typer.BadParameter(f"--positions: {text!r} is not a slice like 2: or 1:5")
-        return slice(*parts)
-    return [_int(p, "--positions") for p in text.split(",")]
-
-
 def demo(
     model: ModelOption = None,
     layers: Annotated[
         str | None,
         typer.Option(
-            help="Candidate layers, e.g. '10,15,20' or '8-20' (default: 8 spread over the middle)."
+            help="Candidate layers, e.g. '10,15,20', '8-20', '0:30:3' or 'all' (default: 8 "
+            "spread over the middle)."
         ),
     ] = None,
     strengths: Annotated[
@@ -94,8 +63,8 @@ def demo(
     loaded = _load(model)
     run_demo(
         model=loaded,
-        layers=_parse_layers(layers, loaded.n_layers),
-        strengths=[float(x) for x in strengths.split(",") if x.strip()],
+        layers=resolve_all(parse_layers(layers, what="--layers", text=True), loaded.n_layers),
+        strengths=parse_numbers(strengths, "--strengths"),
         max_kl=max_kl,
         max_new_tokens=max_new_tokens,
         n_prompts=n_prompts,
@@ -112,9 +81,17 @@ def generate(
     model: ModelOption = None,
     layers: Annotated[
         str | None,
-        typer.Option(help="Layers to apply it at, e.g. '12' or '6,8,10' (default: the file's)."),
+        typer.Option(
+            help="Layers to apply it at, e.g. '12', '6,8,10', '6-12' or 'all' (default: the "
+            "file's)."
+        ),
     ] = None,
-    strength: Annotated[float, typer.Option("--strength", "-s", help="Multiplier.")] = 1.0,
+    strength: Annotated[
+        str,
+        typer.Option(
+            "--strength", "-s", help="Multiplier, or per layer: '15:4,16:2' (layer:strength)."
+        ),
+    ] = "1",
     positions: Annotated[
         str,
         typer.Option(
@@ -166,7 +143,9 @@ def generate(
     if vector is not None:
         vec = sl.SteeringVector.load(vector)
         vec.check_compatible(steered_model, force=force)
-        chosen = _parse_layers(layers, steered_model.n_layers)
+        chosen = resolve_all(
+            parse_layers(layers, what="--layers", text=True), steered_model.n_layers
+        )
         condition = None
         if when is not None:
             condition = sl.Condition.load(when)
@@ -174,8 +153,8 @@ def generate(
                 condition = condition.per_token()
         steering = sl.Steering(
             vec,
-            strength=strength,
-            positions=_parse_positions(positions),
+            strength=parse_strength(strength, what="--strength", text=True),
+            positions=Positions.parse(positions, what="--positions"),
             layers=chosen,
             op=op,
             when=condition,
@@ -200,7 +179,7 @@ def generate(
     texts = steered_model.generate(list(prompt), steering=steering, **options)
     if compare and steering is not None:
         baseline = steered_model.generate(list(prompt), **options)
-        _print_comparison(list(prompt), baseline, texts, strength)
+        _print_comparison(list(prompt), baseline, texts, parse_strength(strength, text=True))
         return
     for p, t in zip(prompt, texts):
         # user and model text are data: never markup, never wrapped (click drops the bold
@@ -209,17 +188,22 @@ def generate(
 
 
 def _print_comparison(
-    prompts: list[str], baseline: list[str], steered: list[str], strength: float
+    prompts: list[str], baseline: list[str], steered: list[str], strength: float | dict[int, float]
 ) -> None:
+    label = (
+        f"x{strength:g}"
+        if isinstance(strength, float)
+        else "x" + ",".join(f"{k}:{v:g}" for k, v in strength.items())
+    )
     if not sys.stdout.isatty():
         for p, b, t in zip(prompts, baseline, steered):
-            typer.echo(f"prompt: {p}\nunsteered: {b}\nsteered (x{strength:g}): {t}\n")
+            typer.echo(f"prompt: {p}\nunsteered: {b}\nsteered ({label}): {t}\n")
         return
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table("prompt", "unsteered", f"steered (x{strength:g})", show_lines=True)
+    table = Table("prompt", "unsteered", f"steered ({label})", show_lines=True)
     for p, b, t in zip(prompts, baseline, steered):
         table.add_row(Text(p), Text(b), Text(t))  # Text: brackets in them are not markup
     Console().print(table)

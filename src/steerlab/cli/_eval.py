@@ -22,6 +22,7 @@ import typer
 
 from steerlab.cli._common import parse_numbers
 from steerlab.errors import SteerlabError
+from steerlab.grammar import parse_layers, resolve_all
 
 __all__ = ["register"]
 
@@ -30,34 +31,6 @@ eval_app = typer.Typer(
     help="Evaluate steering the way papers do: CAA's A/B table, AxBench-style concepts.",
     no_args_is_help=True,
 )
-
-
-def _layer_list(text: str | None) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if ":" in part:  # start:stop:step, stop exclusive
-                bounds = [int(p) for p in part.split(":")]
-                if len(bounds) not in (2, 3) or (len(bounds) == 3 and bounds[2] <= 0):
-                    raise ValueError
-                layers.extend(range(*bounds))
-            elif "-" in part[1:]:
-                low, high = part[0] + part[1:].split("-")[0], part[1:].split("-")[1]
-                layers.extend(range(int(low), int(high) + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(
-                f"layers: {part!r} is not a layer, a range like 8-20 or a step like 0:30:3"
-            ) from None
-    if not layers:
-        raise typer.BadParameter("layers: give at least one layer")
-    return layers
 
 
 def _layer(text: str) -> int | str:
@@ -147,7 +120,7 @@ def caa(
     """Reproduce CAA's A/B behaviour table: p(answer matching the behaviour) per multiplier."""
     values = parse_numbers(multipliers, "multipliers")
     chosen = _layer(layer)
-    swept = _layer_list(sweep_layers)
+    sweep_spec = parse_layers(sweep_layers, what="--sweep-layers", text=True)
     for name, value in (("limit", limit), ("train-limit", train_limit), ("open-limit", open_limit)):
         if value is not None and value < 1:
             raise typer.BadParameter(f"--{name} must be positive")
@@ -167,6 +140,7 @@ def caa(
         root = find_caa_data(data)
         behaviours = list(CAA_BEHAVIOURS) if behaviour == "all" else [behaviour]
         steered = sl.load_model(model)
+        swept = resolve_all(sweep_spec, steered.n_layers)
         name = model or "SmolLM2-135M-Instruct"
         vectors: dict[str, Any] = {}
         held_out = validation if chosen == "best" else 0

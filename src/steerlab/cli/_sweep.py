@@ -16,62 +16,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from steerlab.cli._common import parse_numbers
+from steerlab.grammar import parse_layers, resolve_all
+from steerlab.positions import Positions
 
 __all__ = ["register"]
-
-
-def _layers(text: str | None) -> list[int] | None:
-    if text is None or not text.strip() or text.strip() == "auto":
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        head, sep, tail = part[1:].partition("-")
-        try:
-            if sep:
-                low, high = int(part[0] + head), int(tail)
-                if high < low:
-                    raise typer.BadParameter(f"layers: empty range {part!r}")
-                layers.extend(range(low, high + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(
-                f"layers: {part!r} is not a layer or a range like 8-20"
-            ) from None
-    return layers
-
-
-def _positions(text: str) -> Any:
-    if text in ("all", "last", "prompt", "generated"):
-        return text
-    if text.split(":", 1)[0] in ("first", "after", "between", "outside"):
-        from steerlab.errors import SteerlabError
-        from steerlab.positions import Positions
-
-        try:
-            return Positions.parse(text)
-        except SteerlabError as err:
-            raise typer.BadParameter(f"positions: {err}") from None
-    try:
-        if ":" in text:
-            bounds = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(bounds) != 2:
-                raise ValueError
-            return slice(bounds[0], bounds[1])
-        return [int(p) for p in text.split(",")]
-    except ValueError:
-        raise typer.BadParameter(
-            f"positions: {text!r} is not all, last, prompt, generated, indices, a:b, first:K, "
-            f"after:TEXT, between:A,B or outside:A,B"
-        ) from None
 
 
 def _words(text: str | None) -> list[str] | None:
@@ -115,7 +68,8 @@ def sweep(
     layers: Annotated[
         str | None,
         typer.Option(
-            help="Candidate layers, e.g. '6,12,18' or '8-20' (default: 8 spread over the middle)."
+            help="Candidate layers, e.g. '6,12,18', '8-20', '0:30:3' or 'all' (default: 8 "
+            "spread over the middle)."
         ),
     ] = None,
     strengths: Annotated[
@@ -192,8 +146,8 @@ def sweep(
     if max_kl < 0 or not math.isfinite(max_kl):
         raise typer.BadParameter("--max-kl must be a non-negative number")
     values = parse_numbers(strengths, "strengths")
-    chosen = _layers(layers)
-    where = _positions(positions)
+    chosen = parse_layers(layers, what="--layers", text=True)
+    where = Positions.parse(positions, what="--positions")
     ops = [o.strip() for o in op.split(",") if o.strip()]
     from steerlab.operators import OPERATORS
 
@@ -208,7 +162,7 @@ def sweep(
     result = tune(
         steered_model,
         data,
-        layers=chosen,
+        layers=resolve_all(chosen, steered_model.n_layers),
         strengths=values,
         max_kl=max_kl,
         test_fraction=test_fraction,

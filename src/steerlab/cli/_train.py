@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from steerlab.cli._common import check_output_file
+from steerlab.positions import Positions
 
 __all__ = ["register", "training_data"]
 
@@ -51,13 +52,6 @@ def training_data(spec: str) -> Any:
         if isinstance(keys, dict) and "prompt" in keys:
             return path
     return load_dataset(spec)
-
-
-def _positions(text: str) -> str | int:
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 def train(
@@ -90,7 +84,10 @@ def train(
     positions: Annotated[
         str,
         typer.Option(
-            "--positions", "-p", help="Tokens steered: all, prompt, generated, last, or an index."
+            "--positions",
+            "-p",
+            help="Tokens steered: all, prompt, generated, last, an index, 0,3, 2:, first:K, "
+            "after:TEXT, between:A,B or outside:A,B.",
         ),
     ] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per step.")] = 8,
@@ -128,7 +125,7 @@ def train(
         layer=layer,
         steps=steps,
         lr=lr,
-        positions=_positions(positions),
+        positions=Positions.parse(positions, what="--positions"),
         seed=seed,
         batch_size=batch_size,
         penalty=penalty,

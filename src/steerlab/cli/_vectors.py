@@ -15,18 +15,17 @@ True
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from steerlab import grammar
 from steerlab.cli._common import check_output_file, check_output_folder
 
 __all__ = ["parse_layers", "parse_positions", "register"]
 
-_RANGE = re.compile(r"(-?\d+)-(-?\d+)")
 
 ModelOpt = Annotated[
     str | None,
@@ -66,7 +65,8 @@ LayersOpt = Annotated[
     typer.Option(
         "--layers",
         "-l",
-        help="Layers: 'all', an index, a list '8,10,-1' or an inclusive range '6-12'.",
+        help="Layers: 'all', an index, a list '8,10,-1', an inclusive range '6-12' or a step "
+        "'0:30:3'.",
     ),
 ]
 PositionsOpt = Annotated[
@@ -85,31 +85,14 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts per forward
 
 
 def parse_layers(text: str) -> list[int] | None:
-    """``"all"`` → ``None``; ``"3"``, ``"8,10,-1"``, ``"6-12"`` (inclusive) → a list.
+    """``--layers`` of the vector commands (:func:`steerlab.grammar.parse_layers`): ``"all"``
+    (and ``"auto"``) → ``None``, every layer.
 
     >>> parse_layers("all"), parse_layers("2-4,-1")
     (None, [2, 3, 4, -1])
     """
-    text = text.strip()
-    if text.lower() == "all":
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        match = _RANGE.fullmatch(part)
-        try:
-            if match:
-                start, stop = int(match.group(1)), int(match.group(2))
-                if stop < start:
-                    raise typer.BadParameter(f"empty layer range {part!r}")
-                layers.extend(range(start, stop + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(
-                f"cannot read layers {text!r}: use 'all', '10', '8,10,-1' or '6-12'"
-            ) from None
-    return layers
+    layers = grammar.parse_layers(text, what="--layers", text=True)
+    return None if layers == grammar.ALL else layers
 
 
 def parse_positions(text: str) -> str | int:

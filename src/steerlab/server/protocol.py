@@ -16,7 +16,9 @@ Two additions:
   "add", "when": CONDITION}]``; entries compose in list order. ``positions`` is ``"all"``,
   ``"last"``, ``"prompt"``, ``"generated"``, an int, a list of ints, or a string the CLI
   accepts (``"3"``, ``"0,2"``, ``"2:"``, ``"-3:-1"``, ``"first:4"``, ``"after:TEXT"``,
-  ``"between:<think>,</think>"``, ``"outside:<think>,</think>"``). ``when`` (optional) names a
+  ``"between:<think>,</think>"``, ``"outside:<think>,</think>"``): the library's parser,
+  :meth:`steerlab.positions.Positions.parse`, reads it, and
+  :func:`steerlab.grammar.parse_strength` reads ``strength``. ``when`` (optional) names a
   condition registered on the server. ``site`` (optional: the vector's own), ``heads`` and
   ``experts`` (optional: all) are :class:`~steerlab.interventions.Steering`'s (``docs/sites.md``).
 * ``readout``: ``[{"vector": NAME, "layer": 15}]``; each choice (and each streamed chunk)
@@ -26,14 +28,11 @@ Two additions:
 ...                         steering=[{"vector": "happy", "strength": {"15": 4.0}}])
 >>> req.steering[0].to_entry().strength
 {15: 4.0}
->>> parse_positions("2:")
-slice(2, None, None)
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
@@ -43,7 +42,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from steerlab.errors import InvalidInputError
-from steerlab.positions import Positions, PositionSpec
+from steerlab.grammar import parse_strength
+from steerlab.positions import Positions
 from steerlab.server.requests import (
     ChatMessage,
     GenerationRequest,
@@ -63,60 +63,8 @@ __all__ = [
     "VectorUpload",
     "error_body",
     "new_id",
-    "parse_positions",
     "validation_message",
 ]
-
-_MODES = ("all", "last", "prompt", "generated")
-_CONTENT = ("first", "after", "between", "outside")
-
-
-def parse_positions(spec: Any) -> PositionSpec:
-    """A JSON ``positions`` value as a library position spec, or ``InvalidInputError``.
-
-    >>> parse_positions("last"), parse_positions(3), parse_positions("0,2"), parse_positions("-3:")
-    ('last', 3, [0, 2], slice(-3, None, None))
-    >>> parse_positions("after: Yes"), parse_positions("between:<think>,</think>")
-    ('after: Yes', 'between:<think>,</think>')
-    """
-    result: PositionSpec
-    if isinstance(spec, str) and spec.partition(":")[0].strip() in _CONTENT:
-        text = spec.lstrip()  # not rstrip: a marker's own spaces are part of it
-        Positions.parse(text)
-        return text
-    if isinstance(spec, bool):
-        raise InvalidInputError(f"positions must not be a boolean, got {spec!r}")
-    if isinstance(spec, int):
-        result = spec
-    elif isinstance(spec, list):
-        if not spec or any(isinstance(v, bool) or not isinstance(v, int) for v in spec):
-            raise InvalidInputError(f"positions list must hold integers, got {spec!r}")
-        result = list(spec)
-    elif isinstance(spec, str):
-        text = spec.strip()
-        try:
-            if text in _MODES:
-                result = text  # type: ignore[assignment]
-            elif ":" in text:
-                parts = [int(p) if p.strip() else None for p in text.split(":")]
-                if len(parts) > 3:
-                    raise ValueError
-                result = slice(*parts)
-            elif "," in text:
-                result = [int(p) for p in text.split(",")]
-            else:
-                result = int(text)
-        except ValueError:
-            raise InvalidInputError(
-                f"unknown positions {spec!r}; use one of {', '.join(_MODES)}, an index, a list "
-                f"of indices ('0,2'), a slice ('2:', '-3:-1'), first:K, after:TEXT, "
-                f"between:A,B or outside:A,B"
-            ) from None
-    else:
-        raise InvalidInputError(f"cannot interpret positions {spec!r}")
-    Positions.parse(result)
-    return result
-
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 """Requests are parsed without coercion (``true`` is not a number, ``"4"`` is not an int) and
@@ -130,7 +78,7 @@ class SteeringSpec(BaseModel):
 
     vector: str
     strength: float | dict[str, float] = 1.0
-    positions: str | int | list[int] = "all"
+    positions: str | int | list[int] | dict[str, Any] = "all"
     op: str = "add"
     when: str | None = None
     site: str | None = None
@@ -142,25 +90,14 @@ class SteeringSpec(BaseModel):
     ) -> SteeringEntry:
         """The engine's :class:`SteeringEntry`, checking finiteness and the strength cap
         (errors name ``field``, e.g. ``steering[2]``)."""
-        strength: float | dict[int, float]
-        if isinstance(self.strength, dict):
-            if not self.strength:
-                raise InvalidInputError(f"{field}.strength: a per-layer mapping must not be empty")
-            strength = {}
-            for key, value in self.strength.items():
-                try:
-                    layer = int(key)
-                except ValueError:
-                    raise InvalidInputError(
-                        f"{field}.strength: per-layer keys must be layer numbers, got {key!r}"
-                    ) from None
-                strength[layer] = _check_strength(value, max_strength, f"{field}.strength")
-        else:
-            strength = _check_strength(self.strength, max_strength, f"{field}.strength")
-        try:
-            positions = parse_positions(self.positions)
-        except InvalidInputError as err:
-            raise InvalidInputError(f"{field}.positions: {err}") from None
+        # the library's parsers (one per grammar), the field named in front of their message
+        strength = parse_strength(self.strength, what=f"{field}.strength")
+        for number in strength.values() if isinstance(strength, dict) else [strength]:
+            if max_strength is not None and abs(number) > max_strength:
+                raise InvalidInputError(
+                    f"{field}.strength {number:g} is over this server's cap of {max_strength:g}"
+                )
+        positions = Positions.parse(self.positions, what=f"{field}.positions")
         site = None
         if self.site is not None:
             try:
@@ -188,15 +125,6 @@ def _indices(value: int | list[int] | None, field: str) -> tuple[int, ...] | Non
     if not items:
         raise InvalidInputError(f"{field}: the list must not be empty (leave the field out)")
     return items
-
-
-def _check_strength(value: float, cap: float | None, field: str) -> float:
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidInputError(f"{field} must be finite, got {value}")
-    if cap is not None and abs(number) > cap:
-        raise InvalidInputError(f"{field} {number:g} is over this server's cap of {cap:g}")
-    return number
 
 
 class ReadoutSpec(BaseModel):

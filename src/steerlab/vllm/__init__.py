@@ -55,11 +55,14 @@ def per_row_steering(
     strength: float | Mapping[int, float] | None = None,
     positions: PositionSpec | None = None,
     layers: Sequence[int] | None = None,
+    tokenizer: Any = None,
 ) -> list[list[Steering]]:
     """The steering terms of each of ``n_rows`` prompts, from what ``generate`` accepts.
 
     ``steering`` is ``None``, a vector, a :class:`~steerlab.interventions.Steering`, or a list
     with one entry per prompt (``None`` for an unsteered prompt), as for the torch engine.
+    ``tokenizer`` turns the text markers of positions chosen by text into token ids, as the
+    library does (vLLM's workers have none).
 
     >>> import torch, steerlab as sl
     >>> v = sl.SteeringVector({0: torch.ones(2)})
@@ -75,6 +78,7 @@ def per_row_steering(
     interventions = normalize_steering(
         steering_with(steering, strength=strength, positions=positions, layers=layers),
         n_rows=n_rows if isinstance(steering, (list, tuple)) else None,
+        tokenizer=tokenizer,
     )
     rows: list[list[Steering]] = [[] for _ in range(n_rows)]
     for item in interventions:
@@ -98,8 +102,12 @@ def extra_args(
     strength: float | Mapping[int, float] | None = None,
     positions: PositionSpec | None = None,
     layers: Sequence[int] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """``SamplingParams.extra_args`` that steer one vLLM request (merge with your own).
+
+    Positions chosen by text (``"after:Yes"``) need the model's ``tokenizer`` (e.g.
+    ``llm.get_tokenizer()``): they travel as token ids.
 
     >>> extra_args(None)
     {}
@@ -109,7 +117,9 @@ def extra_args(
     """
     loose_steering_keywords("extra_args", strength=strength, positions=positions, layers=layers)
     (terms,) = per_row_steering(
-        steering_with(steering, strength=strength, positions=positions, layers=layers), n_rows=1
+        steering_with(steering, strength=strength, positions=positions, layers=layers),
+        n_rows=1,
+        tokenizer=tokenizer,
     )
     return {EXTRA_ARGS_KEY: to_wire(terms)} if terms else {}
 
@@ -236,9 +246,11 @@ def generate_ids(
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     loose_steering_keywords("generate_ids", strength=strength, positions=positions, layers=layers)
+    tokenizer = llm.get_tokenizer()
     rows = per_row_steering(
         steering_with(steering, strength=strength, positions=positions, layers=layers),
         n_rows=len(items),
+        tokenizer=tokenizer,
     )
     n_layers, d_model = _dims(llm)
     wires = []
@@ -246,7 +258,6 @@ def generate_ids(
         wire = to_wire(terms) if terms else None
         resolve(wire, n_layers=n_layers, d_model=d_model)  # refuse bad steering up front
         wires.append(wire)
-    tokenizer = llm.get_tokenizer()
     eos = _eos_ids(tokenizer, llm)
     options = _Options(max_new_tokens, do_sample, temperature, top_p, top_k, seed, logprobs)
     requests = [TokensPrompt(prompt_token_ids=_encode(tokenizer, p, chat=chat)) for p in items]

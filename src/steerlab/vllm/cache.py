@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from steerlab.errors import SteerlabError
-from steerlab.positions import Positions
+from steerlab.positions import Positions, marker_flags
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, resolve
 
 __all__ = [
@@ -111,9 +111,17 @@ def steering_digests(wire: Any, *, n_layers: int, d_model: int) -> list[EntryDig
 
 
 def block_key(
-    entries: Sequence[EntryDigest], *, start: int, stop: int, prompt_len: int
+    entries: Sequence[EntryDigest],
+    *,
+    start: int,
+    stop: int,
+    prompt_len: int,
+    token_ids: Sequence[int] | None = None,
 ) -> str | None:
     """The extra key of the block of positions ``start:stop`` (``None``: nothing steered there).
+
+    Positions chosen by text are decided on ``token_ids`` (the request's ids through at least
+    ``stop``); without them such an entry keys every block (isolating, never sharing wrongly).
 
     >>> e = EntryDigest(Positions.parse("last"), b"x")
     >>> block_key([e], start=0, stop=4, prompt_len=8) is None
@@ -128,6 +136,14 @@ def block_key(
     for entry in entries:
         if entry.positions is None:
             offsets = b"*"
+        elif entry.positions.needs_ids:
+            if token_ids is None or len(token_ids) < stop or entry.positions.marker_ids is None:
+                offsets = b"*"
+            else:
+                flags = marker_flags(entry.positions, list(token_ids[:stop]))[0][start:stop]
+                if not any(flags):
+                    continue
+                offsets = bytes(flags)
         else:
             mask = entry.positions.mask(index, plen)[0]
             if not bool(mask.any()):
@@ -170,4 +186,7 @@ def request_block_key(
     if not entries:
         return None
     prompt_len = int(getattr(request, "num_prompt_tokens", 0) or 0)
-    return block_key(entries, start=start, stop=stop, prompt_len=prompt_len)
+    token_ids = None
+    if any(e.positions is not None and e.positions.needs_ids for e in entries):
+        token_ids = getattr(request, "all_token_ids", None)
+    return block_key(entries, start=start, stop=stop, prompt_len=prompt_len, token_ids=token_ids)

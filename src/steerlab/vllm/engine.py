@@ -14,8 +14,9 @@ fetched per streamed chunk with ``collective_rpc`` through steerlab's worker ext
 the value of each generated token is the one read at the position whose forward produced it,
 the definition of :attr:`steerlab.server.requests.TokenEvent.readout`.
 
-Steering entries with ``when`` (a condition) or text-selected positions (``after:``,
-``between:``, ``outside:``) get a clear 400: the plugin's wire format carries neither.
+Positions chosen by text (``after:``, ``between:``, ``outside:``) are bound to token ids here,
+with the served model's tokenizer, and decided in the workers on each request's tokens as the
+library decides them. Steering entries with ``when`` (a condition) get a clear 400.
 
 >>> VLLMEngine.__name__  # the engine starts vLLM on start(); docs/vllm.md has a full run
 'VLLMEngine'
@@ -42,6 +43,7 @@ from steerlab.errors import (
     VectorMismatchError,
 )
 from steerlab.interventions import Steering, direction_at
+from steerlab.positions import Positions
 from steerlab.server.registry import ConditionRegistry, VectorRegistry
 from steerlab.server.requests import (
     EngineError,
@@ -293,9 +295,11 @@ class VLLMEngine:
                 )
         else:
             refuse_site(vector.site)
-        term = Steering(
-            vector, strength=strength, positions=entry.positions, op=entry.op, site=site
-        )
+        positions = Positions.parse(entry.positions)
+        if not positions.bound:  # text markers travel as token ids (the workers have none)
+            with self._tokenizer_lock:
+                positions = positions.bind(self.tokenizer)
+        term = Steering(vector, strength=strength, positions=positions, op=entry.op, site=site)
         refuse_loreft_add(term)
         return term
 

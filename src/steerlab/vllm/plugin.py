@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from steerlab.errors import SteerlabError
+from steerlab.interventions import SequenceState
 from steerlab.operators import get_operator
 from steerlab.vllm.cache import EXTRA_KEY as CACHE_EXTRA_KEY
 from steerlab.vllm.cache import request_block_key
@@ -57,10 +58,12 @@ from steerlab.vllm.spec import (
     ResolvedEntry,
     StepRequest,
     TokenEdit,
+    needs_history,
     resolve,
     resolve_readout,
     token_deltas,
     token_edits,
+    update_history,
 )
 
 __all__ = [
@@ -233,6 +236,8 @@ class RunnerSteering:
         self.readout = readout
         self.active: StepPlan | None = None
         self._specs: dict[str, tuple[int, _Parsed]] = {}
+        # token ids of requests steered at positions chosen by text, per request
+        self._histories: dict[str, SequenceState] = {}
         # readout key -> {absolute position: one value per probe}, least recently written first
         self._values: OrderedDict[str, dict[int, list[float]]] = OrderedDict()
         self._handles = [
@@ -272,28 +277,46 @@ class RunnerSteering:
 
     def plan(
         self,
-        requests: Sequence[tuple[str, Any, int, int, int]],
+        requests: Sequence[tuple[Any, ...]],
         positions: torch.Tensor,
         *,
         device: torch.device,
         dtype: torch.dtype,
+        input_ids: torch.Tensor | None = None,
     ) -> StepPlan | None:
-        """This step's plan for ``(req_id, raw, start, stop, prompt_len)`` rows (``None``: no
-        request is steered or probed)."""
+        """This step's plan for ``(req_id, raw, start, stop, prompt_len[, request state])``
+        rows (``None``: no request is steered or probed). ``input_ids`` (the step's token ids)
+        and the runner's request state give the token ids that positions chosen by text need."""
         steps: list[StepRequest] = []
         live: set[str] = set()
         probing: list[tuple[int, Readout]] = []
-        for req_id, raw, start, stop, prompt_len in requests:
+        step_ids: list[int] | None = None
+        flat = positions.reshape(-1)
+        for req_id, raw, start, stop, prompt_len, *rest in requests:
             live.add(req_id)
             if raw is None:
                 continue
             parsed = self._parsed(req_id, raw)
-            if parsed.steering:
-                steps.append(StepRequest(start, stop, prompt_len, parsed.steering))
+            entries = parsed.steering
+            history = None
+            if entries and needs_history(entries) and stop > start:
+                if step_ids is None and input_ids is not None:
+                    step_ids = input_ids.reshape(-1).tolist()
+                history = self._history(
+                    req_id,
+                    rest[0] if rest else None,
+                    flat[start:stop].tolist(),
+                    None if step_ids is None else step_ids[start:stop],
+                )
+                if history is None:  # logged: steer what does not need the ids
+                    entries = [e for e in entries if not e.positions.needs_ids]
+            if entries:
+                steps.append(StepRequest(start, stop, prompt_len, entries, history))
             if parsed.readout is not None and stop > start:
                 probing.append((stop - 1, parsed.readout))
         if len(self._specs) > 2 * len(live) + 16:
             self._specs = {k: v for k, v in self._specs.items() if k in live}
+            self._histories = {k: v for k, v in self._histories.items() if k in live}
         if not steps and not probing:
             return None
         deltas = token_deltas(steps, positions, d_model=self.d_model) if steps else {}
@@ -302,6 +325,21 @@ class RunnerSteering:
             reads=_reads(probing, positions, device=device),
             edits=token_edits(steps, positions) if steps else {},
         )
+
+    def _history(
+        self, req_id: str, request: Any, indices: list[int], ids: list[int] | None
+    ) -> SequenceState | None:
+        """Request ``req_id``'s token history through this step (``None``: unavailable)."""
+        history = self._histories.setdefault(req_id, SequenceState())
+        prompt = list(getattr(request, "prompt_token_ids", None) or [])
+        output = list(getattr(request, "output_token_ids", None) or [])
+        try:
+            update_history(history, prompt + output, indices, ids)
+        except (SteerlabError, IndexError) as error:
+            logger.error("request %s: positions chosen by text ignored: %s", req_id, error)
+            self._histories.pop(req_id, None)
+            return None
+        return history
 
     def record(self, plan: StepPlan) -> None:
         """Keep the values the hooks read during ``plan``'s forward (call after it)."""
@@ -380,21 +418,22 @@ class ReadoutExtension:
         return state.take([str(k) for k in keys])
 
 
-def _step_requests(runner: Any) -> list[tuple[str, Any, int, int, int]]:
-    """``(req_id, steering, start, stop, prompt_len)`` per request of the current step."""
+def _step_requests(runner: Any) -> list[tuple[str, Any, int, int, int, Any]]:
+    """``(req_id, steering, start, stop, prompt_len, request state)`` per request of the
+    current step."""
     batch = runner.input_batch
     num_reqs = int(batch.num_reqs)
     if num_reqs == 0:
         return []
     bounds = runner.query_start_loc.np[: num_reqs + 1].tolist()
-    out: list[tuple[str, Any, int, int, int]] = []
+    out: list[tuple[str, Any, int, int, int, Any]] = []
     for index, req_id in enumerate(batch.req_ids[:num_reqs]):
         state = runner.requests.get(req_id)
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None) or {}
         raw = extra.get(EXTRA_ARGS_KEY)
         prompt_len = int(getattr(state, "num_prompt_tokens", 0) or 0)
-        out.append((req_id, raw, int(bounds[index]), int(bounds[index + 1]), prompt_len))
+        out.append((req_id, raw, int(bounds[index]), int(bounds[index + 1]), prompt_len, state))
     return out
 
 
@@ -446,7 +485,13 @@ def _steered_model_forward(
             **model_kwargs,
         )
     assert positions is not None
-    plan = state.plan(requests, positions, device=positions.device, dtype=self.model_config.dtype)
+    plan = state.plan(
+        requests,
+        positions,
+        device=positions.device,
+        dtype=self.model_config.dtype,
+        input_ids=input_ids,
+    )
     state.active = plan
     try:
         output = original(

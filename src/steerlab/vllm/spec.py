@@ -53,7 +53,7 @@ from typing import Any, cast
 import torch
 
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
-from steerlab.interventions import Steering
+from steerlab.interventions import SequenceState, Steering
 from steerlab.operators import OPERATORS, loreft_op_refusal
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
@@ -61,11 +61,13 @@ from steerlab.vectors import SteeringVector
 __all__ = [
     "EXTRA_ARGS_KEY",
     "VECTORS_ENV",
+    "check_bound",
+    "needs_history",
+    "update_history",
     "Readout",
     "ReadoutProbe",
     "ResolvedEntry",
     "StepRequest",
-    "parse_positions",
     "positions_to_wire",
     "readout_to_wire",
     "resolve",
@@ -83,46 +85,18 @@ EXTRA_ARGS_KEY = "steerlab"
 VECTORS_ENV = "STEERLAB_VLLM_VECTORS"
 """Environment variable naming the folder of vectors that requests may refer to by name."""
 
-_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*(?::\s*(\d*)\s*)?$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
-# --- positions ----------------------------------------------------------------------------------
-def parse_positions(value: Any) -> Positions:
-    """A wire (JSON) position spec as :class:`~steerlab.positions.Positions`.
-
-    Accepts what the library accepts, written with JSON values: mode names, ints, lists of ints,
-    ``"a:b"``/``"a:b:step"`` slices, and comma-separated index strings.
-
-    >>> parse_positions("2:").describe(), parse_positions("0,-1").describe()
-    ('2:', '0,-1')
-    """
-    if isinstance(value, Positions):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        match = _SLICE.match(text)
-        if match:
-            start, stop, step = (int(g) if g else None for g in match.groups())
-            return Positions.parse(slice(start, stop, step))
-        if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)*", text):
-            return Positions.parse([int(part) for part in text.split(",")])
-        return Positions.parse(cast(PositionSpec, text))
-    if isinstance(value, Mapping) and set(value) <= {"start", "stop", "step"}:
-        return Positions.parse(slice(value.get("start"), value.get("stop"), value.get("step")))
-    return Positions.parse(value)
-
-
-def positions_to_wire(spec: PositionSpec) -> str | int | list[int]:
-    """The JSON form of a position spec (inverse of :func:`parse_positions`).
+# --- positions ---------------------------------------------------------------------------------
+def positions_to_wire(spec: PositionSpec) -> str | int | list[int] | dict[str, Any]:
+    """The JSON form of a position spec (:meth:`Positions.to_json`; the worker reads it back
+    with :meth:`Positions.parse`, the one parser of the grammar).
 
     >>> positions_to_wire(slice(2, None)), positions_to_wire([0, -1]), positions_to_wire("last")
     ('2:', [0, -1], 'last')
     """
-    parsed = Positions.parse(spec)
-    if parsed.mode == "indices":
-        return list(parsed.indices)
-    return parsed.describe()
+    return Positions.parse(spec).to_json()
 
 
 # --- client side ------------------------------------------------------------------------------
@@ -150,11 +124,7 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
                 "the vLLM plugin applies steering without conditions; this steering has a "
                 "when= condition"
             )
-        if Positions.parse(term.positions).needs_ids:
-            raise InvalidInputError(
-                f"positions {term.positions!r} select tokens by their text, which the vLLM "
-                f"plugin does not support (use index-based positions)"
-            )
+        check_bound(Positions.parse(term.positions))
         refuse_site(term.resolved_site)
         refuse_loreft_add(term)
         vector = {
@@ -184,6 +154,26 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             }
         )
     return {"steering": entries}
+
+
+def check_bound(positions: Positions) -> Positions:
+    """Refuse text markers without token ids: vLLM's workers have no tokenizer, so positions
+    chosen by text (``after:``, ``between:``, ``outside:``) travel with their token ids,
+    which the sender computes (:meth:`Positions.bind`; steerlab's front ends do it).
+
+    >>> check_bound(Positions.parse("after:Yes"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: positions 'after:Yes' select tokens by text; ...
+    """
+    if not positions.bound:
+        raise InvalidInputError(
+            f"positions {positions.describe()!r} select tokens by text; on the vLLM wire they "
+            f"travel with their token ids, which vLLM's workers cannot compute (no tokenizer): "
+            f"send {{'mode', 'markers', 'ids'}} (Positions.bind(tokenizer).to_json()), or use "
+            f"steerlab.vllm.generate / extra_args(..., tokenizer=) / steerlab serve, which do it"
+        )
+    return positions
 
 
 def refuse_loreft_add(term: Steering) -> None:
@@ -307,14 +297,6 @@ def _entry(raw: Any) -> Steering:
     op = raw.get("op", "add")
     if not isinstance(op, str) or op not in OPERATORS:
         raise InvalidInputError(f"unknown steering op {op!r}; available: {', '.join(OPERATORS)}")
-    strength = raw.get("strength", 1.0)
-    if isinstance(strength, Mapping):
-        strength = {_int_key(k, "strength"): v for k, v in strength.items()}
-    layers = raw.get("layers")
-    if layers is not None and (
-        not isinstance(layers, (list, tuple)) or any(isinstance(x, bool) for x in layers)
-    ):
-        raise InvalidInputError(f"'layers' must be a list of layer numbers, got {layers!r}")
     vector = _vector(raw.get("vector"))
     extras = raw.get("extras")
     if extras is not None:
@@ -322,9 +304,9 @@ def _entry(raw: Any) -> Steering:
     term = Steering(
         vector,
         op=op,
-        strength=strength,
-        positions=parse_positions(raw.get("positions", "all")),
-        layers=None if layers is None else [_int_key(x, "layers") for x in layers],
+        strength=raw.get("strength", 1.0),
+        positions=check_bound(Positions.parse(raw.get("positions", "all"))),
+        layers=raw.get("layers"),
     )
     refuse_loreft_add(term)  # a LoReFT file named on the wire, or extras sent without its op
     return term
@@ -404,7 +386,7 @@ def validate(wire: Any) -> None:
     >>> validate({"steering": [{"vector": {"0": [1.0]}, "positions": "sometimes"}]})
     Traceback (most recent call last):
         ...
-    steerlab.errors.InvalidInputError: unknown positions 'sometimes'; use one of all, last, ...
+    steerlab.errors.InvalidInputError: positions: unknown spec 'sometimes'; use one of all, ...
     """
     if wire is None:
         return
@@ -508,12 +490,70 @@ def resolve_readout(wire: Any, *, n_layers: int, d_model: int) -> Readout | None
 
 @dataclasses.dataclass(frozen=True)
 class StepRequest:
-    """One request's share of a step: its tokens ``start:stop`` of the flattened batch."""
+    """One request's share of a step: its tokens ``start:stop`` of the flattened batch.
+
+    ``history`` holds the request's token ids up to this step's last token (the worker keeps
+    one per request, :func:`needs_history`): positions chosen by text are decided on it as the
+    library decides them, token ``i`` from tokens ``0..i`` with the scan carried across steps.
+    """
 
     start: int
     stop: int
     prompt_len: int
     entries: Sequence[ResolvedEntry]
+    history: SequenceState | None = None
+
+
+def needs_history(entries: Sequence[ResolvedEntry]) -> bool:
+    """Whether some entry selects tokens by their text (the worker then keeps token ids).
+
+    >>> needs_history([ResolvedEntry(Positions.after(ids=[5]), {})])
+    True
+    """
+    return any(entry.positions.needs_ids for entry in entries)
+
+
+def update_history(
+    history: SequenceState,
+    known: Sequence[int],
+    indices: Sequence[int],
+    step_ids: Sequence[int] | None,
+) -> None:
+    """Bring a request's token ``history`` up to the end of this step.
+
+    ``indices`` are the absolute positions of the request's tokens in the step and
+    ``step_ids`` their ids (what the model runs; ``None``: take them from ``known``). Tokens
+    before the step come from ``known``, the request's prompt and output ids as the runner
+    keeps them (its newest output id may still be a placeholder, never one before the step).
+    A token that differs from the history at its index starts the history anew there (a
+    preempted request recomputed), as in the library's tracker.
+
+    >>> h = SequenceState()
+    >>> update_history(h, [4, 5, 6], [2], [6]); h.ids
+    [4, 5, 6]
+    """
+    first = indices[0] if len(indices) else len(known)
+    have = len(history.ids)
+    if have < first:
+        history.record(list(known[have:first]), list(range(have, first)))
+    if step_ids is None:
+        step_ids = [known[i] for i in indices]
+    history.record(list(step_ids), list(indices))
+
+
+def _selected(entry: ResolvedEntry, request: StepRequest, abs_index: torch.Tensor) -> torch.Tensor:
+    """``[tokens]`` mask of the request's tokens in this step that ``entry`` steers."""
+    positions = entry.positions
+    if not positions.needs_ids:
+        return positions.mask(abs_index, torch.tensor([request.prompt_len]))[0]
+    if request.history is None:
+        raise InvalidInputError(
+            f"positions {positions.describe()!r} need the request's token ids (a history)"
+        )
+    flags = request.history.flags(positions)
+    return torch.tensor(
+        [0 <= i < len(flags) and flags[i] for i in abs_index[0].tolist()], dtype=torch.bool
+    )
 
 
 def token_deltas(
@@ -542,11 +582,10 @@ def token_deltas(
         if not request.entries or request.stop <= request.start:
             continue
         abs_index = flat[request.start : request.stop].unsqueeze(0)
-        plen = torch.tensor([request.prompt_len])
         for entry in request.entries:
             if entry.op != "add":
                 continue
-            mask = entry.positions.mask(abs_index, plen)[0]
+            mask = _selected(entry, request, abs_index)
             if not bool(mask.any()):
                 continue
             weight = mask.to(torch.float32)[:, None]
@@ -587,11 +626,10 @@ def token_edits(
         if request.stop <= request.start:
             continue
         abs_index = flat[request.start : request.stop].unsqueeze(0)
-        plen = torch.tensor([request.prompt_len])
         for entry in request.entries:
             if entry.op == "add":
                 continue
-            mask = entry.positions.mask(abs_index, plen)[0]
+            mask = _selected(entry, request, abs_index)
             rows = torch.nonzero(mask).reshape(-1) + request.start
             if rows.numel() == 0:
                 continue
