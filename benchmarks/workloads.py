@@ -156,7 +156,7 @@ def extraction(ctx: Context) -> WorkloadResult:
 
     def steerlab_acts(items: list[str] = prompts) -> None:
         out["steerlab"] = model.activations(
-            items, layers=layers, positions="last", batch_size=size, progress=False
+            items, layers=layers, read_at="last", batch_size=size, progress=False
         )
 
     variants: dict[str, Callable[[], None]] = {
@@ -259,7 +259,7 @@ def _extraction_own_time(
     model_module._reduce = reduce
     try:
         start = time.perf_counter()
-        model.activations(prompts, layers=layers, positions="last", batch_size=size, progress=False)
+        model.activations(prompts, layers=layers, read_at="last", batch_size=size, progress=False)
         total = time.perf_counter() - start
     finally:
         del model._forward
@@ -289,7 +289,7 @@ def compare_peer_extraction(ctx: Context, peer: str, acts_path: str) -> dict[str
     theirs = torch.load(acts_path)
     n = len(next(iter(theirs.values())))
     ours = ctx.model.activations(
-        prompts[:n], layers=None, positions="last", batch_size=cfg.extract_batch, progress=False
+        prompts[:n], layers=None, read_at="last", batch_size=cfg.extract_batch, progress=False
     )
     layers = sorted(theirs)
     if peer == "repeng":
@@ -357,9 +357,7 @@ def generation(ctx: Context) -> WorkloadResult:
         ids = model.generate_ids(
             prompts,
             max_new_tokens=current["tokens"],
-            steering=selected,
-            strength=dict(strengths),
-            positions=positions,
+            steering=sl.Steering(selected, strength=dict(strengths), positions=positions),
         )
         return [row.tolist() for row in ids]
 

@@ -132,3 +132,159 @@ def test_the_new_spellings_do_not_warn() -> None:
         warnings.simplefilter("error", SteerlabDeprecationWarning)
         evaluate(model, kl_task(PROMPTS), steering=[sl.Steering(vec, strength=2.0), None])
         extra_args(sl.Steering(vec, positions="last"))
+
+
+def _old_and_new(call: str, old: object, new: object) -> None:
+    """``old()`` warns naming ``call``, ``new()`` does not, and both give the same tensors."""
+    with pytest.warns(SteerlabDeprecationWarning, match=rf"^{call}\(") as caught:
+        got_old = old()  # type: ignore[operator]
+    assert len(caught) == 1  # one warning per call, never one per internal hop
+    got_new = new()  # type: ignore[operator]
+    flat_old = got_old if isinstance(got_old, (list, tuple)) else [got_old]
+    flat_new = got_new if isinstance(got_new, (list, tuple)) else [got_new]
+    assert len(flat_old) == len(flat_new)
+    for a, b in zip(flat_old, flat_new):
+        if isinstance(a, str):
+            assert a == b
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_model_calls_old_and_new_spelling_are_bit_identical() -> None:
+    model = tiny_model("llama")
+    vec = _vector(model)
+    s = sl.Steering(vec, strength={1: 3.0, 2: -1.5}, positions="last", op="add")
+    loose = {"strength": {1: 3.0, 2: -1.5}, "positions": "last", "op": "add"}
+    _old_and_new(
+        "logits",
+        lambda: model.logits(PROMPTS, steering=vec, **loose),
+        lambda: model.logits(PROMPTS, steering=s),
+    )
+    _old_and_new(
+        "next_token_logits",
+        lambda: model.next_token_logits(PROMPTS, steering=[vec, None], **loose),
+        lambda: model.next_token_logits(PROMPTS, steering=[s, None]),
+    )
+    _old_and_new(
+        "generate",
+        lambda: model.generate(PROMPTS, steering=vec, max_new_tokens=4, **loose),
+        lambda: model.generate(PROMPTS, steering=s, max_new_tokens=4),
+    )
+    _old_and_new(
+        "generate_ids",
+        lambda: model.generate_ids(PROMPTS, steering=vec, max_new_tokens=4, **loose),
+        lambda: model.generate_ids(PROMPTS, steering=s, max_new_tokens=4),
+    )
+    assert not torch.equal(model.logits(PROMPTS, steering=s), model.logits(PROMPTS))
+
+
+def test_cache_replays_old_and_new_spelling_are_bit_identical() -> None:
+    model = tiny_model("llama")
+    vec = _vector(model, 2)
+    s = sl.Steering(vec, strength=2.5, positions="last")
+    prefix = model.prefix_cache(PROMPTS, layer=1)
+    _old_and_new(
+        "run_from",
+        lambda: model.run_from(prefix, steering=vec, strength=2.5, positions="last"),
+        lambda: model.run_from(prefix, steering=s),
+    )
+    last = model.last_token_cache(PROMPTS)
+    _old_and_new(
+        "run_last",
+        lambda: model.run_last(last, steering=vec, strength=2.5, positions="last"),
+        lambda: model.run_last(last, steering=s),
+    )
+    _old_and_new(
+        "run_last_with_activations",
+        lambda: model.run_last_with_activations(
+            last, layers=[2], steering=vec, strength=2.5, positions="last"
+        ),
+        lambda: model.run_last_with_activations(last, layers=[2], steering=s),
+    )
+    prompt = model.prompt_cache(PROMPTS)
+    gen = sl.Steering(vec, strength=2.5, positions="generated")
+    _old_and_new(
+        "score_continuations",
+        lambda: model.score_continuations(
+            prompt, [[5, 6], [7]], steering=vec, strength=2.5, positions="generated"
+        ),
+        lambda: model.score_continuations(prompt, [[5, 6], [7]], steering=gen),
+    )
+    steered = model.run_from(prefix, steering=s)
+    assert not torch.equal(steered, model.run_from(prefix))  # the steering did something
+
+
+def test_activations_read_at_and_steering_old_and_new_spelling() -> None:
+    model = tiny_model("llama")
+    vec = _vector(model, 0)
+    s = sl.Steering(vec, strength=2.0)
+    _old_and_new(
+        "activations",
+        lambda: model.activations(PROMPTS, layers=[1, 2], positions="mean", steering=s),
+        lambda: model.activations(PROMPTS, layers=[1, 2], read_at="mean", steering=s),
+    )
+    _old_and_new(
+        "activations",
+        lambda: model.activations(PROMPTS, layers=[1, 2], steering=vec, strength=2.0),
+        lambda: model.activations(PROMPTS, layers=[1, 2], steering=s),
+    )
+    plain = model.activations(PROMPTS, layers=[2], read_at="mean")[2]
+    assert not torch.equal(
+        plain, model.activations(PROMPTS, layers=[2], read_at="mean", steering=s)[2]
+    )
+    with pytest.raises(sl.InvalidInputError, match="both read_at= and positions="):
+        model.activations(PROMPTS, read_at="last", positions="last")
+    with pytest.raises(sl.InvalidInputError, match="read_at for activations"):
+        model.activations(PROMPTS, read_at="first")
+
+
+def test_reading_calls_take_read_at() -> None:
+    model = tiny_model("llama")
+    pos, neg = ["i love it", "so happy", "great", "joy"], ["i hate it", "so sad", "awful", "pain"]
+    _old_and_new(
+        "compute_vector",
+        lambda: sl.compute_vector(model, pos, neg, layers=[1], positions="mean").directions[1],
+        lambda: sl.compute_vector(model, pos, neg, layers=[1], read_at="mean").directions[1],
+    )
+    _old_and_new(
+        "mean_diff",
+        lambda: sl.mean_diff(model, pos, neg, layers=[1], positions=-1).directions[1],
+        lambda: sl.mean_diff(model, pos, neg, layers=[1], read_at=-1).directions[1],
+    )
+    _old_and_new(
+        "scan_layers",
+        lambda: sl.scan_layers(model, pos, neg, positions="mean", probe=False).vector.directions[2],
+        lambda: sl.scan_layers(model, pos, neg, read_at="mean", probe=False).vector.directions[2],
+    )
+    mean = sl.compute_vector(model, pos, neg, layers=[1], read_at="mean")
+    last = sl.compute_vector(model, pos, neg, layers=[1])
+    assert mean.metadata["positions"] == "mean"
+    assert not torch.equal(mean.directions[1], last.directions[1])
+
+
+def test_edit_old_spellings_warn_and_edit_the_same() -> None:
+    model = tiny_model("gpt2")
+    a, b = _vector(model, 1, seed=1), _vector(model, 2, seed=2)
+    _old_and_new(
+        "edit",
+        lambda: model.edit(a, strength=2.0, positions="last").logits(PROMPTS),
+        lambda: model.edit(sl.Steering(a, strength=2.0, positions="last")).logits(PROMPTS),
+    )
+    with pytest.warns(SteerlabDeprecationWarning, match=r"model\.edit\(a\)\.edit\(b\)"):
+        stacked = model.edit((a, b)).logits(PROMPTS)
+    assert torch.equal(stacked, model.edit(a).edit(b).logits(PROMPTS))
+    with pytest.raises(sl.InvalidInputError, match=r"chain model\.edit"):
+        model.edit([a, b])
+
+
+def test_tune_reads_at_read_at() -> None:
+    model = tiny_model("llama")
+    options = {"layers": [1], "strengths": [2.0], "n_examples": 1, "max_new_tokens": 2}
+    with pytest.warns(SteerlabDeprecationWarning, match=r"tune\(vector_positions=\.\.\.\)"):
+        old = sl.tune(model, "sentiment", vector_positions="mean", progress=False, **options)
+    new = sl.tune(model, "sentiment", read_at="mean", progress=False, **options)
+    assert torch.equal(old.vector.directions[1], new.vector.directions[1])
+    last = sl.tune(model, "sentiment", progress=False, **options)
+    assert not torch.equal(last.vector.directions[1], new.vector.directions[1])

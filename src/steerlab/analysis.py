@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from steerlab.deprecation import renamed_keyword
 from steerlab.errors import InvalidInputError, UnsupportedModelError, VectorMismatchError
 from steerlab.methods import (
     METHODS,
@@ -385,7 +386,7 @@ def residual_norms(
         acts = model.activations(
             items[start : start + batch_size],
             layers=resolved,
-            positions="all",
+            read_at="all",
             batch_size=batch_size,
             chat=chat,
             progress=False,
@@ -609,7 +610,7 @@ def scan_layers(
     *,
     layers: int | Sequence[int] | None = None,
     method: str = "mean_diff",
-    positions: str | int = "last",
+    read_at: str | int | None = None,
     test_fraction: float = 0.25,
     seed: int = 0,
     paired: bool | None = None,
@@ -617,11 +618,13 @@ def scan_layers(
     batch_size: int = 16,
     chat: bool = False,
     progress: bool | None = None,
+    positions: str | int | None = None,
     **options: Any,
 ) -> LayerScan:
     """Compute ``method`` at every layer from one extraction pass and score each layer held-out.
 
-    Inputs as in :func:`~steerlab.methods.compute_vector`. The examples are split once
+    Inputs as in :func:`~steerlab.methods.compute_vector` (``read_at``: where each prompt is
+    read, ``"last"`` by default; ``positions=`` is its deprecated name). The examples are split once
     (seeded; pairs stay together), the method runs on the training part of every layer's
     activations, and each direction is scored on the held-out part (:class:`LayerScore`).
     ``probe=True`` also trains a logistic-regression probe per layer on the same split.
@@ -635,6 +638,14 @@ def scan_layers(
     >>> scan.layers, scan.n_test
     ((0, 1, 2), 4)
     """
+    positions = renamed_keyword(
+        "scan_layers",
+        old="positions",
+        new="read_at",
+        old_value=positions,
+        new_value=read_at,
+        default="last",
+    )
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     inputs = resolve_inputs(positive, negative, paired=paired)
@@ -647,7 +658,7 @@ def scan_layers(
         model,
         inputs.positive + inputs.negative,
         layers=resolved,
-        positions=positions,
+        read_at=positions,
         batch_size=batch_size,
         chat=chat,
         progress=progress,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +26,6 @@ from torch import nn
 from steerlab.adapter import ModelAdapter
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import PositionTracker
-from steerlab.positions import PositionSpec
 
 __all__ = [
     "Batch",
@@ -99,11 +98,7 @@ class BatchRunner(Protocol):
         batch: Batch,
         *,
         steering: Any = None,
-        strength: float | Mapping[int, float] | None = None,
-        positions: PositionSpec | None = None,
         row_offset: int = 0,
-        op: str | None = None,
-        when: Any = None,
     ) -> contextlib.AbstractContextManager[list[PositionTracker]]: ...
 
     def forward_batch(self, batch: Batch, **kwargs: Any) -> Any: ...

@@ -335,8 +335,8 @@ def caa_vector(
             _, pos = model.run_last_with_activations(cache, layers=resolved, last_ids=pos_ids)
             _, neg = model.run_last_with_activations(cache, layers=resolved, last_ids=neg_ids)
         else:
-            pos = model.activations(pos_texts, layers=resolved, positions="last", progress=False)
-            neg = model.activations(neg_texts, layers=resolved, positions="last", progress=False)
+            pos = model.activations(pos_texts, layers=resolved, read_at="last", progress=False)
+            neg = model.activations(neg_texts, layers=resolved, read_at="last", progress=False)
         for layer in resolved:
             pos_acts[layer].append(pos[layer].float())
             neg_acts[layer].append(neg[layer].float())

@@ -162,7 +162,7 @@ class Condition:
     ) -> torch.Tensor:
         """Each prompt's score (mean hidden state at :attr:`layer`), float32 ``[n]``."""
         self._check(model.adapter)
-        acts = model.activations(prompts, layers=[self.layer], positions="mean", chat=chat)
+        acts = model.activations(prompts, layers=[self.layer], read_at="mean", chat=chat)
         return condition_score(acts[self.layer], self.direction)
 
     def fires(
@@ -416,7 +416,7 @@ def fit_condition(
     acts = model.activations(
         pos + neg,
         layers=resolved,
-        positions="mean",
+        read_at="mean",
         batch_size=batch_size,
         chat=chat,
         progress=progress,

@@ -21,7 +21,14 @@ import sys
 import warnings
 from typing import Any
 
-__all__ = ["SteerlabDeprecationWarning", "loose_steering_keywords", "warn_deprecated"]
+from steerlab.errors import InvalidInputError
+
+__all__ = [
+    "SteerlabDeprecationWarning",
+    "loose_steering_keywords",
+    "renamed_keyword",
+    "warn_deprecated",
+]
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -74,3 +81,24 @@ def loose_steering_keywords(call: str, **given: Any) -> None:
         return
     spelled = ", ".join(f"{name}=..." for name in names)
     warn_deprecated(f"{call}({spelled})", f"{call}(steering=sl.Steering(vector, {spelled}))")
+
+
+def renamed_keyword(
+    call: str, *, old: str, new: str, old_value: Any, new_value: Any, default: Any
+) -> Any:
+    """The value of keyword ``new`` of ``call``, accepting its deprecated spelling ``old`` (with
+    a warning); ``default`` when neither is given. Both at once is a mistake and raises
+    :class:`~steerlab.errors.InvalidInputError` naming them.
+
+    >>> renamed_keyword("scan_layers", old="positions", new="read_at", old_value=None,
+    ...                 new_value="mean", default="last")
+    'mean'
+    """
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise InvalidInputError(
+            f"{call}() got both {new}= and {old}=; give {new}= only ({old}= is its old spelling)"
+        )
+    warn_deprecated(f"{call}({old}=...)", f"{call}({new}=...)")
+    return old_value

@@ -41,7 +41,8 @@ That is exactly steerlab's "layer L = output of block L", so steerlab layer ``L`
 >>> import torch, steerlab as sl
 >>> from steerlab.testing import tiny_model, hook_count
 >>> model = tiny_model("llama")
->>> edited = edit(model, sl.SteeringVector({1: torch.ones(model.d_model)}), strength=2.0)
+>>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+>>> edited = edit(model, sl.Steering(vec, strength=2.0))
 >>> steered = edited.logits(["the cat"])
 >>> hook_count(model.hf_model), bool((steered != model.logits(["the cat"])).any())
 (0, True)

@@ -12,7 +12,7 @@ Built on a model's public ``call_scope`` (:class:`~steerlab.batch.BatchRunner`);
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,6 @@ import torch
 from steerlab.batch import BatchRunner, check_steering_rows
 from steerlab.checks import as_finite_float, as_int, as_positive_int, check_prompts
 from steerlab.errors import InvalidInputError
-from steerlab.positions import PositionSpec
 
 __all__ = ["check_sampling", "generate_ids", "strip_after_eos"]
 
@@ -32,8 +31,6 @@ def generate_ids(
     *,
     max_new_tokens: int = 32,
     steering: Any = None,
-    strength: float | Mapping[int, float] | None = None,
-    positions: PositionSpec | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float | None = None,
@@ -42,8 +39,6 @@ def generate_ids(
     chat: bool = False,
     batch_size: int | None = None,
     use_cache: bool = True,
-    op: str | None = None,
-    when: Any = None,
 ) -> list[torch.Tensor]:
     """Each row's new token ids (EOS and after removed); the options are those of
     :meth:`~steerlab.model.SteeredModel.generate`."""
@@ -78,15 +73,7 @@ def generate_ids(
             torch.manual_seed(seed)
         for start in range(0, len(items), size):
             chunk = batch.rows(start, start + size).to(model.device)
-            with model.call_scope(
-                chunk,
-                steering=steering,
-                strength=strength,
-                positions=positions,
-                row_offset=start,
-                op=op,
-                when=when,
-            ):
+            with model.call_scope(chunk, steering=steering, row_offset=start):
                 out = model.hf_model.generate(  # type: ignore[operator]
                     input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, **options
                 )

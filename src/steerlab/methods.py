@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from steerlab.checks import check_prompt_list
+from steerlab.deprecation import renamed_keyword
 from steerlab.errors import InvalidInputError
 from steerlab.operators import angular_plane
 from steerlab.sites import check_site
@@ -436,9 +437,9 @@ def resolve_inputs(
 # --- extraction -------------------------------------------------------------------------------
 def _check_positions(positions: str | int) -> str | int:
     if isinstance(positions, bool) or not isinstance(positions, (str, int)):
-        raise InvalidInputError(f"positions must be 'last', 'mean' or an int, got {positions!r}")
+        raise InvalidInputError(f"read_at must be 'last', 'mean' or an int, got {positions!r}")
     if isinstance(positions, str) and positions not in ("last", "mean"):
-        raise InvalidInputError(f"positions must be 'last', 'mean' or an int, not {positions!r}")
+        raise InvalidInputError(f"read_at must be 'last', 'mean' or an int, not {positions!r}")
     return positions
 
 
@@ -447,32 +448,42 @@ def extract_activations(
     prompts: Sequence[str],
     *,
     layers: Sequence[int],
-    positions: str | int = "last",
+    read_at: str | int | None = None,
     batch_size: int = 16,
     chat: bool = False,
     progress: bool | None = None,
     site: str = "resid",
+    positions: str | int | None = None,
 ) -> dict[int, torch.Tensor]:
     """``{layer: Tensor[n, d_model]}`` at one position per prompt, in one pass over the prompts
     (at another ``site`` of the blocks, :mod:`steerlab.sites`, the site's width).
 
-    ``positions``: ``"last"``, ``"mean"`` (over the prompt's tokens), or an int index into each
-    prompt's tokens (``-2`` is the answer letter of CAA items ending ``"(A)"``; ``0`` the first).
-    An int reads full sequences one batch at a time, so memory stays bounded by the batch.
+    ``read_at``: ``"last"`` (default), ``"mean"`` (over the prompt's tokens), or an int index
+    into each prompt's tokens (``-2`` is the answer letter of CAA items ending ``"(A)"``; ``0``
+    the first). An int reads full sequences one batch at a time, so memory stays bounded by the
+    batch. ``positions=`` is the deprecated name of ``read_at=``.
 
     >>> from steerlab.testing import tiny_model
     >>> acts = extract_activations(tiny_model("gpt2"), ["the cat sat"], layers=[0, 2],
-    ...                            positions=-2)
+    ...                            read_at=-2)
     >>> sorted(acts), tuple(acts[2].shape)
     ([0, 2], (1, 32))
     """
-    positions = _check_positions(positions)
+    read_at = renamed_keyword(
+        "extract_activations",
+        old="positions",
+        new="read_at",
+        old_value=positions,
+        new_value=read_at,
+        default="last",
+    )
+    positions = _check_positions(read_at)
     items = list(prompts)
     if isinstance(positions, str):
         acts = model.activations(
             items,
             layers=list(layers),
-            positions=positions,
+            read_at=positions,
             batch_size=batch_size,
             chat=chat,
             progress=progress,
@@ -486,7 +497,7 @@ def extract_activations(
         acts = model.activations(
             chunk,
             layers=list(layers),
-            positions="all",
+            read_at="all",
             batch_size=batch_size,
             chat=chat,
             progress=False,
@@ -511,7 +522,7 @@ def compute_vector(
     *,
     layers: int | Sequence[int] | None = None,
     method: str = "mean_diff",
-    positions: str | int = "last",
+    read_at: str | int | None = None,
     paired: bool | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -519,6 +530,7 @@ def compute_vector(
     progress: bool | None = None,
     site: str = "resid",
     plane: bool | None = None,
+    positions: str | int | None = None,
     **options: Any,
 ) -> SteeringVector:
     """Compute a steering vector with a registered method at every requested layer.
@@ -526,9 +538,11 @@ def compute_vector(
     ``positive``/``negative``: two prompt lists, or a :class:`~steerlab.data.ContrastDataset`
     (or list of pairs) as ``positive`` with ``negative`` omitted; see :func:`resolve_inputs`
     for pairing. ``layers``: an index, a list (negative indices allowed) or ``None`` for all.
-    ``positions``: ``"last"``, ``"mean"`` or an int index (see :func:`extract_activations`).
-    Activations are read once for all layers. ``seed`` drives the probe's split; other
-    ``options`` go to the method (``scale="unit"``, the probe's ``C`` and ``test_fraction``).
+    ``read_at``: where each prompt is read, ``"last"`` (default), ``"mean"`` or an int index
+    (see :func:`extract_activations`; ``positions=`` is its deprecated name, recorded in the
+    vector's metadata as ``positions``). Activations are read once for all layers. ``seed``
+    drives the probe's split; other ``options`` go to the method (``scale="unit"``, the
+    probe's ``C`` and ``test_fraction``).
     ``site`` (:mod:`steerlab.sites`) reads the activations there (``"attn_out"``,
     ``"mlp_out"``, ``"head"``...) and records it in the vector, which then steers there.
     The result carries the full metadata schema of :mod:`steerlab.vectors`, plus per-layer
@@ -549,6 +563,14 @@ def compute_vector(
     >>> vec.layers, vec.metadata["method"], vec.metadata["dataset"]["paired"]
     ((1,), 'mean_diff', True)
     """
+    positions = renamed_keyword(
+        "compute_vector",
+        old="positions",
+        new="read_at",
+        old_value=positions,
+        new_value=read_at,
+        default="last",
+    )
     if method not in METHODS:
         raise InvalidInputError(f"unknown method {method!r}; available: {sorted(METHODS)}")
     inputs = resolve_inputs(positive, negative, paired=paired)
@@ -566,7 +588,7 @@ def compute_vector(
         model,
         inputs.positive + inputs.negative,
         layers=read_layers,
-        positions=positions,
+        read_at=positions,
         batch_size=batch_size,
         chat=chat,
         progress=progress,
@@ -627,17 +649,19 @@ def mean_diff(
     negative: Sequence[str] | None = None,
     *,
     layers: int | Sequence[int] | None = None,
-    positions: str | int = "last",
+    read_at: str | int | None = None,
     batch_size: int = 16,
     progress: bool | None = None,
     site: str = "resid",
     plane: bool | None = None,
+    positions: str | int | None = None,
 ) -> SteeringVector:
     """Contrastive mean-difference vector: ``mean(acts(positive)) - mean(acts(negative))``,
     read at ``site`` (:mod:`steerlab.sites`; ``"attn_out"``/``"mlp_out"`` give a vector that
     steers the attention or MLP output).
 
-    ``plane``: whether to store angular steering's rotation plane, as in :func:`compute_vector`.
+    ``plane``: whether to store angular steering's rotation plane, ``read_at``: where each
+    prompt is read, as in :func:`compute_vector` (``positions=``: the deprecated name).
 
     >>> import steerlab as sl
     >>> from steerlab.testing import tiny_model
@@ -652,7 +676,14 @@ def mean_diff(
         negative,
         layers=layers,
         method="mean_diff",
-        positions=positions,
+        read_at=renamed_keyword(
+            "mean_diff",
+            old="positions",
+            new="read_at",
+            old_value=positions,
+            new_value=read_at,
+            default="last",
+        ),
         batch_size=batch_size,
         progress=progress,
         site=site,

@@ -36,6 +36,7 @@ from steerlab.batch import (
     tile_rows,
 )
 from steerlab.checks import as_int, as_positive_int, check_prompts
+from steerlab.deprecation import loose_steering_keywords, renamed_keyword, warn_deprecated
 from steerlab.errors import EditRemovedError, InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
@@ -51,6 +52,7 @@ from steerlab.interventions import (
     normalize_steering,
     output_hidden,
     scoped_hooks,
+    steering_with,
 )
 from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
@@ -381,7 +383,8 @@ class SteeredModel:
         >>> import torch, steerlab as sl
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("gpt2")
-        >>> edited = model.edit(sl.SteeringVector({1: torch.ones(model.d_model)}), strength=2.0)
+        >>> vec = sl.SteeringVector({1: torch.ones(model.d_model)})
+        >>> edited = model.edit(sl.Steering(vec, strength=2.0))
         >>> bool((edited.logits(["the cat"]) != model.logits(["the cat"])).any())
         True
         """
@@ -449,21 +452,10 @@ class SteeredModel:
         steering: Any,
         batch: Batch,
         *,
-        strength: float | Mapping[int, float] | None,
-        positions: PositionSpec | None,
         row_offset: int = 0,
-        op: str | None = None,
-        when: Any = None,
     ) -> Iterator[list[PositionTracker]]:
         """Per-call steering plus pinned prompt lengths for every installed tracker."""
-        per_call = normalize_steering(
-            steering,
-            strength=strength,
-            positions=positions,
-            op=op,
-            when=when,
-            tokenizer=self.tokenizer,
-        )
+        per_call = normalize_steering(steering, tokenizer=self.tokenizer)
         self.check_vectors(per_call)
         rows = batch.input_ids.shape[0]
         per_call = [
@@ -498,11 +490,7 @@ class SteeredModel:
         batch: Batch,
         *,
         steering: Any = None,
-        strength: float | Mapping[int, float] | None = None,
-        positions: PositionSpec | None = None,
         row_offset: int = 0,
-        op: str | None = None,
-        when: Any = None,
     ) -> contextlib.AbstractContextManager[list[PositionTracker]]:
         """What every call of this model runs under, for code that runs an encoded batch itself
         (with hooks of its own, as :func:`steerlab.ablation.compute_means` and the cache
@@ -522,15 +510,7 @@ class SteeredModel:
         >>> bool(torch.equal(logits, model.logits(["the cat sat", "a dog"])))
         True
         """
-        return self._call_scope(
-            steering,
-            batch,
-            strength=strength,
-            positions=positions,
-            row_offset=row_offset,
-            op=op,
-            when=when,
-        )
+        return self._call_scope(steering, batch, row_offset=row_offset)
 
     def forward_batch(self, batch: Batch, **kwargs: Any) -> Any:
         """``hf_model``'s output for a batch from :meth:`encode`: moved to the model's device,
@@ -563,18 +543,19 @@ class SteeredModel:
         >>> from steerlab.testing import tiny_model
         >>> tiny_model("qwen2").logits(["a b", "the cat sat"]).shape[:2]
         torch.Size([2, 3])
+
+        ``strength``/``positions``/``op``/``when`` are deprecated: give
+        ``steering=sl.Steering(vector, strength=..., ...)``.
         """
         return self._run_chunks(
             prompts,
             lambda chunk: self._forward(chunk).logits.float().cpu(),
-            steering=steering,
-            strength=strength,
-            positions=positions,
+            steering=_fold(
+                "logits", steering, strength=strength, positions=positions, op=op, when=when
+            ),
             batch_size=batch_size,
             padding_side=padding_side,
             chat=chat,
-            op=op,
-            when=when,
         )
 
     def _run_chunks(
@@ -583,13 +564,9 @@ class SteeredModel:
         run: Any,
         *,
         steering: Any,
-        strength: float | Mapping[int, float] | None,
-        positions: PositionSpec | None,
         batch_size: int | None,
         padding_side: str = "left",
         chat: bool = False,
-        op: str | None = None,
-        when: Any = None,
     ) -> torch.Tensor:
         """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
         items = check_prompts(prompts)
@@ -601,15 +578,7 @@ class SteeredModel:
         outputs = []
         for start in range(0, len(items), size):
             chunk = batch.rows(start, start + size)
-            with self._call_scope(
-                steering,
-                chunk,
-                strength=strength,
-                positions=positions,
-                row_offset=start,
-                op=op,
-                when=when,
-            ):
+            with self._call_scope(steering, chunk, row_offset=start):
                 outputs.append(run(chunk))
         return torch.cat(outputs, dim=0)
 
@@ -636,16 +605,15 @@ class SteeredModel:
         >>> bool(torch.allclose(model.next_token_logits(["a b", "the cat sat"]), full, atol=1e-5))
         True
         """
+        steering = _fold(
+            "next_token_logits", steering, strength=strength, positions=positions, op=op, when=when
+        )
         return self._run_chunks(
             prompts,
             lambda chunk: last_token_logits(self, chunk),
             steering=steering,
-            strength=strength,
-            positions=positions,
             batch_size=batch_size,
             chat=chat,
-            op=op,
-            when=when,
         )
 
     # --- cache replays (steerlab.replay) -------------------------------------------------------
@@ -667,9 +635,8 @@ class SteeredModel:
     ) -> torch.Tensor:
         """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``
         (:func:`steerlab.replay.run_from`)."""
-        return replay.run_from(
-            self, cache, repeat=repeat, steering=steering, strength=strength, positions=positions
-        )
+        steering = _fold("run_from", steering, strength=strength, positions=positions)
+        return replay.run_from(self, cache, repeat=repeat, steering=steering)
 
     def last_token_cache(
         self, prompts: Sequence[str] | str, *, chat: bool = False
@@ -708,15 +675,8 @@ class SteeredModel:
         ...                     atol=1e-5))
         True
         """
-        return replay.run_last(
-            self,
-            cache,
-            repeat=repeat,
-            steering=steering,
-            strength=strength,
-            positions=positions,
-            last_ids=last_ids,
-        )
+        steering = _fold("run_last", steering, strength=strength, positions=positions)
+        return replay.run_last(self, cache, repeat=repeat, steering=steering, last_ids=last_ids)
 
     def run_last_with_activations(
         self,
@@ -731,15 +691,11 @@ class SteeredModel:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:meth:`run_last` plus the block outputs at the re-run token
         (:func:`steerlab.replay.run_last_with_activations`)."""
+        steering = _fold(
+            "run_last_with_activations", steering, strength=strength, positions=positions
+        )
         return replay.run_last_with_activations(
-            self,
-            cache,
-            layers=layers,
-            repeat=repeat,
-            steering=steering,
-            strength=strength,
-            positions=positions,
-            last_ids=last_ids,
+            self, cache, layers=layers, repeat=repeat, steering=steering, last_ids=last_ids
         )
 
     def prompt_cache(self, prompts: Sequence[str] | str, *, chat: bool = False) -> LastTokenCache:
@@ -759,14 +715,9 @@ class SteeredModel:
     ) -> torch.Tensor:
         """Sum of log p(continuation tokens) after each cached prompt
         (:func:`steerlab.replay.score_continuations`)."""
+        steering = _fold("score_continuations", steering, strength=strength, positions=positions)
         return replay.score_continuations(
-            self,
-            cache,
-            continuations,
-            repeat=repeat,
-            steering=steering,
-            strength=strength,
-            positions=positions,
+            self, cache, continuations, repeat=repeat, steering=steering
         )
 
     @torch.no_grad()
@@ -775,27 +726,31 @@ class SteeredModel:
         prompts: Sequence[str] | str,
         *,
         layers: int | Sequence[int] | None = None,
-        positions: str | int = "last",
+        read_at: str | int | None = None,
         batch_size: int = 16,
         steering: Any = None,
-        strength: float | Mapping[int, float] | None = None,
         padding_side: str = "left",
         chat: bool = False,
         progress: bool | None = None,
+        site: str = "resid",
+        positions: str | int | None = None,
+        strength: float | Mapping[int, float] | None = None,
         op: str | None = None,
         when: Any = None,
-        site: str = "resid",
     ) -> LayerActivations:
         """Residual-stream activations at the output of ``layers`` (default: all), or those of
         another ``site`` of those blocks (:mod:`steerlab.sites`: ``"attn_out"``, ``"mlp_out"``,
         ``"head"`` (width ``n_heads * head_dim``), ``"router"`` (one logit per expert)).
 
-        ``positions``: ``"last"`` → ``Tensor[n, d_model]`` of each prompt's last token,
-        ``"mean"`` → the mean over each prompt's tokens, ``"all"`` → a list of
-        ``Tensor[len_i, d_model]``, an int ``i`` → the token at index ``i`` of each prompt
-        (negative counts from the end: ``-2`` is the answer letter of a CAA ``"(A)"`` prompt).
-        Results are float32 on the CPU; memory grows with the reduced results, not with full
-        sequences. The forward pass stops after the deepest requested layer.
+        ``read_at`` (which tokens are read, not steered): ``"last"`` (default) →
+        ``Tensor[n, d_model]`` of each prompt's last token, ``"mean"`` → the mean over each
+        prompt's tokens, ``"all"`` → a list of ``Tensor[len_i, d_model]``, an int ``i`` → the
+        token at index ``i`` of each prompt (negative counts from the end: ``-2`` is the answer
+        letter of a CAA ``"(A)"`` prompt). ``steering`` (as in :meth:`logits`) steers the pass
+        being read. Results are float32 on the CPU; memory grows with the reduced results, not
+        with full sequences. The forward pass stops after the deepest requested layer.
+        Deprecated: ``positions=`` (now ``read_at=``) and ``strength``/``op``/``when`` (give a
+        :class:`~steerlab.interventions.Steering`).
 
         >>> from steerlab.testing import tiny_model
         >>> model = tiny_model("llama")
@@ -805,6 +760,15 @@ class SteeredModel:
         >>> tuple(model.activations(["the cat"], layers=[1], site="mlp_out")[1].shape)
         (1, 32)
         """
+        positions = renamed_keyword(
+            "activations",
+            old="positions",
+            new="read_at",
+            old_value=positions,
+            new_value=read_at,
+            default="last",
+        )
+        steering = _fold("activations", steering, strength=strength, op=op, when=when)
         items = check_prompts(prompts)
         site = check_site(site)
         width = site_width(self.adapter, site)
@@ -812,13 +776,13 @@ class SteeredModel:
             positions in _REDUCTIONS or isinstance(positions, int)
         ):
             raise InvalidInputError(
-                f"positions for activations must be one of {_REDUCTIONS} or an int token index, "
+                f"read_at for activations must be one of {_REDUCTIONS} or an int token index, "
                 f"not {positions!r}"
             )
         batch_size = as_positive_int(batch_size, "batch_size")
         check_steering_rows(steering, len(items))
         wanted = self.adapter.resolve_layers(layers)
-        read_at = {layer: site_hook(self.adapter, site, layer) for layer in wanted}
+        hooks_at = {layer: site_hook(self.adapter, site, layer) for layer in wanted}
         deepest = max(wanted)
         results: dict[int, list[Any]] = {layer: [] for layer in wanted}
         reduced: dict[int, torch.Tensor] = {}
@@ -850,16 +814,8 @@ class SteeredModel:
 
                     return hook
 
-                with self._call_scope(
-                    steering,
-                    batch,
-                    strength=strength,
-                    positions=None,
-                    row_offset=start,
-                    op=op,
-                    when=when,
-                ):
-                    reads = [HookSpec(*read_at[layer], make_hook(layer)) for layer in wanted]
+                with self._call_scope(steering, batch, row_offset=start):
+                    reads = [HookSpec(*hooks_at[layer], make_hook(layer)) for layer in wanted]
                     with scoped_hooks(reads), contextlib.suppress(_StopForward):
                         self._forward(batch)
                 for layer in wanted:
@@ -888,8 +844,9 @@ class SteeredModel:
     def generate(self, prompts: Sequence[str] | str, **kwargs: Any) -> str | list[str]:
         """Generate continuations (new text only), steering at every step.
 
-        Keyword options: ``max_new_tokens`` (32), ``steering``/``strength``/``positions``/``op``/
-        ``when`` as in :meth:`steer`, ``do_sample`` (False: greedy), ``temperature``,
+        Keyword options: ``max_new_tokens`` (32), ``steering`` as in :meth:`logits` (the loose
+        ``strength``/``positions``/``op``/``when`` are deprecated), ``do_sample`` (False: greedy),
+        ``temperature``,
         ``top_p``, ``top_k``, ``seed`` (sampling seed, global RNG untouched), ``chat`` (apply
         the chat template), ``batch_size``, ``use_cache`` (True). A string prompt returns a string.
 
@@ -899,6 +856,9 @@ class SteeredModel:
         True
         """
         single = isinstance(prompts, str)
+        loose = {key: kwargs.pop(key) for key in _LOOSE if key in kwargs}
+        if loose:
+            kwargs["steering"] = _fold("generate", kwargs.get("steering"), **loose)
         texts = [
             self.tokenizer.decode(ids, skip_special_tokens=True)
             for ids in self.generate_ids(prompts, **kwargs)
@@ -925,13 +885,14 @@ class SteeredModel:
         when: Any = None,
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
+        steering = _fold(
+            "generate_ids", steering, strength=strength, positions=positions, op=op, when=when
+        )
         return generation.generate_ids(
             self,
             prompts,
             max_new_tokens=max_new_tokens,
             steering=steering,
-            strength=strength,
-            positions=positions,
             do_sample=do_sample,
             temperature=temperature,
             top_p=top_p,
@@ -940,9 +901,16 @@ class SteeredModel:
             chat=chat,
             batch_size=batch_size,
             use_cache=use_cache,
-            op=op,
-            when=when,
         )
+
+
+_LOOSE = ("strength", "positions", "op", "when")
+
+
+def _fold(call: str, steering: Any, **loose: Any) -> Any:
+    """``steering`` with the deprecated loose keywords of ``call`` folded in (warning once)."""
+    loose_steering_keywords(call, **loose)
+    return steering_with(steering, **loose)
 
 
 def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str | int) -> torch.Tensor:
@@ -1191,7 +1159,7 @@ def edit(
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> paris = model.activations(["the capital of france is paris"], layers=[-1],
-    ...                           positions="all")[-1][0]
+    ...                           read_at="all")[-1][0]
     >>> edited = edit(model, sl.ReplaceActivation(-1, paris))
     >>> a = edited.logits(["the capital of germany is"])[0, -1]
     >>> b = edited.logits(["the capital of japan is"])[0, -1]
@@ -1203,8 +1171,11 @@ def edit(
     if isinstance(steering, list):
         raise InvalidInputError(
             "a per-row list cannot be a persistent edit (rows change from call to call); pass "
-            "one intervention or a tuple of interventions"
+            "one intervention, and chain model.edit(a).edit(b) to stack edits"
         )
+    loose_steering_keywords("edit", strength=strength, positions=positions, layers=layers)
+    if isinstance(steering, tuple):
+        warn_deprecated("edit(model, (a, b))", "model.edit(a).edit(b)")
     items = list(steering) if isinstance(steering, tuple) else [steering]
     new: list[Intervention] = []
     for item in items:

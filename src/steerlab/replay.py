@@ -31,7 +31,6 @@ from steerlab.batch import Batch, BatchRunner, check_steering_rows, last_token_l
 from steerlab.checks import as_positive_int, check_prompts
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
-from steerlab.positions import PositionSpec
 
 __all__ = [
     "LastTokenCache",
@@ -159,8 +158,6 @@ def run_from(
     *,
     repeat: int = 1,
     steering: Any = None,
-    strength: float | Mapping[int, float] | None = None,
-    positions: PositionSpec | None = None,
 ) -> torch.Tensor:
     """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``.
 
@@ -189,9 +186,7 @@ def run_from(
     )
     check_steering_rows(steering, n * repeat)
     hidden = tile_rows(cache.hidden, repeat, n)
-    with model.call_scope(
-        expanded, steering=steering, strength=strength, positions=positions
-    ) as trackers:
+    with model.call_scope(expanded, steering=steering) as trackers:
         for tracker in trackers:
             tracker.pre_hook(
                 model.adapter.backbone,
@@ -274,8 +269,6 @@ def run_last(
     *,
     repeat: int = 1,
     steering: Any = None,
-    strength: float | Mapping[int, float] | None = None,
-    positions: PositionSpec | None = None,
     last_ids: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token logits ``[repeat * n, vocab]`` re-running only each prompt's last token.
@@ -292,8 +285,6 @@ def run_last(
         layers=(),
         repeat=repeat,
         steering=steering,
-        strength=strength,
-        positions=positions,
         last_ids=last_ids,
     )
     return logits
@@ -316,8 +307,6 @@ def run_last_with_activations(
     layers: Sequence[int],
     repeat: int = 1,
     steering: Any = None,
-    strength: float | Mapping[int, float] | None = None,
-    positions: PositionSpec | None = None,
     last_ids: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """:func:`run_last` plus the block outputs at the re-run token:
@@ -364,7 +353,7 @@ def run_last_with_activations(
     reads = [
         HookSpec(model.adapter.block(layer), "forward", make_capture(layer)) for layer in wanted
     ]
-    with model.call_scope(expanded, steering=steering, strength=strength, positions=positions):
+    with model.call_scope(expanded, steering=steering):
         with scoped_hooks(reads):
             out = model.hf_model(
                 input_ids=device_batch.input_ids[:, -1:],
@@ -411,8 +400,6 @@ def score_continuations(
     *,
     repeat: int = 1,
     steering: Any = None,
-    strength: float | Mapping[int, float] | None = None,
-    positions: PositionSpec | None = None,
 ) -> torch.Tensor:
     """Sum of log p(continuation tokens) after each cached prompt: ``Tensor[repeat * n]``.
 
@@ -457,7 +444,7 @@ def score_continuations(
     )
     past = _tiled_past(model, cache.past, n, repeat)
     device_batch = expanded.to(model.device)
-    with model.call_scope(expanded, steering=steering, strength=strength, positions=positions):
+    with model.call_scope(expanded, steering=steering):
         out = model.hf_model(
             input_ids=device_batch.input_ids[:, -width:],
             attention_mask=device_batch.attention_mask,

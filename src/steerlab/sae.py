@@ -300,7 +300,7 @@ class SAE:
                 f"the SAE reads width {self.d_in} but the model's hidden size is {model.d_model}"
             )
         acts = model.activations(
-            items, layers=[self.layer], positions="all", chat=chat, batch_size=batch_size
+            items, layers=[self.layer], read_at="all", chat=chat, batch_size=batch_size
         )[self.layer]
         texts = [model.format_chat(p) for p in items] if chat else items
         ids = model.tokenizer(texts, add_special_tokens=not chat)["input_ids"]

@@ -54,6 +54,7 @@ import torch
 from steerlab.checks import check_texts
 from steerlab.errors import InvalidInputError
 from steerlab.evaluation import concept_similarity, vader_sentiment
+from steerlab.interventions import steering_with
 
 __all__ = [
     "GENERIC_PROMPT",
@@ -355,8 +356,9 @@ def neutral_damage(
         if config is None:
             results.append(NeutralDamage(0.0, math.exp(base_nll), math.exp(base_nll), n_tokens))
             continue
+        steering = steering_with(config, positions=positions)
         chunks = [
-            model.logits(texts[start : start + batch_size], steering=config, positions=positions)
+            model.logits(texts[start : start + batch_size], steering=steering)
             for start in range(0, len(texts), batch_size)
         ]
         kl, nll = _corpus_stats(widen(chunks), base, ids, mask)

@@ -94,7 +94,7 @@ def head_probes(
     acts = model.activations(
         list(inputs.positive + inputs.negative),
         layers=resolved,
-        positions=positions,
+        read_at=positions,
         batch_size=batch_size,
         site="head",
         progress=False,
@@ -240,7 +240,7 @@ def expert_attribution(
     acts = model.activations(
         list(inputs.positive + inputs.negative),
         layers=resolved,
-        positions="all",
+        read_at="all",
         batch_size=batch_size,
         site="router",
         progress=False,

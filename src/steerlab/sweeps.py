@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from steerlab.deprecation import renamed_keyword
 from steerlab.errors import DataError, InvalidInputError, VectorMismatchError
 from steerlab.evaluation import (
     METRICS,
@@ -946,7 +947,7 @@ def tune(
     test_fraction: float = 0.25,
     seed: int = 0,
     method: str = "mean_diff",
-    vector_positions: str = "last",
+    read_at: str | int | None = None,
     positions: Any = "all",
     eval_prompts: Sequence[str] | None = None,
     target_words: Sequence[str] | None = None,
@@ -959,13 +960,15 @@ def tune(
     chat: bool = False,
     progress: bool | None = None,
     op: str | Sequence[str] = "add",
+    vector_positions: str | int | None = None,
 ) -> TuneResult:
     """Pick the layer and strength for a contrastive dataset and validate them on held-out data.
 
     ``dataset`` is a :class:`~steerlab.data.ContrastDataset`, a built-in name or a file
     (:func:`steerlab.data.load_dataset`). Its pairs are split by ``seed``/``test_fraction``;
-    the vector (``method`` at every candidate layer, read at ``vector_positions``) comes from
-    the train pairs only.
+    the vector (``method`` at every candidate layer, read at ``read_at``: ``"last"`` by
+    default) comes from the train pairs only; ``positions`` is where it then steers.
+    ``vector_positions=`` is the deprecated name of ``read_at=``.
 
     What is measured:
 
@@ -997,6 +1000,14 @@ def tune(
     True
     """
     start_time = time.perf_counter()
+    vector_positions = renamed_keyword(
+        "tune",
+        old="vector_positions",
+        new="read_at",
+        old_value=vector_positions,
+        new_value=read_at,
+        default="last",
+    )
     if not math.isfinite(max_kl) or max_kl < 0:
         raise InvalidInputError(f"max_kl must be a non-negative number, got {max_kl}")
     if n_examples < 0:
@@ -1037,7 +1048,7 @@ def tune(
         list(train.negative),
         layers=candidate_layers,
         method=method,
-        positions=vector_positions,
+        read_at=vector_positions,
         progress=progress,
         # a full forward pass only when an operator reads the rotation plane
         plane=any("plane" in get_operator(name).needs for name in op_names) or None,

@@ -405,7 +405,7 @@ class ReplaceActivation(Intervention):
     >>> from steerlab.testing import tiny_model
     >>> model = tiny_model("llama")
     >>> paris = model.activations(["the capital of france is paris"], layers=[-1],
-    ...                           positions="all")[-1][0]
+    ...                           read_at="all")[-1][0]
     >>> patched = model.logits(["the capital of germany is"],
     ...                        steering=ReplaceActivation(-1, paris))
     >>> reference = model.logits(["the capital of france is paris"])

@@ -14,7 +14,8 @@ installed next to it):
 Nothing here imports vLLM until it is used, so ``import steerlab`` never needs it.
 
 >>> import torch, steerlab as sl
->>> args = extra_args(sl.SteeringVector({3: torch.ones(2)}), strength=2.0, positions="last")
+>>> vec = sl.SteeringVector({3: torch.ones(2)})
+>>> args = extra_args(sl.Steering(vec, strength=2.0, positions="last"))
 >>> args["steerlab"]["steering"][0]["positions"], args["steerlab"]["steering"][0]["strength"]
 ('last', 2.0)
 """
