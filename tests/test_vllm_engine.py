@@ -1,7 +1,8 @@
 """vLLM (CPU build) steered by steerlab's plugin == steerlab's torch engine, on the default model.
 
 Runs from ``.venv-vllm`` (``make test-vllm``); skipped with the reason elsewhere. One vLLM engine
-for the module (fp32, eager), the torch engine in the same process as the reference.
+for the module (fp32; compiled, vLLM's default, or eager with ``STEERLAB_VLLM_EAGER=1``),
+the torch engine in the same process as the reference.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ POSITION_MODES: list[Any] = ["all", "last", "prompt", "generated", slice(2, None
 
 
 @pytest.fixture(scope="module")
-def engines() -> Iterator[tuple[Any, sl.SteeredModel]]:
+def engines(vllm_eager: bool) -> Iterator[tuple[Any, sl.SteeredModel]]:
     import steerlab.vllm as slv
 
     # prefix caching stays on (vLLM's default); blocks of 32 tokens (CPU default: 128) so the
     # ~200-token prompts of the cache tests span several blocks
-    llm = slv.load(max_model_len=512, seed=0, gpu_memory_utilization=0.5, block_size=32)
+    llm = slv.load(
+        max_model_len=512,
+        seed=0,
+        gpu_memory_utilization=0.5,
+        block_size=32,
+        enforce_eager=vllm_eager,
+    )
     model = sl.load_model()
     try:
         yield llm, model
@@ -319,3 +326,34 @@ def test_operators_equal_the_library_mixed_per_row(engines: tuple[Any, sl.Steere
             assert not torch.equal(want[row], plain[row]), f"{name} changed nothing"
     assert worst < 1e-3, worst
     print(f"operators on vLLM vs the library: first-token logprob max |difference| {worst:.1e}")
+
+
+# --- when= conditions, mixed per row ----------------------------------------------------------
+def test_conditions_equal_the_library_mixed_per_row(engines: tuple[Any, sl.SteeredModel]) -> None:
+    """``when=`` on vLLM == the library: prompt-level verdicts (some rows fire, some do not)
+    and a per-token gate, in one batch with unconditioned and unsteered rows."""
+    import steerlab.vllm as slv
+
+    llm, model = engines
+    gen = torch.Generator().manual_seed(21)
+    direction = torch.randn(model.d_model, generator=gen)
+    vec = sl.SteeringVector({12: torch.randn(model.d_model, generator=gen) / 2})
+    prompts = PROMPTS[:6]
+    scores = sl.Condition(direction, layer=8, threshold=0.0).scores(model, prompts)
+    prompt_gate = sl.Condition(direction, layer=8, threshold=float(scores[:4].median()))
+    fired = prompt_gate.test(scores).tolist()
+    assert any(fired[:4]) and not all(fired[:4])
+    token_gate = prompt_gate.per_token()
+    rows: list[Any] = [sl.Steering(vec, strength=8.0, when=prompt_gate) for _ in range(4)]
+    rows += [sl.Steering(vec, strength=8.0, op="add_norm", when=token_gate), None]
+    got = slv.generate_ids(llm, prompts, steering=rows, max_new_tokens=NEW)
+    want = model.generate_ids(prompts, steering=rows, max_new_tokens=NEW)
+    plain = model.generate_ids(prompts, max_new_tokens=NEW)
+    always = model.generate_ids(
+        prompts, steering=sl.Steering(vec, strength=8.0), max_new_tokens=NEW
+    )
+    for row in range(len(rows)):
+        assert torch.equal(got[row], want[row]), f"row {row} differs from the library"
+    for row in range(4):  # fired rows are steered, the others untouched
+        assert torch.equal(want[row], always[row] if fired[row] else plain[row]), row
+    assert not torch.equal(want[4], plain[4])  # the token gate let some tokens through

@@ -28,11 +28,18 @@ PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time", "
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]]]:
+def served(
+    vllm_eager: bool,
+) -> Iterator[tuple[Any, sl.SteeredModel, dict[str, sl.SteeringVector]]]:
     from steerlab.vllm.engine import VLLMEngine
 
     engine = VLLMEngine(
-        dtype="float32", max_model_len=512, seed=0, gpu_memory_utilization=0.5, block_size=32
+        dtype="float32",
+        max_model_len=512,
+        seed=0,
+        gpu_memory_utilization=0.5,
+        block_size=32,
+        enforce_eager=vllm_eager,
     )
     model = sl.load_model()
     gen = torch.Generator().manual_seed(5)

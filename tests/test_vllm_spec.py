@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import steerlab as sl
+from steerlab.conditions import condition_score
 from steerlab.positions import Positions
 from steerlab.vllm import extra_args, per_row_steering
 from steerlab.vllm.plugin import (
@@ -182,6 +183,87 @@ def test_hooks_add_to_the_block_output_under_tensor_parallel_blocks(ranks: int) 
     assert all(not layer._forward_hooks for layer in net.layers)
 
 
+def test_steering_survives_torch_compile() -> None:
+    """The hooks call steerlab's custom op, which torch.compile records as a call: one compiled
+    graph (no recompilation) serves unsteered and steered steps, equal to eager."""
+    torch.manual_seed(0)
+    d = 6
+    net = _Net(d, 1)
+    x, delta = torch.randn(5, d), torch.randn(5, d)
+    state = RunnerSteering(net, n_layers=3, d_model=d)
+    try:
+        compiled = torch.compile(net, backend="aot_eager", fullgraph=True, dynamic=False)
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            plain, first = net(x), compiled(x)
+            state.active = StepPlan(deltas={1: delta}, reads={})
+            steered, eager = compiled(x), net(x)
+            state.active = None
+            again = compiled(x)
+    finally:
+        state.remove()
+        torch._dynamo.reset()
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert torch.allclose(steered, eager, atol=1e-6) and not torch.allclose(steered, plain)
+
+
+def test_conditions_gate_steering_in_the_plugin() -> None:
+    """``when=`` in the worker: a prompt-level verdict decided on the whole prompt and kept for
+    later steps, a per-token gate by each token's score, a split prompt left unsteered."""
+    torch.manual_seed(1)
+    d = 4
+    net = _Net(d, 1)
+    vec = sl.SteeringVector({1: torch.randn(d)})
+    direction = torch.randn(d)
+    x = torch.randn(5, d)
+    cpu = {"device": torch.device("cpu"), "dtype": torch.float32}
+
+    def run(steering: Any, rows: list[tuple[str, int, int, int]], positions: list[int]) -> Any:
+        raw = None if steering is None else extra_args(steering)["steerlab"]
+        plan = state.plan(
+            [(r, raw, a, b, p) for r, a, b, p in rows], torch.tensor(positions), **cpu
+        )
+        state.active = plan
+        try:
+            with torch.no_grad():
+                return net(x[: len(positions)])
+        finally:
+            state.active = None
+            if plan is not None:
+                state.record(plan)
+
+    def stream1(inputs: torch.Tensor) -> torch.Tensor:  # block 0's output: the probe reads it
+        with torch.no_grad():
+            h, r = net.layers[0](inputs, None)
+        return h + r
+
+    state = RunnerSteering(net, n_layers=3, d_model=d)
+    try:
+        plain = run(None, [("p", 0, 5, 5)], [0, 1, 2, 3, 4])
+        always = run(sl.Steering(vec, strength=3.0), [("q", 0, 5, 5)], [0, 1, 2, 3, 4])
+        score = condition_score(stream1(x).mean(dim=0, keepdim=True), direction)[0]
+        fires = sl.Condition(direction, layer=0, threshold=float(score) - 0.01)
+        never = sl.Condition(direction, layer=0, threshold=float(score) + 0.01)
+        got = run(sl.Steering(vec, strength=3.0, when=fires), [("a", 0, 5, 5)], [0, 1, 2, 3, 4])
+        assert torch.equal(got, always)
+        got = run(sl.Steering(vec, strength=3.0, when=never), [("b", 0, 5, 5)], [0, 1, 2, 3, 4])
+        assert torch.equal(got, plain)
+        # the next step of "a" (one generated token): its verdict was kept
+        nxt = run(sl.Steering(vec, strength=3.0, when=fires), [("a", 0, 1, 5)], [5])
+        assert not torch.allclose(nxt, run(None, [("a", 0, 1, 5)], [5]))
+        # part of a prompt, no verdict yet (chunked prefill): left unsteered
+        part = run(sl.Steering(vec, strength=3.0, when=fires), [("c", 0, 2, 5)], [3, 4])
+        assert torch.equal(part, run(None, [("c", 0, 2, 5)], [3, 4]))
+        # per token: exactly the tokens whose own score passes get the delta at layer 1
+        scores = condition_score(stream1(x), direction)
+        token = sl.Condition(direction, layer=0, threshold=float(scores.median())).per_token()
+        fired = token.test(scores)
+        assert 0 < int(fired.sum()) < 5
+        got = run(sl.Steering(vec, strength=3.0, when=token), [("t", 0, 5, 5)], [0, 1, 2, 3, 4])
+        assert torch.allclose(got[fired], always[fired]) and torch.equal(got[~fired], plain[~fired])
+    finally:
+        state.remove()
+
+
 def test_add_to_block_output_shapes() -> None:
     out = add_to_block_output(torch.zeros(2, 3), torch.ones(4, 3))  # padded delta is cut
     assert out.tolist() == [[1.0] * 3] * 2
@@ -254,7 +336,7 @@ def test_serve_refuses_vllm_options_for_the_torch_engine() -> None:
     assert "Traceback" not in result.output
 
 
-def test_operators_travel_conditions_are_refused_text_markers_travel_as_ids() -> None:
+def test_operators_and_conditions_travel_text_markers_travel_as_ids() -> None:
     from steerlab.testing import tiny_tokenizer
 
     vec = sl.SteeringVector({0: torch.tensor([1.0, 0.5])})
@@ -262,9 +344,15 @@ def test_operators_travel_conditions_are_refused_text_markers_travel_as_ids() ->
     # project_out vectors ablate by default: the wire says so explicitly
     wire = to_wire([sl.Steering(vec.with_metadata(operation="project_out"))])
     assert wire["steering"][0]["op"] == "ablate"
-    with pytest.raises(sl.InvalidInputError, match="when= condition"):
-        gate = sl.Condition(torch.ones(2), layer=0, threshold=0.5)
-        to_wire([sl.Steering(vec, when=gate)])
+    gate = sl.Condition(torch.tensor([0.25, -1.0]), layer=0, threshold=0.5, comparison="less")
+    (entry,) = resolve(to_wire([sl.Steering(vec, when=gate.per_token())]), n_layers=2, d_model=2)
+    assert entry.when is not None and entry.when.scope == "token"
+    assert (entry.when.layer, entry.when.threshold, entry.when.comparison) == (0, 0.5, "less")
+    assert entry.when.direction.tolist() == [0.25, -1.0] and entry.deltas == {}
+    assert entry.params[0]["delta"].tolist() == [1.0, 0.5]  # gated at run time: an edit
+    with pytest.raises(sl.InvalidInputError, match="cannot gate steering at layers"):
+        late = sl.Condition(torch.ones(2), layer=1, threshold=0.5)
+        resolve(to_wire([sl.Steering(vec, when=late)]), n_layers=2, d_model=2)
     # text markers need their token ids on the wire (the workers have no tokenizer)
     with pytest.raises(sl.InvalidInputError, match="travel with their token ids"):
         to_wire([sl.Steering(vec, positions="after:cat")])
@@ -377,7 +465,7 @@ def _stand_in_vllm_engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **opti
     return VLLMEngine(tmp_path, **options)
 
 
-def test_vllm_server_engine_answers_when_with_a_400_and_binds_text_positions(
+def test_vllm_server_engine_takes_when_and_binds_text_positions(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checks happen in ``submit``'s validation, before vLLM is needed, so a stand-in for
@@ -385,16 +473,20 @@ def test_vllm_server_engine_answers_when_with_a_400_and_binds_text_positions(
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from steerlab.errors import InvalidInputError
+    from steerlab.errors import VectorMismatchError
     from steerlab.server.app import create_app
     from steerlab.server.requests import GenerationRequest, SteeringEntry
 
     engine = _stand_in_vllm_engine(tmp_path, monkeypatch)
     d_model = engine.d_model
     engine.vectors.register("calm", sl.SteeringVector({1: torch.ones(d_model)}))
-    gate = sl.Condition(torch.ones(d_model), layer=1, threshold=0.5)
-    with pytest.raises(InvalidInputError, match="not supported by the vLLM engine"):
-        engine.conditions.register("gate", gate)
+    engine.conditions.register("gate", sl.Condition(torch.ones(d_model), layer=1, threshold=0.5))
+    engine.conditions.register("late", sl.Condition(torch.ones(d_model), layer=2, threshold=0.5))
+    with pytest.raises(VectorMismatchError, match="hidden size"):  # as the torch engine
+        engine.conditions.register("wide", sl.Condition(torch.ones(3), layer=1, threshold=0.5))
+    entry = SteeringEntry("calm", 1.0, "all", when="gate")
+    wire = engine._wire(GenerationRequest(prompt="the cat", steering=(entry,)), "k")
+    assert wire["steering"][0]["when"]["layer"] == 1
     with TestClient(create_app(engine, manage_engine=False)) as client:
         reply = client.post(
             "/v1/completions",
@@ -402,11 +494,11 @@ def test_vllm_server_engine_answers_when_with_a_400_and_binds_text_positions(
                 "model": "default",
                 "prompt": "the cat",
                 "max_tokens": 2,
-                "steering": [{"vector": "calm", "strength": 1.0, "when": "gate"}],
+                "steering": [{"vector": "calm", "strength": 1.0, "when": "late"}],
             },
         )
         assert reply.status_code == 400, reply.text
-        assert "steering 'when': 'gate': conditions are not supported" in reply.text
+        assert "cannot gate steering at layers [1]" in reply.text
     # text markers leave the engine as the token ids of the served model's tokenizer
     for spec in ("after:cat", "outside:<think>,</think>"):
         request = GenerationRequest(

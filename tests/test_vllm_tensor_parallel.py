@@ -58,7 +58,9 @@ def _requests() -> list[GenerationRequest]:
     ]
 
 
-def _serve(ranks: int, vectors: dict[str, sl.SteeringVector]) -> list[list[TokenEvent]]:
+def _serve(
+    ranks: int, vectors: dict[str, sl.SteeringVector], *, eager: bool
+) -> list[list[TokenEvent]]:
     from steerlab.vllm.engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -67,6 +69,7 @@ def _serve(ranks: int, vectors: dict[str, sl.SteeringVector]) -> list[list[Token
         seed=0,
         gpu_memory_utilization=0.5,
         tensor_parallel_size=ranks,
+        enforce_eager=eager,
     )
     for name, vec in vectors.items():
         engine.vectors.register(name, vec)
@@ -84,7 +87,7 @@ def _serve(ranks: int, vectors: dict[str, sl.SteeringVector]) -> list[list[Token
     reason=f"tensor parallelism over {RANKS} ranks needs {RANKS} GPUs on a CUDA build",
 )
 def test_steered_greedy_and_readout_under_tensor_parallel_equal_one_rank(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, vllm_eager: bool
 ) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     gen = torch.Generator().manual_seed(5)
@@ -94,8 +97,8 @@ def test_steered_greedy_and_readout_under_tensor_parallel_equal_one_rank(
             {layer: torch.randn(576, generator=gen) / 2 for layer in (6, 10, 14, 18)}
         ),
     }
-    single = _serve(1, vectors)
-    sharded = _serve(RANKS, vectors)
+    single = _serve(1, vectors, eager=vllm_eager)
+    sharded = _serve(RANKS, vectors, eager=vllm_eager)
     worst_logprob = worst_readout = 0.0
     assert len(single) == len(sharded) == 2 * len(PROMPTS) - 1
     for index, (one, many) in enumerate(zip(single, sharded)):

@@ -8,7 +8,7 @@ installed next to it):
   steering, returning what :meth:`steerlab.SteeredModel.generate` returns;
 * ``steerlab serve --engine vllm``: :class:`steerlab.vllm.engine.VLLMEngine` behind steerlab's
   HTTP server;
-* a plain ``vllm serve MODEL --enforce-eager``: requests send
+* a plain ``vllm serve MODEL``: requests send
   ``extra_body={"vllm_xargs": {"steerlab": json.dumps(steerlab.vllm.to_wire([...]))}}``.
 
 Nothing here imports vLLM until it is used, so ``import steerlab`` never needs it.
@@ -126,10 +126,12 @@ def extra_args(
 
 
 def load(model: str | Path | None = None, **llm_options: Any) -> Any:
-    """A ``vllm.LLM`` ready for steering (default: steerlab's default model, float32, eager).
+    """A ``vllm.LLM`` ready for steering (default: steerlab's default model, float32).
 
-    Options pass through to ``vllm.LLM``; ``enforce_eager`` is forced on (steering hooks run in
-    eager mode only). On CPU the KV cache is sized from the free memory unless you set it
+    Options pass through to ``vllm.LLM``. vLLM compiles the model as it does by default:
+    steering runs inside the compiled graph, as a custom op the graph calls at every decoder
+    layer (:mod:`steerlab.vllm.plugin`); ``enforce_eager=True`` runs it eagerly instead.
+    On CPU the KV cache is sized from the free memory unless you set it
     (:mod:`steerlab.vllm.memory`; too little raises
     :class:`~steerlab.errors.InsufficientMemoryError` naming the setting).
     Call it under ``if __name__ == "__main__":`` in scripts: vLLM spawns its
@@ -141,12 +143,9 @@ def load(model: str | Path | None = None, **llm_options: Any) -> Any:
 
     from steerlab.loading import default_model_path
 
-    if llm_options.get("enforce_eager") is False:
-        raise InvalidInputError("steering on vLLM needs enforce_eager=True")
     path = str(default_model_path() if model is None else model)
-    options: dict[str, Any] = {"dtype": "float32", "enforce_eager": True}
+    options: dict[str, Any] = {"dtype": "float32"}
     options.update(llm_options)
-    options["enforce_eager"] = True
     return vllm.LLM(model=path, **kv_cache_options(options))
 
 

@@ -52,6 +52,7 @@ import torch
 
 from steerlab.errors import SteerlabError
 from steerlab.positions import Positions, marker_flags
+from steerlab.vllm.conditions import condition_digest
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, resolve
 
 __all__ = [
@@ -75,8 +76,14 @@ class EntryDigest:
     digest: bytes
 
 
-def steering_digests(wire: Any, *, n_layers: int, d_model: int) -> list[EntryDigest]:
+def steering_digests(
+    wire: Any, *, n_layers: int, d_model: int, prompt: Sequence[int] | None = None
+) -> list[EntryDigest]:
     """Per steering entry of a request's wire value, its positions and content digest.
+
+    A conditioned entry's digest holds its condition, and for a prompt-level condition the
+    whole ``prompt`` too: whether it steers any block depends on every prompt token (a verdict
+    on the prompt's mean), which the chain of block keys alone does not cover.
 
     Steering that fails to parse is keyed by its raw text on every block: the worker ignores
     it, but a cache that isolates too much is only slower, never wrong.
@@ -106,6 +113,11 @@ def steering_digests(wire: Any, *, n_layers: int, d_model: int) -> list[EntryDig
                 value = tensors[layer][name].detach().to("cpu", torch.float32).contiguous()
                 hasher.update(name.encode() + b"\0")
                 hasher.update(value.numpy().tobytes())
+        if entry.when is not None:
+            hasher.update(b"when" + condition_digest(entry.when))
+            if entry.when.scope == "prompt":
+                ids = torch.tensor(list(prompt or ()), dtype=torch.long)
+                hasher.update(b"prompt" + ids.numpy().tobytes())
         out.append(EntryDigest(entry.positions, hasher.digest()))
     return out
 
@@ -181,7 +193,8 @@ def request_block_key(
         elif dims is None:
             entries = [_raw_digest(wire)]
         else:
-            entries = steering_digests(wire, n_layers=dims[0], d_model=dims[1])
+            prompt = getattr(request, "prompt_token_ids", None)
+            entries = steering_digests(wire, n_layers=dims[0], d_model=dims[1], prompt=prompt)
         setattr(request, _ENTRIES, entries)
     if not entries:
         return None

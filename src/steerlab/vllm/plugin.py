@@ -38,8 +38,12 @@ does not run Python hooks. Requests without steering cost one dictionary lookup 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,6 +56,7 @@ from steerlab.interventions import SequenceState
 from steerlab.operators import get_operator
 from steerlab.vllm.cache import EXTRA_KEY as CACHE_EXTRA_KEY
 from steerlab.vllm.cache import request_block_key
+from steerlab.vllm.conditions import Gate, GatedEdit
 from steerlab.vllm.spec import (
     EXTRA_ARGS_KEY,
     Readout,
@@ -61,6 +66,7 @@ from steerlab.vllm.spec import (
     needs_history,
     resolve,
     resolve_readout,
+    selected_tokens,
     token_deltas,
     token_edits,
     update_history,
@@ -75,6 +81,9 @@ __all__ = [
     "decoder_layers",
     "layer_hook",
     "register",
+    "install",
+    "steer_layer",
+    "steer_stream",
 ]
 
 READOUT_EXTENSION = "steerlab.vllm.plugin.ReadoutExtension"
@@ -83,8 +92,12 @@ READOUT_EXTENSION = "steerlab.vllm.plugin.ReadoutExtension"
 # Readout values of at most this many requests wait for their fetch (finished requests whose
 # values were never fetched are dropped oldest first, so nothing grows without bound).
 MAX_READOUT_REQUESTS = 1024
+# Prompt-level condition verdicts kept for requests that find their prompt in the prefix cache.
+MAX_SHARED_VERDICTS = 4096
 
 logger = logging.getLogger("steerlab.vllm")
+
+_SLOTS = itertools.count()
 
 _PATCHED = "_steerlab_original_model_forward"
 _PATCHED_ADMIT = "_steerlab_original_preprocess_add_request"
@@ -167,6 +180,12 @@ class StepPlan:
     deltas: dict[int, torch.Tensor]
     reads: dict[int, _Reads]
     edits: dict[int, list[TokenEdit]] = dataclasses.field(default_factory=dict)
+    # when= conditions: gates read at their layer, edits they gate, verdicts to keep
+    gates: dict[int, list[Gate]] = dataclasses.field(default_factory=dict)
+    gated: dict[int, list[GatedEdit]] = dataclasses.field(default_factory=dict)
+    verdicts: list[tuple[tuple[str, int], bytes | None, Gate]] = dataclasses.field(
+        default_factory=list
+    )
 
 
 def apply_edits(output: Any, edits: Sequence[TokenEdit]) -> Any:
@@ -193,27 +212,118 @@ def apply_edits(output: Any, edits: Sequence[TokenEdit]) -> Any:
     return output
 
 
+def steer_layer(state: RunnerSteering, layer: int, output: Any) -> Any:
+    """What steering does to decoder layer ``layer``'s ``output`` in the current step: this
+    step's delta, then the other operators' edits, then probe reads (the body of the custom op
+    :func:`steer_stream`; eager Python, called once per steered layer per forward)."""
+    plan = state.active
+    if plan is None:
+        return output
+    for gate in plan.gates.get(layer, ()):
+        gate.evaluate(block_stream(output))  # before any steering at this layer
+    delta = plan.deltas.get(layer)
+    if delta is not None:
+        output = add_to_block_output(output, delta)
+    edits = plan.edits.get(layer)
+    if edits:
+        output = apply_edits(output, edits)
+    gated = plan.gated.get(layer)
+    if gated:
+        device = block_stream(output).device
+        fired = [
+            TokenEdit(rows, edit.op, edit.params)
+            for edit in gated
+            if (rows := edit.fired_rows(device)).numel()
+        ]
+        output = apply_edits(output, fired)
+    reads = plan.reads.get(layer)
+    if reads is not None:
+        stream = block_stream(output)
+        rows = stream.index_select(0, reads.rows.to(stream.device)).to(torch.float32)
+        reads.values = (rows * reads.directions.to(rows.device)).sum(dim=-1)
+    return output
+
+
+# Steering states by slot, for the custom op (a graph records the slot number, a constant).
+_STATES: weakref.WeakValueDictionary[int, RunnerSteering] = weakref.WeakValueDictionary()
+
+
+def _steer_pair(
+    hidden: torch.Tensor, residual: torch.Tensor, slot: int, layer: int
+) -> torch.Tensor:
+    state = _STATES.get(slot)
+    if state is None or state.active is None:
+        return residual.clone()
+    out = steer_layer(state, layer, (hidden, residual))
+    # a new tensor, never an alias of an input (the op is functional for the compiler)
+    return out[1] if out[1] is not residual else residual.clone()
+
+
+def _steer_one(stream: torch.Tensor, slot: int, layer: int) -> torch.Tensor:
+    state = _STATES.get(slot)
+    if state is None or state.active is None:
+        return stream.clone()
+    out = steer_layer(state, layer, stream)
+    return out if out is not stream else stream.clone()
+
+
+def _register_ops() -> None:
+    """Define ``steerlab::steer_pair`` and ``steerlab::steer_one`` (once per process).
+
+    They are opaque to ``torch.compile``: Dynamo records a call with the layer's tensors and two
+    constants (state slot, layer), Inductor emits that call, and at run time the Python body
+    reads whatever plan the runner set for this step. Nothing about a request is baked into
+    the compiled graph, so one compilation serves every mix of steered and unsteered rows.
+    """
+    if hasattr(torch.ops.steerlab, "steer_pair"):
+        return
+    lib = torch.library.Library("steerlab", "FRAGMENT")
+    lib.define("steer_pair(Tensor hidden, Tensor residual, int slot, int layer) -> Tensor")
+    lib.define("steer_one(Tensor stream, int slot, int layer) -> Tensor")
+    lib.impl("steer_pair", _steer_pair, "CompositeExplicitAutograd")
+    lib.impl("steer_one", _steer_one, "CompositeExplicitAutograd")
+    torch.library.register_fake(
+        "steerlab::steer_pair", lambda h, r, slot, layer: torch.empty_like(r)
+    )
+    torch.library.register_fake("steerlab::steer_one", lambda x, slot, layer: torch.empty_like(x))
+    _LIBRARIES.append(lib)  # the ops live as long as their library object
+
+
+_LIBRARIES: list[Any] = []
+_register_ops()
+
+STEER_OP = "steerlab::steer_pair"
+"""The op a compiled vLLM graph calls at every decoder layer (a splitting op on CUDA)."""
+
+
+def steer_stream(output: Any, slot: int, layer: int) -> Any:
+    """``output`` of decoder layer ``layer`` through steerlab's custom op (state ``slot``).
+
+    >>> import torch
+    >>> steer_stream((torch.ones(1, 2), torch.zeros(1, 2)), -1, 0)[1].tolist()  # no state
+    [[0.0, 0.0]]
+    """
+    if isinstance(output, torch.Tensor):
+        return torch.ops.steerlab.steer_one(output, slot, layer)
+    if isinstance(output, tuple) and len(output) >= 2 and isinstance(output[1], torch.Tensor):
+        hidden, residual = output[0], output[1]
+        return (hidden, torch.ops.steerlab.steer_pair(hidden, residual, slot, layer), *output[2:])
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (torch.ops.steerlab.steer_one(output[0], slot, layer), *output[1:])
+    raise SteerlabError(f"cannot steer a decoder layer output of type {type(output).__name__}")
+
+
 def layer_hook(state: RunnerSteering, layer: int) -> Callable[[nn.Module, Any, Any], Any]:
-    """The forward hook of decoder layer ``layer``: adds this step's delta, then reads probes."""
+    """The forward hook of decoder layer ``layer``: routes the layer's output through the
+    custom op. Eager, a step without a plan costs one attribute read; under ``torch.compile``
+    the hook is traced once, so it calls the op unconditionally and the op decides per step."""
+    slot = state.slot
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        plan = state.active
-        if plan is None:
+        # is_compiling() first: Dynamo then never reads (nor guards on) the Python state
+        if not torch.compiler.is_compiling() and state.active is None:
             return None
-        delta = plan.deltas.get(layer)
-        changed = delta is not None
-        if delta is not None:
-            output = add_to_block_output(output, delta)
-        edits = plan.edits.get(layer)
-        if edits:
-            output = apply_edits(output, edits)
-            changed = True
-        reads = plan.reads.get(layer)
-        if reads is not None:
-            stream = block_stream(output)
-            rows = stream.index_select(0, reads.rows.to(stream.device)).to(torch.float32)
-            reads.values = (rows * reads.directions.to(rows.device)).sum(dim=-1)
-        return output if changed else None
+        return steer_stream(output, slot, layer)
 
     return hook
 
@@ -240,6 +350,12 @@ class RunnerSteering:
         self._histories: dict[str, SequenceState] = {}
         # readout key -> {absolute position: one value per probe}, least recently written first
         self._values: OrderedDict[str, dict[int, list[float]]] = OrderedDict()
+        # prompt-level condition verdicts: per (request, entry), and per (condition, prompt)
+        # for requests whose prompt blocks come from the prefix cache
+        self._verdicts: dict[tuple[str, int], bool] = {}
+        self._shared_verdicts: OrderedDict[bytes, bool] = OrderedDict()
+        self.slot = next(_SLOTS)
+        _STATES[self.slot] = self
         self._handles = [
             layer.register_forward_hook(layer_hook(self, index))
             for index, layer in decoder_layers(model, n_layers)
@@ -249,6 +365,7 @@ class RunnerSteering:
         """Remove the hooks this state installed."""
         while self._handles:
             self._handles.pop().remove()
+        _STATES.pop(self.slot, None)
 
     def entries(self, req_id: str, raw: Any) -> list[ResolvedEntry]:
         """The resolved steering of request ``req_id`` (parsed once per request)."""
@@ -283,13 +400,17 @@ class RunnerSteering:
         device: torch.device,
         dtype: torch.dtype,
         input_ids: torch.Tensor | None = None,
+        prompt_ids: Callable[[str], Sequence[int] | None] | None = None,
     ) -> StepPlan | None:
         """This step's plan for ``(req_id, raw, start, stop, prompt_len[, request state])``
         rows (``None``: no request is steered or probed). ``input_ids`` (the step's token ids)
-        and the runner's request state give the token ids that positions chosen by text need."""
+        and the runner's request state give the token ids that positions chosen by text need;
+        ``prompt_ids`` gives a request's prompt token ids (to share prompt-level condition
+        verdicts between requests with the same prompt and steering)."""
         steps: list[StepRequest] = []
         live: set[str] = set()
         probing: list[tuple[int, Readout]] = []
+        gated: list[tuple[str, StepRequest, Any]] = []
         step_ids: list[int] | None = None
         flat = positions.reshape(-1)
         for req_id, raw, start, stop, prompt_len, *rest in requests:
@@ -312,19 +433,78 @@ class RunnerSteering:
                     entries = [e for e in entries if not e.positions.needs_ids]
             if entries:
                 steps.append(StepRequest(start, stop, prompt_len, entries, history))
+                if any(entry.when is not None for entry in entries):
+                    gated.append((req_id, steps[-1], raw))
             if parsed.readout is not None and stop > start:
                 probing.append((stop - 1, parsed.readout))
         if len(self._specs) > 2 * len(live) + 16:
             self._specs = {k: v for k, v in self._specs.items() if k in live}
             self._histories = {k: v for k, v in self._histories.items() if k in live}
+            self._verdicts = {k: v for k, v in self._verdicts.items() if k[0] in live}
         if not steps and not probing:
             return None
         deltas = token_deltas(steps, positions, d_model=self.d_model) if steps else {}
-        return StepPlan(
+        plan = StepPlan(
             deltas={layer: d.to(device=device, dtype=dtype) for layer, d in deltas.items()},
             reads=_reads(probing, positions, device=device),
             edits=token_edits(steps, positions) if steps else {},
         )
+        for req_id, step, raw in gated:
+            self._gate(plan, req_id, step, raw, positions, prompt_ids)
+        return plan
+
+    def _gate(
+        self,
+        plan: StepPlan,
+        req_id: str,
+        step: StepRequest,
+        raw: Any,
+        positions: torch.Tensor,
+        prompt_ids: Callable[[str], Sequence[int] | None] | None,
+    ) -> None:
+        """Add the gates and gated edits of request ``req_id``'s conditioned entries."""
+        if step.stop <= step.start:
+            return
+        flat = positions.reshape(-1).to("cpu", torch.long)
+        abs_index = flat[step.start : step.stop].unsqueeze(0)
+        for index, entry in enumerate(step.entries):
+            if entry.when is None:
+                continue
+            gate = Gate(entry.when, step.start, step.stop)
+            if entry.when.scope == "prompt":
+                key = (req_id, index)
+                gate.verdict = self._verdicts.get(key)
+                shared = None
+                ids = prompt_ids(req_id) if prompt_ids is not None else None
+                if ids is not None:
+                    # the verdict depends on the prompt and on all of the request's steering
+                    # below the condition's layer: the same prompt and steering, the same verdict
+                    text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True)
+                    hasher = hashlib.sha256(text.encode("utf-8", "replace"))
+                    hasher.update(index.to_bytes(4, "little"))
+                    hasher.update(torch.tensor(list(ids), dtype=torch.long).numpy().tobytes())
+                    shared = hasher.digest()
+                if gate.verdict is None and shared is not None:
+                    gate.verdict = self._shared_verdicts.get(shared)
+                if gate.verdict is None:
+                    if int(flat[step.start]) == 0 and step.stop - step.start >= step.prompt_len:
+                        gate.whole_prompt = step.prompt_len
+                    else:
+                        logger.error(
+                            "request %s: a prompt-level condition needs the whole prompt in one "
+                            "forward pass (this one has part of it: chunked prefill?); its "
+                            "steering is not applied (use Condition.per_token())",
+                            req_id,
+                        )
+                plan.verdicts.append((key, shared, gate))
+            plan.gates.setdefault(entry.when.layer, []).append(gate)
+            rows = torch.nonzero(selected_tokens(entry, step, abs_index)).reshape(-1)
+            if rows.numel() == 0:
+                continue
+            for layer, params in entry.params.items():
+                plan.gated.setdefault(layer, []).append(
+                    GatedEdit(rows + step.start, entry.op, params, gate)
+                )
 
     def _history(
         self, req_id: str, request: Any, indices: list[int], ids: list[int] | None
@@ -342,7 +522,16 @@ class RunnerSteering:
         return history
 
     def record(self, plan: StepPlan) -> None:
-        """Keep the values the hooks read during ``plan``'s forward (call after it)."""
+        """Keep the values the hooks read during ``plan``'s forward (call after it), and the
+        prompt-level verdicts decided in it."""
+        for entry_key, shared, gate in plan.verdicts:
+            if gate.verdict is None:
+                continue
+            self._verdicts[entry_key] = gate.verdict
+            if shared is not None and gate.decided:
+                self._shared_verdicts[shared] = gate.verdict
+                while len(self._shared_verdicts) > MAX_SHARED_VERDICTS:
+                    self._shared_verdicts.popitem(last=False)
         for reads in plan.reads.values():
             if reads.values is None:  # a pipeline stage without this layer
                 continue
@@ -437,29 +626,29 @@ def _step_requests(runner: Any) -> list[tuple[str, Any, int, int, int, Any]]:
     return out
 
 
-def _runner_state(runner: Any) -> RunnerSteering | None:
+def install(runner: Any) -> RunnerSteering:
+    """Install steerlab's hooks on ``runner``'s freshly loaded model (idempotent).
+
+    Called right after vLLM loads the model and before its first forward, which is where vLLM
+    compiles it: the hooks (calls into the custom op) must be in place when Dynamo traces.
+    """
     state = getattr(runner, "_steerlab_state", None)
-    if state is not None:
-        return state if isinstance(state, RunnerSteering) else None
-    config = runner.model_config
-    hf = config.hf_text_config
-    n_layers = int(hf.num_hidden_layers)
-    d_model = int(hf.hidden_size)
-    eager = bool(getattr(config, "enforce_eager", False))
-    if not eager:
-        logger.warning(
-            "steerlab: vLLM runs this model compiled (enforce_eager=False); steering needs "
-            "eager execution, so requests' steering is ignored. Start with --enforce-eager."
-        )
-        runner._steerlab_state = False
-        return None
-    model = runner.get_model()
+    if isinstance(state, RunnerSteering):
+        return state
+    hf = runner.model_config.hf_text_config
     parallel = getattr(getattr(runner, "vllm_config", None), "parallel_config", None)
-    readout = getattr(parallel, "worker_extension_cls", "") == READOUT_EXTENSION
     runner._steerlab_state = RunnerSteering(
-        model, n_layers=n_layers, d_model=d_model, readout=readout
+        runner.get_model(),
+        n_layers=int(hf.num_hidden_layers),
+        d_model=int(hf.hidden_size),
+        readout=getattr(parallel, "worker_extension_cls", "") == READOUT_EXTENSION,
     )
     return runner._steerlab_state
+
+
+def _runner_state(runner: Any) -> RunnerSteering | None:
+    state = getattr(runner, "_steerlab_state", None)
+    return state if isinstance(state, RunnerSteering) else None
 
 
 def _steered_model_forward(
@@ -491,6 +680,7 @@ def _steered_model_forward(
         device=positions.device,
         dtype=self.model_config.dtype,
         input_ids=input_ids,
+        prompt_ids=lambda req_id: getattr(self.requests.get(req_id), "prompt_token_ids", None),
     )
     state.active = plan
     try:
@@ -504,7 +694,7 @@ def _steered_model_forward(
         )
     finally:
         state.active = None
-    if plan is not None and plan.reads:
+    if plan is not None and (plan.reads or plan.verdicts):
         state.record(plan)
     return output
 
@@ -572,3 +762,25 @@ def register() -> None:
         return
     setattr(GPUModelRunner, _PATCHED, GPUModelRunner._model_forward)
     GPUModelRunner._model_forward = _steered_model_forward  # type: ignore[method-assign]
+    runners: list[type] = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)
+    except ImportError:  # a build without the CPU runner
+        pass
+    for cls in runners:
+        if "load_model" in vars(cls):  # the CPU runner loads without calling the GPU one
+            cls.load_model = _installing(vars(cls)["load_model"])  # type: ignore[attr-defined]
+
+
+def _installing(load_model: Callable[..., Any]) -> Callable[..., Any]:
+    """``load_model`` followed by :func:`install` (hooks in place before vLLM compiles)."""
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = load_model(self, *args, **kwargs)
+        install(self)
+        return result
+
+    wrapped.__wrapped__ = load_model  # type: ignore[attr-defined]
+    return wrapped

@@ -52,11 +52,13 @@ from typing import Any, cast
 
 import torch
 
+from steerlab.conditions import Condition
 from steerlab.errors import InvalidInputError, LayerIndexError, VectorMismatchError
 from steerlab.interventions import SequenceState, Steering
 from steerlab.operators import OPERATORS, loreft_op_refusal
 from steerlab.positions import Positions, PositionSpec
 from steerlab.vectors import SteeringVector
+from steerlab.vllm.conditions import check_gated_layers, condition_from_wire, condition_to_wire
 
 __all__ = [
     "EXTRA_ARGS_KEY",
@@ -64,6 +66,7 @@ __all__ = [
     "check_bound",
     "needs_history",
     "update_history",
+    "selected_tokens",
     "Readout",
     "ReadoutProbe",
     "ResolvedEntry",
@@ -119,11 +122,6 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
             raise InvalidInputError(
                 f"vLLM steering takes Steering terms or SteeringVectors, got {type(term).__name__}"
             )
-        if term.when is not None:
-            raise InvalidInputError(
-                "the vLLM plugin applies steering without conditions; this steering has a "
-                "when= condition"
-            )
         check_bound(Positions.parse(term.positions))
         refuse_site(term.resolved_site)
         refuse_loreft_add(term)
@@ -138,6 +136,7 @@ def to_wire(steering: Sequence[Steering]) -> dict[str, Any]:
                 "positions": positions_to_wire(term.positions),
                 "layers": None if term.layers is None else [int(x) for x in term.layers],
                 "op": term.resolved_op,
+                **({} if term.when is None else {"when": condition_to_wire(term.when)}),
                 **(
                     {
                         "extras": {
@@ -217,6 +216,7 @@ class ResolvedEntry:
     deltas: Mapping[int, torch.Tensor]
     op: str = "add"
     params: Mapping[int, Mapping[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    when: Condition | None = None
 
 
 class _Dims:
@@ -291,7 +291,7 @@ def _vector(raw: Any) -> SteeringVector:
 def _entry(raw: Any) -> Steering:
     if not isinstance(raw, Mapping):
         raise InvalidInputError(f"a steering entry must be an object, got {raw!r}")
-    unknown = set(raw) - {"vector", "strength", "positions", "layers", "op", "extras"}
+    unknown = set(raw) - {"vector", "strength", "positions", "layers", "op", "extras", "when"}
     if unknown:
         raise InvalidInputError(f"unknown steering entry fields: {sorted(unknown)}")
     op = raw.get("op", "add")
@@ -307,6 +307,7 @@ def _entry(raw: Any) -> Steering:
         strength=raw.get("strength", 1.0),
         positions=check_bound(Positions.parse(raw.get("positions", "all"))),
         layers=raw.get("layers"),
+        when=None if raw.get("when") is None else condition_from_wire(raw["when"]),
     )
     refuse_loreft_add(term)  # a LoReFT file named on the wire, or extras sent without its op
     return term
@@ -416,15 +417,27 @@ def resolve(wire: Any, *, n_layers: int, d_model: int) -> list[ResolvedEntry]:
     for raw in _entries(wire):
         term = _entry(raw)
         positions = Positions.parse(term.positions)
-        if term.resolved_op == "add":
+        if term.when is not None:
+            # gated per token at run time (steerlab.vllm.gates): the operator's constants
+            params = _params(term, dims)
+            check_gated_layers(term.when, params, n_layers=n_layers, d_model=d_model)
+            out.append(
+                ResolvedEntry(positions, {}, op=term.resolved_op, params=params, when=term.when)
+            )
+        elif term.resolved_op == "add":
             out.append(ResolvedEntry(positions, term.layer_deltas(cast(Any, dims))))
         else:
-            params = {
-                layer: {k: v.float().reshape(-1) for k, v in constants.items()}
-                for layer, constants in term.layer_params(cast(Any, dims)).items()
-            }
-            out.append(ResolvedEntry(positions, {}, op=term.resolved_op, params=params))
+            out.append(
+                ResolvedEntry(positions, {}, op=term.resolved_op, params=_params(term, dims))
+            )
     return out
+
+
+def _params(term: Steering, dims: _Dims) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        layer: {k: v.float().reshape(-1) for k, v in constants.items()}
+        for layer, constants in term.layer_params(cast(Any, dims)).items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,7 +554,9 @@ def update_history(
     history.record(list(step_ids), list(indices))
 
 
-def _selected(entry: ResolvedEntry, request: StepRequest, abs_index: torch.Tensor) -> torch.Tensor:
+def selected_tokens(
+    entry: ResolvedEntry, request: StepRequest, abs_index: torch.Tensor
+) -> torch.Tensor:
     """``[tokens]`` mask of the request's tokens in this step that ``entry`` steers."""
     positions = entry.positions
     if not positions.needs_ids:
@@ -583,9 +598,9 @@ def token_deltas(
             continue
         abs_index = flat[request.start : request.stop].unsqueeze(0)
         for entry in request.entries:
-            if entry.op != "add":
+            if entry.op != "add" or entry.when is not None:
                 continue
-            mask = _selected(entry, request, abs_index)
+            mask = selected_tokens(entry, request, abs_index)
             if not bool(mask.any()):
                 continue
             weight = mask.to(torch.float32)[:, None]
@@ -627,9 +642,9 @@ def token_edits(
             continue
         abs_index = flat[request.start : request.stop].unsqueeze(0)
         for entry in request.entries:
-            if entry.op == "add":
+            if entry.op == "add" or entry.when is not None:  # gated entries: plugin's gates
                 continue
-            mask = _selected(entry, request, abs_index)
+            mask = selected_tokens(entry, request, abs_index)
             rows = torch.nonzero(mask).reshape(-1) + request.start
             if rows.numel() == 0:
                 continue
