@@ -17,20 +17,25 @@ import pytest
 import torch
 
 import steerlab as sl
+import steerlab.dispatch
 import steerlab.editing
-import steerlab.interventions
 import steerlab.model
+import steerlab.steering
+import steerlab.tracking
 from steerlab.interventions import active_trackers
 from steerlab.testing import hook_count, tiny_model
 
 PROMPTS = ["the cat sat on the", "a dog"]
 _TRACED_FILES = {
-    steerlab.interventions.__file__,
+    # the three parts of steerlab.interventions
+    steerlab.dispatch.__file__,
+    steerlab.tracking.__file__,
+    steerlab.steering.__file__,
     steerlab.model.__file__,
     steerlab.editing.__file__,
 }
 _TRACED_FUNCTIONS = {
-    # interventions.py: activation machinery (not the hooks' arithmetic)
+    # dispatch.py, tracking.py, steering.py: activation machinery (not the hooks' arithmetic)
     "install",
     "activate",
     "scoped_hooks",
