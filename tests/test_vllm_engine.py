@@ -357,3 +357,20 @@ def test_conditions_equal_the_library_mixed_per_row(engines: tuple[Any, sl.Steer
     for row in range(4):  # fired rows are steered, the others untouched
         assert torch.equal(want[row], always[row] if fired[row] else plain[row]), row
     assert not torch.equal(want[4], plain[4])  # the token gate let some tokens through
+
+
+def test_steering_ops_split_piecewise_cuda_graphs() -> None:
+    """On vLLM's piecewise compilation (CUDA), steerlab's ops are splitting ops and full CUDA
+    graphs (which would replay the captured step's steering) give way to piecewise ones."""
+    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from steerlab.vllm.plugin import STEER_OPS, register
+
+    register()
+    config = CompilationConfig(
+        mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE
+    )
+    config.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
+    assert config.splitting_ops is not None and set(STEER_OPS) <= set(config.splitting_ops)
+    assert config.splitting_ops_contain_attention()  # vLLM's own splits are kept
+    assert config.cudagraph_mode == CUDAGraphMode.PIECEWISE

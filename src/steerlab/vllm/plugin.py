@@ -292,8 +292,8 @@ def _register_ops() -> None:
 _LIBRARIES: list[Any] = []
 _register_ops()
 
-STEER_OP = "steerlab::steer_pair"
-"""The op a compiled vLLM graph calls at every decoder layer (a splitting op on CUDA)."""
+STEER_OPS = ("steerlab::steer_pair", "steerlab::steer_one")
+"""The ops a compiled vLLM graph calls at every decoder layer (splitting ops on CUDA)."""
 
 
 def steer_stream(output: Any, slot: int, layer: int) -> Any:
@@ -747,6 +747,34 @@ def _patch_prefix_cache() -> None:
     EngineCore.preprocess_add_request = preprocess_add_request  # type: ignore[method-assign]
 
 
+def _patch_compilation() -> None:
+    """Make steerlab's ops splitting ops of vLLM's piecewise compilation (CUDA and the like).
+
+    A CUDA graph replays the kernels its capture recorded, so a captured call of the op would
+    replay the capture step's steering forever. As splitting ops, vLLM runs them eagerly
+    between the captured pieces; full-graph modes, which capture across splitting ops, become
+    ``PIECEWISE``. The CPU backend (one Dynamo graph, no CUDA graphs) is left as it is.
+    """
+    from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    original = CompilationConfig.set_splitting_ops_for_v1
+    if hasattr(original, "_steerlab_original"):
+        return
+
+    def set_splitting_ops_for_v1(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if self.mode != CompilationMode.VLLM_COMPILE:
+            return
+        ops = list(self.splitting_ops or [])
+        self.splitting_ops = ops + [op for op in STEER_OPS if op not in ops]
+        if self.cudagraph_mode.has_full_cudagraphs():
+            logger.info("steerlab: cudagraph_mode %s -> PIECEWISE", self.cudagraph_mode.name)
+            self.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+    set_splitting_ops_for_v1._steerlab_original = original  # type: ignore[attr-defined]
+    CompilationConfig.set_splitting_ops_for_v1 = set_splitting_ops_for_v1  # type: ignore[method-assign]
+
+
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group: wrap the model runner and key the
     prefix cache by steering (idempotent).
@@ -758,6 +786,7 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     _patch_prefix_cache()
+    _patch_compilation()
     if getattr(GPUModelRunner, _PATCHED, None) is not None:
         return
     setattr(GPUModelRunner, _PATCHED, GPUModelRunner._model_forward)
