@@ -55,12 +55,12 @@ from steerlab.checks import check_prompt_list
 from steerlab.errors import (
     InvalidInputError,
     VectorFileError,
-    VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.files import CHECKSUM_KEY, check_file_checksum, read_safetensors, save_safetensors
+from steerlab.identity import model_identity
 from steerlab.interventions import output_hidden
 from steerlab.methods import run_method, split_classes
-from steerlab.vectors import model_identity, write_atomically
 
 __all__ = [
     "COMPARISONS",
@@ -73,7 +73,7 @@ __all__ = [
 COMPARISONS = ("greater", "less")
 SCOPES = ("prompt", "token")
 CONDITION_FORMAT = "steerlab.condition"
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"  # 2: the checksum is steerlab.files.file_checksum (1 still loads)
 CAST_THRESHOLDS: tuple[float, ...] = tuple(i / 100 for i in range(100))
 """CAST's threshold grid: 0.00, 0.01, ..., 0.99."""
 
@@ -232,51 +232,27 @@ class Condition:
         (3, 0.25, 'less', [1.0, 2.0])
         >>> d.cleanup()
         """
-        from safetensors.torch import save as safetensors_save
-
-        target = Path(path)
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise VectorFileNotFoundError(f"cannot save {target}: folder {folder} does not exist")
-        header = self._header()
         tensor = self.direction.contiguous()
-        header["checksum"] = _checksum(tensor, header)
-        write_atomically(target, safetensors_save({"direction": tensor}, metadata=header))
-        return target
+        return save_safetensors(path, {"direction": tensor}, self._header(), what="condition")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Condition:
         """Read a condition written by :meth:`save`; a corrupt or altered file is refused with
         :class:`~steerlab.errors.VectorFileError` naming it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as safetensors_load
-
         file = Path(path)
-        if not file.is_file():
-            raise VectorFileNotFoundError(f"no condition file at {file}")
-        data = file.read_bytes()
-        try:
-            tensors = safetensors_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            raw = json.loads(data[8 : 8 + header_len].decode("utf-8")).get("__metadata__", {})
-        except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as err:
-            raise VectorFileError(f"{file}: not a readable safetensors file ({err})") from None
-        if not isinstance(raw, dict) or raw.get("format") != CONDITION_FORMAT:
-            raise VectorFileError(f"{file}: not a steerlab condition file")
-        if raw.get("schema_version") != _SCHEMA_VERSION:
-            raise VectorFileError(
-                f"{file}: unknown condition schema version {raw.get('schema_version')!r}"
-            )
+        tensors, raw = read_safetensors(file, format=CONDITION_FORMAT, what="condition")
+        version = raw.get("schema_version")
+        if version not in ("1", _SCHEMA_VERSION):
+            raise VectorFileError(f"{file}: unknown condition schema version {version!r}")
         if set(tensors) != {"direction"}:
             raise VectorFileError(f"{file}: expected one tensor 'direction', got {sorted(tensors)}")
         tensor = tensors["direction"]
         if tensor.dtype != torch.float32:
             raise VectorFileError(f"{file}: direction has dtype {tensor.dtype}, expected float32")
-        stored = raw.pop("checksum", None)
-        if stored != _checksum(tensor.contiguous(), raw):
-            raise VectorFileError(
-                f"{file}: checksum mismatch (the file was altered or corrupted after it was saved)"
-            )
+        if version == "1":
+            _check_version_1(tensor, raw, file)
+        else:
+            check_file_checksum(tensors, raw, file)
         try:
             return cls(
                 tensor,
@@ -298,12 +274,18 @@ class Condition:
         )
 
 
-def _checksum(tensor: torch.Tensor, header: Mapping[str, str]) -> str:
+def _check_version_1(tensor: torch.Tensor, header: Mapping[str, str], file: Path) -> None:
+    """Verify the checksum of a condition file of schema version 1, which had a SHA-256 of its
+    own (raw float32 bytes, then the other header fields as JSON); version 2 files carry
+    :func:`~steerlab.files.file_checksum` like every other steerlab file."""
     digest = hashlib.sha256()
-    digest.update(tensor.numpy().astype("<f4").tobytes())
-    fields = {k: v for k, v in header.items() if k != "checksum"}
+    digest.update(tensor.contiguous().numpy().astype("<f4").tobytes())
+    fields = {k: v for k, v in header.items() if k != CHECKSUM_KEY}
     digest.update(json.dumps(fields, sort_keys=True).encode("utf-8"))
-    return digest.hexdigest()
+    if header.get(CHECKSUM_KEY) != digest.hexdigest():
+        raise VectorFileError(
+            f"{file}: checksum mismatch (the file was altered or corrupted after it was saved)"
+        )
 
 
 class _Probe:

@@ -82,6 +82,7 @@ from steerlab.errors import (
     VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.files import CHECKSUM_KEY, atomic_output, check_file_checksum, file_checksum
 from steerlab.interventions import (
     Intervention,
     RowSteering,
@@ -94,13 +95,7 @@ from steerlab.interventions import (
 from steerlab.model import EditedModel, SteeredModel, edit, wrap
 from steerlab.operators import is_loreft
 from steerlab.positions import Positions
-from steerlab.vectors import (
-    CHECKSUM_KEY,
-    SteeringVector,
-    atomic_output,
-    check_file_checksum,
-    file_checksum,
-)
+from steerlab.vectors import SteeringVector
 from steerlab.version import __version__
 
 __all__ = [

@@ -73,19 +73,15 @@ version 1 (before checksums) still load. No pickle is involved anywhere.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
 import re
-import struct
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +89,23 @@ import torch
 
 from steerlab.checks import as_int
 from steerlab.errors import (
-    FileWriteError,
     InvalidInputError,
     LayerNotFoundError,
     UnsupportedModelError,
     VectorFileError,
-    VectorFileNotFoundError,
     VectorMismatchError,
 )
+from steerlab.files import (
+    CHECKSUM_KEY,
+    atomic_output,
+    check_file_checksum,
+    decode_json_metadata,
+    file_checksum,
+    read_safetensors,
+    save_safetensors,
+    write_atomically,
+)
+from steerlab.identity import fingerprints_match, model_fingerprint, model_identity
 from steerlab.sites import check_site, site_width
 from steerlab.version import __version__
 
@@ -128,9 +133,6 @@ FILE_FORMAT = "steerlab.vector"
 SCHEMA_VERSION = 2
 """Version of the vector file layout this steerlab writes: 2 adds the checksum (1 still loads)."""
 
-CHECKSUM_KEY = "checksum"
-"""Header key holding :func:`file_checksum` (a plain string, ``"sha256:<hex>"``, not JSON)."""
-
 MAX_LAYER = 65535
 """Layer indices above this in a file are refused as corrupt (no model has that many blocks)."""
 
@@ -143,7 +145,6 @@ _RESERVED_KEYS = ("format", "schema_version", CHECKSUM_KEY)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYER_KEY = re.compile(r"layer\.(0|[1-9][0-9]*)")
 _EXTRA_KEY = re.compile(r"extra\.([a-z][a-z0-9_]*)\.(0|[1-9][0-9]*)")
-_MAX_HEADER = 64 * 1024 * 1024
 
 
 def _check_direction(layer: int, tensor: torch.Tensor, d_model: int | None) -> None:
@@ -634,9 +635,6 @@ class SteeringVector:
         ((2,), [1.5, -2.0], {'method': 'manual'})
         >>> d.cleanup()
         """
-        from safetensors.torch import save as safetensors_save
-
-        target = Path(path)
         header: dict[str, str] = {"format": FILE_FORMAT, "schema_version": str(SCHEMA_VERSION)}
         for key, value in self.metadata.items():
             if not isinstance(key, str):
@@ -656,13 +654,7 @@ class SteeringVector:
         for name, per_layer in self.extras.items():
             for layer, t in per_layer.items():
                 tensors[f"extra.{name}.{layer}"] = t.detach().to("cpu").contiguous()
-        header[CHECKSUM_KEY] = file_checksum(tensors, header)
-        data = safetensors_save(tensors, metadata=header)
-        folder = target.parent if str(target.parent) else Path(".")
-        if not folder.is_dir():
-            raise VectorFileNotFoundError(f"cannot save {target}: folder {folder} does not exist")
-        write_atomically(target, data)
-        return target
+        return save_safetensors(path, tensors, header, what="vector")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVector:
@@ -679,24 +671,8 @@ class SteeringVector:
         is checked separately (:meth:`check_compatible`).
         """
         file = Path(path)
-        if file.is_dir():
-            raise VectorFileNotFoundError(f"{file} is a directory, not a vector file")
-        if not file.is_file():
-            raise VectorFileNotFoundError(f"no vector file at {file}")
-        try:
-            data = file.read_bytes()
-        except OSError as err:
-            raise VectorFileError(f"cannot read {file}: {err.strerror or err}") from None
-        header = _read_header(data, file)
-        raw_meta = header.get("__metadata__")
+        tensors, raw_meta = read_safetensors(file, format=FILE_FORMAT, what="vector")
         metadata, version = _decode_metadata(raw_meta, file)
-        from safetensors import SafetensorError
-        from safetensors.torch import load as safetensors_load
-
-        try:
-            tensors = safetensors_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as err:
-            raise VectorFileError(f"{file}: corrupt safetensors data ({err})") from None
         if version >= 2:
             assert isinstance(raw_meta, dict)
             check_file_checksum(tensors, raw_meta, file)
@@ -712,164 +688,6 @@ class SteeringVector:
             return cls(directions, metadata=metadata, extras=extras)
         except VectorMismatchError as err:
             raise VectorFileError(f"{file}: {err}") from None
-
-
-def _write_error(target: Path, err: OSError) -> FileWriteError:
-    error = FileWriteError(f"cannot write {target}: {err.strerror or err}")
-    error.errno = err.errno
-    return error
-
-
-@contextlib.contextmanager
-def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path next to ``target`` to write to; renamed over ``target`` on success.
-
-    A reader never sees a half-written file. Failures (``target`` is a folder, no permission,
-    disk full) raise :class:`~steerlab.errors.FileWriteError` naming ``target``, not the
-    hidden temporary file, and the temporary file is removed whatever happens (also on
-    ``KeyboardInterrupt``). The folder must exist.
-
-    >>> import tempfile, pathlib
-    >>> file = pathlib.Path(tempfile.mkdtemp()) / "x.txt"
-    >>> with atomic_output(file) as tmp:
-    ...     _ = tmp.write_text("ok")
-    >>> file.read_text(), sorted(p.name for p in file.parent.iterdir())
-    ('ok', ['x.txt'])
-    """
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise FileWriteError(f"cannot write {target}: it is a directory")
-    try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as err:
-        raise _write_error(target, err) from None
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as err:
-        raise _write_error(target, err) from None
-    finally:
-        with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
-
-
-def write_atomically(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through :func:`atomic_output` (flushed to disk first).
-
-    >>> import tempfile, pathlib
-    >>> file = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
-    >>> write_atomically(file, b"ok"); file.read_bytes()
-    b'ok'
-    """
-    with atomic_output(target) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-# --- checksums ------------------------------------------------------------------------------------
-_CHECKSUM_DOMAIN = b"steerlab-file-checksum-v1\0"
-
-
-def file_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """SHA-256 of tensors and string metadata, as ``"sha256:<64 hex digits>"``.
-
-    Covers every tensor's name, dtype, shape and bytes (in name order) and every metadata
-    key and value except :data:`CHECKSUM_KEY`, so a writer computes it over what it is about
-    to save, stores it under :data:`CHECKSUM_KEY`, and a reader recomputes it over what it
-    loaded (:func:`check_file_checksum`). Any changed bit changes it; the order of keys and
-    the file layout do not. Used by vector, means and GGUF files (and meant for any other
-    safetensors-with-metadata file of steerlab).
-
-    >>> import torch
-    >>> a = file_checksum({"layer.1": torch.ones(2)}, {"method": '"manual"'})
-    >>> a.startswith("sha256:"), len(a)
-    (True, 71)
-    >>> a == file_checksum({"layer.1": torch.tensor([1.0, 1.0 + 2**-23])}, {"method": '"manual"'})
-    False
-    """
-    digest = hashlib.sha256(_CHECKSUM_DOMAIN)
-    meta = {str(k): str(v) for k, v in metadata.items() if k != CHECKSUM_KEY}
-    digest.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().to("cpu").contiguous()
-        head = json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode()
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        for part in (head, raw):
-            digest.update(len(part).to_bytes(8, "little"))
-            digest.update(part)
-    return "sha256:" + digest.hexdigest()
-
-
-def check_file_checksum(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], file: str | os.PathLike[str]
-) -> None:
-    """Raise :class:`~steerlab.errors.VectorFileError` naming ``file`` unless
-    ``metadata[CHECKSUM_KEY]`` matches :func:`file_checksum` of what was read.
-
-    >>> import torch
-    >>> meta = {"k": "1"}
-    >>> meta[CHECKSUM_KEY] = file_checksum({"t": torch.ones(2)}, meta)
-    >>> check_file_checksum({"t": torch.ones(2)}, meta, "f.safetensors")
-    >>> check_file_checksum({"t": torch.zeros(2)}, meta, "f.safetensors")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-        ...
-    steerlab.errors.VectorFileError: f.safetensors: checksum mismatch: ...
-    """
-    stored = metadata.get(CHECKSUM_KEY)
-    if not isinstance(stored, str) or not stored:
-        raise VectorFileError(
-            f"{file}: no {CHECKSUM_KEY!r} in the header, which this file's schema requires "
-            f"(the header was damaged or edited)"
-        )
-    actual = file_checksum(tensors, metadata)
-    if stored != actual:
-        raise VectorFileError(
-            f"{file}: checksum mismatch: the file changed after it was written (corrupted "
-            f"or edited); stored {stored[:19]}..., content gives {actual[:19]}..."
-        )
-
-
-def decode_json_metadata(
-    raw: Mapping[str, object], file: str | os.PathLike[str], *, skip: Iterable[str] = ()
-) -> dict[str, Any]:
-    """JSON-decode each string value of a safetensors header, refusing NaN and infinities.
-
-    Raises :class:`~steerlab.errors.VectorFileError` naming ``file`` and the key.
-
-    >>> decode_json_metadata({"a": "[1, 2]", "format": "x"}, "f", skip=["format"])
-    {'a': [1, 2]}
-    >>> decode_json_metadata({"a": "NaN"}, "f")
-    Traceback (most recent call last):
-        ...
-    steerlab.errors.VectorFileError: f: metadata 'a' holds a non-finite number (NaN)
-    """
-
-    def refuse(constant: str) -> Any:
-        raise ValueError(constant)
-
-    skipped = set(skip)
-    out: dict[str, Any] = {}
-    for key, text in raw.items():
-        if key in skipped:
-            continue
-        if not isinstance(text, str):
-            raise VectorFileError(f"{file}: metadata {key!r} is not a string")
-        try:
-            out[key] = json.loads(text, parse_constant=refuse)
-        except json.JSONDecodeError:
-            raise VectorFileError(f"{file}: metadata {key!r} is not valid JSON: {text!r}") from None
-        except ValueError as err:
-            raise VectorFileError(
-                f"{file}: metadata {key!r} holds a non-finite number ({err})"
-            ) from None
-        if isinstance(out[key], float) and not math.isfinite(out[key]):
-            raise VectorFileError(f"{file}: metadata {key!r} holds a non-finite number")
-    return out
 
 
 def _finite_number(value: object, what: str) -> float:
@@ -966,47 +784,6 @@ def _describe(vec: SteeringVector) -> str:
 
 
 # --- file decoding ------------------------------------------------------------------------------
-def _read_header(data: bytes, file: Path) -> dict[str, Any]:
-    if len(data) < 8:
-        raise VectorFileError(
-            f"{file}: not a steerlab vector file (only {len(data)} bytes: truncated or empty)"
-        )
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > _MAX_HEADER or size < 2:
-        raise VectorFileError(f"{file}: not a safetensors file (header length field reads {size})")
-    if 8 + size > len(data):
-        raise VectorFileError(
-            f"{file}: truncated (the header claims {size} bytes, the file has {len(data) - 8} "
-            f"after the length field)"
-        )
-    try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VectorFileError(f"{file}: corrupt header (not JSON: {err})") from None
-    if not isinstance(header, dict):
-        raise VectorFileError(f"{file}: corrupt header (not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(x, int) for x in offsets)
-        ):
-            raise VectorFileError(f"{file}: corrupt header entry for tensor {name!r}")
-        end = max(end, offsets[1])
-    body = len(data) - 8 - size
-    if end > body:
-        raise VectorFileError(
-            f"{file}: truncated (tensor data needs {end} bytes, the file holds {body})"
-        )
-    if end < body:
-        raise VectorFileError(f"{file}: corrupt ({body - end} unexpected bytes after the tensors)")
-    return header
-
-
 def _decode_metadata(raw: object, file: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
         raise VectorFileError(
@@ -1074,96 +851,7 @@ def _decode_tensors(
     return directions
 
 
-# --- model identity -----------------------------------------------------------------------------
-_FINGERPRINT_PREFIX = "unembed-v1"
-_FINGERPRINT_ROWS = 8
-_FINGERPRINT_PROBES = 4
-_FINGERPRINT_RTOL = 0.05
-
-
-def model_fingerprint(model: Any) -> str:
-    """A short signature of the model's unembedding, to tell models of the same shape apart.
-
-    Eight rows of ``lm_head.weight`` (spread over the vocabulary) are projected onto four fixed
-    pseudo-random directions, giving 32 numbers, written with four significant digits after the
-    matrix shape: ``"unembed-v1:<vocab>x<d_model>:<n1>,<n2>,..."``. Unlike a hash of the bits,
-    the numbers survive loading the same weights in another dtype or on another device;
-    :func:`fingerprints_match` compares two signatures with a 5 % tolerance, while an unrelated
-    model gives an unrelated signature. Returns ``""`` when the weights are not materialised
-    (meta device).
-
-    >>> from steerlab.testing import tiny_model
-    >>> fp = model_fingerprint(tiny_model("llama"))
-    >>> fp.split(":")[1].endswith("x32"), len(fp.split(":")[2].split(","))
-    (True, 32)
-    >>> fingerprints_match(fp, model_fingerprint(tiny_model("llama", seed=1)))
-    False
-    """
-    weight = getattr(model.adapter.unembed, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.is_meta:
-        return ""
-    vocab, width = weight.shape
-    rows = sorted({int((i + 0.5) * vocab / _FINGERPRINT_ROWS) for i in range(_FINGERPRINT_ROWS)})
-    generator = torch.Generator().manual_seed(0)
-    probes = torch.randn(width, _FINGERPRINT_PROBES, generator=generator, dtype=torch.float64)
-    with torch.no_grad():
-        picked = weight.detach()[rows].to("cpu", torch.float64)
-    values = (picked @ probes).flatten().tolist()
-    numbers = ",".join(f"{x:.4g}" for x in values)
-    return f"{_FINGERPRINT_PREFIX}:{vocab}x{width}:{numbers}"
-
-
-def _parse_fingerprint(text: str) -> tuple[str, torch.Tensor] | None:
-    parts = text.split(":")
-    if len(parts) != 3 or parts[0] != _FINGERPRINT_PREFIX:
-        return None
-    try:
-        values = torch.tensor([float(x) for x in parts[2].split(",")], dtype=torch.float64)
-    except ValueError:
-        return None
-    return parts[1], values
-
-
-def fingerprints_match(a: str, b: str, *, rtol: float = _FINGERPRINT_RTOL) -> bool:
-    """Whether two :func:`model_fingerprint` strings describe the same unembedding.
-
-    Shapes must be equal and the signatures within ``rtol`` (relative, in norm). Fingerprints of
-    an unknown format are compared as plain strings.
-
-    >>> fingerprints_match("unembed-v1:4x2:1.0,2.0", "unembed-v1:4x2:1.001,2.0")
-    True
-    >>> fingerprints_match("unembed-v1:4x2:1.0,2.0", "unembed-v1:4x2:-1.0,2.0")
-    False
-    """
-    pa, pb = _parse_fingerprint(a), _parse_fingerprint(b)
-    if pa is None or pb is None:
-        return a == b
-    if pa[0] != pb[0] or pa[1].shape != pb[1].shape:
-        return False
-    scale = max(float(pa[1].norm()), float(pb[1].norm()))
-    return float((pa[1] - pb[1]).norm()) <= rtol * scale
-
-
-def model_identity(model: Any) -> dict[str, Any]:
-    """The model-identity part of the vector metadata (name, type, sizes, fingerprint).
-
-    >>> from steerlab.testing import tiny_model
-    >>> ident = model_identity(tiny_model("gpt2"))
-    >>> ident["model_name"], ident["d_model"], ident["n_layers"]
-    ('tiny-gpt2', 32, 3)
-    """
-    weight = getattr(model.adapter.unembed, "weight", None)
-    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
-    return {
-        "model_name": str(model.name),
-        "model_type": str(model.adapter.model_type),
-        "d_model": int(model.d_model),
-        "n_layers": int(model.n_layers),
-        "vocab_size": vocab,
-        "unembed_fingerprint": model_fingerprint(model),
-    }
-
-
+# --- vector metadata ----------------------------------------------------------------------------
 def vector_metadata(
     model: Any,
     *,

@@ -33,20 +33,18 @@ from steerlab.errors import (
     FileWriteError,
     InvalidInputError,
     VectorFileError,
-    VectorFileNotFoundError,
 )
-from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
-from steerlab.progress import progress_bar
-from steerlab.vectors import (
+from steerlab.files import (
     CHECKSUM_KEY,
-    MAX_LAYER,
-    SteeringVector,
     check_file_checksum,
     decode_json_metadata,
-    file_checksum,
-    model_identity,
-    write_atomically,
+    read_safetensors,
+    save_safetensors,
 )
+from steerlab.identity import model_identity
+from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
+from steerlab.progress import progress_bar
+from steerlab.vectors import MAX_LAYER, SteeringVector
 
 __all__ = ["MEANS_FORMAT", "ActivationMeans", "absolute_positions", "compute_means"]
 
@@ -124,7 +122,7 @@ class ActivationMeans:
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the means to a safetensors file (atomically), in the style of vector files
-        (with a SHA-256 :func:`~steerlab.vectors.file_checksum` in the header).
+        (with a SHA-256 :func:`~steerlab.files.file_checksum` in the header).
 
         >>> import tempfile, pathlib
         >>> from steerlab.testing import tiny_model
@@ -135,8 +133,6 @@ class ActivationMeans:
         True
         >>> d.cleanup()
         """
-        from safetensors.torch import save as safetensors_save
-
         target = Path(path)
         header = {"format": MEANS_FORMAT, "schema_version": str(_MEANS_SCHEMA)}
         info = {
@@ -163,13 +159,11 @@ class ActivationMeans:
         )
         if self.position_counts is not None:
             tensors["position_counts"] = self.position_counts.detach().cpu().contiguous()
-        header[CHECKSUM_KEY] = file_checksum(tensors, header)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise FileWriteError(f"cannot write {target}: {err.strerror or err}") from None
-        write_atomically(target, safetensors_save(tensors, metadata=header))
-        return target
+        return save_safetensors(target, tensors, header, what="means")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationMeans:
@@ -177,25 +171,8 @@ class ActivationMeans:
         without one, still load); raises :class:`~steerlab.errors.VectorFileError` naming the
         file on anything else, :class:`~steerlab.errors.VectorFileNotFoundError` when there is
         no file."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as safetensors_load
-
         file = Path(path)
-        if file.is_dir():
-            raise VectorFileNotFoundError(f"{file} is a directory, not a means file")
-        if not file.is_file():
-            raise VectorFileNotFoundError(f"no means file at {file}")
-        try:
-            data = file.read_bytes()
-            tensors = safetensors_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        except (SafetensorError, ValueError, RuntimeError, AttributeError) as err:
-            raise VectorFileError(f"{file}: not a readable safetensors file ({err})") from None
-        except OSError as err:
-            raise VectorFileError(f"cannot read {file}: {err.strerror or err}") from None
-        if not isinstance(header, dict) or header.get("format") != MEANS_FORMAT:
-            raise VectorFileError(f"{file}: not a steerlab means file (format={MEANS_FORMAT!r})")
+        tensors, header = read_safetensors(file, format=MEANS_FORMAT, what="means")
         version = header.get("schema_version")
         if version not in ("1", str(_MEANS_SCHEMA)):
             raise VectorFileError(f"{file}: unknown means schema version {version!r}")

@@ -43,7 +43,7 @@ def _layer(text: str) -> int | str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from steerlab.vectors import write_atomically
+    from steerlab.files import write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
