@@ -293,6 +293,10 @@ def generate(llm: Any, prompts: Sequence[str] | str, **kwargs: Any) -> str | lis
     >>> texts = generate(llm, ["I think", "I think"], steering=[sl.Steering(vec, strength=4.0),
     ...                  None], max_new_tokens=8)          # doctest: +SKIP
     """
+    loose = {key: kwargs.pop(key) for key in ("strength", "positions", "layers") if key in kwargs}
+    if loose:  # deprecated: warn naming generate, not the generate_ids it forwards to
+        loose_steering_keywords("generate", **loose)
+        kwargs["steering"] = steering_with(kwargs.get("steering"), **loose)
     tokenizer = llm.get_tokenizer()
     texts = [
         str(tokenizer.decode(ids.tolist(), skip_special_tokens=True))
