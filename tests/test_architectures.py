@@ -54,7 +54,8 @@ def test_wrap_of_an_unknown_moe_names_the_router_it_could_not_find() -> None:
     hf.config.model_type = "mystery_moe"  # not registered: blocks are auto-detected
     for block in hf.model.layers:
         # a second (experts, d_model) candidate: the router is ambiguous
-        block.mlp.router = nn.Linear(hf.config.hidden_size, 4, bias=False)
+        moe = getattr(block, "mlp", None) or block.block_sparse_moe  # transformers 5 / 4
+        moe.router = nn.Linear(hf.config.hidden_size, 4, bias=False)
     tokenizer = tiny_model("llama").tokenizer
     with pytest.warns(UserWarning, match=r"'mystery_moe' declares 4 experts .* no router") as seen:
         model = sl.wrap(hf, tokenizer)

@@ -27,24 +27,60 @@ def _routing(model: Any, steering: Any) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model.activations(
         PROMPTS, layers=[LAYER], site="router", positions="all", steering=steering
     )[LAYER]
+    real = model.encode(PROMPTS).attention_mask.bool().flatten()
+    return torch.cat(logits), _sent_to(model, steering)[real]
+
+
+def _sent_to(model: Any, steering: Any) -> torch.Tensor:
+    """``[tokens, top_k]`` sorted: the experts each token of a forward pass reached, as the
+    experts saw it. transformers 5 (and 4's gpt-oss) hand the experts module the indices; in
+    transformers 4's ModuleList layout each expert is called with its tokens' rows of the
+    block's input, which are matched back to their tokens here."""
+    moe = model.adapter.mlp(LAYER)
     seen: list[torch.Tensor] = []
-    experts = model.adapter.mlp(LAYER).experts
-    handle = experts.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    handles = []
+    if isinstance(moe.experts, torch.nn.ModuleList):
+        block_in: list[torch.Tensor] = []
+        rows: dict[int, torch.Tensor] = {}
+
+        def keep_rows(index: int) -> Any:
+            return lambda m, args: rows.__setitem__(index, args[0].detach().clone())
+
+        handles.append(moe.register_forward_pre_hook(lambda m, a: block_in.append(a[0].clone())))
+        handles += [e.register_forward_pre_hook(keep_rows(i)) for i, e in enumerate(moe.experts)]
+    else:
+
+        def keep(m: Any, args: Any, kwargs: Any) -> None:
+            seen.append(kwargs.get("router_indices", args[1] if len(args) > 1 else None).clone())
+
+        handles.append(moe.experts.register_forward_pre_hook(keep, with_kwargs=True))
     try:
         model.logits(PROMPTS, steering=steering)
     finally:
-        handle.remove()
-    real = model.encode(PROMPTS).attention_mask.bool().flatten()
-    return torch.cat(logits), seen[-1][real]
+        for handle in handles:
+            handle.remove()
+    if seen:
+        return seen[-1].sort(dim=-1).values
+    flat = block_in[-1].reshape(-1, model.d_model)
+    member = torch.zeros(flat.shape[0], len(moe.experts), dtype=torch.bool)
+    for index, got in rows.items():
+        match = (flat[:, None, :] == got[None, :, :]).all(-1)  # [tokens, rows of this expert]
+        # several matches are padding tokens with identical rows, hence identical routing
+        assert bool((match.sum(0) >= 1).all()), "a row matches no token"
+        member[:, index] = match.any(-1)
+    k = int(member.sum(-1).max())
+    assert bool((member.sum(-1) == k).all())  # every token reached top_k experts
+    return member.nonzero()[:, 1].reshape(-1, k)
 
 
 def _top(model: Any, logits: torch.Tensor) -> torch.Tensor:
-    """The experts each token goes to, computed here from the logits (not with steerlab)."""
+    """The experts each token goes to, computed here from the logits (not with steerlab),
+    sorted."""
     router = model.adapter.router(LAYER)
-    k = router.top_k
+    k = getattr(router, "top_k", None) or model.adapter.mlp(LAYER).top_k
     if type(router).__name__ == "GptOssTopKRouter":
-        return torch.topk(logits, k, dim=-1).indices
-    return torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1).indices
+        return torch.topk(logits, k, dim=-1).indices.sort(dim=-1).values
+    return torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1).indices.sort(dim=-1).values
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)

@@ -205,6 +205,15 @@ def _find_block_lists(model: nn.Module, n_layers: int | None) -> list[str]:
     return found
 
 
+# transformers 4 laid Mixtral's block out differently: the sparse MoE block is
+# `block_sparse_moe` (its router a plain Linear `gate`; the block computes the routing), where
+# transformers 5 names it `mlp`. The spec names the newer paths; the older ones are used where
+# the block has them instead.
+_OLDER_LAYOUTS: dict[str, dict[str, str]] = {
+    "mixtral": {"mlp": "block_sparse_moe", "router": "block_sparse_moe.gate"},
+}
+
+
 def _find_router(block: nn.Module, n_experts: int, d_model: int) -> str | None:
     """The path of the one submodule named ``gate`` or ``router`` with an ``(n_experts,
     d_model)`` weight, or ``None`` when there is not exactly one."""
@@ -261,6 +270,10 @@ class ModelAdapter:
                 f"no ModuleList of decoder blocks at {spec.layers!r} in {type(model).__name__} "
                 f"(model_type {self.model_type!r}); pass layers_path='path.to.layers.{{i}}'"
             )
+        older = _OLDER_LAYOUTS.get(self.model_type)
+        if older and spec.mlp and _get_path(blocks[0], spec.mlp) is None:
+            if all(_get_path(blocks[0], path) is not None for path in older.values()):
+                spec = dataclasses.replace(spec, **older)
         self.spec = spec
         self.blocks: nn.ModuleList = blocks
         backbone_path = spec.layers.rsplit(".", 1)[0] if "." in spec.layers else ""

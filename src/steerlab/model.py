@@ -58,7 +58,7 @@ from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
 from steerlab.replay import LastTokenCache, PrefixCache
-from steerlab.sites import check_site, site_hook, site_width
+from steerlab.sites import check_site, router_logits, site_hook, site_width
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -806,7 +806,10 @@ class SteeredModel:
                     def hook(module: nn.Module, args: Any, *output: Any) -> None:
                         # a pre-hook (heads) reads the argument, the others the output; a
                         # router's logits come flattened over the batch's tokens
-                        seen = output_hidden(output[0] if output else args)
+                        if site == "router":
+                            seen = router_logits(module, args, output[0])
+                        else:
+                            seen = output_hidden(output[0] if output else args)
                         seen = seen.reshape(*mask.shape, seen.shape[-1])
                         captured[layer] = _reduce(seen, mask, positions)
                         if layer == deepest:

@@ -29,6 +29,7 @@ import torch
 
 from steerlab.errors import InvalidInputError
 from steerlab.methods import fit_probe, probe_accuracy, resolve_inputs, split_classes
+from steerlab.sites import router_top_k
 from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [
@@ -248,7 +249,7 @@ def expert_attribution(
     freq: dict[str, dict[int, torch.Tensor]] = {"pos": {}, "neg": {}}
     means: dict[str, dict[int, torch.Tensor]] = {"pos": {}, "neg": {}}
     for layer in resolved:
-        k = int(adapter.router(layer).top_k)
+        k = router_top_k(adapter, layer)
         for side, rows in (("pos", acts[layer][:n_pos]), ("neg", acts[layer][n_pos:])):
             logits = torch.cat(list(rows))
             picked = torch.zeros_like(logits)

@@ -47,6 +47,9 @@ __all__ = [
     "output_hidden",
     "replace_output_hidden",
     "reroute",
+    "router_indices",
+    "router_logits",
+    "router_top_k",
     "site_hook",
     "site_width",
 ]
@@ -282,27 +285,115 @@ def check_experts(
     return tuple(out)
 
 
+def router_top_k(adapter: ModelAdapter, layer: int) -> int:
+    """How many experts block ``layer``'s router picks per token (its ``top_k``, or its MoE
+    block's where the router is a plain ``Linear`` as in transformers 4, or the config's).
+
+    >>> from steerlab.testing import tiny_model
+    >>> router_top_k(tiny_model("olmoe").adapter, 0)
+    2
+    """
+    for module in (adapter.router(layer), adapter.mlp(layer)):
+        top_k = getattr(module, "top_k", None)
+        if isinstance(top_k, int) and not isinstance(top_k, bool):
+            return top_k
+    top_k = getattr(adapter.config, "num_experts_per_tok", None)
+    if isinstance(top_k, int) and top_k > 0:
+        return top_k
+    raise InvalidInputError(
+        f"cannot tell how many experts {adapter.model_type!r} routes each token to (no top_k on "
+        f"its router or MoE block, no num_experts_per_tok in its config)"
+    )
+
+
+class _Rerouted(tuple):  # type: ignore[type-arg]
+    """A ``(scores, indices)`` router output recomputed from edited logits, which it keeps:
+    that layout returns no logits, and a reader after the edit must see the edited ones."""
+
+    logits: torch.Tensor
+
+    def __new__(cls, items: tuple[Any, ...], logits: torch.Tensor) -> _Rerouted:
+        made = super().__new__(cls, items)
+        made.logits = logits
+        return made
+
+
+def router_logits(router: nn.Module, args: Any, output: Any) -> torch.Tensor:
+    """The router logits ``[tokens, n_experts]`` of one router call, whatever its layout:
+    transformers 5 routers return ``(logits, scores, indices)``; a transformers 4 gate is a
+    plain ``Linear`` returning the logits; transformers 4's gpt-oss router returns
+    ``(scores, indices)``, so its logits are recomputed from its input (the same ``F.linear``
+    on the same tensors: the same numbers).
+
+    >>> from steerlab.testing import tiny_model
+    >>> router = tiny_model("olmoe").adapter.router(0)
+    >>> x = torch.randn(5, 32)
+    >>> tuple(router_logits(router, (x,), router(x)).shape)
+    (5, 4)
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and len(output) == 3:
+        return output[0]
+    if isinstance(output, _Rerouted):  # steered: the edited logits, not the input's
+        return output.logits
+    weight = getattr(router, "weight", None)
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(weight, torch.Tensor):
+        hidden = args[0].reshape(-1, weight.shape[-1])
+        return torch.nn.functional.linear(hidden, weight, getattr(router, "bias", None))
+    raise InvalidInputError(
+        f"steerlab cannot read the logits of {type(router).__name__}: it knows routers that "
+        f"return logits, (logits, scores, indices) or (scores, indices) with a weight"
+    )
+
+
+def router_indices(router: nn.Module, args: Any, output: Any, top_k: int) -> torch.Tensor:
+    """The experts ``[tokens, top_k]`` one router call picked (see :func:`router_logits` for
+    the layouts; a plain ``Linear`` gate's block picks the ``top_k`` largest logits).
+
+    >>> from steerlab.testing import tiny_model
+    >>> router = tiny_model("olmoe").adapter.router(0)
+    >>> x = torch.randn(5, 32)
+    >>> tuple(router_indices(router, (x,), router(x), 2).shape)
+    (5, 2)
+    """
+    if isinstance(output, tuple) and len(output) in (2, 3):
+        return output[-1]
+    return torch.topk(router_logits(router, args, output), top_k, dim=-1).indices
+
+
 # Routers that pick the top-k logits and softmax over those alone; the others softmax over
 # every expert, take the top k and (unless norm_topk_prob is false) renormalise them.
 _TOPK_THEN_SOFTMAX = ("GptOssTopKRouter",)
 
 
 def reroute(router: nn.Module, output: Any, logits: torch.Tensor) -> Any:
-    """The router's ``(logits, scores, indices)`` output recomputed from edited ``logits``,
-    the way that router computes them (so a zero edit gives its own output back, bit for bit).
+    """The router's output recomputed from edited ``logits``, the way that router computes it
+    (so a zero edit gives its own output back, bit for bit): ``(logits, scores, indices)``
+    (transformers 5), ``(scores, indices)`` (transformers 4's gpt-oss) or the logits alone (a
+    plain gate, whose block routes from them).
 
     >>> from steerlab.testing import tiny_model
     >>> router = tiny_model("olmoe").adapter.router(0)
-    >>> out = router(torch.randn(5, 32))
-    >>> again = reroute(router, out, out[0])
+    >>> x = torch.randn(5, 32)
+    >>> out = router(x)
+    >>> again = reroute(router, out, router_logits(router, (x,), out))
     >>> all(torch.equal(a, b) for a, b in zip(out, again))
     True
     """
+    if isinstance(output, torch.Tensor):
+        return logits  # a plain gate (transformers 4): its block routes from the logits
     top_k = getattr(router, "top_k", None)
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(top_k, int):
+        # transformers 4's gpt-oss router: softmax over the top-k logits, scattered densely
+        top, indices = torch.topk(logits, top_k, dim=-1)
+        top = torch.softmax(top, dim=1, dtype=top.dtype)
+        dense = torch.zeros_like(logits).scatter_(1, indices, top)
+        return _Rerouted((dense.to(output[0].dtype), indices), logits)
     if not isinstance(output, tuple) or len(output) != 3 or not isinstance(top_k, int):
         raise InvalidInputError(
             f"steerlab cannot re-route {type(router).__name__}: it knows routers that return "
-            f"(logits, scores, indices) and have a top_k"
+            f"logits, (logits, scores, indices) or (scores, indices) and have a top_k"
         )
     scores_dtype = output[1].dtype
     if type(router).__name__ in _TOPK_THEN_SOFTMAX:

@@ -36,6 +36,9 @@ from steerlab.sites import (
     output_hidden,
     replace_output_hidden,
     reroute,
+    router_indices,
+    router_logits,
+    router_top_k,
     site_hook,
     site_width,
 )
@@ -369,7 +372,9 @@ class RowSteering(Intervention):
                 term = _Term(op, positions, stacked, some, probe)
                 if gate is not None:
                     term.experts = torch.tensor(check_experts(adapter, gate))
-                    term.routing = routings.setdefault(layer, _Routing())
+                    if layer not in routings:
+                        routings[layer] = _Routing(router_top_k(adapter, layer))
+                    term.routing = routings[layer]
                 terms_by_site.setdefault(order, []).append(term)
         specs = []
         for (layer, _, site), terms in sorted(terms_by_site.items()):
@@ -406,10 +411,12 @@ class _Term:
 class _Routing(threading.local):
     """The experts a layer's router picked for each token in this thread's forward pass."""
 
-    indices: torch.Tensor | None = None
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+        self.indices: torch.Tensor | None = None
 
     def capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.indices = output[2]
+        self.indices = router_indices(module, args, output, self.top_k)
 
 
 class _SteerHook:
@@ -447,7 +454,10 @@ class _SteerHook:
 
     def __call__(self, module: nn.Module, args: Any, *rest: Any) -> Any:
         output = args if self.pre else rest[0]
-        hidden = output_hidden(output)
+        if self.router is not None:
+            hidden = router_logits(self.router, args, output)
+        else:
+            hidden = output_hidden(output)
         flat = hidden.shape
         if hidden.ndim == 2 and self.tracker.abs_index is not None:
             # OPT's MLP and the MoE blocks work on the batch's tokens flattened
