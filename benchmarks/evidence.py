@@ -914,6 +914,8 @@ def caa_trained_lines(caa: list[dict[str, Any]]) -> list[str]:
                 for m in multipliers
             ]
             lines.append(f"| {r['behaviour']} | " + " | ".join(cells) + " |")
+    if lines:
+        lines.append("")
     return lines
 
 
@@ -959,20 +961,78 @@ def curves_figure(caa: list[dict[str, Any]], concepts: list[dict[str, Any]], pat
 
 
 READING = """
+**CAA, in numbers.** No: on this model, at these sizes, nothing moves the A/B answer beyond
+noise within the damage budget (count above).
+
+* Mean difference at x-1 / x+1 (KL 0.01-0.03): test gaps from -0.039 to +0.025, standard
+  errors 0.037-0.069; the paper's sign for 3 of 7 behaviours, as chance would give.
+* Larger multipliers: up to x±4 the KL stays at or under 0.44 and the largest change from x0 is
+  corrigible-neutral-HHH at x-4 (0.511 to 0.591) and hallucination at x+4 (0.470 to 0.404),
+  both *against* the multiplier's sign, as is sycophancy at x+4 (0.437). From x-4 to x+4,
+  p(matching) rises step by step for refusal (0.510 to 0.592), survival-instinct (0.490 to
+  0.507) and myopic-reward (0.476 to 0.485), each step well within a standard error, and falls
+  step by step for corrigible-neutral-HHH (0.591 to 0.466). At x±8 the text is damaged (KL
+  0.55-2.18) and p(matching) still moves by 0.11 at most.
+* The trained (BiPO) vectors: test gaps from -0.007 to +0.095 (corrigible-neutral-HHH, ± 0.078;
+  refusal +0.074 ± 0.069), five of seven positive, none beyond 1.3 standard errors. Their loss
+  on the training items stayed at 2 log 2 for six of seven (minibatch noise around 1.39 over 10
+  steps, while the norms grew to 7-13: the steps did not agree on a direction);
+  survival-instinct's fell to 1.27 and moved held-out p(matching) by +0.023 ± 0.059. With 10
+  steps of 2 items this is compatible with undertraining, which this budget cannot rule out.
+
+**Concepts, one by one** (held-out combined score ± se; KL on neutral text in nats/token).
+
+* Sentiment: the unsteered model already writes upbeat text (presence 0.69, combined 0.801 ±
+  0.020). The trained vector at its learned size (KL 0.06) raises presence to 0.82 and scores
+  0.822 ± 0.019 against prompting's 0.773 ± 0.023: it beats prompting because the hinted prompt
+  costs fluency and relevance (0.83 / 0.75 against 0.84 / 0.84), not because it is far more
+  positive; against unsteered it is within one standard error. mean_diff, pca, probe and ITI
+  at their smallest strengths (0.816-0.827, KL 0.03-0.04) are level with it.
+* Formality: prompting wins (0.363 ± 0.077, presence 0.35). The best steered rows are ITI at 3
+  (0.226 ± 0.080, KL 0.39), pca and mean_diff at 0.3 (0.21, KL 0.22) and the trained vector
+  (0.158 ± 0.063, KL 0.13).
+* Food: the unsteered model never names a food, prompting in 1 of 20 held-out continuations
+  (0.034 ± 0.034), the trained vector (KL 0.35) in 4 of 20 (0.135 ± 0.062); no other candidate
+  passes 0.07 within the budget.
+* Music: prompting 0.199 ± 0.070. LoReFT scores higher (0.312 ± 0.047, presence 0.65) but at KL
+  0.58: no strength of its grid was within the budget on the strength-choice measurement, so it
+  kept its least damaging one and does not count. pca at 0.2 is level with prompting (0.186,
+  KL 0.24); the trained vector lower (0.097).
+* Animals: prompting names an animal in 1 of 20 (0.031 ± 0.031), LoReFT at 0.5 (KL 0.32) in 6
+  of 20 (0.108 ± 0.038), at a cost in fluency (0.43 against 0.86; perplexity 49 against 2.8);
+  every other candidate 0.034 or less.
+* The count above says the target is met by its letter (sentiment and food by the trained
+  vector, animals by LoReFT), but every one of the three wins is 1.4-1.6 standard errors of the
+  difference, none beyond two, and there are ten such comparisons (two trained methods, five
+  concepts): read it as "trained steering is at least level with prompting here, ahead on the
+  topics the small model does not take up from a hint", not as a clear win. Prompting is weak on
+  the topic concepts partly because 12 new tokens leave little room for a topic to appear.
+* Training: the preference loss fell from 2 log 2 = 1.386 to 0.32-0.94 in 10 steps for every
+  concept (learned norms 18-19, an eighth of the mean residual norm at layer 12, 146).
+  LoReFT's likelihood loss jumped at step 2 (to 9-12 from 4.9-6.4) and ended near its start
+  (3.9-5.1): at lr 0.15 and 10 steps it is undertrained, and its rows (combined 0.02-0.43, the
+  worst on sentiment) say more about this budget than about the method.
+* ITI: on this protocol it never beats mean_diff beyond a standard error (table above). Between 26
+  and 59 of the 270 heads reach held-out probe accuracy 1.0 on each concept (16 pairs, 8
+  held-out texts; measured separately with `head_probes`), so the top 16 is decided by the tie
+  order (lowest layer first) rather than by the probes: a larger contrast set or a
+  margin-based ranking is needed before this selection means much on a 135M model.
+
 **How to read the concept numbers.** Scores are the built-in scorers (word lists, VADER), not an
 LLM judge: the concept score of a continuation is 0 unless it uses one of the concept's words
 (food, music, animals, formality) or reads as positive (sentiment), and the harmonic mean makes
 a continuation without the concept score 0 whatever its fluency. `± se` is the standard error
 over the held-out instructions; "beats prompting" needs the difference to exceed
-sqrt(se² + se²), which treats the two rows as independent although they share instructions
-(conservative). Every candidate's strength, the trained vectors and LoReFT saw only the
-strength-choice instructions (and the concept's contrast texts); the damage budget of the
-strength choice is measured on the neutral corpus, which is neither.
+sqrt(se² + se²), which treats the two rows as independent although they share instructions.
+Every candidate's strength, the trained vectors and LoReFT saw only the strength-choice
+instructions (and the concept's contrast texts); the damage budget of the strength choice is
+measured on the neutral corpus, which is neither. With 6 strength-choice instructions the
+choice is coarse: where every strength scores 0 there, the first of the grid is kept.
 
 **Time.** The machine has 2 cores shared with six other agents' test and benchmark processes;
 every process runs in its own scheduler group (Linux autogroups), so this single-threaded run
-got about a third of a core for most of its time whatever the niceness. The sizes above were
-chosen to finish in about an hour of that; the time table gives what each part took.
+got a third to a half of a core for most of its time whatever the niceness. The sizes above
+were chosen to finish in about an hour of that; the time table gives what each part took.
 """
 
 
