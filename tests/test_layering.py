@@ -271,8 +271,8 @@ def test_the_imports_are_read_from_everywhere_in_a_module() -> None:
     }
     # module level, ``from steerlab import report``-style, function level, package facade
     assert ("steerlab.model", "steerlab.interventions") in found
-    assert ("steerlab.sweeps", "steerlab.report") in found
-    assert ("steerlab.sweeps", "steerlab.methods") in found  # inside tune()
+    assert ("steerlab.tuning", "steerlab.report") in found
+    assert ("steerlab.tuning", "steerlab.methods") in found  # inside a step of tune()
     assert ("steerlab.cli._core", "steerlab") in found  # ``import steerlab as sl`` in a command
     assert ("steerlab.editing", "steerlab.ablation.means") in found
 

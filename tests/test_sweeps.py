@@ -18,16 +18,9 @@ from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.evaluation import concept_task, evaluate, kl_divergence, kl_task
 from steerlab.interventions import Steering
 from steerlab.report import render_html
-from steerlab.sweeps import (
-    Example,
-    SweepResult,
-    compare,
-    default_layers,
-    split_prompts,
-    sweep,
-    tune,
-)
+from steerlab.sweeps import SweepResult, compare, sweep
 from steerlab.testing import hook_count, tiny_model
+from steerlab.tuning import Example, default_layers, split_prompts, tune
 
 # --- a planted effect -------------------------------------------------------------------------
 # Three reserved residual dimensions of a tiny Llama: F carries a huge constant (M) on every

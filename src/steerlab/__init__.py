@@ -64,7 +64,7 @@ from steerlab.operators import OPERATORS, Operator, register_operator
 from steerlab.positions import Positions
 from steerlab.sae import SAE, TopFeatures, load_sae
 from steerlab.site_methods import expert_attribution, head_probes, iti_vector
-from steerlab.sweeps import SweepPoint, SweepResult, TuneResult, compare, sweep, tune
+from steerlab.sweeps import SweepPoint, SweepResult, compare, sweep
 from steerlab.training import (
     PreferenceItem,
     intervention_loss,
@@ -73,6 +73,7 @@ from steerlab.training import (
     train_vector,
     training_loss,
 )
+from steerlab.tuning import TuneResult, tune
 from steerlab.vectors import SteeringVector
 from steerlab.version import __version__
 

@@ -2,7 +2,7 @@
 
 1. load the model (default: the embedded SmolLM2-135M-Instruct);
 2. split the built-in sentiment pairs and neutral prompts into train and held-out halves (seeded);
-3. compute mean-difference vectors on the train pairs and let :func:`steerlab.sweeps.tune` pick
+3. compute mean-difference vectors on the train pairs and let :func:`steerlab.tuning.tune` pick
    the layer and strength (best behaviour under a KL damage budget, on train prompts only);
 4. print held-out continuations side by side at several strengths, and the measured held-out shift
    in log-probability of positive vs negative words, with its damage (KL);
@@ -48,7 +48,8 @@ def run_demo(
     from rich.table import Table
 
     import steerlab as sl
-    from steerlab.sweeps import DEFAULT_MAX_KL, tune
+    from steerlab.sweeps import DEFAULT_MAX_KL
+    from steerlab.tuning import tune
 
     console = Console(width=max(Console().width, 120))
     if model is None:

@@ -7,8 +7,8 @@ text in it is HTML-escaped.
 
 The functions read results through the small protocols below (:class:`SweepLike`,
 :class:`TuneLike`...), which :class:`~steerlab.sweeps.SweepResult` and
-:class:`~steerlab.sweeps.TuneResult` satisfy: :mod:`steerlab.sweeps` saves its results with this
-module, so this module does not import that one.
+:class:`~steerlab.tuning.TuneResult` satisfy: :mod:`steerlab.sweeps` and :mod:`steerlab.tuning`
+save their results with this module, so this module imports neither.
 
 >>> import torch
 >>> from steerlab.sweeps import SweepResult
@@ -85,7 +85,7 @@ class SweepLike(Protocol):
 
 
 class HeldOutLike(Protocol):
-    """The held-out check of a recommendation (:class:`~steerlab.sweeps.HeldOutResult`)."""
+    """The held-out check of a recommendation (:class:`~steerlab.tuning.HeldOutResult`)."""
 
     @property
     def baseline(self) -> float: ...
@@ -104,7 +104,7 @@ class HeldOutLike(Protocol):
 
 
 class ExampleLike(Protocol):
-    """A held-out prompt with its two continuations (:class:`~steerlab.sweeps.Example`)."""
+    """A held-out prompt with its two continuations (:class:`~steerlab.tuning.Example`)."""
 
     @property
     def prompt(self) -> str: ...
@@ -115,7 +115,7 @@ class ExampleLike(Protocol):
 
 
 class TuneLike(Protocol):
-    """A tuning run (:class:`~steerlab.sweeps.TuneResult`)."""
+    """A tuning run (:class:`~steerlab.tuning.TuneResult`)."""
 
     @property
     def sweep(self) -> SweepLike: ...

@@ -1,6 +1,6 @@
 """CLI command ``steerlab sweep``: pick the layer and strength, validate on held-out prompts.
 
-A thin shell over :func:`steerlab.sweeps.tune`: prints the layer × strength table, the
+A thin shell over :func:`steerlab.tuning.tune`: prints the layer × strength table, the
 recommendation and the held-out numbers, and writes ``sweep.json``, ``sweep.csv``,
 ``curves.png``, ``heatmap.png``, ``vector.safetensors`` and ``report.html`` into ``--out``.
 
@@ -139,7 +139,8 @@ def sweep(
     ] = True,
 ) -> None:
     """Sweep layer × strength on a train split, recommend a point, validate it on held-out data."""
-    from steerlab.sweeps import MODES, tune
+    from steerlab.sweeps import MODES
+    from steerlab.tuning import tune
 
     if mode not in MODES:
         raise typer.BadParameter(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
