@@ -401,8 +401,12 @@ def render(results: dict[str, Any]) -> str:
         "an engine with steerlab's plugin, unsteered requests. Steered: the same engine, 8 "
         "different configurations (4 layers each, positions alternating `last`/`all`) spread "
         "over the batch. Both engines are alive through the run and their runs interleaved. "
-        "Torch: `model.generate`-equivalent with per-row steering (HF generate under "
-        "`model.steer([...])`, KV cache), measured before the vLLM engines start.",
+        + (
+            "Torch: `model.generate`-equivalent with per-row steering (HF generate under "
+            "`model.steer([...])`, KV cache), measured before the vLLM engines start."
+            if "torch" in results["offline"][0]["tokens_per_s"]
+            else "Torch: not measured in this run (`--skip-torch`)."
+        ),
         "",
         "| batch | default vLLM tok/s | plugin tok/s | steered tok/s | steered / default "
         "(target >= 0.95) | plugin / default | torch tok/s | torch steered tok/s |",
