@@ -376,3 +376,61 @@ def test_steering_ops_split_piecewise_cuda_graphs() -> None:
     assert config.splitting_ops is not None and set(STEER_OPS) <= set(config.splitting_ops)
     assert config.splitting_ops_contain_attention()  # vLLM's own splits are kept
     assert config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+
+
+def test_text_positions_equal_the_library_mixed_per_row(
+    engines: tuple[Any, sl.SteeredModel],
+) -> None:
+    """Positions chosen by text on vLLM == the library, one spec per row of one batch: markers
+    in the prompt, a marker that only appears among the generated tokens (so the steering
+    starts mid-generation), a block opened in the prompt and closed in the generation, its
+    complement with another operator, and markers given as token ids (greedy tokens exact;
+    first-token logprobs within 1e-3)."""
+    import steerlab.vllm as slv
+
+    llm, model = engines
+    vec = _vector(model, [10, 15], seed=5)
+    prompts = PROMPTS[:6]
+    plain = model.generate_ids(prompts, max_new_tokens=NEW)
+
+    def fresh(row: int) -> tuple[int, str]:
+        """An unsteered generated token of ``row`` whose text appears nowhere before it: a
+        marker the steered generation also reaches, with nothing steered before it."""
+        for index in range(3, NEW):
+            text = str(model.tokenizer.decode([int(plain[row][index])])).strip()
+            before = prompts[row] + str(model.tokenizer.decode(plain[row][:index].tolist()))
+            if text.isalpha() and text not in before:
+                return index, text
+        raise AssertionError(f"no fresh word in row {row}")
+
+    (at2, word2), (_, word3) = fresh(2), fresh(3)
+    rows: list[Any] = [
+        None,
+        sl.Steering(vec, strength=8.0, positions="after:favourite"),
+        sl.Steering(vec, strength=8.0, positions=f"after:{word2}"),
+        sl.Steering(vec, strength=8.0, positions=f"between:capital,{word3}"),
+        sl.Steering(vec, strength=6.0, op="add_norm", positions="outside:upon,time"),
+        sl.Steering(
+            vec,
+            strength=8.0,
+            positions=sl.Positions.after(ids=model.tokenizer(" think")["input_ids"]),
+        ),
+    ]
+    got, outputs = slv.generate_ids(
+        llm, prompts, steering=rows, max_new_tokens=NEW, logprobs=0, return_outputs=True
+    )
+    want = model.generate_ids(prompts, steering=rows, max_new_tokens=NEW)
+    ref = torch.log_softmax(model.next_token_logits(prompts, steering=rows).double(), dim=-1)
+    worst = 0.0
+    for row, steer in enumerate(rows):
+        spec = "unsteered" if steer is None else sl.Positions.parse(steer.positions).describe()
+        assert torch.equal(got[row], want[row]), f"row {row} ({spec}) differs from the library"
+        first = outputs[row].outputs[0]
+        token = first.token_ids[0]
+        worst = max(worst, abs(first.logprobs[0][token].logprob - float(ref[row, token])))
+        if steer is not None:
+            assert not torch.equal(want[row], plain[row]), f"{spec} changed nothing"
+    # the generated marker starts the steering mid-generation: the first tokens are unsteered
+    assert torch.equal(want[2][:at2], plain[2][:at2]) and not torch.equal(want[2], plain[2])
+    assert worst < 1e-3, worst
+    print(f"text positions on vLLM vs the library: first-token logprob max |diff| {worst:.1e}")

@@ -9,7 +9,8 @@ without pickling anything a client could abuse:
     {"steering": [
         {"vector": {"15": [0.1, ...]} | "NAME",   # directions per layer, or a registered name
          "strength": 4.0 | {"15": 4.0},
-         "positions": "all" | "last" | "prompt" | "generated" | 3 | [0, -1] | "2:" | "0:8:2",
+         "positions": "all" | "last" | "prompt" | "generated" | 3 | [0, -1] | "2:" | "0:8:2"
+                      | {"mode": "after", "markers": ["Yes"], "ids": [[[...], ...]]},
          "layers": [15, 16] | null,
          "op": "add",                             # or any steerlab operator
          "extras": {"plane": {"15": [0.3, ...]}}}  # per-layer extras the operator needs
@@ -17,7 +18,10 @@ without pickling anything a client could abuse:
      "readout": {"key": "req-7",                          # optional probes
                  "probes": [{"layer": 15, "direction": [0.1, ...]}]}}
 
-The same value may be sent as a JSON string (``vllm_xargs`` only carries flat values). A vector
+The same value may be sent as a JSON string (``vllm_xargs`` only carries flat values).
+Positions are read by :meth:`Positions.parse` (the library's one parser); positions chosen by
+text travel with their markers' token ids (:func:`check_bound`), which the worker matches
+against each request's tokens as they stream (:class:`StepRequest`). A vector
 given by ``NAME`` is read from ``$STEERLAB_VLLM_VECTORS/NAME.safetensors`` on the server, never
 from a client-chosen path.
 
