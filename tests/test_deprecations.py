@@ -288,3 +288,17 @@ def test_tune_reads_at_read_at() -> None:
     assert torch.equal(old.vector.directions[1], new.vector.directions[1])
     last = sl.tune(model, "sentiment", progress=False, **options)
     assert not torch.equal(last.vector.directions[1], new.vector.directions[1])
+
+
+def test_tune_still_imports_from_sweeps() -> None:
+    import steerlab.sweeps
+    import steerlab.tuning
+
+    with pytest.warns(SteerlabDeprecationWarning, match=r"steerlab\.tuning\.tune"):
+        old_tune = steerlab.sweeps.tune
+    assert old_tune is steerlab.tuning.tune
+    with pytest.warns(SteerlabDeprecationWarning, match=r"steerlab\.tuning\.TuneResult"):
+        from steerlab.sweeps import TuneResult
+    assert TuneResult is steerlab.tuning.TuneResult
+    with pytest.raises(AttributeError, match="no_such_name"):
+        steerlab.sweeps.no_such_name  # noqa: B018

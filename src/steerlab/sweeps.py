@@ -700,3 +700,18 @@ def _single_strength(config: Steering) -> float:
     if isinstance(config.strength, Mapping):
         return float("nan")  # per-layer strengths have no single value
     return float(config.strength)
+
+
+def __getattr__(name: str) -> Any:
+    """``steerlab.sweeps.tune`` / ``TuneResult`` (0.1 spellings) forward to :mod:`steerlab.tuning`.
+
+    Resolved lazily because :mod:`steerlab.tuning` imports this module; an import at the top
+    would be a cycle.
+    """
+    if name in ("tune", "TuneResult"):
+        from steerlab import tuning
+        from steerlab.deprecation import warn_deprecated
+
+        warn_deprecated(f"steerlab.sweeps.{name}", f"steerlab.tuning.{name} (or sl.{name})")
+        return getattr(tuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
