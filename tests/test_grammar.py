@@ -141,11 +141,11 @@ def cli(model: sl.SteeredModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[lis
         raise _Stop
 
     import steerlab.methods
-    import steerlab.sweeps
+    import steerlab.tuning
 
     monkeypatch.setattr(sl, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(model, "generate", record)
-    monkeypatch.setattr(steerlab.sweeps, "tune", record)
+    monkeypatch.setattr(steerlab.tuning, "tune", record)
     monkeypatch.setattr(steerlab.methods, "compute_vector", record)
     yield seen
 
