@@ -195,7 +195,7 @@ def test_text_too_long_for_any_context_is_refused_before_tokenizing() -> None:
     def no_tokenizing(request: GenerationRequest) -> list[int]:
         raise AssertionError("the tokenizer was reached")
 
-    engine._encode = no_tokenizing  # type: ignore[method-assign]
+    engine.planner.encode = no_tokenizing  # type: ignore[method-assign]
     for request, field in (
         (GenerationRequest(prompt="a" * (bound + 1)), "prompt"),
         (

@@ -475,3 +475,35 @@ def test_conditions_are_validated_before_queueing(engine: TorchEngine, tmp_path:
         engine.conditions.register("../x", high)
     assert engine.conditions.names() == ["high", "saved"]
     assert engine.max_rows_seen == 0
+
+
+def test_prompts_waiting_together_are_read_in_one_forward_pass() -> None:
+    """Prompts queued at once are prefilled as one left-padded batch (one forward pass, as
+    ``generate_ids`` reads its batch), and each still equals the library run alone."""
+    model = tiny_model("llama")
+    eng = TorchEngine(model, max_batch=8)
+    eng.vectors.register("a", _vec(model.d_model, 1, 0))
+    eng.vectors.register("b", _vec(model.d_model, 2, 1))
+    prompts = ["the cat sat on", "a dog ran", "my house is very", "hello world", "i think so"]
+    specs = [(), (SteeringEntry("a", 6.0, "all"),), (SteeringEntry("b", -5.0, "last"),)]
+    requests = [
+        GenerationRequest(
+            prompt=p, max_tokens=5, temperature=0.0, steering=specs[i % 3], logprobs=0
+        )
+        for i, p in enumerate(prompts)
+    ]
+    eng.start()
+    try:
+        # the worker cannot take the queue while the test holds its lock (re-entrant here)
+        with eng._cond:
+            streams = [eng.submit(r) for r in requests]
+        results = [list(s) for s in streams]
+    finally:
+        eng.shutdown()
+    eos = model.tokenizer.eos_token_id
+    for req, events in zip(requests, results):
+        assert _ids(events, eos) == _reference(model, req, eng.vectors), req
+    # one prefill pass for all five prompts, then one pass per decoding step
+    assert eng.forwards == 1 + eng.steps
+    assert eng.steps == max(len(events) for events in results) - 1
+    assert eng.max_rows_seen == len(prompts)

@@ -198,7 +198,7 @@ def test_a_faulty_request_fails_alone_and_the_others_are_unchanged(
 
         monkeypatch.setattr(GenerationRequest, "check", check)
     if kind == "readout":
-        make = engine._readout
+        make = engine.planner.probe
 
         def readout(entry: ReadoutEntry) -> Any:
             made = make(entry)
@@ -206,7 +206,7 @@ def test_a_faulty_request_fails_alone_and_the_others_are_unchanged(
                 return dataclasses.replace(made, direction=_Bomb(made.direction))
             return made
 
-        monkeypatch.setattr(engine, "_readout", readout)
+        monkeypatch.setattr(engine.planner, "probe", readout)
     # the bad request sits in the middle of the batch, two good ones on each side
     requests = [GOOD[0], GOOD[1], bad, GOOD[2], GOOD[3]]
     steps_before = engine.steps
@@ -231,7 +231,7 @@ def test_a_fault_in_a_batched_step_is_found_by_running_the_rows_alone(
     from the cache as it was before it, so the good rows' tokens of that very step come from
     their solo reruns (and equal the solo outputs, checked above); here: the step counter
     shows the batched step ran and the bomb went off exactly in it (second call)."""
-    make = engine._readout
+    make = engine.planner.probe
     bombs: list[_Bomb] = []
 
     def readout(entry: ReadoutEntry) -> Any:
@@ -241,7 +241,7 @@ def test_a_fault_in_a_batched_step_is_found_by_running_the_rows_alone(
             return dataclasses.replace(made, direction=bombs[-1])
         return made
 
-    monkeypatch.setattr(engine, "_readout", readout)
+    monkeypatch.setattr(engine.planner, "probe", readout)
     bad = FAULTS["readout"][0]
     results = _submit_together(engine, [GOOD[1], bad, GOOD[2]])
     assert isinstance(results[1][1], InvalidInputError)

@@ -264,3 +264,37 @@ def test_prefix_cache_hits_change_neither_text_nor_readout(
         assert got[0] == want[0]
         worst = max(abs(a - b) for g, w in zip(got[1], want[1]) for a, b in zip(g, w))
         assert worst < 1e-4, worst
+
+
+def test_every_vllm_path_encodes_prompts_as_the_library() -> None:
+    """The vLLM engine's planner and ``steerlab.vllm.generate_ids`` hand vLLM the ids
+    ``SteeredModel.encode`` gives, for raw and chat prompts (vLLM is not started: the engine's
+    planner needs only the tokenizer, and ``generate_ids`` runs on a recording stand-in)."""
+    from types import SimpleNamespace
+
+    import steerlab.vllm as slv
+    from steerlab.vllm.engine import VLLMEngine
+
+    engine = VLLMEngine(max_model_len=512)
+    model = sl.load_model()
+    seen: list[list[int]] = []
+
+    def generate(requests: list[Any], params: list[Any], use_tqdm: bool) -> list[Any]:
+        seen.extend(list(r["prompt_token_ids"]) for r in requests)
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2])]) for _ in requests]
+
+    llm = SimpleNamespace(
+        get_tokenizer=lambda: model.tokenizer,
+        generate=generate,
+        llm_engine=SimpleNamespace(
+            model_config=SimpleNamespace(hf_text_config=model.hf_model.config)
+        ),
+    )
+    for chat in (False, True):
+        expected = [model.encode(p, chat=chat).input_ids[0].tolist() for p in PROMPTS]
+        served = [engine.planner.encode(GenerationRequest(prompt=p, chat=chat)) for p in PROMPTS]
+        seen.clear()
+        slv.generate_ids(llm, PROMPTS, chat=chat, max_new_tokens=2)
+        assert served == expected
+        assert seen == expected
+    assert expected[0] != model.encode(PROMPTS[0]).input_ids[0].tolist()  # the template's

@@ -57,6 +57,7 @@ from steerlab.interventions import (
 from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
 from steerlab.progress import progress_bar
+from steerlab.prompts import encode_prompts, render_chat
 from steerlab.replay import LastTokenCache, PrefixCache
 from steerlab.sites import check_site, router_logits, site_hook, site_width
 from steerlab.vectors import SteeringVector
@@ -191,13 +192,7 @@ class SteeredModel:
 
     def format_chat(self, prompt: str) -> str:
         """``prompt`` as a single user turn through the tokenizer's chat template."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise InvalidInputError("this tokenizer has no chat template; call with chat=False")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
+        return render_chat(self.tokenizer, prompt)
 
     def encode(
         self,
@@ -222,13 +217,8 @@ class SteeredModel:
         if padding_side not in ("left", "right"):
             raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
         reserve = as_int(reserve, "reserve")
-        if chat:
-            items = [self.format_chat(p) for p in items]
-        encoded = self.tokenizer(items, add_special_tokens=not chat)["input_ids"]
+        encoded = encode_prompts(self.tokenizer, items, chat=chat)
         lengths = [len(ids) for ids in encoded]
-        for i, length in enumerate(lengths):
-            if length == 0:
-                raise InvalidInputError(f"prompt {i} ({items[i]!r}) has no tokens")
         width = max(lengths)
         context = self.context_length
         if context is not None and width + reserve > context:

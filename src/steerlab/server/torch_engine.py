@@ -10,58 +10,67 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from steerlab.errors import InvalidInputError, SteerlabError
 from steerlab.interventions import SequenceState
-from steerlab.positions import Positions
+from steerlab.server.pipeline import Emitter, Plan, Planner, Probe, RequestState
 from steerlab.server.registry import ConditionRegistry, VectorRegistry
 from steerlab.server.requests import (
     MIN_TEMPERATURE,
     EngineError,
     GenerationRequest,
-    ReadoutEntry,
     SteeringEntry,
-    TokenEvent,
-    TokenLogprob,
 )
-from steerlab.server.stream import RequestStream, StopMatcher
+from steerlab.server.stream import RequestStream
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "TorchEngine"]
 
 DEFAULT_PREFILL_CHUNK = 256
 """Prompt tokens :class:`TorchEngine` reads per forward pass by default (chunked prefill)."""
 _MIN_CHUNK = 16  # a timed piece is never cut below this (progress, and a meaningful timing)
+_GROUP_TOKENS = DEFAULT_PREFILL_CHUNK  # padded tokens of prompts read together, unchunked engine
 
 
 # --- the torch engine -----------------------------------------------------------------------------
 @dataclasses.dataclass
-class _Readout:
-    layer: int
-    direction: Any  # unit float32 tensor [d_model]
-
-
-@dataclasses.dataclass
 class _Job:
     """A request inside the torch engine (owned by the worker thread once queued)."""
 
-    request: GenerationRequest
+    plan: Plan
     stream: RequestStream
-    prompt_ids: list[int]
-    steerings: list[Any]  # one Steering per entry, in list order
-    readouts: list[_Readout]
+    emitted: RequestState  # generated ids and stop matching (see Emitter)
     generator: Any  # torch.Generator or None (greedy)
-    matcher: StopMatcher
-    generated: list[int] = dataclasses.field(default_factory=list)
     cached: int = 0  # tokens of this request in the KV cache
     next_token: int = -1  # sampled, not yet fed to the model
     cancelled: bool = False
     whole_prefill: bool = False  # a prompt-level condition reads the prompt in one call
+    alone: bool = False  # its prompt is read alone (a grouped read failed)
     prefill_cache: Any = None  # the prompt's own cache while it is prefilled in chunks
     # what position trackers and condition probes remember about this request (its token ids,
     # marker scans, condition verdicts): it outlives the per-step trackers as rows regroup
     state: SequenceState = dataclasses.field(default_factory=SequenceState)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.plan.request
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.plan.prompt_ids
+
+    @property
+    def steerings(self) -> tuple[Any, ...]:
+        return self.plan.steerings
+
+    @property
+    def readouts(self) -> tuple[Probe, ...]:
+        return self.plan.probes
+
+    @property
+    def generated(self) -> list[int]:
+        return self.emitted.generated
 
     def synced_state(self) -> SequenceState:
         """:attr:`state` holding every token before the next forward call's (indices
@@ -131,12 +140,27 @@ class TorchEngine:
         self.max_batch = max_batch
         self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
         self.conditions = ConditionRegistry(check=lambda cond: cond.check_compatible(model))
+        config = getattr(model.hf_model, "config", None)
+        self._max_positions = _max_positions(config)
+        self._tokenizer_lock = threading.Lock()
+        self.planner = Planner(
+            model.tokenizer,
+            n_layers=model.n_layers,
+            d_model=model.d_model,
+            vectors=self.vectors,
+            conditions=self.conditions,
+            context_length=self._max_positions,
+            site_options=self._site_options,
+            check_steering=self._check_steering,
+            lock=self._tokenizer_lock,
+        )
+        """Builds each request's :class:`~steerlab.server.pipeline.Plan` (shared pipeline)."""
+        self.emitter = Emitter(model.tokenizer, lock=self._tokenizer_lock)
+        """Turns chosen tokens into events (shared pipeline)."""
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._tokenizer_lock = threading.Lock()
-        self._max_chars: int | None = None  # see _check_length
         self._counter = 0
         # the batch (worker thread only)
         self._rows: list[_Job] = []
@@ -146,11 +170,10 @@ class TorchEngine:
         self._cache: Any = None
         self._mask: Any = None
         self._cache_kwarg = model.cache_keyword()
-        config = getattr(model.hf_model, "config", None)
-        self._max_positions = _max_positions(config)
         self.steps = 0  # decoding forward passes run (for tests and benchmarks)
         self.max_rows_seen = 0
         self.interleaved_steps = 0
+        self.forwards = 0  # forward passes of any kind (prefill reads and decoding steps)
 
     # --- interface --------------------------------------------------------------------------
     @property
@@ -189,20 +212,7 @@ class TorchEngine:
         """Validate ``request`` and queue it; see :class:`Engine`."""
         import torch
 
-        if not isinstance(request, GenerationRequest):
-            raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
-        request.check(context_length=self._max_positions)
-        steerings = [self._steering(e, f"steering[{i}]") for i, e in enumerate(request.steering)]
-        readouts = [self._readout(entry) for entry in request.readout]
-        self._check_length(request)
-        prompt_ids = self._encode(request)
-        if self._max_positions is not None:
-            total = len(prompt_ids) + request.max_tokens
-            if total > self._max_positions:
-                raise InvalidInputError(
-                    f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
-                    f"exceeds the model's context of {self._max_positions} tokens"
-                )
+        plan = self.planner.plan(request)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()
@@ -218,15 +228,13 @@ class TorchEngine:
         job_box: list[_Job] = []
         stream = RequestStream(request_id, on_cancel=lambda: self._cancel(job_box))
         job = _Job(
-            request=request,
+            plan=plan,
             stream=stream,
-            prompt_ids=prompt_ids,
-            steerings=steerings,
-            readouts=readouts,
+            emitted=RequestState(plan),
             generator=generator,
-            matcher=StopMatcher(request.stop),
             whole_prefill=any(
-                s.when is not None and getattr(s.when, "scope", None) == "prompt" for s in steerings
+                s.when is not None and getattr(s.when, "scope", None) == "prompt"
+                for s in plan.steerings
             ),
         )
         job_box.append(job)
@@ -235,28 +243,11 @@ class TorchEngine:
             self._cond.notify_all()
         return stream
 
-    # --- validation helpers (caller's thread) ------------------------------------------------
-    def _steering(self, entry: SteeringEntry, field: str = "steering") -> Any:
-        from steerlab.interventions import PositionTracker, RowSteering, Steering
-        from steerlab.operators import loreft_op_refusal
+    # --- validation (caller's thread) -----------------------------------------------------------
+    def _site_options(self, entry: SteeringEntry, vector: Any, field: str) -> dict[str, Any]:
         from steerlab.sites import entry_site_options
 
-        if not isinstance(entry, SteeringEntry):
-            raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
-        vector = self.vectors.get(entry.vector)
-        when = None if entry.when is None else self.conditions.get(entry.when)
-        strength: Any = entry.strength
-        if isinstance(strength, Mapping):
-            strength = {int(k): float(v) for k, v in strength.items()}
-        positions = Positions.parse(entry.positions)
-        if not positions.bound:
-            # text markers become token ids as model.generate binds them: same tokenizer
-            with self._tokenizer_lock:
-                positions = positions.bind(self.model.tokenizer)
-        options: dict[str, Any] = {"strength": strength, "positions": positions, "when": when}
-        if entry.op != "add":
-            options["op"] = entry.op
-        options |= entry_site_options(
+        return entry_site_options(
             self.model.adapter,
             vector,
             site=entry.site,
@@ -264,74 +255,17 @@ class TorchEngine:
             experts=entry.experts,
             field=field,
         )
-        steering = Steering(vector, **options)
-        refusal = loreft_op_refusal(vector, steering.resolved_op)
+
+    def _check_steering(self, steering: Any, field: str) -> None:
+        """Validate layers and operator constants against the model, and a condition's layer
+        against the steering layers it gates, before anything is queued."""
+        from steerlab.interventions import PositionTracker, RowSteering
+        from steerlab.operators import loreft_op_refusal
+
+        refusal = loreft_op_refusal(steering.vector, steering.resolved_op)
         if refusal is not None:  # a LoReFT file runs only under op 'loreft'
             raise InvalidInputError(f"{field}.op: {refusal}")
-        # validates layers and operator constants against the model, and a condition's layer
-        # against the steering layers it gates, before anything is queued
         RowSteering((steering,)).hooks(self.model.adapter, PositionTracker())
-        return steering
-
-    def _readout(self, entry: ReadoutEntry) -> _Readout:
-        import torch
-
-        from steerlab.interventions import direction_at
-
-        if not isinstance(entry, ReadoutEntry):
-            raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
-        vector = self.vectors.get(entry.vector)
-        if vector.site != "resid":  # readouts project the residual stream at a block's output
-            raise InvalidInputError(
-                f"readout vector {entry.vector!r} is for site {vector.site!r}; a readout "
-                f"projects the residual stream (site 'resid')"
-            )
-        layer = self.model.adapter.resolve_layer(entry.layer)
-        direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
-        direction = direction.detach().to(torch.float32).cpu()
-        norm = float(direction.norm())
-        if not norm > 0:
-            raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
-        return _Readout(layer=layer, direction=direction / norm)
-
-    def _check_length(self, request: GenerationRequest) -> None:
-        """Refuse text far too long for the context before tokenizing it: tokenizing holds
-        the tokenizer lock that every running stream needs to detokenize its next token, so a
-        4-million-character prompt would freeze them all for seconds. No token decodes to more
-        characters than the longest vocabulary entry; the factor 4 covers normalizers that
-        shrink text (composed accents), so only prompts that cannot fit are refused here."""
-        if self._max_positions is None:
-            return
-        if self._max_chars is None:
-            with self._tokenizer_lock:
-                vocab = self.model.tokenizer.get_vocab()
-            self._max_chars = 4 * self._max_positions * max(16, *(len(t) for t in vocab))
-        field, chars = "prompt", len(request.prompt)
-        if request.messages:
-            field, chars = "messages", sum(len(m.content) for m in request.messages)
-        if chars > self._max_chars:
-            raise InvalidInputError(
-                f"{field} has {chars} characters, more than a {self._max_positions}-token "
-                f"context can hold (at most {self._max_chars} characters for this tokenizer)"
-            )
-
-    def _encode(self, request: GenerationRequest) -> list[int]:
-        with self._tokenizer_lock:
-            if request.chat and request.messages:
-                tokenizer = self.model.tokenizer
-                if not getattr(tokenizer, "chat_template", None):
-                    raise InvalidInputError("this model's tokenizer has no chat template")
-                text = tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-                ids = list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
-                if not ids:
-                    raise InvalidInputError("the conversation has no tokens")
-                return [int(i) for i in ids]
-            batch = self.model.encode([request.prompt], chat=request.chat)
-        return [int(i) for i in batch.input_ids[0].tolist()]
 
     def _cancel(self, box: list[_Job]) -> None:
         with self._cond:
@@ -467,6 +401,7 @@ class TorchEngine:
             HookSpec(self.model.adapter.block(layer), "forward", make_hook(entries))
             for layer, entries in wanted.items()
         ]
+        self.forwards += 1
         with self._scope(rows), scoped_hooks(reads):
             out = self.model.hf_model(
                 input_ids=ids.to(device),
@@ -525,6 +460,13 @@ class TorchEngine:
                 self._prefilling.pop(0)
                 self._finish_cancelled(job)
                 continue
+            group = self._group(budget if chunked else _GROUP_TOKENS)
+            if len(group) > 1:
+                started = time.perf_counter()
+                padded = self._prefill_group(group)
+                self._time_tokens(padded, time.perf_counter() - started)
+                budget -= padded
+                continue
             remaining = len(job.prompt_ids) - job.cached
             count = remaining if not chunked or job.whole_prefill else min(budget, remaining)
             started = time.perf_counter()
@@ -534,14 +476,75 @@ class TorchEngine:
                 self._prefilling.pop(0)
                 self._fail(job, err)
                 continue
-            if count >= _MIN_CHUNK:
-                per_token = (time.perf_counter() - started) / count
-                self._token_time = (
-                    per_token if not self._token_time else 0.5 * (self._token_time + per_token)
-                )
+            self._time_tokens(count, time.perf_counter() - started)
             budget -= count
             if finished:
                 self._prefilling.pop(0)
+
+    def _time_tokens(self, count: int, elapsed: float) -> None:
+        """Fold a prefill forward of ``count`` (padded) tokens into the per-token cost."""
+        if count >= _MIN_CHUNK:
+            per_token = elapsed / count
+            self._token_time = (
+                per_token if not self._token_time else 0.5 * (self._token_time + per_token)
+            )
+
+    def _group(self, budget: int) -> list[_Job]:
+        """The prompts at the head of the prefill queue that are read together in one forward
+        pass: not started, and all of them left-padded to the longest within ``budget`` tokens
+        with at most as much padding as prompt. One forward pass reads the weights once
+        whatever its rows, so 32 short prompts arriving together cost about one pass, not 32
+        (as in ``generate_ids``, which also prefills its batch left-padded)."""
+        group: list[_Job] = []
+        width = real = 0
+        for job in self._prefilling:
+            if job.cancelled or job.alone or job.cached or job.prefill_cache is not None:
+                break
+            size = len(job.prompt_ids)
+            wide = max(width, size)
+            if wide * (len(group) + 1) > max(budget, size) or (
+                group and wide * (len(group) + 1) > 2 * (real + size)
+            ):
+                break
+            group.append(job)
+            width, real = wide, real + size
+        return group
+
+    def _prefill_group(self, group: list[_Job]) -> int:
+        """Read the whole prompts of ``group`` (the head of the prefill queue) in one
+        left-padded forward pass, emit each one's first token and move the unfinished ones into
+        the batch; returns the padded token count. A fault re-reads each prompt alone, so only
+        the prompts that fail alone fail."""
+        import torch
+
+        width = max(len(job.prompt_ids) for job in group)
+        pad = int(self.model.pad_token_id or 0)
+        ids = torch.tensor(
+            [[pad] * (width - len(job.prompt_ids)) + list(job.prompt_ids) for job in group],
+            dtype=torch.long,
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job in group],
+            dtype=torch.long,
+        )
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        try:
+            logits, readouts = self._forward(group, ids, mask, positions, cache)
+        except Exception:  # someone's steering or readout broke: find whose, alone
+            for job in group:
+                job.alone = True
+            return width * len(group)
+        del self._prefilling[: len(group)]
+        for job in group:
+            job.cached = len(job.prompt_ids) - 1  # _emit_rows counts the token just read
+        keep = self._emit_rows(group, logits, readouts, into_batch=False)
+        if len(keep) == len(group):
+            self._merge(group, cache, mask)
+        elif keep:
+            layers, mask = _select(self._layers(cache), mask, keep)
+            self._merge([group[i] for i in keep], self._new_cache(layers), mask)
+        return width * len(group)
 
     def _prefill_chunk(self, job: _Job, count: int) -> bool:
         """Run the next ``count`` prompt tokens of ``job`` (alone, on its own cache); after the
@@ -563,58 +566,42 @@ class TorchEngine:
             return False
         cache, job.prefill_cache = job.prefill_cache, None
         if not self._emit(job, logits[0], readouts[0]):
-            self._merge(job, cache)
+            self._merge([job], cache, torch.ones((1, end), dtype=torch.long))
         return True
 
-    def _merge(self, job: _Job, cache: Any) -> None:
-        """Add a prefilled request's cache to the batch cache (left padding to a common width)."""
+    def _merge(self, jobs: list[_Job], cache: Any, mask: Any) -> None:
+        """Add prefilled requests (their ``cache`` and 2-D ``mask``, rows in ``jobs``
+        order) to the batch cache, left-padding both to a common width: one copy of the batch
+        cache per group that joins, not per request."""
         import torch
 
-        new = self._layers(cache)
         if not self._rows:
-            self._rows = [job]
+            self._rows = list(jobs)
             self._cache = cache
-            self._mask = torch.ones((1, job.cached), dtype=torch.long)
-            return
-        old = self._layers(self._cache)
-        width = max(self._mask.shape[1], job.cached)
-        merged = [
-            (
-                torch.cat([_pad_left(ok, width), _pad_left(nk, width)], dim=0),
-                torch.cat([_pad_left(ov, width), _pad_left(nv, width)], dim=0),
-            )
-            for (ok, ov), (nk, nv) in zip(old, new)
-        ]
-        mask_old = _pad_left(self._mask, width)
-        mask_new = _pad_left(torch.ones((1, job.cached), dtype=torch.long), width)
-        self._cache = self._new_cache(merged)
-        self._mask = torch.cat([mask_old, mask_new], dim=0)
-        self._rows = [*self._rows, job]
+            self._mask = mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            merged = [
+                (
+                    torch.cat([_pad_left(ok, width), _pad_left(nk, width)], dim=0),
+                    torch.cat([_pad_left(ov, width), _pad_left(nv, width)], dim=0),
+                )
+                for (ok, ov), (nk, nv) in zip(self._layers(self._cache), self._layers(cache))
+            ]
+            self._cache = self._new_cache(merged)
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)], dim=0)
+            self._rows = [*self._rows, *jobs]
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only rows ``keep`` of the batch, dropping padding columns no row needs."""
-        import torch
-
         if len(keep) == len(self._rows):
             return
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep)
-        mask = self._mask.index_select(0, index)
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0, 0]) if len(used) else 0
-        mask = mask[:, first:]
-        data = [
-            (
-                k.index_select(0, index.to(k.device))[:, :, first:].contiguous(),
-                v.index_select(0, index.to(v.device))[:, :, first:].contiguous(),
-            )
-            for k, v in self._layers(self._cache)
-        ]
-        self._cache = self._new_cache(data)
-        self._mask = mask
+        layers, self._mask = _select(self._layers(self._cache), self._mask, keep)
+        self._cache = self._new_cache(layers)
         self._rows = [self._rows[i] for i in keep]
 
     def _drop_cancelled(self) -> None:
@@ -652,12 +639,7 @@ class TorchEngine:
         self._step_time = elapsed if not self._step_time else 0.5 * (self._step_time + elapsed)
         self._mask = mask
         self.steps += 1
-        keep = []
-        for row, job in enumerate(rows):
-            job.cached += 1
-            if not self._emit_or_fail(job, logits[row], readouts[row]):
-                keep.append(row)
-        self._keep(keep)
+        self._emit_rows(rows, logits, readouts)
 
     def _isolate(self, before: list[tuple[Any, Any]]) -> None:
         """The batched step raised: run each row's step alone (on its own slice of the cache
@@ -682,23 +664,59 @@ class TorchEngine:
                 continue
             job.cached += 1
             if not self._emit_or_fail(job, logits[0], readouts[0]):
-                self._merge(job, own)
+                self._merge([job], own, mask)
 
     # --- tokens out ------------------------------------------------------------------------------
-    def _emit_or_fail(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
+    def _emit_rows(
+        self, rows: list[_Job], logits: Any, readouts: list[Any], *, into_batch: bool = True
+    ) -> list[int]:
+        """Emit one token per row of a forward pass (finiteness and greedy choices computed
+        for all rows at once); returns the rows still generating, and (``into_batch``) keeps
+        only those in the batch."""
+        import torch
+
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        greedy = logits.argmax(dim=-1).tolist()
+        keep = []
+        for row, job in enumerate(rows):
+            job.cached += 1
+            done = self._emit_or_fail(
+                job, logits[row], readouts[row], finite=finite[row], greedy=greedy[row]
+            )
+            if not done:
+                keep.append(row)
+        if into_batch:
+            self._keep(keep)
+        return keep
+
+    def _emit_or_fail(
+        self, job: _Job, logits: Any, readout: tuple[float, ...], **batched: Any
+    ) -> bool:
         """:meth:`_emit`, with a fault in this request's token ending this request alone."""
         try:
-            return self._emit(job, logits, readout)
+            return self._emit(job, logits, readout, **batched)
         except Exception as err:
             self._fail(job, err)
             return True
 
-    def _emit(self, job: _Job, logits: Any, readout: tuple[float, ...]) -> bool:
-        """Choose the next token of ``job`` from ``logits``, send its event; True when done."""
+    def _emit(
+        self,
+        job: _Job,
+        logits: Any,
+        readout: tuple[float, ...],
+        *,
+        finite: bool | None = None,
+        greedy: int | None = None,
+    ) -> bool:
+        """Choose the next token of ``job`` from ``logits``, send its event; True when done.
+        ``finite`` and ``greedy`` (whether the logits are finite, their argmax) may come from
+        one batched computation over the step's rows."""
         import torch
 
         request = job.request
-        if not bool(torch.isfinite(logits).all()):
+        if finite is None:
+            finite = bool(torch.isfinite(logits).all())
+        if not finite:
             # a row's activations blew up (rows never mix, so it is this request's own doing)
             where = f"at completion token {len(job.generated) + 1}"
             if job.steerings:
@@ -707,63 +725,25 @@ class TorchEngine:
                     f"the steering of this request is too strong for this model"
                 )
             raise EngineError(f"the model's logits became non-finite (inf/nan) {where}")
-        if job.generator is None:
-            token = int(torch.argmax(logits))
-        else:
+        if job.generator is not None:
             token = _sample(logits, request.temperature, request.top_p, job.generator)
+        else:
+            token = int(torch.argmax(logits)) if greedy is None else greedy
         logprob: float | None = None
-        top: tuple[TokenLogprob, ...] = ()
-        tokenizer = self.model.tokenizer
+        top: list[tuple[int, float]] = []
         if request.logprobs is not None:
             logp = torch.log_softmax(logits, dim=-1)
             logprob = float(logp[token])
             if request.logprobs > 0:
                 values, indices = torch.topk(logp, request.logprobs)
-                with self._tokenizer_lock:
-                    top = tuple(
-                        TokenLogprob(tokenizer.decode([int(i)]), float(v), int(i))
-                        for v, i in zip(values, indices)
-                    )
-        job.generated.append(token)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        is_eos = eos is not None and (token == eos or (isinstance(eos, list) and token in eos))
-        finish: str | None = None
-        with self._tokenizer_lock:
-            text_ids = job.generated[:-1] if is_eos else job.generated
-            text = tokenizer.decode(text_ids, skip_special_tokens=True)
-            piece = "" if is_eos else tokenizer.decode([token], skip_special_tokens=True)
-        done = is_eos or len(job.generated) >= request.max_tokens
-        delta, stopped = job.matcher.feed(text, final=done)
-        if stopped or is_eos:
-            finish = "stop"
-        elif done:
-            finish = "length"
+                top = [(int(i), float(v)) for v, i in zip(values, indices)]
+        event = self.emitter.emit(job.emitted, token, logprob=logprob, top=top, readout=readout)
         job.next_token = token
-        job.stream.put(
-            TokenEvent(
-                token_id=token,
-                text=delta,
-                token=piece,
-                logprob=logprob,
-                top_logprobs=top,
-                readout=readout,
-                finish_reason=finish,
-                prompt_tokens=len(job.prompt_ids),
-                completion_tokens=len(job.generated),
-            )
-        )
-        return finish is not None
+        job.stream.put(event)
+        return event.finish_reason is not None
 
     def _finish_cancelled(self, job: _Job) -> None:
-        job.stream.put(
-            TokenEvent(
-                token_id=-1,
-                text="",
-                finish_reason="cancelled",
-                prompt_tokens=len(job.prompt_ids),
-                completion_tokens=len(job.generated),
-            )
-        )
+        job.stream.put(self.emitter.closing(job.emitted, "cancelled"))
 
 
 def _pad_left(tensor: Any, width: int) -> Any:
@@ -777,6 +757,27 @@ def _pad_left(tensor: Any, width: int) -> Any:
     shape = list(tensor.shape)
     shape[axis] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
+def _select(
+    layers: list[tuple[Any, Any]], mask: Any, keep: list[int]
+) -> tuple[list[tuple[Any, Any]], Any]:
+    """Rows ``keep`` of cache ``layers`` and their 2-D ``mask``, without the leading padding
+    columns none of them needs."""
+    import torch
+
+    index = torch.tensor(keep)
+    mask = mask.index_select(0, index)
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0, 0]) if len(used) else 0
+    selected = [
+        (
+            k.index_select(0, index.to(k.device))[:, :, first:].contiguous(),
+            v.index_select(0, index.to(v.device))[:, :, first:].contiguous(),
+        )
+        for k, v in layers
+    ]
+    return selected, mask[:, first:]
 
 
 def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> int:

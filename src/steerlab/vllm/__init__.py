@@ -34,6 +34,7 @@ from steerlab.errors import InvalidInputError
 from steerlab.interventions import RowSteering as _RowSteering
 from steerlab.interventions import Steering, normalize_steering, steering_with
 from steerlab.positions import PositionSpec
+from steerlab.prompts import encode_prompts
 from steerlab.vllm.memory import kv_cache_options
 from steerlab.vllm.spec import EXTRA_ARGS_KEY, VECTORS_ENV, resolve, to_wire
 
@@ -154,24 +155,6 @@ def _dims(llm: Any) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def _encode(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
-    # The torch engine's tokenization (SteeredModel.encode): special tokens for plain text,
-    # none after a chat template (the template writes them).
-    if chat:
-        template = getattr(tokenizer, "chat_template", None)
-        if not template:
-            raise InvalidInputError("this tokenizer has no chat template; call with chat=False")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    if not ids:
-        raise InvalidInputError(f"prompt {prompt!r} has no tokens")
-    return [int(i) for i in ids]
-
-
 def _eos_ids(tokenizer: Any, llm: Any) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return [eos] if isinstance(eos, int) else list(eos or [])
@@ -260,7 +243,10 @@ def generate_ids(
         wires.append(wire)
     eos = _eos_ids(tokenizer, llm)
     options = _Options(max_new_tokens, do_sample, temperature, top_p, top_k, seed, logprobs)
-    requests = [TokensPrompt(prompt_token_ids=_encode(tokenizer, p, chat=chat)) for p in items]
+    # the library's own encoding, so vLLM reads the prompt SteeredModel.generate reads
+    requests = [
+        TokensPrompt(prompt_token_ids=ids) for ids in encode_prompts(tokenizer, items, chat=chat)
+    ]
     params = [
         _sampling_params(options, eos, {EXTRA_ARGS_KEY: wire} if wire else {}) for wire in wires
     ]

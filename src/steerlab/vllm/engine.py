@@ -2,11 +2,13 @@
 interface), each request steered by steerlab's vLLM plugin.
 
 vLLM's ``AsyncLLM`` runs in an event loop on a thread of its own; :meth:`VLLMEngine.submit`
-validates the request in the caller's thread (vector names, strengths, positions, layers
-against the model), tokenizes it as the torch engine does, and hands it to that loop, which
-streams vLLM's outputs into the request's :class:`~steerlab.server.stream.RequestStream`.
-Stop strings are applied with the server's :class:`~steerlab.server.stream.StopMatcher` (same
-text as the torch engine); a stopped or cancelled request is aborted in vLLM.
+builds the request's plan in the caller's thread with the torch engine's
+:class:`~steerlab.server.pipeline.Planner` (validation, the library's prompt encoding, steering
+terms, readout probes, the context check; vLLM only adds what it refuses), and hands it to that
+loop, which streams vLLM's tokens through the shared
+:class:`~steerlab.server.pipeline.Emitter` (text, stop strings, EOS, logprobs, readout: the same
+events as the torch engine) into the request's :class:`~steerlab.server.stream.RequestStream`;
+a stopped or cancelled request is aborted in vLLM.
 
 Readout (per-token probe scores) is computed in vLLM's workers by the plugin's hooks and
 fetched per streamed chunk with ``collective_rpc`` through steerlab's worker extension
@@ -14,10 +16,10 @@ fetched per streamed chunk with ``collective_rpc`` through steerlab's worker ext
 the value of each generated token is the one read at the position whose forward produced it,
 the definition of :attr:`steerlab.server.requests.TokenEvent.readout`.
 
-Positions chosen by text (``after:``, ``between:``, ``outside:``) are bound to token ids here,
-with the served model's tokenizer, and decided in the workers on each request's tokens as the
-library decides them. Steering entries may name a registered condition in ``when``: it travels
-on the wire and the plugin gates the steering inside vLLM's forward pass
+Positions chosen by text (``after:``, ``between:``, ``outside:``) are bound to token ids by the
+planner, with the served model's tokenizer, and decided in the workers on each request's tokens
+as the library decides them. Steering entries may name a registered condition in ``when``: it
+travels on the wire and the plugin gates the steering inside vLLM's forward pass
 (:mod:`steerlab.vllm.conditions`).
 
 >>> VLLMEngine.__name__  # the engine starts vLLM on start(); docs/vllm.md has a full run
@@ -28,34 +30,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import itertools
 import math
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from steerlab.errors import (
     InvalidInputError,
-    LayerIndexError,
     ModelNotAvailableError,
     VectorMismatchError,
 )
-from steerlab.interventions import Steering, direction_at
-from steerlab.positions import Positions
+from steerlab.interventions import Steering
+from steerlab.server.pipeline import Emitter, Plan, Planner, RequestState
 from steerlab.server.registry import ConditionRegistry, VectorRegistry
 from steerlab.server.requests import (
     EngineError,
     GenerationRequest,
-    ReadoutEntry,
     SteeringEntry,
-    TokenEvent,
-    TokenLogprob,
 )
-from steerlab.server.stream import RequestStream, StopMatcher
+from steerlab.server.stream import RequestStream
 from steerlab.sites import check_site, check_site_override
 from steerlab.vectors import SteeringVector
 from steerlab.vllm.conditions import check_gated_layers
@@ -134,6 +128,23 @@ class VLLMEngine:
         self.vectors = VectorRegistry(check=self._check_vector)
         self.conditions = ConditionRegistry(check=self._check_condition)
         self._tokenizer_lock = threading.Lock()
+        self.planner = Planner(
+            self.tokenizer,
+            n_layers=self._n_layers,
+            d_model=self.d_model,
+            vectors=self.vectors,
+            conditions=self.conditions,
+            context_length=max_model_len,
+            context_name="the engine's max_model_len",
+            check_entry=self._check_entry,
+            site_options=self._site_options,
+            check_steering=self._check_steering,
+            check_readout_vector=lambda vector: refuse_site(vector.site),
+            lock=self._tokenizer_lock,
+        )
+        """Builds each request's plan: the torch engine's pipeline (shared)."""
+        self.emitter = Emitter(self.tokenizer, lock=self._tokenizer_lock)
+        """Turns vLLM's tokens into events, as the torch engine does (shared)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._llm: Any = None
@@ -214,30 +225,20 @@ class VLLMEngine:
         """Validate ``request`` and queue it in vLLM; see the server's ``Engine``."""
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
-        request.check(context_length=self.max_model_len)
         if request.readout and self._options["worker_extension_cls"] != READOUT_EXTENSION:
             raise InvalidInputError(
                 f"readout needs steerlab's vLLM worker extension, but this engine runs vLLM with "
                 f"worker_extension_cls={self._options['worker_extension_cls']!r}; start it "
                 f"without that option, or use the torch engine (--engine torch) for readout"
             )
+        plan = self.planner.plan(request)
         request_id = f"steerlab-{next(self._ids)}"
-        wire = self._wire(request, request_id)
-        prompt_ids = self._encode(request)
-        if self.max_model_len is not None and len(prompt_ids) + request.max_tokens > (
-            self.max_model_len
-        ):
-            raise InvalidInputError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
-                f"exceeds the engine's max_model_len of {self.max_model_len} tokens"
-            )
+        wire = self._wire(plan, request_id)
         loop = self._loop
         if loop is None or self._llm is None:
             raise EngineError("the engine is not running (call start())")
         stream = RequestStream(request_id, on_cancel=lambda: self._cancel(request_id))
-        future = asyncio.run_coroutine_threadsafe(
-            self._serve(request_id, request, prompt_ids, wire, stream), loop
-        )
+        future = asyncio.run_coroutine_threadsafe(self._serve(request_id, plan, wire, stream), loop)
         self._open[request_id] = (stream, future)
         return stream
 
@@ -258,13 +259,8 @@ class VLLMEngine:
     def _check_condition(self, condition: Any) -> None:
         check_gated_layers(condition, {}, n_layers=self._n_layers, d_model=self.d_model)
 
-    def _steering(self, entry: SteeringEntry, field: str = "steering") -> Steering:
-        if not isinstance(entry, SteeringEntry):
-            raise InvalidInputError(f"not a SteeringEntry: {entry!r}")
-        strength: Any = entry.strength
-        if isinstance(strength, Mapping):
-            strength = {int(k): float(v) for k, v in strength.items()}
-        vector = self.vectors.get(entry.vector)
+    @staticmethod
+    def _check_entry(entry: SteeringEntry, field: str) -> None:
         for name in ("heads", "experts"):
             if getattr(entry, name) is not None:
                 raise InvalidInputError(
@@ -272,90 +268,42 @@ class VLLMEngine:
                     f"there are no {name} to choose; serve head and expert steering with the "
                     f"torch engine (steerlab serve --engine torch)"
                 )
-        site = None
-        if entry.site is not None:
-            try:
-                site = check_site(entry.site)
-                check_site_override(vector.metadata.get("site"), site)
-            except InvalidInputError as err:
-                raise InvalidInputError(f"{field}.site: {err}") from None
-            if site != "resid":
-                raise InvalidInputError(
-                    f"{field}.site: the vLLM engine steers the residual stream only (site "
-                    f"'resid'), not {site!r}: vLLM's fused attention and MLP kernels leave no "
-                    f"place to hook; serve it with the torch engine (steerlab serve --engine "
-                    f"torch)"
-                )
-        else:
+
+    @staticmethod
+    def _site_options(entry: SteeringEntry, vector: SteeringVector, field: str) -> dict[str, Any]:
+        if entry.site is None:
             refuse_site(vector.site)
-        positions = Positions.parse(entry.positions)
-        if not positions.bound:  # text markers travel as token ids (the workers have none)
-            with self._tokenizer_lock:
-                positions = positions.bind(self.tokenizer)
-        when = None if entry.when is None else self.conditions.get(entry.when)
-        term = Steering(
-            vector, strength=strength, positions=positions, op=entry.op, site=site, when=when
-        )
-        refuse_loreft_add(term)
-        return term
-
-    def _probe(self, entry: ReadoutEntry) -> tuple[int, torch.Tensor]:
-        """The torch engine's probe (``TorchEngine._readout``): unit float32 direction."""
-        if not isinstance(entry, ReadoutEntry):
-            raise InvalidInputError(f"not a ReadoutEntry: {entry!r}")
-        vector = self.vectors.get(entry.vector)
-        refuse_site(vector.site)
-        layer = entry.layer
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise InvalidInputError(f"readout layer must be an int, got {layer!r}")
-        if not -self._n_layers <= layer < self._n_layers:
-            raise LayerIndexError(
-                f"readout layer {layer} is outside the model's {self._n_layers} layers"
+            return {}
+        try:
+            site = check_site(entry.site)
+            check_site_override(vector.metadata.get("site"), site)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{field}.site: {err}") from None
+        if site != "resid":
+            raise InvalidInputError(
+                f"{field}.site: the vLLM engine steers the residual stream only (site "
+                f"'resid'), not {site!r}: vLLM's fused attention and MLP kernels leave no "
+                f"place to hook; serve it with the torch engine (steerlab serve --engine "
+                f"torch)"
             )
-        layer %= self._n_layers
-        direction = direction_at(vector.directions, layer, use="read", known=vector.layers)
-        direction = direction.detach().to(torch.float32).cpu()
-        norm = float(direction.norm())
-        if not norm > 0:
-            raise InvalidInputError(f"vector {entry.vector!r} has a zero direction at {layer}")
-        return layer, direction / norm
+        return {"site": site}
 
-    def _wire(self, request: GenerationRequest, key: str) -> dict[str, Any] | None:
-        if not request.steering and not request.readout:
+    @staticmethod
+    def _check_steering(term: Steering, field: str) -> None:
+        refuse_loreft_add(term)
+
+    def _wire(self, plan: Plan, key: str) -> dict[str, Any] | None:
+        if not plan.steerings and not plan.probes:
             return None
-        wire = to_wire(
-            [self._steering(e, f"steering[{i}]") for i, e in enumerate(request.steering)]
-        )
-        if request.readout:
-            probes = [self._probe(entry) for entry in request.readout]
-            wire["readout"] = readout_to_wire(key, probes)
+        wire = to_wire(list(plan.steerings))
+        if plan.probes:
+            wire["readout"] = readout_to_wire(
+                key, [(probe.layer, probe.direction) for probe in plan.probes]
+            )
         # layers and sizes, as the worker will check them
         resolve(wire, n_layers=self._n_layers, d_model=self.d_model)
         resolve_readout(wire, n_layers=self._n_layers, d_model=self.d_model)
         return wire
-
-    def _encode(self, request: GenerationRequest) -> list[int]:
-        tokenizer = self.tokenizer
-        with self._tokenizer_lock:
-            if request.chat:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise InvalidInputError("this model's tokenizer has no chat template")
-                messages = [{"role": m.role, "content": m.content} for m in request.messages] or [
-                    {"role": "user", "content": request.prompt}
-                ]
-                text = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-                ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise InvalidInputError("the prompt has no tokens")
-        return [int(i) for i in ids]
-
-    def _eos(self) -> list[int]:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def _params(self, request: GenerationRequest, wire: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams
@@ -363,7 +311,7 @@ class VLLMEngine:
 
         kwargs: dict[str, Any] = {
             "max_tokens": request.max_tokens,
-            "stop_token_ids": self._eos(),
+            "stop_token_ids": sorted(self.emitter.eos),
             "skip_special_tokens": True,
             "output_kind": RequestOutputKind.DELTA,
             "extra_args": {EXTRA_ARGS_KEY: wire} if wire else None,
@@ -384,23 +332,21 @@ class VLLMEngine:
     async def _serve(
         self,
         request_id: str,
-        request: GenerationRequest,
-        prompt_ids: list[int],
+        plan: Plan,
         wire: dict[str, Any] | None,
         stream: RequestStream,
     ) -> None:
         from vllm.inputs import TokensPrompt
 
-        eos = set(self._eos())
-        matcher = StopMatcher(request.stop)
-        generated: list[int] = []
+        request = plan.request
+        state = RequestState(plan)
         finished = False
         vllm_reason: str | None = None
         # readout values by absolute position of the token whose forward read them
         read: dict[int, list[float]] = {}
         try:
             params = self._params(request, wire)
-            prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+            prompt = TokensPrompt(prompt_token_ids=list(plan.prompt_ids))
             async for output in self._llm.generate(prompt, params, request_id):
                 completion = output.outputs[0]
                 logprobs = completion.logprobs or []
@@ -409,18 +355,14 @@ class VLLMEngine:
                 for index, token in enumerate(completion.token_ids):
                     # the forward at position p (the last prompt token, then each generated
                     # token in turn) produced the token at p + 1
-                    values = (
-                        self._readout_at(read, len(prompt_ids) + len(generated) - 1, request)
-                        if request.readout
-                        else ()
+                    position = len(plan.prompt_ids) + len(state.generated) - 1
+                    values = self._readout_at(read, position, request) if request.readout else ()
+                    logprob, top = self._logprobs(request, int(token), logprobs, index)
+                    event = self.emitter.emit(
+                        state, int(token), logprob=logprob, top=top, readout=values
                     )
-                    generated.append(int(token))
-                    event, finished = self._event(
-                        request, prompt_ids, generated, matcher, eos, logprobs, index
-                    )
-                    if values:
-                        event = dataclasses.replace(event, readout=values)
                     stream.put(event)
+                    finished = event.finish_reason is not None
                     if finished:
                         break
                 if finished:
@@ -432,7 +374,7 @@ class VLLMEngine:
                 reason = (
                     "cancelled" if stream.cancelled else _REASONS.get(vllm_reason or "stop", "stop")
                 )
-                stream.put(self._closing(request, prompt_ids, generated, matcher, reason))
+                stream.put(self.emitter.closing(state, reason))
         except asyncio.CancelledError:
             stream.fail(EngineError("the engine was shut down"))
             raise
@@ -472,74 +414,22 @@ class VLLMEngine:
             raise EngineError(f"vLLM returned no readout value for position {position}")
         return tuple(values)
 
-    def _event(
-        self,
-        request: GenerationRequest,
-        prompt_ids: list[int],
-        generated: list[int],
-        matcher: StopMatcher,
-        eos: set[int],
-        logprobs: list[Any],
-        index: int,
-    ) -> tuple[TokenEvent, bool]:
-        token = generated[-1]
-        is_eos = token in eos
-        with self._tokenizer_lock:
-            text_ids = generated[:-1] if is_eos else generated
-            text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-            piece = "" if is_eos else self.tokenizer.decode([token], skip_special_tokens=True)
-        done = is_eos or len(generated) >= request.max_tokens
-        delta, stopped = matcher.feed(text, final=done)
-        finish: str | None = None
-        if stopped or is_eos:
-            finish = "stop"
-        elif done:
-            finish = "length"
-        logprob: float | None = None
-        top: tuple[TokenLogprob, ...] = ()
-        if request.logprobs is not None and index < len(logprobs) and logprobs[index]:
-            entries = logprobs[index]
-            chosen = entries.get(token)
-            logprob = None if chosen is None else float(chosen.logprob)
-            if request.logprobs > 0:
-                ranked = sorted(
-                    ((tid, lp) for tid, lp in entries.items() if lp.rank is not None),
-                    key=lambda item: item[1].rank,
-                )
-                ranked = [item for item in ranked if item[1].rank <= request.logprobs]
-                with self._tokenizer_lock:
-                    top = tuple(
-                        TokenLogprob(self.tokenizer.decode([tid]), float(lp.logprob), int(tid))
-                        for tid, lp in ranked[: request.logprobs]
-                    )
-        event = TokenEvent(
-            token_id=token,
-            text=delta,
-            token=piece,
-            logprob=logprob,
-            top_logprobs=top,
-            finish_reason=finish,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(generated),
+    @staticmethod
+    def _logprobs(
+        request: GenerationRequest, token: int, logprobs: list[Any], index: int
+    ) -> tuple[float | None, list[tuple[int, float]]]:
+        """The chosen token's log-probability and the ``request.logprobs`` best alternatives
+        (best first) from vLLM's per-token entries."""
+        if request.logprobs is None or index >= len(logprobs) or not logprobs[index]:
+            return None, []
+        entries = logprobs[index]
+        chosen = entries.get(token)
+        logprob = None if chosen is None else float(chosen.logprob)
+        if request.logprobs == 0:
+            return logprob, []
+        ranked = sorted(
+            ((tid, lp) for tid, lp in entries.items() if lp.rank is not None),
+            key=lambda item: item[1].rank,
         )
-        return event, finish is not None
-
-    def _closing(
-        self,
-        request: GenerationRequest,
-        prompt_ids: list[int],
-        generated: list[int],
-        matcher: StopMatcher,
-        reason: str,
-    ) -> TokenEvent:
-        """The last event when vLLM ended the stream before one of its tokens ended it."""
-        with self._tokenizer_lock:
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        delta, _ = matcher.feed(text, final=True)
-        return TokenEvent(
-            token_id=-1,
-            text=delta,
-            finish_reason=reason,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(generated),
-        )
+        top = [(int(tid), float(lp.logprob)) for tid, lp in ranked if lp.rank <= request.logprobs]
+        return logprob, top[: request.logprobs]
