@@ -17,6 +17,13 @@ read (until its first token) are compared (p95, pooled over streams), with the e
 chunked prefill and with prefill of whole prompts (``prefill_chunk=None``, the behaviour
 before chunking), in one run. Results go to ``benchmarks/results/server_hol.json`` and their
 own section of ``docs/benchmarks.md``.
+
+Engine against batched generate (``--scenarios batch``): the torch engine behind ``steerlab
+serve`` (HTTP excluded: each client thread submits its request to the engine and reads its
+stream) against ``model.generate_ids`` of the same prompts as one batch (per-row steering), at
+``--batch-clients`` (8 and 32) concurrent clients, steered and unsteered, in interleaved rounds
+(the order rotates each round), medians over rounds. Results go to
+``benchmarks/results/server_batch.json`` and their own section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ from benchmarks.common import ROOT, load_average, machine_info
 
 RESULTS = ROOT / "benchmarks" / "results" / "server.json"
 HOL_RESULTS = ROOT / "benchmarks" / "results" / "server_hol.json"
+BATCH_RESULTS = ROOT / "benchmarks" / "results" / "server_batch.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- server-benchmark:start -->", "<!-- server-benchmark:end -->"
 HOL_START, HOL_END = "<!-- server-hol:start -->", "<!-- server-hol:end -->"
+BATCH_START, BATCH_END = "<!-- server-batch:start -->", "<!-- server-batch:end -->"
 PROMPTS = [
     "The movie last night was",
     "Tell me about the weather this weekend.",
@@ -138,7 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--doc", default=str(DOC), help="report to update, or 'none'")
     parser.add_argument("--out", default=str(RESULTS), help="results json, or 'none'")
     parser.add_argument(
-        "--scenarios", default="throughput,hol", help="throughput and/or hol (head of line)"
+        "--scenarios",
+        default="throughput,hol,batch",
+        help="throughput, hol (head of line) and/or batch (engine vs batched generate_ids)",
+    )
+    parser.add_argument(
+        "--batch-clients", default="8,32", help="batch: concurrency levels (= batch sizes)"
     )
     parser.add_argument("--streams", type=int, default=4, help="hol: running streams")
     parser.add_argument("--long-tokens", type=int, default=4000, help="hol: long prompt tokens")
@@ -147,13 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     scenarios = {name.strip() for name in args.scenarios.split(",") if name.strip()}
-    if not scenarios <= {"throughput", "hol"}:
-        parser.error(f"unknown scenarios: {sorted(scenarios - {'throughput', 'hol'})}")
+    known = {"throughput", "hol", "batch"}
+    if not scenarios <= known:
+        parser.error(f"unknown scenarios: {sorted(scenarios - known)}")
     out: dict[str, Any] = {}
     if "throughput" in scenarios:
         out = _throughput(args, argv)
     if "hol" in scenarios:
         out["hol"] = _head_of_line(args, argv)
+    if "batch" in scenarios:
+        out["batch"] = _against_generate(args, argv)
     return out
 
 
@@ -370,6 +387,171 @@ def _head_of_line(args: argparse.Namespace, argv: list[str] | None) -> dict[str,
     if args.doc != "none":
         _replace_section(Path(args.doc), render_hol(results), HOL_START, HOL_END)
     return results
+
+
+def _engine_once(engine: Any, requests: list[Any]) -> dict[str, Any]:
+    """Serve ``requests`` with one client thread each (all at once); tokens/s over the wall."""
+    counts = [0] * len(requests)
+
+    def one(index: int) -> None:
+        ids = [event.token_id for event in engine.submit(requests[index])]
+        # counted as generate_ids counts them: an end-of-sequence token is not returned
+        counts[index] = len(ids) - (bool(ids) and ids[-1] in engine.emitter.eos)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    return {"tokens": sum(counts), "wall_s": wall, "tokens_per_s": sum(counts) / wall}
+
+
+def _generate_once(
+    model: Any, prompts: list[str], steering: Any, max_tokens: int
+) -> dict[str, Any]:
+    """``model.generate_ids`` of ``prompts`` as one batch; tokens/s over the wall."""
+    start = time.perf_counter()
+    out = model.generate_ids(prompts, steering=steering, max_new_tokens=max_tokens)
+    wall = time.perf_counter() - start
+    tokens = sum(len(row) for row in out)
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def _against_generate(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """The engine-against-batched-generate scenario (see the module docstring)."""
+    import steerlab as sl
+    from steerlab.server.engine import GenerationRequest, SteeringEntry, TorchEngine
+
+    torch.manual_seed(0)
+    model = _load(args.model)
+    levels = [int(c) for c in args.batch_clients.split(",")]
+    engine = TorchEngine(model, max_batch=max(levels))
+    vectors = _vectors(model)
+    for name, vector in vectors.items():
+        engine.vectors.register(name, vector)
+    # one steering entry per row (generate_ids takes one Steering per row)
+    configs = [c[0] for c in _configs(engine.vectors.names()) if len(c) == 1]
+    conditions = [(kind, n) for n in levels for kind in ("steered", "unsteered")]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        f"{k}@{n}": {"engine": [], "generate": []} for k, n in conditions
+    }
+    load_start = load_average()
+    started = time.perf_counter()
+    engine.start()
+    try:
+        for round_index in range(args.rounds + 1):  # round 0 warms both up, not counted
+            shift = round_index % len(conditions)
+            for kind, n in conditions[shift:] + conditions[:shift]:
+                prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+                rows = [configs[i % len(configs)] for i in range(n)]
+                if kind == "unsteered":
+                    rows = []
+                requests = [
+                    GenerationRequest(
+                        prompt=prompt,
+                        max_tokens=args.max_tokens,
+                        temperature=0.0,
+                        steering=(SteeringEntry(**rows[i]),) if rows else (),
+                    )
+                    for i, prompt in enumerate(prompts)
+                ]
+                steering = [
+                    sl.Steering(
+                        vectors[row["vector"]], strength=row["strength"], positions=row["positions"]
+                    )
+                    for row in rows
+                ] or None
+                order = ("engine", "generate") if round_index % 2 == 0 else ("generate", "engine")
+                for which in order:
+                    if which == "engine":
+                        result = _engine_once(engine, requests)
+                    else:
+                        result = _generate_once(model, prompts, steering, args.max_tokens)
+                    if round_index:
+                        runs[f"{kind}@{n}"][which].append(result)
+                    print(
+                        f"batch {kind:9s} n={n:3d} {which:8s} {result['tokens_per_s']:8.1f} tok/s"
+                        + ("" if round_index else " (warm-up)"),
+                        flush=True,
+                    )
+    finally:
+        engine.shutdown()
+    summary: dict[str, Any] = {}
+    for key, pair_runs in runs.items():
+        engine_tps = statistics.median(r["tokens_per_s"] for r in pair_runs["engine"])
+        generate_tps = statistics.median(r["tokens_per_s"] for r in pair_runs["generate"])
+        ratios = [
+            e["tokens_per_s"] / g["tokens_per_s"]
+            for e, g in zip(pair_runs["engine"], pair_runs["generate"])
+        ]
+        summary[key] = {
+            "engine_tokens_per_s": engine_tps,
+            "generate_tokens_per_s": generate_tps,
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+        }
+    results = {
+        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "model": model.name,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
+        "engine": {"decode_steps": engine.steps, "forward_passes": engine.forwards},
+        "runs": runs,
+        "summary": summary,
+    }
+    out = BATCH_RESULTS if args.out == str(RESULTS) else Path(args.out).with_suffix(".batch.json")
+    if args.out != "none":
+        out.write_text(json.dumps(results, indent=2, default=str))
+    if args.doc != "none":
+        _replace_section(Path(args.doc), render_batch(results), BATCH_START, BATCH_END)
+    return results
+
+
+def render_batch(results: dict[str, Any]) -> str:
+    """The engine-against-batched-generate section for ``docs/benchmarks.md``."""
+    summary = results["summary"]
+    load = results["load_average"]
+    lines = [
+        BATCH_START,
+        "## Server engine against batched `generate_ids`",
+        "",
+        f"`{results['command'].strip()}` ({results['date']}, {results['wall_s']:.0f} s wall) on "
+        f"{results['model']}: N client threads each submit one greedy request of "
+        f"{results['max_tokens']} tokens to the torch engine behind `steerlab serve` (HTTP "
+        f"excluded) and read its stream, against `model.generate_ids` of the same N prompts "
+        f"as one batch (steered: one of 7 steering configurations per row, the same in both). "
+        f"Tokens per second over the wall time; medians over {results['rounds']} interleaved "
+        f"round(s) after a warm-up round; the ratio is engine / generate_ids within each "
+        f"round. Load average at start/end: {load['start']} / {load['end']} "
+        f"({results['machine'].get('logical_cpus', '?')} logical CPUs).",
+        "",
+        "| requests | clients = batch | engine tokens/s | generate_ids tokens/s | "
+        "engine / generate_ids |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, row in sorted(summary.items(), key=lambda kv: (int(kv[0].split("@")[1]), kv[0])):
+        kind, n = key.split("@")
+        lines.append(
+            f"| {kind} | {n} | {row['engine_tokens_per_s']:.1f} | "
+            f"{row['generate_tokens_per_s']:.1f} | {row['ratio']:.2f} |"
+        )
+    worst = min(row["ratio"] for row in summary.values())
+    lines += [
+        "",
+        f"* Target: the engine at >= 0.9x the tokens/s of batched `generate_ids`: worst ratio "
+        f"**{worst:.2f}** ({'met' if worst >= 0.9 else 'missed'}).",
+        f"* Engine: {results['engine']['decode_steps']} batched decoding steps and "
+        f"{results['engine']['forward_passes']} forward passes in all (prompts read together).",
+        "",
+        BATCH_END,
+    ]
+    return "\n".join(lines)
 
 
 def render_hol(results: dict[str, Any]) -> str:

@@ -67,3 +67,23 @@ def test_head_of_line_scenario(tmp_path: Path) -> None:
         assert 40 <= row["long_prompt_tokens"] <= 60
     text = doc.read_text()
     assert text.count(bench.HOL_START) == 1 and "kept" in text and "| whole prompt" in text
+
+
+def test_engine_against_batched_generate_scenario(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    out = tmp_path / "server.json"
+    args = ["--model", "tiny:llama", "--scenarios", "batch", "--batch-clients", "2,3"]
+    args += ["--max-tokens", "3", "--doc", str(doc), "--out", str(out)]
+    results = bench.main(args)["batch"]
+    saved = json.loads(out.with_suffix(".batch.json").read_text())
+    assert set(saved["summary"]) == {"steered@2", "unsteered@2", "steered@3", "unsteered@3"}
+    for key, row in results["summary"].items():
+        engine_run, generate_run = (results["runs"][key][w][0] for w in ("engine", "generate"))
+        # the same requests: as many tokens from the engine as from generate_ids
+        assert engine_run["tokens"] == generate_run["tokens"] > 0
+        assert row["ratio"] == pytest.approx(
+            engine_run["tokens_per_s"] / generate_run["tokens_per_s"]
+        )
+    text = doc.read_text()
+    assert text.count(bench.BATCH_START) == 1 and "kept" in text and "| steered | 3 |" in text

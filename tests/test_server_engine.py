@@ -507,3 +507,31 @@ def test_prompts_waiting_together_are_read_in_one_forward_pass() -> None:
     assert eng.forwards == 1 + eng.steps
     assert eng.steps == max(len(events) for events in results) - 1
     assert eng.max_rows_seen == len(prompts)
+
+
+def test_a_burst_of_short_prompts_joins_running_streams_in_one_pass(engine: TorchEngine) -> None:
+    """While a stream decodes, prompts arriving together are still read whole and together:
+    the burst costs one forward pass (not one per prompt, nor pieces cut to a decoding
+    step's time), and every request equals the library."""
+    model = engine.model
+    eos = model.tokenizer.eos_token_id
+    running = GenerationRequest(prompt="the cat sat", max_tokens=40, temperature=0.0)
+    stream = iter(engine.submit(running))
+    got_running = [next(stream) for _ in range(3)]
+    burst = [
+        GenerationRequest(prompt=p, max_tokens=3, temperature=0.0, steering=s)
+        for p, s in (
+            ("a dog ran to the house and sat", ()),
+            ("my house is very good i think", (SteeringEntry("a", 6.0, "all"),)),
+            ("hello world the cat sat on the", (SteeringEntry("b", -5.0, "last"),)),
+            ("i think so the movie was good", ()),
+        )
+    ]
+    with engine._cond:  # queued together: the worker admits them in one iteration
+        streams = [engine.submit(r) for r in burst]
+    results = [list(s) for s in streams]
+    got_running.extend(stream)
+    # every forward pass is a decoding step or a prompt read: two reads in all
+    assert engine.forwards - engine.steps == 2
+    for req, events in [(running, got_running), *zip(burst, results)]:
+        assert _ids(events, eos) == _reference(model, req, engine.vectors), req

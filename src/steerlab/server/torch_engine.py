@@ -31,6 +31,10 @@ DEFAULT_PREFILL_CHUNK = 256
 """Prompt tokens :class:`TorchEngine` reads per forward pass by default (chunked prefill)."""
 _MIN_CHUNK = 16  # a timed piece is never cut below this (progress, and a meaningful timing)
 _GROUP_TOKENS = DEFAULT_PREFILL_CHUNK  # padded tokens of prompts read together, unchunked engine
+_SHORT_PROMPT = 64
+"""A prompt of at most this many tokens (and at most ``prefill_chunk``) is read whole, beside
+the other short prompts waiting, up to ``prefill_chunk`` tokens per worker iteration; a longer
+one is cut to the time budget."""
 
 
 # --- the torch engine -----------------------------------------------------------------------------
@@ -136,6 +140,7 @@ class TorchEngine:
             )
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self._short = min(_SHORT_PROMPT, prefill_chunk or _SHORT_PROMPT)  # see _SHORT_PROMPT
         self.model_id: str = model_id or model.name
         self.max_batch = max_batch
         self.vectors = VectorRegistry(check=lambda vector: vector.check_compatible(model))
@@ -442,6 +447,8 @@ class TorchEngine:
         follows each piece: a long prompt no longer freezes every stream while it is read.
         While requests are decoding, a piece is also cut to take about as long as one of their
         decoding steps (measured), so their inter-token gap stays near twice the usual.
+        Short prompts (:data:`_SHORT_PROMPT`) are the exception: waiting ones are read whole
+        and together, up to ``prefill_chunk`` tokens per iteration (see :meth:`_group`).
         """
         import time
 
@@ -452,23 +459,30 @@ class TorchEngine:
                 budget = min(budget, max(_MIN_CHUNK, int(self._step_time / self._token_time)))
             else:  # nothing timed yet: a small first piece, timed for the next ones
                 budget = min(budget, _MIN_CHUNK)
+        # short prompts are read whole, up to a chunk's worth per iteration: a burst of clients
+        # then joins the batch in a few forward passes (each one reads every weight, whatever
+        # its size: 32 prompts read one by one cost about 32 decoding steps more), at the price
+        # of one longer gap for the running streams; a long prompt is cut to the time budget
+        whole = self.prefill_chunk or 0
         while self._prefilling:
-            if chunked and budget <= 0:
-                return
             job = self._prefilling[0]
             if job.cancelled:
                 self._prefilling.pop(0)
                 self._finish_cancelled(job)
                 continue
-            group = self._group(budget if chunked else _GROUP_TOKENS)
+            short = _is_short(job, self._short)
+            if chunked and (whole if short else budget) <= 0:
+                return
+            group = self._group(budget, whole) if chunked else self._group(0, _GROUP_TOKENS)
             if len(group) > 1:
                 started = time.perf_counter()
                 padded = self._prefill_group(group)
                 self._time_tokens(padded, time.perf_counter() - started)
-                budget -= padded
+                budget, whole = budget - padded, whole - padded
                 continue
             remaining = len(job.prompt_ids) - job.cached
-            count = remaining if not chunked or job.whole_prefill else min(budget, remaining)
+            whole_read = not chunked or job.whole_prefill or short
+            count = remaining if whole_read else min(budget, remaining)
             started = time.perf_counter()
             try:
                 finished = self._prefill_chunk(job, count)
@@ -477,7 +491,7 @@ class TorchEngine:
                 self._fail(job, err)
                 continue
             self._time_tokens(count, time.perf_counter() - started)
-            budget -= count
+            budget, whole = budget - count, whole - count
             if finished:
                 self._prefilling.pop(0)
 
@@ -489,23 +503,28 @@ class TorchEngine:
                 per_token if not self._token_time else 0.5 * (self._token_time + per_token)
             )
 
-    def _group(self, budget: int) -> list[_Job]:
+    def _group(self, budget: int, short_budget: int) -> list[_Job]:
         """The prompts at the head of the prefill queue that are read together in one forward
-        pass: not started, and all of them left-padded to the longest within ``budget`` tokens
-        with at most as much padding as prompt. One forward pass reads the weights once
-        whatever its rows, so 32 short prompts arriving together cost about one pass, not 32
-        (as in ``generate_ids``, which also prefills its batch left-padded)."""
+        pass: not started, left-padded to the longest within ``budget`` tokens (or within
+        ``short_budget`` while all are short, see :data:`_SHORT_PROMPT`), with at most as much
+        padding as prompt. One forward pass reads the weights once whatever its rows, so 32
+        short prompts arriving together cost about one pass, not 32 (as in ``generate_ids``,
+        which also prefills its batch left-padded)."""
         group: list[_Job] = []
         width = real = 0
+        all_short = True
         for job in self._prefilling:
             if job.cancelled or job.alone or job.cached or job.prefill_cache is not None:
                 break
             size = len(job.prompt_ids)
             wide = max(width, size)
-            if wide * (len(group) + 1) > max(budget, size) or (
-                group and wide * (len(group) + 1) > 2 * (real + size)
+            short = all_short and _is_short(job, self._short)
+            padded = wide * (len(group) + 1)
+            if padded > max(short_budget if short else budget, size) or (
+                group and padded > 2 * (real + size)
             ):
                 break
+            all_short = short
             group.append(job)
             width, real = wide, real + size
         return group
@@ -744,6 +763,12 @@ class TorchEngine:
 
     def _finish_cancelled(self, job: _Job) -> None:
         job.stream.put(self.emitter.closing(job.emitted, "cancelled"))
+
+
+def _is_short(job: _Job, limit: int) -> bool:
+    """Whether ``job``'s prompt is read whole however busy the batch is (not started, and at
+    most ``limit`` tokens)."""
+    return not job.alone and job.cached == 0 and len(job.prompt_ids) <= limit
 
 
 def _pad_left(tensor: Any, width: int) -> Any:
