@@ -542,8 +542,16 @@ def render_batch(results: dict[str, Any]) -> str:
             f"{row['generate_tokens_per_s']:.1f} | {row['ratio']:.2f} |"
         )
     worst = min(row["ratio"] for row in summary.values())
+    cpus = results["machine"].get("logical_cpus") or 1
+    lines += [""]
+    if (load["start"] or [0.0])[0] > cpus:
+        lines.append(
+            f"* Read with care: the load average ({load['start'][0]}) was above the {cpus} "
+            f"CPUs (other jobs shared the machine), so absolute tokens/s are a fraction of an "
+            f"idle machine's and each ratio carries run-to-run noise of that size (an "
+            f"unsteered ratio far above 1 is noise: the engine does the same forward passes)."
+        )
     lines += [
-        "",
         f"* Target: the engine at >= 0.9x the tokens/s of batched `generate_ids`: worst ratio "
         f"**{worst:.2f}** ({'met' if worst >= 0.9 else 'missed'}).",
         f"* Engine: {results['engine']['decode_steps']} batched decoding steps and "
