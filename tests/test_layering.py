@@ -56,7 +56,11 @@ def imports_of(module: str, path: Path, modules: Mapping[str, Path]) -> Iterator
     """Every import of a module in ``modules`` that ``module`` makes, wherever it stands."""
     root = next(iter(modules)).partition(".")[0]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    forwarders = _deprecated_forwarder_lines(tree)
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in forwarders:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 target = _owner(alias.name, modules)
@@ -86,6 +90,25 @@ def imports_of(module: str, path: Path, modules: Mapping[str, Path]) -> Iterator
                 target = _owner(name, modules) if isinstance(name, str) else None
                 if target is not None:
                     yield Import(module, target, node.lineno)
+
+
+def _deprecated_forwarder_lines(tree: ast.Module) -> set[int]:
+    """Lines of a module-level ``__getattr__`` that calls ``warn_deprecated``: a 0.1 name kept
+    for one release (PEP 562). Its import runs only when the old name is looked up, after both
+    modules are loaded, so it is neither an import-time cycle nor a dependency of the module."""
+    lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            calls = [
+                n
+                for n in ast.walk(node)
+                if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Name)
+                and n.func.id == "warn_deprecated"
+            ]
+            if calls:
+                lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return lines
 
 
 def _is_dynamic_import(func: ast.expr) -> bool:
@@ -306,6 +329,25 @@ def test_a_circle_through_a_function_local_import_is_caught(tmp_path: Path) -> N
     problems = violations(package, LAYERS)
     assert any("steerlab.low (layer 'low') imports steerlab.high" in p for p in problems)
     assert "import cycle among steerlab.high, steerlab.low" in problems
+
+
+def test_only_a_deprecated_name_forwarder_may_import_upward(tmp_path: Path) -> None:
+    forwarder = (
+        "def __getattr__(name):\n"
+        "    from steerlab.high import g\n"
+        "    warn_deprecated('steerlab.low.g', 'steerlab.high.g')\n"
+        "    return g\n"
+    )
+    silent = "def __getattr__(name):\n    from steerlab.high import g\n    return g\n"
+    files = {
+        "steerlab/__init__.py": "from steerlab import high\n",
+        "steerlab/high.py": "from steerlab.low import f\n\ndef g():\n    return f\n",
+        "steerlab/app/__init__.py": "",
+    }
+    kept = _write(tmp_path / "kept", {**files, "steerlab/low.py": "f = 1\n" + forwarder})
+    assert violations(kept, LAYERS) == []
+    hidden = _write(tmp_path / "hidden", {**files, "steerlab/low.py": "f = 1\n" + silent})
+    assert "import cycle among steerlab.high, steerlab.low" in violations(hidden, LAYERS)
 
 
 def test_type_checking_private_and_dynamic_imports_are_caught(tmp_path: Path) -> None:
