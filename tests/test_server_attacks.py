@@ -137,7 +137,7 @@ def test_validation_message_names_the_field_as_sent() -> None:
         )
     message, param = validation_message(caught.value.errors())
     assert message == (
-        "steering[0].positions: [0, true] is not a string or an integer; "
+        "steering[0].positions: [0, true] is not a string, an integer or a mapping of them; "
         "steering[0].positions[1]: true is not an integer; "
         "top_k: unknown field (this server does not implement it)"
     )

@@ -469,7 +469,7 @@ def test_conditions_are_validated_before_queueing(engine: TorchEngine, tmp_path:
         engine.conditions.register("small", sl.Condition(torch.ones(5), layer=0, threshold=0.0))
     file = high.save(tmp_path / "saved.safetensors")
     assert engine.conditions.register_dir(tmp_path) == ["saved"]
-    with pytest.raises(VectorFileError, match="not a readable safetensors file"):
+    with pytest.raises(VectorFileError, match=r"truncated \(tensor data needs"):
         engine.conditions.register_bytes("broken", file.read_bytes()[:-3])
     with pytest.raises(InvalidInputError, match="invalid condition name"):
         engine.conditions.register("../x", high)
