@@ -26,7 +26,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
-from steerlab import generation, replay
+from steerlab import generation, reading, replay
 from steerlab.adapter import ModelAdapter
 from steerlab.batch import (
     Batch,
@@ -40,7 +40,6 @@ from steerlab.deprecation import loose_steering_keywords, renamed_keyword, warn_
 from steerlab.errors import EditRemovedError, InvalidInputError, VectorMismatchError
 from steerlab.interventions import (
     HookHandle,
-    HookSpec,
     Intervention,
     PositionTracker,
     RowSteering,
@@ -50,16 +49,13 @@ from steerlab.interventions import (
     active_trackers,
     install,
     normalize_steering,
-    output_hidden,
-    scoped_hooks,
     steering_with,
 )
 from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
-from steerlab.progress import progress_bar
 from steerlab.prompts import encode_prompts, render_chat
+from steerlab.reading import LayerActivations
 from steerlab.replay import LastTokenCache, PrefixCache
-from steerlab.sites import check_site, router_logits, site_hook, site_width
 from steerlab.vectors import SteeringVector
 
 __all__ = [
@@ -74,30 +70,6 @@ __all__ = [
     "tile_rows",
     "wrap",
 ]
-
-_REDUCTIONS = ("last", "mean", "all")
-
-
-class LayerActivations(dict[int, Any]):
-    """``{layer: activations}`` that also accepts negative layer keys (``acts[-1]``)."""
-
-    def __init__(self, data: Mapping[int, Any], n_layers: int) -> None:
-        super().__init__(data)
-        self.n_layers = n_layers
-
-    def __getitem__(self, layer: int) -> Any:
-        if isinstance(layer, int) and layer < 0:
-            layer += self.n_layers
-        return super().__getitem__(layer)
-
-    def __contains__(self, layer: object) -> bool:
-        if isinstance(layer, int) and layer < 0:
-            layer += self.n_layers
-        return super().__contains__(layer)
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook once the deepest requested layer has run."""
 
 
 class SteeredModel:
@@ -759,73 +731,18 @@ class SteeredModel:
             default="last",
         )
         steering = _fold("activations", steering, strength=strength, op=op, when=when)
-        items = check_prompts(prompts)
-        site = check_site(site)
-        width = site_width(self.adapter, site)
-        if isinstance(positions, bool) or not (
-            positions in _REDUCTIONS or isinstance(positions, int)
-        ):
-            raise InvalidInputError(
-                f"read_at for activations must be one of {_REDUCTIONS} or an int token index, "
-                f"not {positions!r}"
-            )
-        batch_size = as_positive_int(batch_size, "batch_size")
-        check_steering_rows(steering, len(items))
-        wanted = self.adapter.resolve_layers(layers)
-        hooks_at = {layer: site_hook(self.adapter, site, layer) for layer in wanted}
-        deepest = max(wanted)
-        results: dict[int, list[Any]] = {layer: [] for layer in wanted}
-        reduced: dict[int, torch.Tensor] = {}
-        if positions != "all":
-            reduced = {
-                layer: torch.empty(len(items), width, dtype=torch.float32) for layer in wanted
-            }
-        bar = progress_bar(len(items), "activations", progress)
-        try:
-            for start in range(0, len(items), batch_size):
-                chunk_prompts = items[start : start + batch_size]
-                batch = self.encode(chunk_prompts, padding_side=padding_side, chat=chat)
-                mask = batch.attention_mask.to(self.device).bool()
-                captured: dict[int, torch.Tensor] = {}
-
-                def make_hook(
-                    layer: int,
-                    mask: torch.Tensor = mask,
-                    captured: dict[int, torch.Tensor] = captured,
-                ) -> Any:
-                    def hook(module: nn.Module, args: Any, *output: Any) -> None:
-                        # a pre-hook (heads) reads the argument, the others the output; a
-                        # router's logits come flattened over the batch's tokens
-                        if site == "router":
-                            seen = router_logits(module, args, output[0])
-                        else:
-                            seen = output_hidden(output[0] if output else args)
-                        seen = seen.reshape(*mask.shape, seen.shape[-1])
-                        captured[layer] = _reduce(seen, mask, positions)
-                        if layer == deepest:
-                            raise _StopForward
-
-                    return hook
-
-                with self._call_scope(steering, batch, row_offset=start):
-                    reads = [HookSpec(*hooks_at[layer], make_hook(layer)) for layer in wanted]
-                    with scoped_hooks(reads), contextlib.suppress(_StopForward):
-                        self._forward(batch)
-                for layer in wanted:
-                    value = captured[layer]
-                    if positions == "all":
-                        results[layer].extend(
-                            value[row][mask[row]].float().cpu() for row in range(value.shape[0])
-                        )
-                    else:
-                        # filled in place: peak memory is the answer plus one batch, never a
-                        # list of chunks and their concatenation side by side
-                        reduced[layer][start : start + len(chunk_prompts)] = value.float().cpu()
-                bar.update(len(chunk_prompts))
-        finally:
-            bar.close()
-        final: dict[int, Any] = dict(results) if positions == "all" else dict(reduced)
-        return LayerActivations(final, self.n_layers)
+        return reading.activations(
+            self,
+            prompts,
+            layers=layers,
+            read_at=positions,
+            batch_size=batch_size,
+            steering=steering,
+            padding_side=padding_side,
+            chat=chat,
+            progress=progress,
+            site=site,
+        )
 
     # --- generation ------------------------------------------------------------------------------
     @overload
@@ -904,29 +821,6 @@ def _fold(call: str, steering: Any, **loose: Any) -> Any:
     """``steering`` with the deprecated loose keywords of ``call`` folded in (warning once)."""
     loose_steering_keywords(call, **loose)
     return steering_with(steering, **loose)
-
-
-def _reduce(hidden: torch.Tensor, mask: torch.Tensor, positions: str | int) -> torch.Tensor:
-    if isinstance(positions, int):
-        lengths = mask.sum(dim=1)
-        if bool((positions >= lengths).any()) or bool((-positions > lengths).any()):
-            raise InvalidInputError(
-                f"token index {positions} is outside a prompt of {int(lengths.min())} tokens"
-            )
-        index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        first = torch.where(mask, index, torch.full_like(index, mask.shape[1])).min(dim=1).values
-        target = first + positions if positions >= 0 else first + lengths + positions
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), target]
-    if positions == "all":
-        return hidden.detach()
-    if positions == "mean":
-        # where(), not multiply: padded positions may hold NaN from fully masked attention rows
-        kept = torch.where(mask[..., None], hidden, torch.zeros_like(hidden))
-        return kept.sum(dim=1) / mask.sum(dim=1, keepdim=True).to(hidden.dtype)
-    # last real token of each row, for either padding side
-    index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, index, torch.full_like(index, -1)).max(dim=1).values
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def wrap(
