@@ -485,7 +485,8 @@ def test_vllm_server_engine_takes_when_and_binds_text_positions(
     with pytest.raises(VectorMismatchError, match="hidden size"):  # as the torch engine
         engine.conditions.register("wide", sl.Condition(torch.ones(3), layer=1, threshold=0.5))
     entry = SteeringEntry("calm", 1.0, "all", when="gate")
-    wire = engine._wire(GenerationRequest(prompt="the cat", steering=(entry,)), "k")
+    request = GenerationRequest(prompt="the cat", steering=(entry,))
+    wire = engine._wire(engine.planner.plan(request), "k")
     assert wire["steering"][0]["when"]["layer"] == 1
     with TestClient(create_app(engine, manage_engine=False)) as client:
         reply = client.post(
@@ -504,7 +505,7 @@ def test_vllm_server_engine_takes_when_and_binds_text_positions(
         request = GenerationRequest(
             prompt="the cat", steering=(SteeringEntry(vector="calm", positions=spec),)
         )
-        wire = engine._wire(request, "k")
+        wire = engine._wire(engine.planner.plan(request), "k")
         want = Positions.parse(spec).bind(engine.tokenizer)
         assert Positions.parse(wire["steering"][0]["positions"]) == want
         assert want.marker_ids
