@@ -430,7 +430,6 @@ LENGTH_REASON = "Length:"
 # only shrinks. Nothing may be added to it.
 KNOWN_LONG_MODULES = {"steerlab/model.py"}
 KNOWN_LONG_FUNCTIONS = {
-    "steerlab/server/app.py:create_app",
     "steerlab/concepts.py:evaluate_concept",
 }
 

@@ -10,7 +10,9 @@ Three layers, each replaceable on its own:
   which batches all active requests into one forward pass per decoding step;
 * :mod:`steerlab.server.protocol` -- pydantic models of OpenAI's request/response schema plus the
   ``steering`` and ``readout`` fields;
-* :mod:`steerlab.server.app` -- the FastAPI application (:func:`create_app`) and the playground.
+* :mod:`steerlab.server.app` -- the FastAPI application (:func:`create_app`), assembled from one
+  router per area (:mod:`steerlab.server.routes`) that reach the engine and the options through
+  dependencies (:mod:`steerlab.server.deps`).
 
 The package needs the ``server`` extra (``pip install 'steerlab[server]'``); importing
 :mod:`steerlab.server.engine` alone needs only torch.
