@@ -24,13 +24,16 @@ import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
+from steerlab.checks import as_int, check_prompts
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import PositionTracker
+from steerlab.prompts import encode_prompts
 
 __all__ = [
     "Batch",
     "BatchRunner",
     "check_steering_rows",
+    "encode_batch",
     "last_token_logits",
     "position_kwargs",
     "tile_rows",
@@ -66,6 +69,52 @@ class Batch:
             self.prompt_lengths,
             self.padding_side,
         )
+
+
+def encode_batch(
+    tokenizer: Any,
+    prompts: Sequence[str] | str,
+    *,
+    padding_side: str = "left",
+    chat: bool = False,
+    reserve: int = 0,
+    context_length: int | None = None,
+    pad_token_id: int,
+) -> Batch:
+    """``prompts`` tokenized and padded with ``pad_token_id``, with explicit ``position_ids``
+    (:meth:`~steerlab.model.SteeredModel.encode`, which passes the model's context length and
+    pad id); a prompt longer than ``context_length`` less ``reserve`` is refused.
+
+    >>> from steerlab.testing import tiny_tokenizer
+    >>> encode_batch(tiny_tokenizer(), ["a", "the cat"], pad_token_id=0).position_ids.tolist()
+    [[0, 0], [0, 1]]
+    """
+    items = check_prompts(prompts)
+    if padding_side not in ("left", "right"):
+        raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    reserve = as_int(reserve, "reserve")
+    encoded = encode_prompts(tokenizer, items, chat=chat)
+    lengths = [len(ids) for ids in encoded]
+    width = max(lengths)
+    context = context_length
+    if context is not None and width + reserve > context:
+        longest = lengths.index(width)
+        extra = f" plus {reserve} new tokens" if reserve else ""
+        raise InvalidInputError(
+            f"prompt {longest} has {width} tokens{extra}, longer than the model's context "
+            f"of {context} positions; shorten it"
+        )
+    pad = pad_token_id
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        span = (
+            slice(width - len(tokens), width) if padding_side == "left" else slice(0, len(tokens))
+        )
+        ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, span] = 1
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, position_ids, torch.tensor(lengths), padding_side)
 
 
 class BatchRunner(Protocol):

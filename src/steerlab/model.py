@@ -31,32 +31,32 @@ from steerlab.adapter import ModelAdapter
 from steerlab.batch import (
     Batch,
     check_steering_rows,
+    encode_batch,
     last_token_logits,
     position_kwargs,
     tile_rows,
 )
-from steerlab.checks import as_int, as_positive_int, check_prompts
+from steerlab.checks import as_positive_int, check_prompts
 from steerlab.deprecation import loose_steering_keywords, renamed_keyword, warn_deprecated
-from steerlab.errors import EditRemovedError, InvalidInputError, VectorMismatchError
+from steerlab.errors import EditRemovedError, InvalidInputError
 from steerlab.interventions import (
     HookHandle,
     Intervention,
     PositionTracker,
     RowSteering,
     ScopedStack,
-    Steering,
     activate,
     active_trackers,
     install,
     normalize_steering,
     steering_with,
 )
-from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
-from steerlab.prompts import encode_prompts, render_chat
+from steerlab.prompts import render_chat
 from steerlab.reading import LayerActivations
 from steerlab.replay import LastTokenCache, PrefixCache
 from steerlab.vectors import SteeringVector
+from steerlab.vetting import check_vectors, edit_interventions
 
 __all__ = [
     "Batch",
@@ -185,34 +185,15 @@ class SteeredModel:
         >>> b.attention_mask.tolist()
         [[0, 0, 1], [1, 1, 1]]
         """
-        items = check_prompts(prompts)
-        if padding_side not in ("left", "right"):
-            raise InvalidInputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-        reserve = as_int(reserve, "reserve")
-        encoded = encode_prompts(self.tokenizer, items, chat=chat)
-        lengths = [len(ids) for ids in encoded]
-        width = max(lengths)
-        context = self.context_length
-        if context is not None and width + reserve > context:
-            longest = lengths.index(width)
-            extra = f" plus {reserve} new tokens" if reserve else ""
-            raise InvalidInputError(
-                f"prompt {longest} has {width} tokens{extra}, longer than the model's context "
-                f"of {context} positions; shorten it"
-            )
-        pad = self.pad_token_id
-        ids = torch.full((len(items), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            span = (
-                slice(width - len(tokens), width)
-                if padding_side == "left"
-                else slice(0, len(tokens))
-            )
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return Batch(ids, mask, position_ids, torch.tensor(lengths), padding_side)
+        return encode_batch(
+            self.tokenizer,
+            prompts,
+            padding_side=padding_side,
+            chat=chat,
+            reserve=reserve,
+            context_length=self.context_length,
+            pad_token_id=self.pad_token_id,
+        )
 
     # --- installing interventions -----------------------------------------------------------
     def add_steering(
@@ -283,39 +264,7 @@ class SteeredModel:
         Vectors record the model they came from (layer count, an unembedding fingerprint);
         ``force=True`` applies them anyway with a warning. Each vector is checked once.
         """
-        steerings: list[Steering] = []
-        for item in interventions:
-            if isinstance(item, Steering):
-                steerings.append(item)
-            elif isinstance(item, RowSteering):
-                steerings.extend(row for row in item.rows if row is not None)
-        for steering in steerings:
-            vector = steering.vector
-            # such a vector ablates by default (op=None); only an explicit op="add" adds it
-            if vector.metadata.get("operation") == "project_out" and steering.resolved_op == "add":
-                message = (
-                    "this vector is marked operation='project_out' (a direction to ablate): "
-                    "project it out with sl.DirectionalAblation(vec), or mark it for steering "
-                    "with vec.with_metadata(operation='add')"
-                )
-                if not force:
-                    raise VectorMismatchError(message + " (or pass force=True to add it anyway)")
-                warnings.warn("adding " + message, stacklevel=3)
-            op = steering.resolved_op
-            refusal = loreft_op_refusal(vector, op)
-            if refusal is not None:
-                message = refusal + (" (op=None means 'add')" if steering.op is None else "")
-                if not force:
-                    raise VectorMismatchError(
-                        message + f"; or pass force=True to apply op {op!r} to Rᵀb anyway"
-                    )
-                doing = "adding Rᵀb" if op == "add" else f"applying op {op!r} to Rᵀb"
-                warnings.warn(f"{doing}: {message}", stacklevel=3)
-            if vector in self._checked_vectors:
-                continue
-            vector.check_compatible(self, force=force)
-            if not force:  # a forced vector is checked (and warned about) again next time
-                self._checked_vectors.add(vector)
+        check_vectors(self, interventions, checked=self._checked_vectors, force=force)
 
     def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
         """Activate any interventions for every thread; returns the handle that removes them.
@@ -1063,26 +1012,9 @@ def edit(
     loose_steering_keywords("edit", strength=strength, positions=positions, layers=layers)
     if isinstance(steering, tuple):
         warn_deprecated("edit(model, (a, b))", "model.edit(a).edit(b)")
-    items = list(steering) if isinstance(steering, tuple) else [steering]
-    new: list[Intervention] = []
-    for item in items:
-        new.extend(
-            normalize_steering(
-                item,
-                strength=strength,
-                positions=positions,
-                layers=layers,
-                tokenizer=model.tokenizer,
-            )
-        )
-    for item in new:
-        refusal = (
-            loreft_op_refusal(item.vector, item.resolved_op) if isinstance(item, Steering) else None
-        )
-        if refusal is not None:
-            raise VectorMismatchError(
-                refusal + ": edit with model.edit(sl.Steering(vec, op='loreft'))"
-            )
+    new = edit_interventions(
+        steering, strength=strength, positions=positions, layers=layers, tokenizer=model.tokenizer
+    )
     if isinstance(model, EditedModel):
         model.check_alive()
         return EditedModel(model.original, [*model.edits, *new])
