@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from steerlab.adapter import ModelAdapter
-from steerlab.checks import as_int, check_prompts
+from steerlab.checks import as_int, as_positive_int, check_prompts
 from steerlab.errors import InvalidInputError
 from steerlab.interventions import PositionTracker
 from steerlab.prompts import encode_prompts
@@ -33,9 +33,12 @@ __all__ = [
     "Batch",
     "BatchRunner",
     "check_steering_rows",
+    "context_length",
     "encode_batch",
     "last_token_logits",
+    "pad_token_id",
     "position_kwargs",
+    "run_chunks",
     "tile_rows",
 ]
 
@@ -219,3 +222,69 @@ def last_token_logits(model: BatchRunner, batch: Batch) -> torch.Tensor:
     except TypeError:  # older or custom models without logits_to_keep
         out = model.forward_batch(batch)
     return out.logits[:, -1].float().cpu()
+
+
+def run_chunks(
+    model: BatchRunner,
+    prompts: Sequence[str] | str,
+    run: Any,
+    *,
+    steering: Any,
+    batch_size: int | None,
+    padding_side: str = "left",
+    chat: bool = False,
+) -> torch.Tensor:
+    """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering; the
+    results concatenated (:meth:`~steerlab.model.SteeredModel.logits`).
+
+    >>> from steerlab.testing import tiny_model
+    >>> model = tiny_model("llama")
+    >>> run_chunks(model, ["a", "b c", "d"], lambda chunk: last_token_logits(model, chunk),
+    ...            steering=None, batch_size=2).shape[0]
+    3
+    """
+    items = check_prompts(prompts)
+    if batch_size is not None:
+        batch_size = as_positive_int(batch_size, "batch_size")
+    check_steering_rows(steering, len(items))
+    batch = model.encode(items, padding_side=padding_side, chat=chat)
+    size = batch_size or len(items)
+    outputs = []
+    for start in range(0, len(items), size):
+        chunk = batch.rows(start, start + size)
+        with model.call_scope(chunk, steering=steering, row_offset=start):
+            outputs.append(run(chunk))
+    return torch.cat(outputs, dim=0)
+
+
+def context_length(hf_model: nn.Module) -> int | None:
+    """Most positions ``hf_model`` was built for (``max_position_embeddings``), if known
+    (:attr:`~steerlab.model.SteeredModel.context_length`).
+
+    >>> from steerlab.testing import tiny_model
+    >>> context_length(tiny_model("gpt2").hf_model)
+    128
+    """
+    config = getattr(hf_model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The pad id steerlab uses: ``tokenizer``'s pad token, else its EOS token.
+
+    >>> from steerlab.testing import tiny_tokenizer
+    >>> isinstance(pad_token_id(tiny_tokenizer()), int)
+    True
+    """
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    raise InvalidInputError(
+        "the tokenizer has neither a pad token nor an EOS token, so batches cannot be padded; "
+        "give it one (e.g. tokenizer.pad_token = tokenizer.unk_token) before wrapping"
+    )

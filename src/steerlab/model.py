@@ -30,33 +30,32 @@ from steerlab import generation, reading, replay
 from steerlab.adapter import ModelAdapter
 from steerlab.batch import (
     Batch,
-    check_steering_rows,
+    context_length,
     encode_batch,
     last_token_logits,
+    pad_token_id,
     position_kwargs,
+    run_chunks,
     tile_rows,
 )
-from steerlab.checks import as_positive_int, check_prompts
-from steerlab.deprecation import loose_steering_keywords, renamed_keyword, warn_deprecated
+from steerlab.deprecation import renamed_keyword
+from steerlab.dispatch import HookHandle, Intervention, activate, active_trackers, install
+from steerlab.edit_stack import EditStack
 from steerlab.errors import EditRemovedError, InvalidInputError
-from steerlab.interventions import (
-    HookHandle,
-    Intervention,
-    PositionTracker,
-    RowSteering,
-    ScopedStack,
-    activate,
-    active_trackers,
-    install,
-    normalize_steering,
-    steering_with,
-)
 from steerlab.positions import PositionSpec
 from steerlab.prompts import render_chat
 from steerlab.reading import LayerActivations
 from steerlab.replay import LastTokenCache, PrefixCache
+from steerlab.steering import RowSteering, normalize_steering
+from steerlab.tracking import PositionTracker
 from steerlab.vectors import SteeringVector
-from steerlab.vetting import check_vectors, edit_interventions
+from steerlab.vetting import (
+    LOOSE_KEYWORDS,
+    check_vectors,
+    checked_steering,
+    edit_interventions,
+    fold_loose,
+)
 
 __all__ = [
     "Batch",
@@ -143,24 +142,12 @@ class SteeredModel:
         >>> tiny_model("gpt2").context_length
         128
         """
-        config = getattr(self.hf_model, "config", None)
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
+        return context_length(self.hf_model)
 
     @property
     def pad_token_id(self) -> int:
         """The pad id steerlab uses: the tokenizer's pad token, else its EOS token."""
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(self.tokenizer, attr, None)
-            if isinstance(value, int):
-                return value
-        raise InvalidInputError(
-            "the tokenizer has neither a pad token nor an EOS token, so batches cannot be padded; "
-            "give it one (e.g. tokenizer.pad_token = tokenizer.unk_token) before wrapping"
-        )
+        return pad_token_id(self.tokenizer)
 
     def format_chat(self, prompt: str) -> str:
         """``prompt`` as a single user turn through the tokenizer's chat template."""
@@ -222,7 +209,8 @@ class SteeredModel:
         >>> handle.remove(); handle.active
         False
         """
-        interventions = self._checked_steering(
+        interventions = checked_steering(
+            self,
             steering,
             strength=strength,
             positions=positions,
@@ -230,33 +218,9 @@ class SteeredModel:
             op=op,
             when=when,
             force=force,
+            checked=self._checked_vectors,
         )
         return self.add_interventions(interventions)
-
-    def _checked_steering(
-        self,
-        steering: Any,
-        *,
-        strength: float | Mapping[int, float] | None,
-        positions: PositionSpec | None,
-        layers: Sequence[int] | None,
-        op: str | None,
-        when: Any,
-        force: bool,
-    ) -> list[Intervention]:
-        """``steering`` as interventions, its vectors checked against this model (``steer`` and
-        ``add_steering`` differ only in the scope they activate them in)."""
-        interventions = normalize_steering(
-            steering,
-            strength=strength,
-            positions=positions,
-            layers=layers,
-            op=op,
-            when=when,
-            tokenizer=self.tokenizer,
-        )
-        self.check_vectors(interventions, force=force)
-        return interventions
 
     def check_vectors(self, interventions: Sequence[Intervention], *, force: bool = False) -> None:
         """Refuse steering vectors whose metadata says they were made for another model.
@@ -340,7 +304,8 @@ class SteeredModel:
         >>> bool((steered != model.logits(["the cat"])).any())
         True
         """
-        interventions = self._checked_steering(
+        interventions = checked_steering(
+            self,
             steering,
             strength=strength,
             positions=positions,
@@ -348,6 +313,7 @@ class SteeredModel:
             op=op,
             when=when,
             force=force,
+            checked=self._checked_vectors,
         )
         with self._activate(interventions) as handle:
             yield handle
@@ -386,16 +352,6 @@ class SteeredModel:
                     tracker.prompt_lengths_override = None
 
     # --- forward passes ------------------------------------------------------------------------
-    def _forward(self, batch: Batch, **kwargs: Any) -> Any:
-        batch = batch.to(self.device)
-        return self.hf_model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-            **position_kwargs(self.hf_model, batch.position_ids),
-            **kwargs,
-        )
-
     def call_scope(
         self,
         batch: Batch,
@@ -430,7 +386,14 @@ class SteeredModel:
         Installs nothing itself: inside :meth:`call_scope` it runs with the model's steering
         (see the example there).
         """
-        return self._forward(batch, **kwargs)
+        batch = batch.to(self.device)
+        return self.hf_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            **position_kwargs(self.hf_model, batch.position_ids),
+            **kwargs,
+        )
 
     @torch.no_grad()
     def logits(
@@ -458,40 +421,17 @@ class SteeredModel:
         ``strength``/``positions``/``op``/``when`` are deprecated: give
         ``steering=sl.Steering(vector, strength=..., ...)``.
         """
-        return self._run_chunks(
+        return run_chunks(
+            self,
             prompts,
-            lambda chunk: self._forward(chunk).logits.float().cpu(),
-            steering=_fold(
+            lambda chunk: self.forward_batch(chunk).logits.float().cpu(),
+            steering=fold_loose(
                 "logits", steering, strength=strength, positions=positions, op=op, when=when
             ),
             batch_size=batch_size,
             padding_side=padding_side,
             chat=chat,
         )
-
-    def _run_chunks(
-        self,
-        prompts: Sequence[str] | str,
-        run: Any,
-        *,
-        steering: Any,
-        batch_size: int | None,
-        padding_side: str = "left",
-        chat: bool = False,
-    ) -> torch.Tensor:
-        """Encode once, then ``run(chunk)`` per ``batch_size`` rows under per-call steering."""
-        items = check_prompts(prompts)
-        if batch_size is not None:
-            batch_size = as_positive_int(batch_size, "batch_size")
-        check_steering_rows(steering, len(items))
-        batch = self.encode(items, padding_side=padding_side, chat=chat)
-        size = batch_size or len(items)
-        outputs = []
-        for start in range(0, len(items), size):
-            chunk = batch.rows(start, start + size)
-            with self._call_scope(steering, chunk, row_offset=start):
-                outputs.append(run(chunk))
-        return torch.cat(outputs, dim=0)
 
     @torch.no_grad()
     def next_token_logits(
@@ -516,10 +456,11 @@ class SteeredModel:
         >>> bool(torch.allclose(model.next_token_logits(["a b", "the cat sat"]), full, atol=1e-5))
         True
         """
-        steering = _fold(
+        steering = fold_loose(
             "next_token_logits", steering, strength=strength, positions=positions, op=op, when=when
         )
-        return self._run_chunks(
+        return run_chunks(
+            self,
             prompts,
             lambda chunk: last_token_logits(self, chunk),
             steering=steering,
@@ -546,7 +487,7 @@ class SteeredModel:
     ) -> torch.Tensor:
         """Next-token logits ``[repeat * n, vocab]`` re-running only blocks ``cache.layer..``
         (:func:`steerlab.replay.run_from`)."""
-        steering = _fold("run_from", steering, strength=strength, positions=positions)
+        steering = fold_loose("run_from", steering, strength=strength, positions=positions)
         return replay.run_from(self, cache, repeat=repeat, steering=steering)
 
     def last_token_cache(
@@ -586,7 +527,7 @@ class SteeredModel:
         ...                     atol=1e-5))
         True
         """
-        steering = _fold("run_last", steering, strength=strength, positions=positions)
+        steering = fold_loose("run_last", steering, strength=strength, positions=positions)
         return replay.run_last(self, cache, repeat=repeat, steering=steering, last_ids=last_ids)
 
     def run_last_with_activations(
@@ -602,7 +543,7 @@ class SteeredModel:
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """:meth:`run_last` plus the block outputs at the re-run token
         (:func:`steerlab.replay.run_last_with_activations`)."""
-        steering = _fold(
+        steering = fold_loose(
             "run_last_with_activations", steering, strength=strength, positions=positions
         )
         return replay.run_last_with_activations(
@@ -626,7 +567,9 @@ class SteeredModel:
     ) -> torch.Tensor:
         """Sum of log p(continuation tokens) after each cached prompt
         (:func:`steerlab.replay.score_continuations`)."""
-        steering = _fold("score_continuations", steering, strength=strength, positions=positions)
+        steering = fold_loose(
+            "score_continuations", steering, strength=strength, positions=positions
+        )
         return replay.score_continuations(
             self, cache, continuations, repeat=repeat, steering=steering
         )
@@ -679,7 +622,7 @@ class SteeredModel:
             new_value=read_at,
             default="last",
         )
-        steering = _fold("activations", steering, strength=strength, op=op, when=when)
+        steering = fold_loose("activations", steering, strength=strength, op=op, when=when)
         return reading.activations(
             self,
             prompts,
@@ -715,9 +658,9 @@ class SteeredModel:
         True
         """
         single = isinstance(prompts, str)
-        loose = {key: kwargs.pop(key) for key in _LOOSE if key in kwargs}
+        loose = {key: kwargs.pop(key) for key in LOOSE_KEYWORDS if key in kwargs}
         if loose:
-            kwargs["steering"] = _fold("generate", kwargs.get("steering"), **loose)
+            kwargs["steering"] = fold_loose("generate", kwargs.get("steering"), **loose)
         texts = [
             self.tokenizer.decode(ids, skip_special_tokens=True)
             for ids in self.generate_ids(prompts, **kwargs)
@@ -744,7 +687,7 @@ class SteeredModel:
         when: Any = None,
     ) -> list[torch.Tensor]:
         """Like :meth:`generate` but returns each row's new token ids (EOS and after removed)."""
-        steering = _fold(
+        steering = fold_loose(
             "generate_ids", steering, strength=strength, positions=positions, op=op, when=when
         )
         return generation.generate_ids(
@@ -761,15 +704,6 @@ class SteeredModel:
             batch_size=batch_size,
             use_cache=use_cache,
         )
-
-
-_LOOSE = ("strength", "positions", "op", "when")
-
-
-def _fold(call: str, steering: Any, **loose: Any) -> Any:
-    """``steering`` with the deprecated loose keywords of ``call`` folded in (warning once)."""
-    loose_steering_keywords(call, **loose)
-    return steering_with(steering, **loose)
 
 
 def wrap(
@@ -792,41 +726,6 @@ def wrap(
 
 
 # --- edited models --------------------------------------------------------------------------------
-class _RecordedHandle(HookHandle):
-    """Handle of steering recorded on an :class:`EditedModel` for every thread (applied per
-    call, after the edits)."""
-
-    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
-        super().__init__(None)
-        self._owner = owner
-        self._entry = entry
-
-    @property
-    def active(self) -> bool:
-        return any(item is self._entry for item in self._owner._steering)
-
-    def remove(self) -> None:
-        self._owner._steering = tuple(
-            item for item in self._owner._steering if item is not self._entry
-        )
-
-
-class _ScopedHandle(HookHandle):
-    """Handle of steering recorded on an :class:`EditedModel` for this context only."""
-
-    def __init__(self, owner: EditedModel, entry: tuple[Intervention, ...]) -> None:
-        super().__init__(None)
-        self._owner = owner
-        self._entry = entry
-
-    @property
-    def active(self) -> bool:
-        return any(item is self._entry for item in self._owner._scoped.items())
-
-    def remove(self) -> None:
-        self._owner._scoped.discard(self._entry)
-
-
 class EditedModel(SteeredModel):
     """A model that stays edited: every call runs with the edits' hooks installed.
 
@@ -855,12 +754,8 @@ class EditedModel(SteeredModel):
         self.name = original.name
         self._original = original
         self._edits: tuple[Intervention, ...] = tuple(edits)
-        # steering recorded for every thread (add_steering), replaced whole, never mutated
-        self._steering: tuple[tuple[Intervention, ...], ...] = ()
-        # steering of ``with edited.steer(...)``: this thread / task only
-        self._scoped: ScopedStack[tuple[Intervention, ...]] = ScopedStack(
-            f"steerlab_edit_{id(self)}"
-        )
+        # steering of this object (add_steering, steer), applied after the edits
+        self._stack = EditStack(f"steerlab_edit_{id(self)}")
         self._removed = False
 
     @property
@@ -903,7 +798,7 @@ class EditedModel(SteeredModel):
     def remove(self) -> None:
         """Drop the edits: later calls on this object raise. Idempotent."""
         self._removed = True
-        self._steering = ()
+        self._stack.clear()
 
     def __enter__(self) -> EditedModel:
         self.check_alive()
@@ -934,21 +829,13 @@ class EditedModel(SteeredModel):
     def add_interventions(self, interventions: Sequence[Intervention]) -> HookHandle:
         """Record interventions applied to every call (every thread) after the edits, until the
         handle is removed (used by :meth:`add_steering`)."""
-        entry = self._checked(interventions)
-        handle = _RecordedHandle(self, entry)
-        try:
-            self._steering = (*self._steering, entry)
-            return handle
-        except BaseException:  # an interrupt between recording and returning: undo
-            handle.remove()
-            raise
+        return self._stack.record(self._checked(interventions))
 
     @contextlib.contextmanager
     def _activate(self, interventions: list[Intervention]) -> Iterator[HookHandle]:
         """``steer``'s scope: applied after the edits, in this thread / task only."""
-        entry = self._checked(interventions)
-        with self._scoped.pushed(entry):
-            yield _ScopedHandle(self, entry)
+        with self._stack.pushed(self._checked(interventions)) as handle:
+            yield handle
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[HookHandle]:
@@ -969,8 +856,7 @@ class EditedModel(SteeredModel):
     def _call_interventions(self, per_call: list[Intervention]) -> list[Intervention]:
         """The edits, then steering recorded on this object, then the per-call steering."""
         self.check_alive()
-        recorded = [i for entry in (*self._steering, *self._scoped.items()) for i in entry]
-        return [*self._edits, *recorded, *per_call]
+        return [*self._edits, *self._stack.items(), *per_call]
 
 
 def edit(
@@ -1004,14 +890,6 @@ def edit(
     """
     if not isinstance(model, SteeredModel):
         raise InvalidInputError(f"edit() needs a SteeredModel, got {type(model).__name__}")
-    if isinstance(steering, list):
-        raise InvalidInputError(
-            "a per-row list cannot be a persistent edit (rows change from call to call); pass "
-            "one intervention, and chain model.edit(a).edit(b) to stack edits"
-        )
-    loose_steering_keywords("edit", strength=strength, positions=positions, layers=layers)
-    if isinstance(steering, tuple):
-        warn_deprecated("edit(model, (a, b))", "model.edit(a).edit(b)")
     new = edit_interventions(
         steering, strength=strength, positions=positions, layers=layers, tokenizer=model.tokenizer
     )

@@ -16,14 +16,24 @@ import warnings
 from collections.abc import Mapping, MutableSet, Sequence
 from typing import Any
 
+from steerlab.deprecation import loose_steering_keywords, warn_deprecated
 from steerlab.dispatch import Intervention
-from steerlab.errors import VectorMismatchError
+from steerlab.errors import InvalidInputError, VectorMismatchError
 from steerlab.operators import loreft_op_refusal
 from steerlab.positions import PositionSpec
-from steerlab.steering import RowSteering, Steering, normalize_steering
+from steerlab.steering import RowSteering, Steering, normalize_steering, steering_with
 from steerlab.vectors import SteeringVector
 
-__all__ = ["check_vectors", "edit_interventions"]
+__all__ = [
+    "LOOSE_KEYWORDS",
+    "check_vectors",
+    "checked_steering",
+    "edit_interventions",
+    "fold_loose",
+]
+
+LOOSE_KEYWORDS = ("strength", "positions", "op", "when")
+"""The loose steering keywords, deprecated where a call takes ``steering=``."""
 
 
 def check_vectors(
@@ -81,13 +91,21 @@ def edit_interventions(
     tokenizer: Any = None,
 ) -> list[Intervention]:
     """The interventions of a persistent edit (see :func:`steerlab.model.edit`): ``steering``
-    (one item or a tuple of them) normalized, a LoReFT vector refused unless its op is
-    ``"loreft"``.
+    (one item, or a tuple of them, deprecated) normalized; a per-row list, or a LoReFT vector
+    whose op is not ``"loreft"``, refused.
 
     >>> import torch, steerlab as sl
     >>> [type(i).__name__ for i in edit_interventions(sl.SteeringVector({0: torch.ones(4)}))]
     ['Steering']
     """
+    if isinstance(steering, list):
+        raise InvalidInputError(
+            "a per-row list cannot be a persistent edit (rows change from call to call); pass "
+            "one intervention, and chain model.edit(a).edit(b) to stack edits"
+        )
+    loose_steering_keywords("edit", strength=strength, positions=positions, layers=layers)
+    if isinstance(steering, tuple):
+        warn_deprecated("edit(model, (a, b))", "model.edit(a).edit(b)")
     items = list(steering) if isinstance(steering, tuple) else [steering]
     new: list[Intervention] = []
     for item in items:
@@ -109,3 +127,40 @@ def edit_interventions(
                 refusal + ": edit with model.edit(sl.Steering(vec, op='loreft'))"
             )
     return new
+
+
+def checked_steering(
+    model: Any,
+    steering: Any,
+    *,
+    strength: float | Mapping[int, float] | None,
+    positions: PositionSpec | None,
+    layers: Sequence[int] | None,
+    op: str | None,
+    when: Any,
+    force: bool,
+    checked: MutableSet[SteeringVector],
+) -> list[Intervention]:
+    """``steering`` as interventions, its vectors checked against ``model`` (``steer`` and
+    ``add_steering`` differ only in the scope they activate them in)."""
+    interventions = normalize_steering(
+        steering,
+        strength=strength,
+        positions=positions,
+        layers=layers,
+        op=op,
+        when=when,
+        tokenizer=model.tokenizer,
+    )
+    check_vectors(model, interventions, checked=checked, force=force)
+    return interventions
+
+
+def fold_loose(call: str, steering: Any, **loose: Any) -> Any:
+    """``steering`` with the deprecated loose keywords of ``call`` folded in (warning once).
+
+    >>> fold_loose("logits", None) is None
+    True
+    """
+    loose_steering_keywords(call, **loose)
+    return steering_with(steering, **loose)
