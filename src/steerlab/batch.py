@@ -26,8 +26,8 @@ from torch import nn
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_int, as_positive_int, check_prompts
 from steerlab.errors import InvalidInputError
-from steerlab.interventions import PositionTracker
 from steerlab.prompts import encode_prompts
+from steerlab.tracking import PositionTracker
 
 __all__ = [
     "Batch",

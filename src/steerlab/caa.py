@@ -74,9 +74,9 @@ import torch
 from steerlab.data import ContrastDataset, PathLike, load_caa
 from steerlab.errors import DataError, InvalidInputError
 from steerlab.evaluation import ab_prompt, ab_task, answer_letter, answer_token_id, kl_task
-from steerlab.interventions import Steering
 from steerlab.methods import run_method
 from steerlab.scorers import NeutralDamage, neutral_corpus, neutral_damage
+from steerlab.steering import Steering
 from steerlab.sweeps import sweep
 from steerlab.vectors import SteeringVector, vector_metadata
 

@@ -56,7 +56,6 @@ import torch
 from steerlab.analysis import residual_norms
 from steerlab.data import ContrastDataset, load_builtin
 from steerlab.errors import DataError, InvalidInputError
-from steerlab.interventions import Steering
 from steerlab.judge import Judge
 from steerlab.methods import extract_activations, run_method
 from steerlab.operators import operator_names
@@ -71,6 +70,7 @@ from steerlab.scorers import (
     sentiment_score,
     words_score,
 )
+from steerlab.steering import Steering
 from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [

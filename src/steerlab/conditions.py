@@ -59,8 +59,8 @@ from steerlab.errors import (
 )
 from steerlab.files import CHECKSUM_KEY, check_file_checksum, read_safetensors, save_safetensors
 from steerlab.identity import model_identity
-from steerlab.interventions import output_hidden
 from steerlab.methods import run_method, split_classes
+from steerlab.sites import output_hidden
 
 __all__ = [
     "COMPARISONS",

@@ -74,6 +74,7 @@ from steerlab.ablation.sites import check_heads, component_width
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import as_finite_float
 from steerlab.deprecation import loose_steering_keywords, warn_deprecated
+from steerlab.dispatch import Intervention, activate, count_hooks, strip_dispatchers
 from steerlab.errors import (
     BakeError,
     FileWriteError,
@@ -83,18 +84,10 @@ from steerlab.errors import (
     VectorMismatchError,
 )
 from steerlab.files import CHECKSUM_KEY, atomic_output, check_file_checksum, file_checksum
-from steerlab.interventions import (
-    Intervention,
-    RowSteering,
-    Steering,
-    activate,
-    count_hooks,
-    normalize_steering,
-    strip_dispatchers,
-)
 from steerlab.model import EditedModel, SteeredModel, edit, wrap
 from steerlab.operators import is_loreft
 from steerlab.positions import Positions
+from steerlab.steering import RowSteering, Steering, normalize_steering
 from steerlab.vectors import SteeringVector
 from steerlab.version import __version__
 

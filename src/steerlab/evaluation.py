@@ -74,7 +74,7 @@ from steerlab.batch import position_kwargs
 from steerlab.checks import check_texts
 from steerlab.deprecation import loose_steering_keywords
 from steerlab.errors import InvalidInputError
-from steerlab.interventions import steering_with
+from steerlab.steering import steering_with
 
 __all__ = [
     "AB_SUFFIX",

@@ -29,8 +29,9 @@ from torch import nn
 
 from steerlab.batch import Batch, BatchRunner, check_steering_rows, last_token_logits, tile_rows
 from steerlab.checks import as_positive_int, check_prompts
+from steerlab.dispatch import HookSpec, scoped_hooks
 from steerlab.errors import InvalidInputError
-from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
+from steerlab.sites import output_hidden
 
 __all__ = [
     "LastTokenCache",

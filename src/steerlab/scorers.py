@@ -54,7 +54,7 @@ import torch
 from steerlab.checks import check_texts
 from steerlab.errors import InvalidInputError
 from steerlab.evaluation import concept_similarity, vader_sentiment
-from steerlab.interventions import steering_with
+from steerlab.steering import steering_with
 
 __all__ = [
     "GENERIC_PROMPT",

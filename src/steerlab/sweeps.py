@@ -53,10 +53,10 @@ from steerlab.evaluation import (
     NextTokenTask,
     kl_task,
 )
-from steerlab.interventions import Steering
 from steerlab.positions import Positions
 from steerlab.progress import progress_bar
 from steerlab.replay import LastTokenCache, PrefixCache
+from steerlab.steering import Steering
 from steerlab.vectors import SteeringVector
 
 __all__ = [

@@ -246,6 +246,6 @@ def hook_count(module: torch.nn.Module) -> int:
     >>> hook_count(m.hf_model)
     0
     """
-    from steerlab.interventions import count_hooks
+    from steerlab.dispatch import count_hooks
 
     return count_hooks(module)

@@ -45,12 +45,13 @@ import torch
 from steerlab.batch import Batch
 from steerlab.checks import as_finite_float, as_int, as_positive_int
 from steerlab.data import ContrastDataset, load_caa
+from steerlab.dispatch import activate
 from steerlab.errors import DataError, InvalidInputError
-from steerlab.interventions import Steering, activate
 from steerlab.model import SteeredModel
 from steerlab.operators import get_operator, loreft_extras, loreft_matrices
 from steerlab.positions import Positions, PositionSpec
 from steerlab.progress import progress_bar
+from steerlab.steering import Steering
 from steerlab.vectors import SteeringVector, vector_metadata
 
 __all__ = [

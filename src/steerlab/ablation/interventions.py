@@ -38,16 +38,12 @@ from steerlab.ablation.sites import (
     residual_writers,
 )
 from steerlab.adapter import ModelAdapter
+from steerlab.dispatch import HookSpec, Intervention
 from steerlab.errors import InvalidInputError, UnsupportedModelError, VectorMismatchError
-from steerlab.interventions import (
-    HookSpec,
-    Intervention,
-    PositionTracker,
-    direction_at,
-    output_hidden,
-    replace_output_hidden,
-)
 from steerlab.positions import Positions, PositionSpec
+from steerlab.sites import output_hidden, replace_output_hidden
+from steerlab.steering import direction_at
+from steerlab.tracking import PositionTracker
 from steerlab.vectors import SteeringVector
 
 __all__ = [

@@ -29,6 +29,7 @@ from torch import nn
 from steerlab.ablation.sites import COMPONENTS, check_component, component_site
 from steerlab.adapter import ModelAdapter
 from steerlab.checks import check_prompts
+from steerlab.dispatch import HookSpec, scoped_hooks
 from steerlab.errors import (
     FileWriteError,
     InvalidInputError,
@@ -42,8 +43,8 @@ from steerlab.files import (
     save_safetensors,
 )
 from steerlab.identity import model_identity
-from steerlab.interventions import HookSpec, output_hidden, scoped_hooks
 from steerlab.progress import progress_bar
+from steerlab.sites import output_hidden
 from steerlab.vectors import MAX_LAYER, SteeringVector
 
 __all__ = ["MEANS_FORMAT", "ActivationMeans", "absolute_positions", "compute_means"]

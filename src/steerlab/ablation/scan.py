@@ -31,17 +31,11 @@ from steerlab.ablation.sites import check_component, check_heads
 from steerlab.adapter import ModelAdapter
 from steerlab.batch import tile_rows
 from steerlab.checks import check_prompts
+from steerlab.dispatch import HookSpec, Intervention, activate, count_hooks, scoped_hooks
 from steerlab.errors import InvalidInputError
-from steerlab.interventions import (
-    HookSpec,
-    Intervention,
-    activate,
-    count_hooks,
-    output_hidden,
-    scoped_hooks,
-)
 from steerlab.progress import progress_bar
 from steerlab.scan_metrics import METRICS, LogitDiff, Loss, Metric
+from steerlab.sites import output_hidden
 
 __all__ = ["AblationScan", "ablation_scan"]
 
