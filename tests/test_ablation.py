@@ -217,7 +217,7 @@ def test_means_cache_round_trip(llama: sl.SteeredModel, tmp_path: Path, monkeypa
         raise AssertionError("the cache should have been used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(llama, "_forward", boom)
+        patch.setattr(llama, "forward_batch", boom)
         again = compute_means(llama, PROMPTS, layers=[1], components=["mlp", "head"], cache=cache)
     for key in first.means:
         assert torch.equal(again.means[key], first.means[key])
