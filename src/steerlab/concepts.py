@@ -451,6 +451,191 @@ def _choose(
     return max(allowed, key=lambda p: p[1])
 
 
+def _checked_extras(
+    extra: Mapping[str, tuple[Any, ...]] | None,
+    extra_strengths: Sequence[float],
+    methods: Sequence[str],
+) -> tuple[dict[str, tuple[SteeringVector, str]], dict[str, list[float]]]:
+    """``evaluate_concept``'s ``extra`` candidates checked: ``{name: (vector, op)}`` and each
+    one's strength grid (its own third element, or ``extra_strengths``)."""
+    extras: dict[str, tuple[SteeringVector, str]] = {}
+    extra_grids: dict[str, list[float]] = {}
+    for name, entry in dict(extra or {}).items():
+        if (
+            not isinstance(entry, tuple)
+            or len(entry) not in (2, 3)
+            or not isinstance(entry[0], SteeringVector)
+        ):
+            raise InvalidInputError(
+                f"extra[{name!r}] must be a (SteeringVector, op) or (SteeringVector, op, "
+                "strengths) tuple"
+            )
+        if name in ("unsteered", "prompting") or name in methods:
+            raise InvalidInputError(f"extra[{name!r}] clashes with a built-in candidate's name")
+        where = "extra_strengths" if len(entry) == 2 else f"extra[{name!r}] strengths"
+        grid = [float(s) for s in (extra_strengths if len(entry) == 2 else entry[2])]
+        if not grid or any(not math.isfinite(s) or s == 0 for s in grid):
+            raise InvalidInputError(f"{where} must be non-zero finite numbers")
+        extras[name] = (entry[0], str(entry[1]))
+        extra_grids[name] = grid
+    return extras, extra_grids
+
+
+def _first_pairs(dataset: ContrastDataset, max_pairs: int | None) -> ContrastDataset:
+    """The first ``max_pairs`` pairs of ``dataset`` (all of them for ``None``)."""
+    if max_pairs is None:
+        return dataset
+    if max_pairs < 2:
+        raise InvalidInputError(f"max_pairs must be at least 2, got {max_pairs}")
+    return ContrastDataset(
+        name=dataset.name,
+        positive=dataset.positive[:max_pairs],
+        negative=dataset.negative[:max_pairs],
+        paired=True,
+    )
+
+
+def _held_out_rows(
+    report: Sequence[tuple[str, float, list[str], list[Steering | None], float]],
+    judged: Mapping[str, torch.Tensor],
+    outputs: Sequence[str],
+    damages: Mapping[str, tuple[float, float]],
+    final: Mapping[str, Steering],
+    consistency: float,
+) -> list[ConceptRow]:
+    """One :class:`ConceptRow` per ``report`` entry, from its block of ``judged`` scores and
+    ``outputs`` (the unsteered entry first: ``wrong_way`` is measured against it)."""
+    result_rows = []
+    n = len(report[0][2])
+    base = judged["concept"][:n].double()  # the unsteered row comes first
+    for k, (name, s, _, _, train_score) in enumerate(report):
+        part = {key: value[k * n : (k + 1) * n] for key, value in judged.items()}
+        kl, ppl = damages.get(name, (None, None))
+        wrong: float | None = None
+        if k > 0:
+            here = part["concept"].double()
+            both = torch.isfinite(here) & torch.isfinite(base)
+            wrong = float((here[both] < base[both]).double().mean()) if both.any() else math.nan
+        result_rows.append(
+            ConceptRow(
+                name=name,
+                strength=s,
+                concept=_mean(part["concept"]),
+                fluency=_mean(part["fluency"]),
+                relevance=_mean(part["relevance"]),
+                combined=_mean(part["combined"]),
+                combined_sem=_sem(part["combined"]),
+                perplexity=_mean(part["perplexity"]),
+                repetition=_mean(part["repetition"]),
+                compression=_mean(part["compression"]),
+                train_combined=train_score,
+                kl_neutral=kl,
+                perplexity_neutral=ppl,
+                example=outputs[k * n].strip(),
+                wrong_way=wrong,
+                consistency=consistency if name in final else None,
+                unparsed=int(part["unparsed"].sum()),
+                concept_items=tuple(float(v) for v in part["concept"]),
+            )
+        )
+    return result_rows
+
+
+def _train_curves(
+    model: Any,
+    concept: Concept,
+    train: Sequence[str],
+    candidates: Sequence[tuple[str, SteeringVector, str]],
+    grids: Mapping[str, Sequence[float]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool | None,
+    judge: Judge | None,
+    max_kl: float | None,
+    damage_passages: int | None,
+) -> tuple[
+    dict[str, list[tuple[float, float]]],
+    dict[str, list[tuple[float, float]]],
+    dict[str, tuple[float, float]],
+    int,
+]:
+    """``evaluate_concept``'s strength choice on the train instructions: each candidate's
+    ``(strength, combined)`` curve, its ``(strength, KL)`` on neutral text (only with
+    ``max_kl``), the chosen ``(strength, train score)`` per candidate, and how many judge
+    replies could not be parsed."""
+    # every (candidate, strength) on the train instructions: rows of one batched generation
+    configs = [
+        (name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in grids[name]
+    ]
+    prompts = [p for _ in configs for p in train]
+    rows = [c[2] for c in configs for _ in train]
+    texts = _generate(
+        model,
+        prompts,
+        rows,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    train_block = _score_block(model, concept, prompts, texts, judge, progress)
+    scored = train_block["combined"]
+    train_unparsed = int(train_block["unparsed"].sum())
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for k, (name, s, _) in enumerate(configs):
+        mean = _mean(scored[k * len(train) : (k + 1) * len(train)])
+        curves.setdefault(name, []).append((s, mean))
+    train_kl: dict[str, list[tuple[float, float]]] = {}
+    if max_kl is not None:
+        measured_kl = neutral_damage(
+            model, [c[2] for c in configs], passages=neutral_corpus(damage_passages)
+        )
+        for (name, s, _), d in zip(configs, measured_kl, strict=True):
+            train_kl.setdefault(name, []).append((s, d.kl))
+    chosen = {name: _choose(points, train_kl.get(name), max_kl) for name, points in curves.items()}
+    return curves, train_kl, chosen, train_unparsed
+
+
+def _report_entries(
+    concept: Concept,
+    test: Sequence[str],
+    candidates: Sequence[tuple[str, SteeringVector, str]],
+    chosen: Mapping[str, tuple[float, float]],
+    *,
+    prompting: bool,
+) -> tuple[list[tuple[str, float, list[str], list[Steering | None], float]], dict[str, Steering]]:
+    """The held-out report's entries ``(name, strength, prompts, per-row steering, train
+    score)``: unsteered first, prompting (the hint appended), then every candidate at its chosen
+    strength; and each candidate's final steering."""
+    report: list[tuple[str, float, list[str], list[Steering | None], float]] = [
+        ("unsteered", 0.0, list(test), [None] * len(test), math.nan)
+    ]
+    if prompting:
+        hinted = [f"{t} {concept.hint}".strip() for t in test]
+        report.append(("prompting", 0.0, hinted, [None] * len(test), math.nan))
+    final: dict[str, Steering] = {}
+    for name, vec, op in candidates:
+        s, train_score = chosen[name]
+        final[name] = _steering(vec, s, op)
+        report.append((name, s, list(test), [final[name]] * len(test), train_score))
+    return report, final
+
+
+def _split_instructions(
+    instructions: Sequence[str] | None, n_train: int | None
+) -> tuple[list[str], list[str]]:
+    """The instructions that choose the strength and the held-out ones (default: halves of
+    :func:`concept_instructions`)."""
+    items = concept_instructions() if instructions is None else list(instructions)
+    if len(items) < 2:
+        raise InvalidInputError("the concept evaluation needs at least 2 instructions")
+    cut = len(items) // 2 if n_train is None else n_train
+    if not 1 <= cut < len(items):
+        raise InvalidInputError(f"n_train must be between 1 and {len(items) - 1}, got {cut}")
+    train, test = items[:cut], items[cut:]
+    return train, test
+
+
 def evaluate_concept(
     model: Any,
     concept: Concept | str,
@@ -507,52 +692,18 @@ def evaluate_concept(
         if concept not in known:
             raise InvalidInputError(f"unknown concept {concept!r}; built-in: {sorted(known)}")
         concept = known[concept]
-    items = concept_instructions() if instructions is None else list(instructions)
-    if len(items) < 2:
-        raise InvalidInputError("the concept evaluation needs at least 2 instructions")
-    cut = len(items) // 2 if n_train is None else n_train
-    if not 1 <= cut < len(items):
-        raise InvalidInputError(f"n_train must be between 1 and {len(items) - 1}, got {cut}")
-    train, test = items[:cut], items[cut:]
+    train, test = _split_instructions(instructions, n_train)
     values = [float(s) for s in strengths]
     if not values or any(not math.isfinite(s) or s == 0 for s in values):
         raise InvalidInputError("strengths must be non-zero finite numbers")
     ops = tuple(available_operators() if operators is None else operators)
-    extras: dict[str, tuple[SteeringVector, str]] = {}
-    extra_grids: dict[str, list[float]] = {}
-    for name, entry in dict(extra or {}).items():
-        if (
-            not isinstance(entry, tuple)
-            or len(entry) not in (2, 3)
-            or not isinstance(entry[0], SteeringVector)
-        ):
-            raise InvalidInputError(
-                f"extra[{name!r}] must be a (SteeringVector, op) or (SteeringVector, op, "
-                "strengths) tuple"
-            )
-        if name in ("unsteered", "prompting") or name in methods:
-            raise InvalidInputError(f"extra[{name!r}] clashes with a built-in candidate's name")
-        where = "extra_strengths" if len(entry) == 2 else f"extra[{name!r}] strengths"
-        grid = [float(s) for s in (extra_strengths if len(entry) == 2 else entry[2])]
-        if not grid or any(not math.isfinite(s) or s == 0 for s in grid):
-            raise InvalidInputError(f"{where} must be non-zero finite numbers")
-        extras[name] = (entry[0], str(entry[1]))
-        extra_grids[name] = grid
+    extras, extra_grids = _checked_extras(extra, extra_strengths, methods)
     if max_kl is not None and (not math.isfinite(max_kl) or max_kl <= 0 or not damage):
         raise InvalidInputError(f"max_kl must be a positive number with damage on, got {max_kl!r}")
     if scale not in SCALES:
         raise InvalidInputError(f"scale must be one of {SCALES}, not {scale!r}")
     layer = model.adapter.resolve_layer(layer)
-    dataset = concept.dataset
-    if max_pairs is not None:
-        if max_pairs < 2:
-            raise InvalidInputError(f"max_pairs must be at least 2, got {max_pairs}")
-        dataset = ContrastDataset(
-            name=dataset.name,
-            positive=dataset.positive[:max_pairs],
-            negative=dataset.negative[:max_pairs],
-            paired=True,
-        )
+    dataset = _first_pairs(concept.dataset, max_pairs)
     vectors, consistency = _vectors(model, dataset, layer, methods, progress=progress)
     raw_norms = {method: float(vec[layer].norm()) for method, vec in vectors.items()}
     residual: float | None = None
@@ -569,47 +720,20 @@ def evaluate_concept(
     for name, (vec, op) in extras.items():
         candidates.append((name, vec, op))
         grids[name] = extra_grids[name]
-    # every (candidate, strength) on the train instructions: rows of one batched generation
-    configs = [
-        (name, s, _steering(vec, s, op)) for name, vec, op in candidates for s in grids[name]
-    ]
-    prompts = [p for _ in configs for p in train]
-    rows = [c[2] for c in configs for _ in train]
-    texts = _generate(
+    curves, train_kl, chosen, train_unparsed = _train_curves(
         model,
-        prompts,
-        rows,
+        concept,
+        train,
+        candidates,
+        grids,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
+        judge=judge,
+        max_kl=max_kl,
+        damage_passages=damage_passages,
     )
-    train_block = _score_block(model, concept, prompts, texts, judge, progress)
-    scored = train_block["combined"]
-    train_unparsed = int(train_block["unparsed"].sum())
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for k, (name, s, _) in enumerate(configs):
-        mean = _mean(scored[k * len(train) : (k + 1) * len(train)])
-        curves.setdefault(name, []).append((s, mean))
-    train_kl: dict[str, list[tuple[float, float]]] = {}
-    if max_kl is not None:
-        measured_kl = neutral_damage(
-            model, [c[2] for c in configs], passages=neutral_corpus(damage_passages)
-        )
-        for (name, s, _), d in zip(configs, measured_kl, strict=True):
-            train_kl.setdefault(name, []).append((s, d.kl))
-    chosen = {name: _choose(points, train_kl.get(name), max_kl) for name, points in curves.items()}
-    # held-out report: unsteered, prompting, every candidate at its chosen strength
-    report: list[tuple[str, float, list[str], list[Steering | None], float]] = [
-        ("unsteered", 0.0, list(test), [None] * len(test), math.nan)
-    ]
-    if prompting:
-        hinted = [f"{t} {concept.hint}".strip() for t in test]
-        report.append(("prompting", 0.0, hinted, [None] * len(test), math.nan))
-    final: dict[str, Steering] = {}
-    for name, vec, op in candidates:
-        s, train_score = chosen[name]
-        final[name] = _steering(vec, s, op)
-        report.append((name, s, list(test), [final[name]] * len(test), train_score))
+    report, final = _report_entries(concept, test, candidates, chosen, prompting=prompting)
     all_prompts = [p for entry in report for p in entry[2]]
     all_rows = [r for entry in report for r in entry[3]]
     outputs = _generate(
@@ -628,39 +752,7 @@ def evaluate_concept(
         configs_damage = [final.get(n) for n in names]
         measured = neutral_damage(model, configs_damage, passages=neutral_corpus(damage_passages))
         damages = {n: (d.kl, d.perplexity) for n, d in zip(names, measured, strict=True)}
-    result_rows = []
-    n = len(test)
-    base = judged["concept"][:n].double()  # the unsteered row comes first
-    for k, (name, s, _, _, train_score) in enumerate(report):
-        part = {key: value[k * n : (k + 1) * n] for key, value in judged.items()}
-        kl, ppl = damages.get(name, (None, None))
-        wrong: float | None = None
-        if k > 0:
-            here = part["concept"].double()
-            both = torch.isfinite(here) & torch.isfinite(base)
-            wrong = float((here[both] < base[both]).double().mean()) if both.any() else math.nan
-        result_rows.append(
-            ConceptRow(
-                name=name,
-                strength=s,
-                concept=_mean(part["concept"]),
-                fluency=_mean(part["fluency"]),
-                relevance=_mean(part["relevance"]),
-                combined=_mean(part["combined"]),
-                combined_sem=_sem(part["combined"]),
-                perplexity=_mean(part["perplexity"]),
-                repetition=_mean(part["repetition"]),
-                compression=_mean(part["compression"]),
-                train_combined=train_score,
-                kl_neutral=kl,
-                perplexity_neutral=ppl,
-                example=outputs[k * n].strip(),
-                wrong_way=wrong,
-                consistency=consistency if name in final else None,
-                unparsed=int(part["unparsed"].sum()),
-                concept_items=tuple(float(v) for v in part["concept"]),
-            )
-        )
+    result_rows = _held_out_rows(report, judged, outputs, damages, final, consistency)
     return ConceptResult(
         concept=concept.name,
         layer=layer,
