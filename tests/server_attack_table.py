@@ -1204,9 +1204,9 @@ def running_server() -> Iterator[Harness]:
     harness = Harness(url="", engine=engine)
     submit = engine.submit
 
-    def spy(request: Any) -> Any:
+    def spy(request: Any, **options: Any) -> Any:
         stamps = [time.monotonic()]
-        stream = submit(request)
+        stream = submit(request, **options)
         put = stream.put
 
         def stamped(event: Any) -> None:

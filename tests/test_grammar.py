@@ -118,9 +118,9 @@ def server(model: sl.SteeredModel, vec: sl.SteeringVector) -> Iterator[tuple[str
     seen: list[Any] = []
     submit = engine.submit
 
-    def recording(request: Any) -> Any:
+    def recording(request: Any, **options: Any) -> Any:
         seen.append(request.steering[0])
-        return submit(request)
+        return submit(request, **options)
 
     engine.submit = recording  # type: ignore[method-assign]
     with serve_in_thread(create_app(engine, max_strength=1e9)) as url:

@@ -26,7 +26,9 @@ from steerlab.server.app import create_app, serve_in_thread
 from steerlab.server.engine import (
     ConditionRegistry,
     GenerationRequest,
+    RequestLimits,
     RequestStream,
+    SteeringEntry,
     TorchEngine,
     VectorRegistry,
 )
@@ -62,7 +64,10 @@ class StubEngine:
     def shutdown(self) -> None:
         pass
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def submit(
+        self, request: GenerationRequest, *, limits: RequestLimits | None = None
+    ) -> RequestStream:
+        request.check(limits=limits)  # an engine validates at submit; this one has no model
         self.submits += 1
         if self.behaviour == "bug":
             raise RuntimeError("a bug in the engine")
@@ -388,11 +393,11 @@ def test_validation_runs_off_the_event_loop() -> None:
     threads: list[str] = []
     submit = engine.submit
 
-    def held_submit(request: GenerationRequest) -> RequestStream:
+    def held_submit(request: GenerationRequest, **options: Any) -> RequestStream:
         threads.append(threading.current_thread().name)
         entered.set()
         assert release.wait(60)
-        return submit(request)
+        return submit(request, **options)
 
     engine.submit = held_submit  # type: ignore[method-assign]
     app = create_app(engine, max_steering_entries=1000)
@@ -416,10 +421,10 @@ def test_health_answers_while_a_thousand_steering_entries_are_validated() -> Non
     entered, finished = threading.Event(), threading.Event()
     submit = engine.submit
 
-    def watched_submit(request: GenerationRequest) -> RequestStream:
+    def watched_submit(request: GenerationRequest, **options: Any) -> RequestStream:
         entered.set()
         try:
-            return submit(request)
+            return submit(request, **options)
         finally:
             finished.set()
 
@@ -437,6 +442,55 @@ def test_health_answers_while_a_thousand_steering_entries_are_validated() -> Non
         assert not finished.is_set()
         reply = heavy.result()
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 1
+
+
+# --- validation happens once, in the engine ----------------------------------------------------
+def test_a_request_is_validated_once_with_the_servers_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = _engine()
+    engine.vectors.register("v", _vector(engine.model.d_model, 2))
+    seen: list[RequestLimits | None] = []
+    check = GenerationRequest.check
+
+    def counted(self: GenerationRequest, **options: Any) -> None:
+        seen.append(options.get("limits"))
+        check(self, **options)
+
+    monkeypatch.setattr(GenerationRequest, "check", counted)
+    steering = [{"vector": "v", "strength": 3.0}]
+    with serve_in_thread(create_app(engine, max_tokens_cap=6, max_strength=4.0)) as url:
+        ok = httpx.post(url + "/v1/completions", json=_completion(steering=steering), timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert seen == [RequestLimits(max_tokens=6, max_strength=4.0)]
+        over = httpx.post(url + "/v1/completions", json=_completion(max_tokens=7), timeout=60)
+        strong = [{"vector": "v", "strength": -4.5}]
+        too_strong = httpx.post(
+            url + "/v1/completions", json=_completion(steering=strong), timeout=60
+        )
+        readout = [{"vector": "v", "layer": 9}]
+        far = httpx.post(url + "/v1/completions", json=_completion(readout=readout), timeout=60)
+    assert over.status_code == 400
+    assert over.json()["error"]["message"] == "max_tokens 7 is over this server's cap of 6"
+    assert too_strong.status_code == 400
+    assert too_strong.json()["error"]["message"] == (
+        "steering[0].strength -4.5 is over this server's cap of 4"
+    )
+    assert far.status_code == 400
+    assert far.json()["error"]["message"] == (
+        "readout layer 9 is out of range for a model with 3 layers (valid: -3..2)"
+    )
+    assert len(seen) == 4
+
+
+def test_the_engine_applies_limits_without_the_http_layer() -> None:
+    engine = _engine()
+    engine.vectors.register("v", _vector(engine.model.d_model, 2))
+    request = GenerationRequest(prompt="hi", max_tokens=3, steering=(SteeringEntry("v", 9.0),))
+    with pytest.raises(sl.InvalidInputError, match=r"steering\[0\]\.strength 9 is over"):
+        engine.submit(request, limits=RequestLimits(max_strength=8.0))
+    with pytest.raises(sl.InvalidInputError, match="max_tokens 3 is over this server's cap of 2"):
+        engine.submit(request, limits=RequestLimits(max_tokens=2))
 
 
 # --- client disconnects -----------------------------------------------------------------------
@@ -459,8 +513,8 @@ def test_a_disconnect_cancels_the_torch_engine_job() -> None:
     streams: list[RequestStream] = []
     submit = engine.submit
 
-    def recording_submit(request: GenerationRequest) -> RequestStream:
-        streams.append(submit(request))
+    def recording_submit(request: GenerationRequest, **options: Any) -> RequestStream:
+        streams.append(submit(request, **options))
         return streams[-1]
 
     engine.submit = recording_submit  # type: ignore[method-assign]

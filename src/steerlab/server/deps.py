@@ -27,7 +27,7 @@ from steerlab.errors import SteerlabError
 from steerlab.server.engine import Engine
 from steerlab.server.guard import BodyTooLarge
 from steerlab.server.protocol import error_body, validation_message
-from steerlab.server.requests import EngineError
+from steerlab.server.requests import EngineError, RequestLimits
 
 __all__ = [
     "HTTPError",
@@ -71,6 +71,15 @@ class ServerSettings:
     max_readout_entries: int = 16
     max_vectors: int = 256
     upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
+
+    def request_limits(self) -> RequestLimits:
+        """What each request may ask for, as :meth:`Engine.submit
+        <steerlab.server.engine.Engine.submit>` checks it.
+
+        >>> ServerSettings(max_tokens_cap=8).request_limits().max_tokens
+        8
+        """
+        return RequestLimits(max_tokens=self.max_tokens_cap, max_strength=self.max_strength)
 
     def limits(self) -> dict[str, Any]:
         """The limits ``/health`` reports.

@@ -42,6 +42,7 @@ from steerlab.server.requests import (
     EngineError,
     GenerationRequest,
     ReadoutEntry,
+    RequestLimits,
     SteeringEntry,
     TokenEvent,
     TokenLogprob,
@@ -59,6 +60,7 @@ __all__ = [
     "GenerationRequest",
     "MIN_TEMPERATURE",
     "ReadoutEntry",
+    "RequestLimits",
     "RequestStream",
     "SteeringEntry",
     "StopMatcher",
@@ -80,8 +82,9 @@ class Engine(Protocol):
       that cannot apply conditions refuses every registration and every ``when``.
     * ``n_layers``: decoder blocks of the model (to validate readout layers and strengths).
     * :meth:`start` / :meth:`shutdown`: start the worker(s); stop them, ending every open stream.
-    * :meth:`submit`: validate ``request`` (raising ``InvalidInputError``) and queue it; the
-      returned :class:`RequestStream` yields its :class:`TokenEvent` objects.
+    * :meth:`submit`: validate ``request`` within the server's :class:`RequestLimits` (raising
+      ``InvalidInputError`` naming the field; this is the only place a request is validated)
+      and queue it; the returned :class:`RequestStream` yields its :class:`TokenEvent` objects.
     """
 
     model_id: str
@@ -95,4 +98,6 @@ class Engine(Protocol):
 
     def shutdown(self) -> None: ...
 
-    def submit(self, request: GenerationRequest) -> RequestStream: ...
+    def submit(
+        self, request: GenerationRequest, *, limits: RequestLimits | None = None
+    ) -> RequestStream: ...

@@ -40,6 +40,7 @@ from steerlab.server.registry import ConditionRegistry, VectorRegistry
 from steerlab.server.requests import (
     GenerationRequest,
     ReadoutEntry,
+    RequestLimits,
     SteeringEntry,
     TokenEvent,
     TokenLogprob,
@@ -126,11 +127,13 @@ class Planner:
         self.lock = lock if lock is not None else threading.Lock()
         self._max_chars: int | None = None  # see check_length
 
-    def plan(self, request: GenerationRequest) -> Plan:
-        """Check ``request`` and build its plan; ``InvalidInputError`` names the field."""
+    def plan(self, request: GenerationRequest, *, limits: RequestLimits | None = None) -> Plan:
+        """Check ``request`` (against the server's ``limits`` too) and build its plan;
+        ``InvalidInputError`` names the field. This is the one place a request is validated:
+        both engines' ``submit`` call it, and the HTTP layer only parses."""
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
-        request.check(context_length=self.context_length)
+        request.check(limits=limits, context_length=self.context_length)
         steerings = tuple(
             self.steering(entry, f"steering[{i}]") for i, entry in enumerate(request.steering)
         )

@@ -85,18 +85,12 @@ class SteeringSpec(BaseModel):
     heads: int | list[int] | None = None
     experts: int | list[int] | None = None
 
-    def to_entry(
-        self, *, max_strength: float | None = None, field: str = "steering"
-    ) -> SteeringEntry:
-        """The engine's :class:`SteeringEntry`, checking finiteness and the strength cap
-        (errors name ``field``, e.g. ``steering[2]``)."""
+    def to_entry(self, *, field: str = "steering") -> SteeringEntry:
+        """The engine's :class:`SteeringEntry`, its fields parsed by the library's grammars
+        (errors name ``field``, e.g. ``steering[2]``); the engine checks the rest, with the
+        server's limits, at submit."""
         # the library's parsers (one per grammar), the field named in front of their message
         strength = parse_strength(self.strength, what=f"{field}.strength")
-        for number in strength.values() if isinstance(strength, dict) else [strength]:
-            if max_strength is not None and abs(number) > max_strength:
-                raise InvalidInputError(
-                    f"{field}.strength {number:g} is over this server's cap of {max_strength:g}"
-                )
         positions = Positions.parse(self.positions, what=f"{field}.positions")
         site = None
         if self.site is not None:
@@ -236,7 +230,7 @@ class _Common(BaseModel):
         """Whether the answer is streamed (``stream: true``)."""
         return bool(self.stream)
 
-    def _base(self, *, default_max_tokens: int, max_strength: float | None) -> dict[str, Any]:
+    def _base(self, *, default_max_tokens: int) -> dict[str, Any]:
         self._refuse_unimplemented()
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
         return {
@@ -246,8 +240,7 @@ class _Common(BaseModel):
             "seed": self.seed,
             "stop": self._stops(),
             "steering": tuple(
-                s.to_entry(max_strength=max_strength, field=f"steering[{k}]")
-                for k, s in enumerate(self.steering)
+                s.to_entry(field=f"steering[{k}]") for k, s in enumerate(self.steering)
             ),
             "readout": tuple(r.to_entry() for r in self.readout),
         }
@@ -271,9 +264,7 @@ class CompletionRequest(_Common):
     best_of: Any = None
     suffix: Any = None
 
-    def to_generation(
-        self, *, default_max_tokens: int = 16, max_strength: float | None = None
-    ) -> GenerationRequest:
+    def to_generation(self, *, default_max_tokens: int = 16) -> GenerationRequest:
         """The engine request (raises ``InvalidInputError`` for what cannot be served)."""
         prompt = self.prompt
         if isinstance(prompt, list):
@@ -283,7 +274,7 @@ class CompletionRequest(_Common):
                     f"{len(prompt)}"
                 )
             prompt = prompt[0]
-        base = self._base(default_max_tokens=default_max_tokens, max_strength=max_strength)
+        base = self._base(default_max_tokens=default_max_tokens)
         return GenerationRequest(prompt=prompt, chat=False, logprobs=self.logprobs, **base)
 
 
@@ -375,9 +366,7 @@ class ChatCompletionRequest(_Common):
     verbosity: Any = None
     web_search_options: Any = None
 
-    def to_generation(
-        self, *, default_max_tokens: int = 16, max_strength: float | None = None
-    ) -> GenerationRequest:
+    def to_generation(self, *, default_max_tokens: int = 16) -> GenerationRequest:
         """The engine request: a single user turn is ``prompt`` (as ``generate(chat=True)``),
         any other conversation goes in ``messages``."""
         if not self.messages:
@@ -388,7 +377,7 @@ class ChatCompletionRequest(_Common):
                 raise InvalidInputError(
                     "max_tokens and max_completion_tokens differ; send one of them"
                 )
-        base = self._base(default_max_tokens=default_max_tokens, max_strength=max_strength)
+        base = self._base(default_max_tokens=default_max_tokens)
         if self.max_tokens is None and self.max_completion_tokens is not None:
             base["max_tokens"] = self.max_completion_tokens
         logprobs = None

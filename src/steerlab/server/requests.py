@@ -27,6 +27,7 @@ __all__ = [
     "GenerationRequest",
     "MIN_TEMPERATURE",
     "ReadoutEntry",
+    "RequestLimits",
     "SteeringEntry",
     "TokenEvent",
     "TokenLogprob",
@@ -41,6 +42,22 @@ class EngineError(SteerlabError, RuntimeError):
 
 
 # --- requests ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a server (``None``: no bound): its ``max_tokens`` and the
+    size of each steering strength. A server hands these to :meth:`Engine.submit
+    <steerlab.server.engine.Engine.submit>`, which checks them with everything else, once.
+
+    >>> GenerationRequest(prompt="hi", max_tokens=99).check(limits=RequestLimits(max_tokens=8))
+    Traceback (most recent call last):
+        ...
+    steerlab.errors.InvalidInputError: max_tokens 99 is over this server's cap of 8
+    """
+
+    max_tokens: int | None = None
+    max_strength: float | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class SteeringEntry:
     """One steering term of a request: the registered vector ``vector`` times ``strength``.
@@ -128,11 +145,12 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
 
     def check(
-        self, *, max_tokens_cap: int | None = None, context_length: int | None = None
+        self, *, limits: RequestLimits | None = None, context_length: int | None = None
     ) -> None:
         """Validate everything that does not need a model or registry; ``InvalidInputError``
-        names the field. ``context_length`` (the model's, when the engine knows it) bounds
-        position indices; without it they must still fit in 64-bit arithmetic.
+        names the field. ``limits`` are the server's (:class:`RequestLimits`);
+        ``context_length`` (the model's, when the engine knows it) bounds position indices;
+        without it they must still fit in 64-bit arithmetic.
 
         >>> GenerationRequest(prompt="hi", max_tokens=0).check()
         Traceback (most recent call last):
@@ -158,9 +176,10 @@ class GenerationRequest:
             raise InvalidInputError(f"max_tokens must be an integer, got {self.max_tokens!r}")
         if self.max_tokens < 1:
             raise InvalidInputError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if max_tokens_cap is not None and self.max_tokens > max_tokens_cap:
+        limits = limits if limits is not None else RequestLimits()
+        if limits.max_tokens is not None and self.max_tokens > limits.max_tokens:
             raise InvalidInputError(
-                f"max_tokens {self.max_tokens} is over this server's cap of {max_tokens_cap}"
+                f"max_tokens {self.max_tokens} is over this server's cap of {limits.max_tokens}"
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidInputError(
@@ -198,6 +217,11 @@ class GenerationRequest:
                     raise InvalidInputError(f"strength must be a number, got {value!r}")
                 if not math.isfinite(value):
                     raise InvalidInputError(f"strength must be finite, got {value}")
+                cap = limits.max_strength
+                if cap is not None and abs(value) > cap:
+                    raise InvalidInputError(
+                        f"steering[{i}].strength {value:g} is over this server's cap of {cap:g}"
+                    )
 
 
 MIN_TEMPERATURE = 1e-3

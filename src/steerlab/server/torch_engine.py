@@ -21,6 +21,7 @@ from steerlab.server.requests import (
     MIN_TEMPERATURE,
     EngineError,
     GenerationRequest,
+    RequestLimits,
     SteeringEntry,
 )
 from steerlab.server.stream import RequestStream
@@ -213,11 +214,13 @@ class TorchEngine:
         self._cache = self._mask = None
         self._thread = None
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        """Validate ``request`` and queue it; see :class:`Engine`."""
+    def submit(
+        self, request: GenerationRequest, *, limits: RequestLimits | None = None
+    ) -> RequestStream:
+        """Validate ``request`` (within ``limits``) and queue it; see :class:`Engine`."""
         import torch
 
-        plan = self.planner.plan(request)
+        plan = self.planner.plan(request, limits=limits)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()

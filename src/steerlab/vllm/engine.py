@@ -47,6 +47,7 @@ from steerlab.server.registry import ConditionRegistry, VectorRegistry
 from steerlab.server.requests import (
     EngineError,
     GenerationRequest,
+    RequestLimits,
     SteeringEntry,
 )
 from steerlab.server.stream import RequestStream
@@ -221,8 +222,11 @@ class VLLMEngine:
             loop.close()
         self._loop = self._thread = None
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
-        """Validate ``request`` and queue it in vLLM; see the server's ``Engine``."""
+    def submit(
+        self, request: GenerationRequest, *, limits: RequestLimits | None = None
+    ) -> RequestStream:
+        """Validate ``request`` (within ``limits``) and queue it in vLLM; see the server's
+        ``Engine``."""
         if not isinstance(request, GenerationRequest):
             raise InvalidInputError(f"not a GenerationRequest: {type(request).__name__}")
         if request.readout and self._options["worker_extension_cls"] != READOUT_EXTENSION:
@@ -231,7 +235,7 @@ class VLLMEngine:
                 f"worker_extension_cls={self._options['worker_extension_cls']!r}; start it "
                 f"without that option, or use the torch engine (--engine torch) for readout"
             )
-        plan = self.planner.plan(request)
+        plan = self.planner.plan(request, limits=limits)
         request_id = f"steerlab-{next(self._ids)}"
         wire = self._wire(plan, request_id)
         loop = self._loop

@@ -14,7 +14,7 @@ from fastapi.sse import format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive
 
-from steerlab.errors import InvalidInputError, SteerlabError
+from steerlab.errors import SteerlabError
 from steerlab.server.deps import (
     HTTPError,
     ServerSettings,
@@ -66,7 +66,7 @@ async def completions(
         _admit,
         engine,
         settings,
-        lambda: body.to_generation(default_max_tokens=16, max_strength=settings.max_strength),
+        lambda: body.to_generation(default_max_tokens=16),
     )
     return await _serve(
         request, engine, gen, events, chat=False, stream=body.streaming, usage_chunk=_usage(body)
@@ -84,9 +84,7 @@ async def chat_completions(
         _admit,
         engine,
         settings,
-        lambda: body.to_generation(
-            default_max_tokens=chat_default, max_strength=settings.max_strength
-        ),
+        lambda: body.to_generation(default_max_tokens=chat_default),
     )
     return await _serve(
         request, engine, gen, events, chat=True, stream=body.streaming, usage_chunk=_usage(body)
@@ -113,17 +111,12 @@ def _check_counts(
 def _admit(
     engine: Engine, settings: ServerSettings, build: Callable[[], GenerationRequest]
 ) -> tuple[GenerationRequest, RequestStream]:
-    """Validate, tokenize and queue a request: run in a worker thread, since a long prompt
-    or many steering entries take seconds that the event loop (every other request, and
-    ``/health``) must not wait for."""
+    """Parse, then validate, tokenize and queue a request (``engine.submit`` validates, once,
+    with this server's limits): run in a worker thread, since a long prompt or many steering
+    entries take seconds that the event loop (every other request, and ``/health``) must not
+    wait for."""
     gen = build()
-    gen.check(max_tokens_cap=settings.max_tokens_cap)
-    for entry in gen.readout:
-        if not -engine.n_layers <= entry.layer < engine.n_layers:
-            raise InvalidInputError(
-                f"readout layer {entry.layer} is outside the model's {engine.n_layers} layers"
-            )
-    return gen, engine.submit(gen)
+    return gen, engine.submit(gen, limits=settings.request_limits())
 
 
 async def _serve(
