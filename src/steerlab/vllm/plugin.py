@@ -31,8 +31,10 @@ vLLM's prefix cache is keyed by token ids; the plugin adds a key of each steered
 steering (:mod:`steerlab.vllm.cache`) in the engine process, so a cached block is reused only by
 requests whose steering up to that block is identical, whichever front end sent them.
 
-Steering needs eager execution (``enforce_eager=True``): a compiled or graph-captured forward
-does not run Python hooks. Requests without steering cost one dictionary lookup each per step.
+Steering runs in vLLM's compiled model as well as in eager mode: each decoder layer's hook calls
+a custom op (``steerlab::steer_pair``/``steer_one``) that ``torch.compile`` records as an opaque
+call, and the op reads the step's plan at run time (see :func:`steer_stream`). Requests without
+steering cost one dictionary lookup each per step.
 """
 
 from __future__ import annotations
