@@ -33,6 +33,7 @@ import datetime as _dt
 import itertools
 import json
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -233,7 +234,7 @@ def _throughput(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
             plain["tokens_per_s"] / row["tokens_per_s"] if kind == "steered" and plain else None
         )
     results = {
-        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "command": _command(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "model": model.name,
@@ -370,7 +371,7 @@ def _head_of_line(args: argparse.Namespace, argv: list[str] | None) -> dict[str,
                 flush=True,
             )
     results = {
-        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "command": _command(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "model": model.name,
@@ -493,7 +494,7 @@ def _against_generate(args: argparse.Namespace, argv: list[str] | None) -> dict[
             "ratios": ratios,
         }
     results = {
-        "command": "python -m benchmarks.server " + " ".join(argv or []),
+        "command": _command(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,
         "model": model.name,
@@ -511,6 +512,12 @@ def _against_generate(args: argparse.Namespace, argv: list[str] | None) -> dict[
     if args.doc != "none":
         _replace_section(Path(args.doc), render_batch(results), BATCH_START, BATCH_END)
     return results
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command line that produced a result (``argv``, or this process's arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m benchmarks.server", *args])
 
 
 def render_batch(results: dict[str, Any]) -> str:
