@@ -234,15 +234,10 @@ def _throughput(args: argparse.Namespace, argv: list[str] | None) -> dict[str, A
             plain["tokens_per_s"] / row["tokens_per_s"] if kind == "steered" and plain else None
         )
     results = {
-        "command": _command(argv),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
-        "model": model.name,
+        **_run_record(argv, started, model.name, load_start),
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "machine": machine_info(),
-        "load_average": {"start": load_start, "end": load_average()},
         "engine": {"decode_steps": engine.steps, "max_rows": engine.max_rows_seen},
         "runs": runs,
         "summary": summary,
@@ -371,15 +366,10 @@ def _head_of_line(args: argparse.Namespace, argv: list[str] | None) -> dict[str,
                 flush=True,
             )
     results = {
-        "command": _command(argv),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
-        "model": model.name,
+        **_run_record(argv, started, model.name, load_start),
         "streams": args.streams,
         "baseline_tokens": args.baseline_tokens,
         "prefill_chunk": DEFAULT_PREFILL_CHUNK,
-        "machine": machine_info(),
-        "load_average": {"start": load_start, "end": load_average()},
         "modes": modes,
     }
     out = HOL_RESULTS if args.out == str(RESULTS) else Path(args.out).with_suffix(".hol.json")
@@ -494,14 +484,9 @@ def _against_generate(args: argparse.Namespace, argv: list[str] | None) -> dict[
             "ratios": ratios,
         }
     results = {
-        "command": _command(argv),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
-        "model": model.name,
+        **_run_record(argv, started, model.name, load_start),
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
-        "machine": machine_info(),
-        "load_average": {"start": load_start, "end": load_average()},
         "engine": {"decode_steps": engine.steps, "forward_passes": engine.forwards},
         "runs": runs,
         "summary": summary,
@@ -514,10 +499,20 @@ def _against_generate(args: argparse.Namespace, argv: list[str] | None) -> dict[
     return results
 
 
-def _command(argv: list[str] | None) -> str:
-    """The command line that produced a result (``argv``, or this process's arguments)."""
+def _run_record(
+    argv: list[str] | None, started: float, model_name: str, load_start: Any
+) -> dict[str, Any]:
+    """What every scenario's results record about the run: the command line (``argv``, or this
+    process's arguments), date, wall time since ``started``, model, machine and load."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python -m benchmarks.server", *args])
+    return {
+        "command": " ".join(["python -m benchmarks.server", *args]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "model": model_name,
+        "machine": machine_info(),
+        "load_average": {"start": load_start, "end": load_average()},
+    }
 
 
 def render_batch(results: dict[str, Any]) -> str:

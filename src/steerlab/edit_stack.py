@@ -60,13 +60,17 @@ class EditStack:
         self.recorded = ()
 
 
-class _RecordedHandle(HookHandle):
-    """Handle of steering recorded on an :class:`EditStack` for every thread."""
+class _EntryHandle(HookHandle):
+    """Handle of one entry on an :class:`EditStack` (the subclasses say where it lives)."""
 
     def __init__(self, owner: EditStack, entry: Entry) -> None:
         super().__init__(None)
         self._owner = owner
         self._entry = entry
+
+
+class _RecordedHandle(_EntryHandle):
+    """Handle of steering recorded on an :class:`EditStack` for every thread."""
 
     @property
     def active(self) -> bool:
@@ -78,13 +82,8 @@ class _RecordedHandle(HookHandle):
         )
 
 
-class _ScopedHandle(HookHandle):
+class _ScopedHandle(_EntryHandle):
     """Handle of steering pushed on an :class:`EditStack` for this context only."""
-
-    def __init__(self, owner: EditStack, entry: Entry) -> None:
-        super().__init__(None)
-        self._owner = owner
-        self._entry = entry
 
     @property
     def active(self) -> bool:
